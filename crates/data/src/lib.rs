@@ -1,0 +1,1 @@
+//! HDF5 image datasets: format, converters and the rank-sharded streaming loader

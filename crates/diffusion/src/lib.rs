@@ -1,0 +1,1 @@
+//! Diffusion mathematics: schedules, forward process, posteriors, losses, ELBO terms

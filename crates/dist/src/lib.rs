@@ -1,0 +1,1 @@
+//! Communicators for data-parallel training: single process, MPI, NCCL

@@ -1,0 +1,1 @@
+//! Fused noising and sampler-update ops with CPU and CUDA implementations

@@ -1,0 +1,1 @@
+//! Samplers (DDPM, DDIM, DPM-Solver++, Heun) and evaluation binaries

@@ -1,0 +1,1 @@
+//! The ddpm-train binary: training job, checkpoints, metrics

@@ -1,0 +1,1 @@
+//! The DDPM U-Net in candle

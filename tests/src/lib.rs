@@ -1,0 +1,1 @@
+//! Integration tests spanning crates, including the reference-vector conformance suite
