@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The whole test suite on CPU: installs system packages if missing (idempotent), then runs every test of
+# the workspace, including the reference-vector conformance suite and the mpirun-based multi-rank tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+# OpenMPI refuses to run as root without these, and CI runs as root. Oversubscribe lets 2+ ranks share
+# 2 cores; the vader single-copy mechanism needs ptrace rights that containers often lack.
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+export OMPI_MCA_rmaps_base_oversubscribe=1 OMPI_MCA_btl_vader_single_copy_mechanism=none
+# Each rank of a multi-rank test is one thread: 2 cores, 2 ranks.
+export RAYON_NUM_THREADS="${RAYON_NUM_THREADS:-2}"
+cargo test --workspace --no-fail-fast "$@"
