@@ -46,8 +46,6 @@ ln -sfn "$C/bin" "$R/bin"; ln -sfn "$C/include" "$R/include"; ln -sfn "$C/nvvm" 
 for f in "$C"/lib/*.so.* "$N"/lib/*.so.*; do ln -sf "$f" "$R/lib64/"; done
 for l in cublas cublasLt cudart nvrtc; do ln -sf "$C/lib/lib$l.so.13" "$R/lib64/lib$l.so"; done
 ln -sf "$C/lib/libcurand.so.10" "$R/lib64/libcurand.so"; ln -sf "$N/lib/libnccl.so.2" "$R/lib64/libnccl.so"
-# NCCL's headers sit beside its library, not in the CUDA include dir.
-[ -d "$N/include" ] && for h in "$N"/include/*.h; do ln -sf "$h" "$R/lib64/../include/" 2>/dev/null || true; done
 
 # libcuda stub: every cu* function cudarc's driver bindings declare (needs cudarc's source: cargo fetch).
 src=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-0.19.*/src/driver/sys/mod.rs 2>/dev/null | tail -n 1 || true)

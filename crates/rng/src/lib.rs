@@ -37,6 +37,8 @@ pub enum Stream {
     Sampler = 5,
     /// Importance-sampled timesteps (loss-aware sampler).
     ImportanceTimestep = 6,
+    /// Per-epoch permutation of the data loader (ddpm-data; keyed by epoch, example 0).
+    Shuffle = 7,
     /// Dropout masks: `Dropout as u32 + layer_index` for each dropout layer.
     Dropout = 0x1000,
 }

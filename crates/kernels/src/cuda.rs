@@ -1,0 +1,206 @@
+//! CUDA side of the ops: the embedded cubin, its per-device module, and the launches.
+//!
+//! The cubin is built by build.rs from src/ddpm_kernels.cu for one architecture (sm_90 by default) and loaded
+//! with `cuModuleLoadData` into the context of the candle device the tensors live on, on first use.
+//! Kernels run on the device's stream, ordered with candle's own work.
+
+use crate::noising::{NoiseKey, NoisingOp};
+use crate::sampler::SamplerStepOp;
+use candle_core::cuda_backend::cudarc::driver::{CudaModule, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::nvrtc::Ptx;
+use candle_core::cuda_backend::{CudaDevice, DeviceId, WrapErr};
+use candle_core::{CudaStorage, Layout, Shape, Tensor};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+/// The kernels as machine code for [`CUBIN_ARCH`].
+pub static CUBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/ddpm_kernels.cubin"));
+
+/// Threads per CUDA block; each thread owns one 4-element Philox block of one example.
+const THREADS: u32 = 256;
+
+fn modules() -> &'static Mutex<HashMap<DeviceId, Arc<CudaModule>>> {
+    static M: OnceLock<Mutex<HashMap<DeviceId, Arc<CudaModule>>>> = OnceLock::new();
+    M.get_or_init(|| Mutex::new(HashMap::new()))
+}
+
+/// The kernels' module in `dev`'s context, loaded on first use.
+pub fn module(dev: &CudaDevice) -> candle_core::Result<Arc<CudaModule>> {
+    let mut map = modules().lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(m) = map.get(&dev.id()) {
+        return Ok(m.clone());
+    }
+    let stream = dev.cuda_stream();
+    let m = stream
+        .context()
+        .load_module(Ptx::from_binary(CUBIN.to_vec()))
+        .map_err(|e| {
+            candle_core::Error::Cuda(
+                format!(
+                    "ddpm-kernels: loading the embedded cubin failed ({e}); it holds code for one GPU \
+                     architecture only (sm_90 = H100/H200 unless rebuilt with DDPM_CUDA_ARCH)"
+                )
+                .into(),
+            )
+        })?;
+    map.insert(dev.id(), m.clone());
+    Ok(m)
+}
+
+/// Grid for `batch` examples of `n` elements: x over 4-element blocks, y over examples (both stride-looped).
+fn grid(batch: usize, n: usize) -> LaunchConfig {
+    let nb = n.div_ceil(4) as u32;
+    let gx = nb.div_ceil(THREADS).clamp(1, 1 << 20);
+    let gy = (batch as u32).clamp(1, 65_535);
+    LaunchConfig { grid_dim: (gx, gy, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
+}
+
+fn dims_bn(l: &Layout) -> candle_core::Result<(usize, usize)> {
+    if !l.is_contiguous() {
+        candle_core::bail!("ddpm-kernels: CUDA input must be contiguous");
+    }
+    let dims = l.shape().dims();
+    let b = dims[0];
+    Ok((b, dims[1..].iter().product()))
+}
+
+fn seed_words(seed: u64) -> (u32, u32) {
+    (seed as u32, (seed >> 32) as u32)
+}
+
+pub(crate) fn noising_fwd(
+    op: &NoisingOp,
+    s: &CudaStorage,
+    l: &Layout,
+) -> candle_core::Result<(CudaStorage, Shape)> {
+    let dev = &s.device;
+    let (b, n) = dims_bn(l)?;
+    if op.coefs.len() != b {
+        candle_core::bail!("fused_noising: {} coefficients for a batch of {b}", op.coefs.len());
+    }
+    let mut shape = vec![3];
+    shape.extend_from_slice(l.shape().dims());
+    let total = 3 * b * n;
+    let mut out = unsafe { dev.alloc::<f32>(total)? };
+    if b * n > 0 {
+        let x0 = s.as_cuda_slice::<f32>()?.slice(l.start_offset()..);
+        let coef: Vec<f32> = op.coefs.iter().flatten().copied().collect();
+        let coef = dev.clone_htod(&coef)?;
+        let func = module(dev)?.load_function("ddpm_fused_noising_f32").w()?;
+        let stream = dev.cuda_stream();
+        let (seed_lo, seed_hi) = seed_words(op.key.seed);
+        let (bu, nu) = (b as u32, n as u32);
+        let step = op.key.step as u32;
+        let ex0 = op.key.first_example as u32;
+        let pred = op.pred.code();
+        let mut lb = stream.launch_builder(&func);
+        lb.arg(&x0)
+            .arg(&mut out)
+            .arg(&coef)
+            .arg(&bu)
+            .arg(&nu)
+            .arg(&seed_lo)
+            .arg(&seed_hi)
+            .arg(&step)
+            .arg(&ex0)
+            .arg(&pred);
+        unsafe { lb.launch(grid(b, n)) }.w()?;
+    }
+    Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), Shape::from(shape)))
+}
+
+pub(crate) fn sampler_step_fwd(
+    op: &SamplerStepOp,
+    (s1, l1): (&CudaStorage, &Layout),
+    (s2, l2): (&CudaStorage, &Layout),
+    noise: Option<(&CudaStorage, &Layout)>,
+) -> candle_core::Result<(CudaStorage, Shape)> {
+    let dev = &s1.device;
+    let (b, n) = dims_bn(l1)?;
+    if dims_bn(l2)? != (b, n) || noise.map(|(_, l)| dims_bn(l)).transpose()?.is_some_and(|d| d != (b, n)) {
+        candle_core::bail!("fused_sampler_step: shapes differ");
+    }
+    if op.coefs.len() != b {
+        candle_core::bail!("fused_sampler_step: {} coefficient sets for a batch of {b}", op.coefs.len());
+    }
+    let mut shape = vec![2];
+    shape.extend_from_slice(l1.shape().dims());
+    let mut out = unsafe { dev.alloc::<f32>(2 * b * n)? };
+    if b * n > 0 {
+        let xt = s1.as_cuda_slice::<f32>()?.slice(l1.start_offset()..);
+        let m = s2.as_cuda_slice::<f32>()?.slice(l2.start_offset()..);
+        let coef: Vec<f32> = op.coefs.iter().flatten().copied().collect();
+        let coef = dev.clone_htod(&coef)?;
+        let func = module(dev)?.load_function("ddpm_sampler_step_f32").w()?;
+        let stream = dev.cuda_stream();
+        let key = op.philox.unwrap_or(NoiseKey { seed: 0, step: 0, first_example: 0 });
+        let (seed_lo, seed_hi) = seed_words(key.seed);
+        let (bu, nu) = (b as u32, n as u32);
+        let step = key.step as u32;
+        let ex0 = key.first_example as u32;
+        let mode = op.noise_mode(noise.is_some());
+        let (clip, lo, hi) = match op.clip {
+            Some((lo, hi)) => (1u32, lo, hi),
+            None => (0u32, 0f32, 0f32),
+        };
+        let z = match noise {
+            Some((s3, l3)) => Some(s3.as_cuda_slice::<f32>()?.slice(l3.start_offset()..)),
+            None => None,
+        };
+        // The kernel never reads `zin` unless mode is NOISE_GIVEN; pass x_t's pointer as a placeholder.
+        let zin = z.as_ref().unwrap_or(&xt);
+        let mut lb = stream.launch_builder(&func);
+        lb.arg(&xt)
+            .arg(&m)
+            .arg(zin)
+            .arg(&mut out)
+            .arg(&coef)
+            .arg(&bu)
+            .arg(&nu)
+            .arg(&mode)
+            .arg(&seed_lo)
+            .arg(&seed_hi)
+            .arg(&step)
+            .arg(&ex0)
+            .arg(&clip)
+            .arg(&lo)
+            .arg(&hi);
+        unsafe { lb.launch(grid(b, n)) }.w()?;
+    }
+    Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), Shape::from(shape)))
+}
+
+pub(crate) fn philox_normal(
+    dev: &CudaDevice,
+    shape: Shape,
+    stream_tag: u32,
+    key: NoiseKey,
+) -> candle_core::Result<Tensor> {
+    let dims = shape.dims();
+    let b = dims[0];
+    let n: usize = dims[1..].iter().product();
+    let mut out = unsafe { dev.alloc::<f32>(b * n)? };
+    if b * n > 0 {
+        let func = module(dev)?.load_function("ddpm_philox_normal_f32").w()?;
+        let stream = dev.cuda_stream();
+        let (seed_lo, seed_hi) = seed_words(key.seed);
+        let (bu, nu) = (b as u32, n as u32);
+        let step = key.step as u32;
+        let ex0 = key.first_example as u32;
+        let mut lb = stream.launch_builder(&func);
+        lb.arg(&mut out)
+            .arg(&bu)
+            .arg(&nu)
+            .arg(&seed_lo)
+            .arg(&seed_hi)
+            .arg(&stream_tag)
+            .arg(&step)
+            .arg(&ex0);
+        unsafe { lb.launch(grid(b, n)) }.w()?;
+    }
+    let storage = candle_core::Storage::Cuda(CudaStorage::wrap_cuda_slice(out, dev.clone()));
+    Ok(Tensor::from_storage(storage, shape, candle_core::op::BackpropOp::none(), false))
+}
+
+/// Architecture the embedded cubin was built for (`sm_90` unless `DDPM_CUDA_ARCH` said otherwise).
+pub const CUBIN_ARCH: &str = env!("DDPM_CUBIN_ARCH");
