@@ -20,6 +20,7 @@ pub enum Prediction {
 
 impl Prediction {
     /// The code the CUDA kernel uses.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     pub(crate) fn code(self) -> u32 {
         match self {
             Prediction::Epsilon => 0,

@@ -113,10 +113,10 @@ pub struct SamplerStepOp {
     pub philox: Option<NoiseKey>,
 }
 
-/// Noise mode codes shared with the CUDA kernel.
-pub(crate) const NOISE_NONE: u32 = 0;
-pub(crate) const NOISE_PHILOX: u32 = 1;
-pub(crate) const NOISE_GIVEN: u32 = 2;
+// Noise mode codes shared with the CUDA kernel (DDPM_NOISE_* in ddpm_kernels.cu).
+const NOISE_NONE: u32 = 0;
+const NOISE_PHILOX: u32 = 1;
+const NOISE_GIVEN: u32 = 2;
 
 impl SamplerStepOp {
     /// One element, in the exact operation order of the CUDA kernel.
@@ -182,6 +182,7 @@ impl SamplerStepOp {
         Ok((CpuStorage::F32(out), Shape::from(shape)))
     }
 
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     pub(crate) fn noise_mode(&self, given: bool) -> u32 {
         if given {
             NOISE_GIVEN

@@ -1,0 +1,512 @@
+//! The sampling loops: DDPM (ancestral), DDIM, DPM-Solver++(2M) and a Heun probability-flow ODE
+//! sampler, over any [`Denoiser`], with class labels, classifier-free and classifier guidance.
+//!
+//! # Timesteps
+//! - `ddpm` and `ddim` run on a respaced process (improved-diffusion `SpacedDiffusion`). The step
+//!   spec is an improved-diffusion `section_counts` string: `"ddim50"` (evenly strided), `"250"` or
+//!   `"10,20,30"` (evenly spaced within equal sections). A plain number `N` means `"N"` for DDPM and
+//!   `"ddimN"` for DDIM (falling back to `"N"` when no integer stride gives exactly N steps). No spec
+//!   means all T steps for DDPM and 50 for DDIM.
+//! - `dpm-solver` uses diffusers' "linspace" timesteps (`round_half_even(linspace(0, T-1, N+1))`,
+//!   reversed, last dropped), the setting the reference vectors check; default N = 20.
+//! - `heun` is Karras et al.'s deterministic 2nd-order Heun solver (EDM Algorithm 1) on the
+//!   probability-flow ODE written in sigma space, `x_ve = x / sqrt(abar)`, `sigma = sqrt(1/abar - 1)`,
+//!   where the ODE is `dx_ve/dsigma = eps(x, t(sigma))`. N noise levels follow EDM's rho = 7 spacing
+//!   between sigma(T-1) and sigma(0), each snapped to the nearest training timestep (in log sigma) so
+//!   the discrete-time model is only ever evaluated at timesteps it was trained on; then sigma = 0.
+//!   Each interval costs two model evaluations except the last (an Euler step to sigma = 0), so
+//!   N levels cost 2N - 1 evaluations. Default N = 18 (EDM's CIFAR-10 setting, 35 evaluations).
+//!
+//! # Randomness
+//! All noise is ddpm-rng `Stream::Sampler`, keyed by `(seed, step, global image index)`: `x_T` uses
+//! step 0 and the noise of loop iteration `i` (0-based, in sampling order) uses step `i + 1`. Element
+//! `e` of image `g` is `StreamKey::new(seed, Stream::Sampler, step, g).normal(e)`, so an image depends
+//! only on the seed, its global index and its label: not on the batch it was in, nor on the rank that
+//! made it.
+
+use candle_core::{DType, Device, Tensor};
+use ddpm_diffusion::steps::DpmSolverPp2m;
+use ddpm_diffusion::{space_timesteps, GaussianDiffusion, ModelMeanType, ModelVarType};
+use ddpm_kernels::{fused_sampler_step, philox_normal, NoiseKey, Prediction, StepCoefs, StepNoise};
+use ddpm_rng::Stream;
+
+use crate::denoiser::Denoiser;
+use crate::error::{Result, SamplerError};
+use crate::guidance::{classifier_grad, guided_model_output, Guidance};
+use crate::steps::{ancestral_step, ddim_step, guided_eps, DdimOptions, ScaledGrad};
+
+/// Which sampler.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SamplerKind {
+    Ddpm,
+    Ddim,
+    DpmSolver,
+    Heun,
+}
+
+impl SamplerKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            SamplerKind::Ddpm => "ddpm",
+            SamplerKind::Ddim => "ddim",
+            SamplerKind::DpmSolver => "dpm-solver",
+            SamplerKind::Heun => "heun",
+        }
+    }
+
+    pub fn all() -> [SamplerKind; 4] {
+        [SamplerKind::Ddpm, SamplerKind::Ddim, SamplerKind::DpmSolver, SamplerKind::Heun]
+    }
+}
+
+impl std::str::FromStr for SamplerKind {
+    type Err = SamplerError;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "ddpm" | "ancestral" => Ok(SamplerKind::Ddpm),
+            "ddim" => Ok(SamplerKind::Ddim),
+            "dpm-solver" | "dpm-solver++" | "dpmsolver" | "dpmpp-2m" | "dpm-solver-2m" => Ok(SamplerKind::DpmSolver),
+            "heun" | "ode" => Ok(SamplerKind::Heun),
+            other => Err(SamplerError::Config(format!(
+                "unknown sampler {other:?} (expected ddpm, ddim, dpm-solver or heun)"
+            ))),
+        }
+    }
+}
+
+impl std::fmt::Display for SamplerKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// How to sample.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplerSettings {
+    pub kind: SamplerKind,
+    /// The step spec (see the module documentation); `None` = the sampler's default.
+    pub steps: Option<String>,
+    /// DDIM stochasticity (0 = deterministic). Only DDIM takes it.
+    pub eta: f64,
+    /// Clamp the predicted x0 to [-1, 1] before each DDPM / DDIM update.
+    pub clip_denoised: bool,
+    /// Use ddpm-kernels' fused update for DDPM / DDIM steps where it applies (f32, fixed variance,
+    /// no classifier guidance). It computes the same update as ddpm-diffusion's step functions in one
+    /// pass over memory (equal to float rounding; tested).
+    pub fused_update: bool,
+}
+
+impl SamplerSettings {
+    pub fn new(kind: SamplerKind) -> Self {
+        Self { kind, steps: None, eta: 0.0, clip_denoised: false, fused_update: true }
+    }
+
+    pub fn steps(mut self, spec: impl Into<String>) -> Self {
+        self.steps = Some(spec.into());
+        self
+    }
+}
+
+/// A batch to generate.
+#[derive(Debug, Clone)]
+pub struct BatchSpec<'a> {
+    /// `[B, C, H, W]`.
+    pub shape: [usize; 4],
+    /// Global index of image 0 of the batch; image `i` is global image `first_index + i`.
+    pub first_index: u64,
+    pub seed: u64,
+    /// `[B]` class labels for a class-conditional model.
+    pub labels: Option<&'a [u32]>,
+    pub device: Device,
+    /// The dtype of the sample (f32 normally; f64 for reference tests).
+    pub dtype: DType,
+    /// Start from this `x_T` instead of the seeded noise (tests).
+    pub x_init: Option<Tensor>,
+}
+
+#[derive(Debug, Clone)]
+enum Plan {
+    /// DDPM / DDIM on a respaced process.
+    Respaced(GaussianDiffusion),
+    DpmSolver(usize),
+    Heun { timesteps: Vec<usize>, sigmas: Vec<f64> },
+}
+
+/// A configured sampler for one trained diffusion process.
+#[derive(Debug, Clone)]
+pub struct Sampler {
+    full: GaussianDiffusion,
+    settings: SamplerSettings,
+    plan: Plan,
+}
+
+fn plain_count(spec: &str) -> Option<usize> {
+    spec.trim().parse::<usize>().ok()
+}
+
+/// The respacing a DDPM or DDIM step spec selects (see the module documentation).
+pub fn respacing_for(kind: SamplerKind, num_timesteps: usize, spec: Option<&str>) -> Result<Vec<usize>> {
+    let spec = spec.map(str::trim).filter(|s| !s.is_empty());
+    Ok(match (kind, spec) {
+        (SamplerKind::Ddpm, None) => (0..num_timesteps).collect(),
+        (SamplerKind::Ddim, None) => space_timesteps(num_timesteps, "ddim50")
+            .or_else(|_| space_timesteps(num_timesteps, &50.min(num_timesteps).to_string()))?,
+        (SamplerKind::Ddim, Some(s)) if plain_count(s).is_some() => {
+            space_timesteps(num_timesteps, &format!("ddim{s}")).or_else(|_| space_timesteps(num_timesteps, s))?
+        }
+        (_, Some(s)) => space_timesteps(num_timesteps, s)?,
+    })
+}
+
+/// EDM's rho = 7 noise levels between the schedule's extremes, snapped to training timesteps
+/// (descending, unique), with their sigmas and a final 0.
+pub fn heun_timesteps(full: &GaussianDiffusion, n: usize) -> Result<(Vec<usize>, Vec<f64>)> {
+    let big_t = full.num_timesteps();
+    if n == 0 || n > big_t {
+        return Err(SamplerError::Config(format!("heun needs 1..={big_t} noise levels, got {n}")));
+    }
+    let sig = &full.schedule.sqrt_recipm1_alphas_cumprod; // sqrt(1/abar - 1), increasing in t
+    let (smin, smax) = (sig[0], sig[big_t - 1]);
+    const RHO: f64 = 7.0;
+    let mut ts: Vec<usize> = Vec::with_capacity(n);
+    for i in 0..n {
+        let s = if n == 1 {
+            smax
+        } else {
+            let f = i as f64 / (n - 1) as f64;
+            (smax.powf(1.0 / RHO) + f * (smin.powf(1.0 / RHO) - smax.powf(1.0 / RHO))).powf(RHO)
+        };
+        // nearest training timestep in log sigma
+        let target = s.ln();
+        let p = sig.partition_point(|&v| v.ln() < target);
+        let t = match p {
+            0 => 0,
+            p if p >= big_t => big_t - 1,
+            p => {
+                if (sig[p].ln() - target).abs() < (target - sig[p - 1].ln()).abs() {
+                    p
+                } else {
+                    p - 1
+                }
+            }
+        };
+        if ts.last() != Some(&t) {
+            ts.push(t);
+        }
+    }
+    let mut sigmas: Vec<f64> = ts.iter().map(|&t| sig[t]).collect();
+    sigmas.push(0.0);
+    Ok((ts, sigmas))
+}
+
+fn kernel_prediction(m: ModelMeanType) -> Prediction {
+    match m {
+        ModelMeanType::Epsilon => Prediction::Epsilon,
+        ModelMeanType::V => Prediction::V,
+        ModelMeanType::StartX => Prediction::StartX,
+    }
+}
+
+impl Sampler {
+    /// `full` is the process the model was trained on (not respaced).
+    pub fn new(full: GaussianDiffusion, settings: SamplerSettings) -> Result<Self> {
+        if full.num_timesteps() != full.original_num_timesteps || full.timestep_map.iter().enumerate().any(|(i, &t)| i != t) {
+            return Err(SamplerError::Config("the sampler needs the training process, not a respaced one".into()));
+        }
+        if !(settings.eta.is_finite() && settings.eta >= 0.0) {
+            return Err(SamplerError::Config(format!("eta must be >= 0, got {}", settings.eta)));
+        }
+        if settings.eta != 0.0 && settings.kind != SamplerKind::Ddim {
+            return Err(SamplerError::Config(format!("eta applies to ddim only, not {}", settings.kind)));
+        }
+        if settings.clip_denoised && matches!(settings.kind, SamplerKind::DpmSolver | SamplerKind::Heun) {
+            return Err(SamplerError::Config(format!(
+                "x0 clipping applies to ddpm and ddim only, not {}",
+                settings.kind
+            )));
+        }
+        let big_t = full.num_timesteps();
+        let spec = settings.steps.as_deref().map(str::trim).filter(|s| !s.is_empty());
+        let count = |default: usize| -> Result<usize> {
+            match spec {
+                None => Ok(default.min(big_t)),
+                Some(s) => plain_count(s).filter(|&n| n > 0).ok_or_else(|| {
+                    SamplerError::Config(format!("{} takes a plain step count, got {s:?}", settings.kind))
+                }),
+            }
+        };
+        let plan = match settings.kind {
+            SamplerKind::Ddpm | SamplerKind::Ddim => {
+                Plan::Respaced(full.respaced(&respacing_for(settings.kind, big_t, spec)?)?)
+            }
+            SamplerKind::DpmSolver => {
+                let n = count(20)?;
+                DpmSolverPp2m::new(&full.schedule, n)?; // validates n
+                Plan::DpmSolver(n)
+            }
+            SamplerKind::Heun => {
+                let (timesteps, sigmas) = heun_timesteps(&full, count(18)?)?;
+                Plan::Heun { timesteps, sigmas }
+            }
+        };
+        Ok(Self { full, settings, plan })
+    }
+
+    pub fn settings(&self) -> &SamplerSettings {
+        &self.settings
+    }
+
+    pub fn diffusion(&self) -> &GaussianDiffusion {
+        &self.full
+    }
+
+    /// The original timesteps the model is evaluated at, in order.
+    pub fn model_timesteps(&self) -> Vec<usize> {
+        match &self.plan {
+            Plan::Respaced(d) => d.timestep_map.iter().rev().copied().collect(),
+            Plan::DpmSolver(n) => DpmSolverPp2m::new(&self.full.schedule, *n).map(|s| s.timesteps).unwrap_or_default(),
+            Plan::Heun { timesteps, sigmas } => {
+                let mut v = Vec::new();
+                for i in 0..timesteps.len() {
+                    v.push(timesteps[i]);
+                    if sigmas[i + 1] > 0.0 {
+                        v.push(timesteps[i + 1]);
+                    }
+                }
+                v
+            }
+        }
+    }
+
+    /// Model evaluations per image (twice the forward batch with classifier-free guidance).
+    pub fn num_model_evals(&self) -> usize {
+        self.model_timesteps().len()
+    }
+
+    /// Sampler iterations (progress units): one per model evaluation.
+    pub fn num_iterations(&self) -> usize {
+        self.num_model_evals()
+    }
+
+    /// Noise `[B, ...]` for sampler step `step` (0 = x_T) of a batch, in `dtype` on `device`.
+    pub fn noise(batch: &BatchSpec<'_>, step: u64) -> Result<Tensor> {
+        let key = NoiseKey { seed: batch.seed, step, first_example: batch.first_index };
+        let z = philox_normal(batch.shape.to_vec(), Stream::Sampler as u32, key, &batch.device)?;
+        Ok(z.to_dtype(batch.dtype)?)
+    }
+
+    fn fused_applies(&self, batch: &BatchSpec<'_>, guidance: &Guidance<'_>) -> bool {
+        self.settings.fused_update
+            && batch.dtype == DType::F32
+            && guidance.classifier.is_none()
+            && matches!(self.full.var_type, ModelVarType::FixedSmall | ModelVarType::FixedLarge)
+    }
+
+    /// Generates one batch; `progress` is called after every model evaluation with the number done.
+    pub fn sample(
+        &self,
+        model: &dyn Denoiser,
+        guidance: &Guidance<'_>,
+        batch: &BatchSpec<'_>,
+        progress: &mut dyn FnMut(usize),
+    ) -> Result<Tensor> {
+        let b = batch.shape[0];
+        if let Some(l) = batch.labels {
+            if l.len() != b {
+                return Err(SamplerError::Config(format!("{} labels for a batch of {b}", l.len())));
+            }
+        }
+        guidance.validate(batch.labels)?;
+        let labels = match batch.labels {
+            Some(l) => Some(Tensor::from_vec(l.to_vec(), b, &batch.device)?),
+            None => None,
+        };
+        let x = match &batch.x_init {
+            Some(x) => {
+                if x.dims() != batch.shape {
+                    return Err(SamplerError::Config(format!(
+                        "x_init has shape {:?}, the batch is {:?}",
+                        x.dims(),
+                        batch.shape
+                    )));
+                }
+                x.to_dtype(batch.dtype)?.to_device(&batch.device)?
+            }
+            None => Self::noise(batch, 0)?,
+        };
+        let x = match &self.plan {
+            Plan::Respaced(d) => self.sample_respaced(d, model, guidance, batch, labels.as_ref(), x, progress)?,
+            Plan::DpmSolver(n) => self.sample_dpm_solver(*n, model, guidance, labels.as_ref(), x, progress)?,
+            Plan::Heun { timesteps, sigmas } => {
+                self.sample_heun(timesteps, sigmas, model, guidance, labels.as_ref(), x, progress)?
+            }
+        };
+        // x - x is 0 for finite values and NaN for NaN or +-inf; its sum is 0 exactly when all are finite.
+        let probe = x.to_dtype(DType::F64)?;
+        if probe.sub(&probe)?.sum_all()?.to_scalar::<f64>()? != 0.0 {
+            return Err(SamplerError::NonFinite { what: "the final sample".into(), step: self.num_iterations() });
+        }
+        Ok(x)
+    }
+
+    fn grad<'g>(
+        &self,
+        guidance: &Guidance<'_>,
+        x: &Tensor,
+        t_model: &[usize],
+        labels: Option<&Tensor>,
+        slot: &'g mut Option<Tensor>,
+    ) -> Result<Option<ScaledGrad<'g>>> {
+        match (&guidance.classifier, labels) {
+            (Some(c), Some(y)) => {
+                *slot = Some(classifier_grad(c.classifier, x, t_model, y)?);
+                Ok(slot.as_ref().map(|grad| ScaledGrad { grad, scale: c.scale }))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn sample_respaced(
+        &self,
+        d: &GaussianDiffusion,
+        model: &dyn Denoiser,
+        guidance: &Guidance<'_>,
+        batch: &BatchSpec<'_>,
+        labels: Option<&Tensor>,
+        mut x: Tensor,
+        progress: &mut dyn FnMut(usize),
+    ) -> Result<Tensor> {
+        let b = batch.shape[0];
+        let n = d.num_timesteps();
+        let fused = self.fused_applies(batch, guidance);
+        let ddim = self.settings.kind == SamplerKind::Ddim;
+        let opts = DdimOptions { clip_denoised: self.settings.clip_denoised, eta: self.settings.eta };
+        for (i, k) in (0..n).rev().enumerate() {
+            let t = vec![k; b];
+            let t_model = vec![d.timestep_map[k]; b];
+            let out = guided_model_output(model, d, guidance, &x, &t_model, labels)?;
+            let step = i as u64 + 1;
+            let needs_noise = !ddim || opts.eta > 0.0;
+            if fused {
+                x = self.fused_step(d, k, &out, &x, batch, step, needs_noise)?;
+            } else {
+                let mut slot = None;
+                let g = self.grad(guidance, &x, &t_model, labels, &mut slot)?;
+                let noise = if needs_noise { Some(Self::noise(batch, step)?) } else { None };
+                x = if ddim {
+                    ddim_step(d, &out, &x, &t, opts, noise.as_ref(), g)?.x_prev
+                } else {
+                    let z = noise.expect("ddpm always draws noise");
+                    ancestral_step(d, &out, &x, &t, &z, self.settings.clip_denoised, g)?.x_prev
+                };
+            }
+            progress(i + 1);
+        }
+        Ok(x)
+    }
+
+    /// The DDPM / DDIM update through ddpm-kernels' fused op (fixed variance, no classifier guidance).
+    #[allow(clippy::too_many_arguments)]
+    fn fused_step(
+        &self,
+        d: &GaussianDiffusion,
+        k: usize,
+        out: &Tensor,
+        x: &Tensor,
+        batch: &BatchSpec<'_>,
+        step: u64,
+        needs_noise: bool,
+    ) -> Result<Tensor> {
+        let s = &d.schedule;
+        let (a, ap) = (s.alphas_cumprod[k], s.alphas_cumprod_prev[k]);
+        let pred = kernel_prediction(d.mean_type);
+        let coefs = if self.settings.kind == SamplerKind::Ddim {
+            StepCoefs::ddim(pred, a, ap, self.settings.eta)
+        } else {
+            let log_var = match d.var_type {
+                ModelVarType::FixedSmall => s.posterior_log_variance_clipped[k],
+                _ => s.fixed_large_log_variance[k],
+            };
+            // improved-diffusion adds no noise at the last step (t == 0).
+            let sigma = if k == 0 { 0.0 } else { (0.5 * log_var).exp() };
+            StepCoefs::ddpm(pred, a, ap, sigma)
+        };
+        let noise = if needs_noise {
+            StepNoise::Philox(NoiseKey { seed: batch.seed, step, first_example: batch.first_index })
+        } else {
+            StepNoise::None
+        };
+        let clip = self.settings.clip_denoised.then_some((-1.0f32, 1.0f32));
+        let coefs = vec![coefs; x.dim(0)?];
+        Ok(fused_sampler_step(x, out, &coefs, clip, noise)?.x_prev)
+    }
+
+    fn sample_dpm_solver(
+        &self,
+        n: usize,
+        model: &dyn Denoiser,
+        guidance: &Guidance<'_>,
+        labels: Option<&Tensor>,
+        mut x: Tensor,
+        progress: &mut dyn FnMut(usize),
+    ) -> Result<Tensor> {
+        let full = &self.full;
+        let b = x.dim(0)?;
+        // The solver always receives eps (converted from v / x0 predictions, and guided), so
+        // classifier guidance applies the same way whatever the model predicts.
+        let mut solver = DpmSolverPp2m::new(&full.schedule, n)?;
+        for i in 0..n {
+            let t = solver.current_timestep().expect("n steps");
+            let t_model = vec![t; b];
+            let out = guided_model_output(model, full, guidance, &x, &t_model, labels)?;
+            let mut slot = None;
+            let g = self.grad(guidance, &x, &t_model, labels, &mut slot)?;
+            let eps = guided_eps(full, &out, &x, &t_model, g)?;
+            x = solver.step(&eps, &x)?.x_next;
+            progress(i + 1);
+        }
+        Ok(x)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn sample_heun(
+        &self,
+        timesteps: &[usize],
+        sigmas: &[f64],
+        model: &dyn Denoiser,
+        guidance: &Guidance<'_>,
+        labels: Option<&Tensor>,
+        x_vp: Tensor,
+        progress: &mut dyn FnMut(usize),
+    ) -> Result<Tensor> {
+        let full = &self.full;
+        let b = x_vp.dim(0)?;
+        let mut evals = 0usize;
+        // d x_ve / d sigma at (x_ve, sigma_i): the model sees the VP sample x_ve / sqrt(1 + sigma^2).
+        let mut slope = |x_ve: &Tensor, t: usize, sigma: f64| -> Result<Tensor> {
+            let x_in = x_ve.affine(1.0 / (1.0 + sigma * sigma).sqrt(), 0.0)?;
+            let t_model = vec![t; b];
+            let out = guided_model_output(model, full, guidance, &x_in, &t_model, labels)?;
+            let mut slot = None;
+            let g = self.grad(guidance, &x_in, &t_model, labels, &mut slot)?;
+            let eps = guided_eps(full, &out, &x_in, &t_model, g)?;
+            evals += 1;
+            progress(evals);
+            Ok(eps)
+        };
+        let mut x = x_vp.affine((1.0 + sigmas[0] * sigmas[0]).sqrt(), 0.0)?;
+        for i in 0..timesteps.len() {
+            let (s, s_next) = (sigmas[i], sigmas[i + 1]);
+            let d = slope(&x, timesteps[i], s)?;
+            let euler = x.add(&d.affine(s_next - s, 0.0)?)?;
+            x = if s_next > 0.0 {
+                let d2 = slope(&euler, timesteps[i + 1], s_next)?;
+                x.add(&d.add(&d2)?.affine(0.5 * (s_next - s), 0.0)?)?
+            } else {
+                euler
+            };
+        }
+        Ok(x)
+    }
+}

@@ -1,0 +1,555 @@
+//! The training configuration: a TOML file, `--set key.path=value` overrides, validation, and the
+//! config hash that checkpoints carry.
+//!
+//! Every value is checked before any work starts (no dataset is opened, no model is built) and a
+//! bad value is reported with its dotted key, e.g. `optim.lr must be > 0, got -1`. Unknown keys
+//! are errors (every table denies unknown fields): a typo must not silently fall back to a default.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+pub use ddpm_unet::UNetConfig;
+
+/// Keys left out of the config hash: they change what is logged, saved or previewed, or where, but
+/// not the training trajectory, so a run may be resumed with different values.
+pub const HASH_EXCLUDED_KEYS: &[&str] = &["schedule", "preview", "out_dir", "data.prefetch"];
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ConfigError {
+    /// A value failed validation; `key` is the dotted path.
+    #[error("{key} {msg}")]
+    Invalid { key: String, msg: String },
+    #[error("{0}")]
+    Parse(String),
+}
+
+fn invalid(key: &str, msg: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { key: key.to_string(), msg: msg.into() }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Task {
+    /// Train the denoising U-Net.
+    #[default]
+    Diffusion,
+    /// Train a noise-aware classifier (`ddpm_unet::EncoderUNet`) on `x_t` for classifier guidance.
+    Classifier,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Schedule {
+    #[default]
+    Linear,
+    Cosine,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Prediction {
+    #[default]
+    Eps,
+    V,
+    X0,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Variance {
+    #[default]
+    FixedSmall,
+    FixedLarge,
+    LearnedRange,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Loss {
+    /// L_simple: MSE on the prediction target (Ho et al.).
+    #[default]
+    Simple,
+    /// L_simple + lambda L_vlb with learned-range variance (Nichol & Dhariwal; improved-diffusion's RESCALED_MSE).
+    Hybrid,
+    /// The variational bound only (improved-diffusion's RESCALED_KL).
+    Vlb,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum TimestepSampling {
+    #[default]
+    Uniform,
+    /// improved-diffusion's LossSecondMomentResampler.
+    LossAware,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiffusionConfig {
+    #[serde(default)]
+    pub schedule: Schedule,
+    #[serde(default = "d_timesteps")]
+    pub timesteps: usize,
+    #[serde(default)]
+    pub prediction: Prediction,
+    #[serde(default)]
+    pub variance: Variance,
+    #[serde(default)]
+    pub loss: Loss,
+    #[serde(default)]
+    pub timestep_sampling: TimestepSampling,
+    /// Min-SNR-gamma loss weighting (Hang et al. 2023); absent = off.
+    #[serde(default)]
+    pub min_snr_gamma: Option<f64>,
+    /// Probability of replacing a label by the null class (classifier-free guidance training).
+    #[serde(default)]
+    pub label_dropout: f64,
+}
+
+impl Default for DiffusionConfig {
+    fn default() -> Self {
+        Self {
+            schedule: Schedule::Linear,
+            timesteps: 1000,
+            prediction: Prediction::Eps,
+            variance: Variance::FixedSmall,
+            loss: Loss::Simple,
+            timestep_sampling: TimestepSampling::Uniform,
+            min_snr_gamma: None,
+            label_dropout: 0.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    /// HDF5 file written by `ddpm-data convert`.
+    pub path: PathBuf,
+    /// Examples per rank per step (global batch = batch * world size).
+    pub batch: usize,
+    /// Random horizontal flips.
+    #[serde(default)]
+    pub flip: bool,
+    /// Batches prepared ahead by the loader thread.
+    #[serde(default = "d_prefetch")]
+    pub prefetch: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OptimConfig {
+    pub lr: f64,
+    #[serde(default = "d_betas")]
+    pub betas: [f64; 2],
+    #[serde(default)]
+    pub weight_decay: f64,
+    #[serde(default = "d_eps")]
+    pub eps: f64,
+    #[serde(default)]
+    pub warmup_steps: u64,
+    /// Maximum global gradient norm; absent = no clipping.
+    #[serde(default)]
+    pub grad_clip: Option<f64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmaConfig {
+    #[serde(default = "d_ema_rates")]
+    pub rates: Vec<f64>,
+    /// Use `min(rate, (1+n)/(10+n))` so short runs get a useful average early.
+    #[serde(default)]
+    pub warmup: bool,
+}
+
+impl Default for EmaConfig {
+    fn default() -> Self {
+        Self { rates: d_ema_rates(), warmup: false }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleConfig {
+    pub total_steps: u64,
+    #[serde(default = "d_log_every")]
+    pub log_every: u64,
+    #[serde(default = "d_checkpoint_every")]
+    pub checkpoint_every: u64,
+    /// Preview samples every this many steps; 0 = only at the end.
+    #[serde(default)]
+    pub sample_every: u64,
+    #[serde(default = "d_keep")]
+    pub keep_checkpoints: usize,
+}
+
+/// The preview sample grid written during and after training (not the full sampler: that is
+/// `ddpm-sample`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PreviewConfig {
+    /// DDIM steps on a respaced schedule.
+    #[serde(default = "d_preview_steps")]
+    pub steps: usize,
+    /// Images per class (or in total for unconditional models).
+    #[serde(default = "d_per_class")]
+    pub per_class: usize,
+    #[serde(default)]
+    pub eta: f64,
+    /// Classifier-free guidance scale w (eps = (1+w) eps_cond - w eps_uncond); needs label_dropout > 0.
+    #[serde(default)]
+    pub guidance: f64,
+    /// Which EMA rate to sample with; absent = the first in `ema.rates`.
+    #[serde(default)]
+    pub ema_rate: Option<f64>,
+}
+
+impl Default for PreviewConfig {
+    fn default() -> Self {
+        Self { steps: d_preview_steps(), per_class: d_per_class(), eta: 0.0, guidance: 0.0, ema_rate: None }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    #[serde(default)]
+    pub task: Task,
+    #[serde(default)]
+    pub seed: u64,
+    /// Run directory (checkpoints, metrics, pictures); `--out` overrides.
+    #[serde(default)]
+    pub out_dir: Option<PathBuf>,
+    pub model: UNetConfig,
+    #[serde(default)]
+    pub diffusion: DiffusionConfig,
+    pub data: DataConfig,
+    pub optim: OptimConfig,
+    #[serde(default)]
+    pub ema: EmaConfig,
+    pub schedule: ScheduleConfig,
+    #[serde(default)]
+    pub preview: PreviewConfig,
+}
+
+fn d_timesteps() -> usize {
+    1000
+}
+fn d_prefetch() -> usize {
+    2
+}
+fn d_betas() -> [f64; 2] {
+    [0.9, 0.999]
+}
+fn d_eps() -> f64 {
+    1e-8
+}
+fn d_ema_rates() -> Vec<f64> {
+    vec![0.9999]
+}
+fn d_log_every() -> u64 {
+    100
+}
+fn d_checkpoint_every() -> u64 {
+    5000
+}
+fn d_keep() -> usize {
+    3
+}
+fn d_preview_steps() -> usize {
+    50
+}
+fn d_per_class() -> usize {
+    8
+}
+
+/// Command-line changes applied on top of the file, in this order: `--set`s, then the plain flags.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub sets: Vec<String>,
+    pub steps: Option<u64>,
+    pub batch: Option<usize>,
+    pub out: Option<PathBuf>,
+}
+
+impl TrainConfig {
+    /// Reads, overrides and validates a config file.
+    pub fn load(path: &Path, ov: &Overrides) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::Parse(format!("cannot read config {}: {e}", path.display())))?;
+        Self::from_toml_str(&text, ov).map_err(|e| match e {
+            ConfigError::Parse(m) => ConfigError::Parse(format!("{}: {m}", path.display())),
+            other => other,
+        })
+    }
+
+    pub fn from_toml_str(text: &str, ov: &Overrides) -> Result<Self, ConfigError> {
+        // Parse the file on its own first so its errors point at its own lines.
+        let mut cfg: TrainConfig = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        if !ov.sets.is_empty() {
+            let mut table: toml::Table = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+            for s in &ov.sets {
+                apply_set(&mut table, s)?;
+            }
+            cfg = toml::Value::Table(table)
+                .try_into()
+                .map_err(|e: toml::de::Error| ConfigError::Parse(format!("after --set overrides: {}", e.message())))?;
+        }
+        if let Some(s) = ov.steps {
+            cfg.schedule.total_steps = s;
+        }
+        if let Some(b) = ov.batch {
+            cfg.data.batch = b;
+        }
+        if let Some(o) = &ov.out {
+            cfg.out_dir = Some(o.clone());
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn out_dir(&self) -> &Path {
+        self.out_dir.as_deref().expect("validated")
+    }
+
+    /// Checks every value; the error names the offending key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let m = &self.model;
+        m.validate().map_err(|e| ConfigError::Invalid { key: "model".into(), msg: format!("is invalid: {e}") })?;
+        let d = &self.diffusion;
+        if d.timesteps < 2 || d.timesteps > 100_000 {
+            return Err(invalid("diffusion.timesteps", format!("must be in 2..=100000, got {}", d.timesteps)));
+        }
+        let learned = d.variance == Variance::LearnedRange;
+        if learned != m.learn_sigma {
+            return Err(invalid(
+                "model.learn_sigma",
+                format!(
+                    "must be {learned} when diffusion.variance = {:?} (the model outputs the variance only when it is learned)",
+                    d.variance
+                ),
+            ));
+        }
+        if d.loss == Loss::Hybrid && !learned {
+            return Err(invalid(
+                "diffusion.loss",
+                "= \"hybrid\" needs diffusion.variance = \"learned_range\" (the vlb term trains the variance)",
+            ));
+        }
+        if let Some(g) = d.min_snr_gamma {
+            if !(g.is_finite() && g > 0.0) {
+                return Err(invalid("diffusion.min_snr_gamma", format!("must be > 0, got {g}")));
+            }
+        }
+        if !(0.0..1.0).contains(&d.label_dropout) {
+            return Err(invalid("diffusion.label_dropout", format!("must be in [0, 1), got {}", d.label_dropout)));
+        }
+        if d.label_dropout > 0.0 && m.num_classes.is_none() {
+            return Err(invalid("diffusion.label_dropout", "> 0 needs a class-conditional model (model.num_classes)"));
+        }
+
+        if self.data.path.as_os_str().is_empty() {
+            return Err(invalid("data.path", "must not be empty"));
+        }
+        if self.data.batch == 0 || self.data.batch > 65_536 {
+            return Err(invalid("data.batch", format!("must be in 1..=65536, got {}", self.data.batch)));
+        }
+        if self.data.prefetch > 1024 {
+            return Err(invalid("data.prefetch", format!("must be <= 1024, got {}", self.data.prefetch)));
+        }
+
+        let o = &self.optim;
+        if !(o.lr.is_finite() && o.lr > 0.0) {
+            return Err(invalid("optim.lr", format!("must be > 0, got {}", o.lr)));
+        }
+        for (i, b) in o.betas.iter().enumerate() {
+            if !(0.0..1.0).contains(b) {
+                return Err(invalid(&format!("optim.betas[{i}]"), format!("must be in [0, 1), got {b}")));
+            }
+        }
+        if !(o.eps.is_finite() && o.eps > 0.0) {
+            return Err(invalid("optim.eps", format!("must be > 0, got {}", o.eps)));
+        }
+        if !(o.weight_decay.is_finite() && o.weight_decay >= 0.0) {
+            return Err(invalid("optim.weight_decay", format!("must be >= 0, got {}", o.weight_decay)));
+        }
+        if o.lr * o.weight_decay >= 1.0 {
+            return Err(invalid(
+                "optim.weight_decay",
+                format!("times optim.lr must be < 1 (decay factor 1 - lr*wd), got {}", o.lr * o.weight_decay),
+            ));
+        }
+        if let Some(c) = o.grad_clip {
+            if !(c.is_finite() && c > 0.0) {
+                return Err(invalid("optim.grad_clip", format!("must be > 0, got {c}")));
+            }
+        }
+
+        if self.ema.rates.is_empty() {
+            return Err(invalid("ema.rates", "must list at least one rate"));
+        }
+        for (i, r) in self.ema.rates.iter().enumerate() {
+            if !(r.is_finite() && *r > 0.0 && *r < 1.0) {
+                return Err(invalid(&format!("ema.rates[{i}]"), format!("must be in (0, 1), got {r}")));
+            }
+            if self.ema.rates[..i].contains(r) {
+                return Err(invalid(&format!("ema.rates[{i}]"), format!("duplicates rate {r}")));
+            }
+        }
+
+        let s = &self.schedule;
+        if s.total_steps == 0 {
+            return Err(invalid("schedule.total_steps", "must be >= 1, got 0"));
+        }
+        if s.total_steps > u32::MAX as u64 {
+            // The RNG counter holds the step in 32 bits.
+            return Err(invalid("schedule.total_steps", format!("must be < 2^32, got {}", s.total_steps)));
+        }
+        if s.log_every == 0 {
+            return Err(invalid("schedule.log_every", "must be >= 1, got 0"));
+        }
+        if s.checkpoint_every == 0 {
+            return Err(invalid("schedule.checkpoint_every", "must be >= 1, got 0"));
+        }
+        if s.keep_checkpoints == 0 {
+            return Err(invalid("schedule.keep_checkpoints", "must be >= 1, got 0"));
+        }
+
+        let p = &self.preview;
+        if p.steps == 0 || p.steps > d.timesteps {
+            return Err(invalid(
+                "preview.steps",
+                format!("must be in 1..=diffusion.timesteps ({}), got {}", d.timesteps, p.steps),
+            ));
+        }
+        if p.per_class == 0 || p.per_class > 256 {
+            return Err(invalid("preview.per_class", format!("must be in 1..=256, got {}", p.per_class)));
+        }
+        if !(p.eta.is_finite() && p.eta >= 0.0) {
+            return Err(invalid("preview.eta", format!("must be >= 0, got {}", p.eta)));
+        }
+        if !(p.guidance.is_finite() && p.guidance >= 0.0) {
+            return Err(invalid("preview.guidance", format!("must be >= 0, got {}", p.guidance)));
+        }
+        if p.guidance > 0.0 && d.label_dropout == 0.0 {
+            return Err(invalid("preview.guidance", "> 0 needs a model trained with diffusion.label_dropout > 0"));
+        }
+        if let Some(r) = p.ema_rate {
+            if !self.ema.rates.contains(&r) {
+                return Err(invalid("preview.ema_rate", format!("{r} is not one of ema.rates {:?}", self.ema.rates)));
+            }
+        }
+
+        if self.task == Task::Classifier && m.num_classes.is_none() {
+            return Err(invalid("model.num_classes", "must be set for task = \"classifier\" (the number of classes)"));
+        }
+        match &self.out_dir {
+            None => return Err(invalid("out_dir", "must be set (in the config or with --out)")),
+            Some(p) if p.as_os_str().is_empty() => return Err(invalid("out_dir", "must not be empty")),
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// The config as canonical JSON (keys sorted at every level), the form stored in manifests.
+    pub fn canonical_json(&self) -> String {
+        canonical(&serde_json::to_value(self).expect("config serialises"))
+    }
+
+    /// sha256 of the canonical JSON with [`HASH_EXCLUDED_KEYS`] removed: equal hashes mean the same
+    /// training trajectory.
+    pub fn hash(&self) -> String {
+        let mut v = serde_json::to_value(self).expect("config serialises");
+        for key in HASH_EXCLUDED_KEYS {
+            remove_path(&mut v, key);
+        }
+        let digest = Sha256::digest(canonical(&v).as_bytes());
+        digest.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render config as TOML: {e}\n"))
+    }
+}
+
+fn remove_path(v: &mut serde_json::Value, dotted: &str) {
+    let mut parts: Vec<&str> = dotted.split('.').collect();
+    let last = parts.pop().unwrap();
+    let mut cur = v;
+    for p in parts {
+        match cur.get_mut(p) {
+            Some(n) => cur = n,
+            None => return,
+        }
+    }
+    if let Some(o) = cur.as_object_mut() {
+        o.remove(last);
+    }
+}
+
+/// JSON with object keys sorted, independent of serde_json's map feature flags.
+pub fn canonical(v: &serde_json::Value) -> String {
+    use serde_json::Value;
+    match v {
+        Value::Object(o) => {
+            let sorted: BTreeMap<&String, &Value> = o.iter().collect();
+            let items: Vec<String> = sorted
+                .into_iter()
+                .map(|(k, v)| format!("{}:{}", serde_json::to_string(k).unwrap(), canonical(v)))
+                .collect();
+            format!("{{{}}}", items.join(","))
+        }
+        Value::Array(a) => format!("[{}]", a.iter().map(canonical).collect::<Vec<_>>().join(",")),
+        other => other.to_string(),
+    }
+}
+
+/// Applies `key.path=value`; the value is parsed as a TOML value (`1e-4`, `true`, `[16, 8]`,
+/// `"text"`), and a bare word that is not valid TOML is taken as a string (`schedule=cosine`).
+pub fn apply_set(table: &mut toml::Table, set: &str) -> Result<(), ConfigError> {
+    let (key, raw) = set
+        .split_once('=')
+        .ok_or_else(|| ConfigError::Parse(format!("--set {set:?}: expected key.path=value")))?;
+    let key = key.trim();
+    let raw = raw.trim();
+    if key.is_empty() || key.split('.').any(|p| p.is_empty()) {
+        return Err(ConfigError::Parse(format!("--set {set:?}: bad key {key:?}")));
+    }
+    if raw.is_empty() {
+        return Err(ConfigError::Parse(format!("--set {set:?}: missing value for {key}")));
+    }
+    let value = match toml::from_str::<toml::Table>(&format!("v = {raw}")) {
+        Ok(mut t) => t.remove("v").expect("parsed"),
+        Err(_) if raw.chars().all(|c| c.is_ascii_alphanumeric() || "_-./".contains(c)) => {
+            toml::Value::String(raw.to_string())
+        }
+        Err(e) => {
+            return Err(ConfigError::Parse(format!("--set {key}: value {raw:?} is not valid TOML: {}", e.message())))
+        }
+    };
+    let parts: Vec<&str> = key.split('.').collect();
+    let mut cur = table;
+    for (i, p) in parts[..parts.len() - 1].iter().enumerate() {
+        let entry = cur.entry(p.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        cur = entry.as_table_mut().ok_or_else(|| {
+            ConfigError::Parse(format!("--set {key}: {} is not a table", parts[..=i].join(".")))
+        })?;
+    }
+    cur.insert(parts[parts.len() - 1].to_string(), value);
+    Ok(())
+}
+
+impl fmt::Display for Task {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Task::Diffusion => "diffusion",
+            Task::Classifier => "classifier",
+        })
+    }
+}
