@@ -27,18 +27,48 @@ struct Args {
 }
 
 fn parse() -> Args {
-    let mut a = Args { file: None, batch: 128, world: 1, seconds: 3.0, flip: true, prefetch: 4, train_images_per_s: None };
+    let mut a = Args {
+        file: None,
+        batch: 128,
+        world: 1,
+        seconds: 3.0,
+        flip: true,
+        prefetch: 4,
+        train_images_per_s: None,
+    };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
     while i < argv.len() {
-        let val = |i: usize| argv.get(i + 1).cloned().unwrap_or_else(|| panic!("{} needs a value", argv[i]));
+        let val = |i: usize| {
+            argv.get(i + 1)
+                .cloned()
+                .unwrap_or_else(|| panic!("{} needs a value", argv[i]))
+        };
         match argv[i].as_str() {
-            "--file" => { a.file = Some(val(i)); i += 1; }
-            "--batch" => { a.batch = val(i).parse().expect("--batch"); i += 1; }
-            "--world" => { a.world = val(i).parse().expect("--world"); i += 1; }
-            "--seconds" => { a.seconds = val(i).parse().expect("--seconds"); i += 1; }
-            "--prefetch" => { a.prefetch = val(i).parse().expect("--prefetch"); i += 1; }
-            "--train-images-per-s" => { a.train_images_per_s = Some(val(i).parse().expect("--train-images-per-s")); i += 1; }
+            "--file" => {
+                a.file = Some(val(i));
+                i += 1;
+            }
+            "--batch" => {
+                a.batch = val(i).parse().expect("--batch");
+                i += 1;
+            }
+            "--world" => {
+                a.world = val(i).parse().expect("--world");
+                i += 1;
+            }
+            "--seconds" => {
+                a.seconds = val(i).parse().expect("--seconds");
+                i += 1;
+            }
+            "--prefetch" => {
+                a.prefetch = val(i).parse().expect("--prefetch");
+                i += 1;
+            }
+            "--train-images-per-s" => {
+                a.train_images_per_s = Some(val(i).parse().expect("--train-images-per-s"));
+                i += 1;
+            }
             "--flip" => a.flip = true,
             "--no-flip" => a.flip = false,
             "--bench" => {} // added by `cargo bench`
@@ -62,7 +92,15 @@ fn decode_rate(ds: &Hdf5Dataset, batch: usize, seconds: f64) -> f64 {
     while t0.elapsed().as_secs_f64() < seconds {
         for j in 0..batch {
             let k = (done + j * 7919) % n;
-            decode_into(&raw[k * ib..(k + 1) * ib], h, w, c, j % 2 == 0, &table, &mut out[j * ib..(j + 1) * ib]);
+            decode_into(
+                &raw[k * ib..(k + 1) * ib],
+                h,
+                w,
+                c,
+                j % 2 == 0,
+                &table,
+                &mut out[j * ib..(j + 1) * ib],
+            );
         }
         sink += out.iter().sum::<f32>();
         done += batch;
@@ -74,7 +112,9 @@ fn decode_rate(ds: &Hdf5Dataset, batch: usize, seconds: f64) -> f64 {
 fn main() {
     let a = parse();
     let Some(file) = a.file.clone() else {
-        println!("loader bench: pass --file F.h5 (bench/loader.sh converts Fashion-MNIST and passes it)");
+        println!(
+            "loader bench: pass --file F.h5 (bench/loader.sh converts Fashion-MNIST and passes it)"
+        );
         return;
     };
     let ds = Hdf5Dataset::open(&file).unwrap_or_else(|e| panic!("{e}"));
@@ -87,10 +127,19 @@ fn main() {
     let results: Vec<(usize, f64, f64, Duration)> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..a.world)
             .map(|rank| {
-                let cfg = LoaderConfig { path: file.clone().into(), world: a.world, rank, batch: a.batch, seed: 1, flip: a.flip, prefetch: a.prefetch };
+                let cfg = LoaderConfig {
+                    path: file.clone().into(),
+                    world: a.world,
+                    rank,
+                    batch: a.batch,
+                    seed: 1,
+                    flip: a.flip,
+                    prefetch: a.prefetch,
+                };
                 let seconds = a.seconds;
                 s.spawn(move || {
-                    let mut l = Loader::new(cfg, LoaderPosition::default()).unwrap_or_else(|e| panic!("{e}"));
+                    let mut l = Loader::new(cfg, LoaderPosition::default())
+                        .unwrap_or_else(|e| panic!("{e}"));
                     // First epoch includes reading + decompressing chunks from disk into the cache;
                     // measure it separately from steady state.
                     let t0 = Instant::now();
@@ -111,11 +160,19 @@ fn main() {
                         images += b.shape[0];
                     }
                     std::hint::black_box(sink);
-                    (rank, first, images as f64 / t1.elapsed().as_secs_f64(), l.wait_time() - w0)
+                    (
+                        rank,
+                        first,
+                        images as f64 / t1.elapsed().as_secs_f64(),
+                        l.wait_time() - w0,
+                    )
                 })
             })
             .collect();
-        handles.into_iter().map(|h| h.join().expect("loader thread")).collect()
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("loader thread"))
+            .collect()
     });
 
     println!("reference: in-memory decode, 1 thread: {reference:.0} images/s");

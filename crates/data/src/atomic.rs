@@ -10,17 +10,28 @@ use crate::error::{DataError, Result};
 
 /// `out.h5` -> `out.h5.tmp` in the same directory (same filesystem, so the rename is atomic).
 pub fn temp_path(target: &Path) -> PathBuf {
-    let mut name = target.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    let mut name = target
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
     name.push(".tmp");
     target.with_file_name(name)
 }
 
 /// Flushes `tmp` to stable storage and renames it to `target`.
 pub fn commit(tmp: &Path, target: &Path) -> Result<()> {
-    let f = std::fs::File::open(tmp).map_err(|e| DataError::io(tmp, "cannot reopen for fsync", e))?;
-    f.sync_all().map_err(|e| DataError::io(tmp, "fsync failed", e))?;
+    let f =
+        std::fs::File::open(tmp).map_err(|e| DataError::io(tmp, "cannot reopen for fsync", e))?;
+    f.sync_all()
+        .map_err(|e| DataError::io(tmp, "fsync failed", e))?;
     drop(f);
-    std::fs::rename(tmp, target).map_err(|e| DataError::io(target, format!("cannot rename {} into place", tmp.display()), e))?;
+    std::fs::rename(tmp, target).map_err(|e| {
+        DataError::io(
+            target,
+            format!("cannot rename {} into place", tmp.display()),
+            e,
+        )
+    })?;
     let dir = match target.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),

@@ -17,7 +17,13 @@ pub struct ChunkCache {
 
 impl ChunkCache {
     pub fn new(budget_bytes: usize) -> Self {
-        Self { budget: budget_bytes, used: 0, tick: 0, map: HashMap::new(), lru: BTreeMap::new() }
+        Self {
+            budget: budget_bytes,
+            used: 0,
+            tick: 0,
+            map: HashMap::new(),
+            lru: BTreeMap::new(),
+        }
     }
 
     pub fn get(&mut self, k: usize) -> Option<Arc<Vec<u8>>> {
@@ -35,7 +41,9 @@ impl ChunkCache {
             return;
         }
         while self.used + len > self.budget {
-            let Some((_, victim)) = self.lru.pop_first() else { break };
+            let Some((_, victim)) = self.lru.pop_first() else {
+                break;
+            };
             if let Some((d, _)) = self.map.remove(&victim) {
                 self.used -= d.len();
             }

@@ -11,7 +11,15 @@ pub fn lut() -> [f32; 256] {
 }
 
 /// Decodes one HWC image into `out` (length C*H*W, CHW order), mirrored left-right when `flip`.
-pub fn decode_into(img: &[u8], h: usize, w: usize, c: usize, flip: bool, lut: &[f32; 256], out: &mut [f32]) {
+pub fn decode_into(
+    img: &[u8],
+    h: usize,
+    w: usize,
+    c: usize,
+    flip: bool,
+    lut: &[f32; 256],
+    out: &mut [f32],
+) {
     debug_assert_eq!(img.len(), h * w * c);
     debug_assert_eq!(out.len(), h * w * c);
     let plane = h * w;
@@ -53,9 +61,29 @@ mod tests {
         let t = lut();
         let mut out = [0f32; 6];
         decode_into(&img, 1, 2, 3, false, &t, &mut out);
-        assert_eq!(out, [-1.0, 102.0 / 127.5 - 1.0, 1.0, 153.0 / 127.5 - 1.0, 51.0 / 127.5 - 1.0, 204.0 / 127.5 - 1.0]);
+        assert_eq!(
+            out,
+            [
+                -1.0,
+                102.0 / 127.5 - 1.0,
+                1.0,
+                153.0 / 127.5 - 1.0,
+                51.0 / 127.5 - 1.0,
+                204.0 / 127.5 - 1.0
+            ]
+        );
         decode_into(&img, 1, 2, 3, true, &t, &mut out);
-        assert_eq!(out, [102.0 / 127.5 - 1.0, -1.0, 153.0 / 127.5 - 1.0, 1.0, 204.0 / 127.5 - 1.0, 51.0 / 127.5 - 1.0]);
+        assert_eq!(
+            out,
+            [
+                102.0 / 127.5 - 1.0,
+                -1.0,
+                153.0 / 127.5 - 1.0,
+                1.0,
+                204.0 / 127.5 - 1.0,
+                51.0 / 127.5 - 1.0
+            ]
+        );
         let grey = [0u8, 255, 10, 20];
         let mut g = [0f32; 4];
         decode_into(&grey, 2, 2, 1, true, &t, &mut g);

@@ -16,15 +16,27 @@ pub enum DataError {
 
     /// A problem with one HDF5 dataset (or, for converters, one named field of an input file).
     #[error("{}: dataset `{name}`: {what}", path.display())]
-    Dataset { path: PathBuf, name: String, what: String },
+    Dataset {
+        path: PathBuf,
+        name: String,
+        what: String,
+    },
 
     /// A problem with one root attribute of an HDF5 file.
     #[error("{}: attribute `{name}`: {what}", path.display())]
-    Attribute { path: PathBuf, name: String, what: String },
+    Attribute {
+        path: PathBuf,
+        name: String,
+        what: String,
+    },
 
     /// An I/O failure while reading or writing a file.
     #[error("{}: {what}: {err}", path.display())]
-    Io { path: PathBuf, what: String, err: std::io::Error },
+    Io {
+        path: PathBuf,
+        what: String,
+        err: std::io::Error,
+    },
 
     /// Invalid arguments (world size, rank, batch size, resume position, converter options).
     #[error("invalid configuration: {0}")]
@@ -39,18 +51,33 @@ pub type Result<T, E = DataError> = std::result::Result<T, E>;
 
 impl DataError {
     pub fn file(path: &Path, what: impl Into<String>) -> Self {
-        Self::File { path: path.to_path_buf(), what: what.into() }
+        Self::File {
+            path: path.to_path_buf(),
+            what: what.into(),
+        }
     }
 
     pub fn dataset(path: &Path, name: &str, what: impl Into<String>) -> Self {
-        Self::Dataset { path: path.to_path_buf(), name: name.to_string(), what: what.into() }
+        Self::Dataset {
+            path: path.to_path_buf(),
+            name: name.to_string(),
+            what: what.into(),
+        }
     }
 
     pub fn attribute(path: &Path, name: &str, what: impl Into<String>) -> Self {
-        Self::Attribute { path: path.to_path_buf(), name: name.to_string(), what: what.into() }
+        Self::Attribute {
+            path: path.to_path_buf(),
+            name: name.to_string(),
+            what: what.into(),
+        }
     }
 
     pub fn io(path: &Path, what: impl Into<String>, err: std::io::Error) -> Self {
-        Self::Io { path: path.to_path_buf(), what: what.into(), err }
+        Self::Io {
+            path: path.to_path_buf(),
+            what: what.into(),
+            err,
+        }
     }
 }

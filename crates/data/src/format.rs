@@ -74,25 +74,46 @@ impl Hdf5Dataset {
         let images = match file.dataset(IMAGES) {
             Ok(d) => d,
             Err(_) if !file.link_exists(IMAGES) => {
-                return Err(DataError::dataset(path, IMAGES, "missing (every dataset file needs an `images` dataset)"));
+                return Err(DataError::dataset(
+                    path,
+                    IMAGES,
+                    "missing (every dataset file needs an `images` dataset)",
+                ));
             }
-            Err(e) => return Err(DataError::dataset(path, IMAGES, format!("cannot open: {e}"))),
+            Err(e) => {
+                return Err(DataError::dataset(
+                    path,
+                    IMAGES,
+                    format!("cannot open: {e}"),
+                ))
+            }
         };
         let dtype = describe(&images.dtype(), path, IMAGES)?;
         if dtype != TypeDescriptor::Unsigned(hdf5::types::IntSize::U1) {
-            return Err(DataError::dataset(path, IMAGES, format!("has type {dtype}, expected uint8")));
+            return Err(DataError::dataset(
+                path,
+                IMAGES,
+                format!("has type {dtype}, expected uint8"),
+            ));
         }
         let shape = images.shape();
         if shape.len() != 4 {
             return Err(DataError::dataset(
                 path,
                 IMAGES,
-                format!("has rank {} (shape {shape:?}), expected rank 4 [N, H, W, C]", shape.len()),
+                format!(
+                    "has rank {} (shape {shape:?}), expected rank 4 [N, H, W, C]",
+                    shape.len()
+                ),
             ));
         }
         let (n, h, w, c) = (shape[0], shape[1], shape[2], shape[3]);
         if n == 0 || h == 0 || w == 0 {
-            return Err(DataError::dataset(path, IMAGES, format!("is empty (shape {shape:?})")));
+            return Err(DataError::dataset(
+                path,
+                IMAGES,
+                format!("is empty (shape {shape:?})"),
+            ));
         }
         if c != 1 && c != 3 {
             return Err(DataError::dataset(
@@ -102,7 +123,11 @@ impl Hdf5Dataset {
             ));
         }
         let chunk = images.chunk().ok_or_else(|| {
-            DataError::dataset(path, IMAGES, "is not chunked; the format needs chunks of whole images [K, H, W, C]")
+            DataError::dataset(
+                path,
+                IMAGES,
+                "is not chunked; the format needs chunks of whole images [K, H, W, C]",
+            )
         })?;
         if chunk.len() != 4 || chunk[0] == 0 || chunk[1..] != shape[1..] {
             return Err(DataError::dataset(
@@ -133,7 +158,11 @@ impl Hdf5Dataset {
         let (num_classes, class_names) = match (&labels, num_classes, class_names) {
             (Some(labels), Some(k), Some(names)) => {
                 if k < 1 {
-                    return Err(DataError::attribute(path, ATTR_NUM_CLASSES, format!("is {k}, expected >= 1")));
+                    return Err(DataError::attribute(
+                        path,
+                        ATTR_NUM_CLASSES,
+                        format!("is {k}, expected >= 1"),
+                    ));
                 }
                 let k = k as usize;
                 if names.len() != k {
@@ -143,7 +172,11 @@ impl Hdf5Dataset {
                         format!("has {} names but num_classes is {k}", names.len()),
                     ));
                 }
-                if let Some((i, &y)) = labels.iter().enumerate().find(|(_, &y)| y < 0 || y >= k as i64) {
+                if let Some((i, &y)) = labels
+                    .iter()
+                    .enumerate()
+                    .find(|(_, &y)| y < 0 || y >= k as i64)
+                {
                     return Err(DataError::dataset(
                         path,
                         LABELS,
@@ -153,13 +186,25 @@ impl Hdf5Dataset {
                 (Some(k), names)
             }
             (Some(_), None, _) => {
-                return Err(DataError::attribute(path, ATTR_NUM_CLASSES, "missing, but the file has `labels`"));
+                return Err(DataError::attribute(
+                    path,
+                    ATTR_NUM_CLASSES,
+                    "missing, but the file has `labels`",
+                ));
             }
             (Some(_), Some(_), None) => {
-                return Err(DataError::attribute(path, ATTR_CLASS_NAMES, "missing, but the file has `labels`"));
+                return Err(DataError::attribute(
+                    path,
+                    ATTR_CLASS_NAMES,
+                    "missing, but the file has `labels`",
+                ));
             }
             (None, Some(_), _) => {
-                return Err(DataError::dataset(path, LABELS, "missing, but the file has a `num_classes` attribute"));
+                return Err(DataError::dataset(
+                    path,
+                    LABELS,
+                    "missing, but the file has a `num_classes` attribute",
+                ));
             }
             (None, None, names) => (None, names.unwrap_or_default()),
         };
@@ -235,23 +280,40 @@ impl Hdf5Dataset {
 
     /// Reads images `start..start + count` as uint8 NHWC.
     pub fn read_images(&self, start: usize, count: usize) -> Result<Vec<u8>> {
-        let end = start.checked_add(count).filter(|&e| e <= self.n).ok_or_else(|| {
-            DataError::dataset(&self.path, IMAGES, format!("read of {count} images at {start} is past N = {}", self.n))
-        })?;
+        let end = start
+            .checked_add(count)
+            .filter(|&e| e <= self.n)
+            .ok_or_else(|| {
+                DataError::dataset(
+                    &self.path,
+                    IMAGES,
+                    format!("read of {count} images at {start} is past N = {}", self.n),
+                )
+            })?;
         if count == 0 {
             return Ok(Vec::new());
         }
         let arr = self
             .images
             .read_slice::<u8, _, ndarray::Ix4>((start..end, .., .., ..))
-            .map_err(|e| DataError::dataset(&self.path, IMAGES, format!("reading images {start}..{end} failed: {e}")))?;
+            .map_err(|e| {
+                DataError::dataset(
+                    &self.path,
+                    IMAGES,
+                    format!("reading images {start}..{end} failed: {e}"),
+                )
+            })?;
         let (v, offset) = arr.into_raw_vec_and_offset();
         debug_assert!(offset.unwrap_or(0) == 0);
         if v.len() != count * self.image_bytes() {
             return Err(DataError::dataset(
                 &self.path,
                 IMAGES,
-                format!("reading images {start}..{end} returned {} bytes, expected {}", v.len(), count * self.image_bytes()),
+                format!(
+                    "reading images {start}..{end} returned {} bytes, expected {}",
+                    v.len(),
+                    count * self.image_bytes()
+                ),
             ));
         }
         Ok(v)
@@ -261,7 +323,11 @@ impl Hdf5Dataset {
     pub fn read_chunk(&self, k: usize) -> Result<Vec<u8>> {
         let start = k * self.chunk_images;
         if start >= self.n {
-            return Err(DataError::dataset(&self.path, IMAGES, format!("chunk {k} is past the last chunk")));
+            return Err(DataError::dataset(
+                &self.path,
+                IMAGES,
+                format!("chunk {k} is past the last chunk"),
+            ));
         }
         self.read_images(start, self.chunk_images.min(self.n - start))
     }
@@ -277,16 +343,24 @@ fn check_container(path: &Path) -> Result<()> {
         }
         Err(e) => return Err(DataError::io(path, "cannot open", e)),
     };
-    let len = f.metadata().map_err(|e| DataError::io(path, "cannot stat", e))?.len();
+    let len = f
+        .metadata()
+        .map_err(|e| DataError::io(path, "cannot stat", e))?
+        .len();
     if len == 0 {
-        return Err(DataError::file(path, "is empty (0 bytes), not an HDF5 file"));
+        return Err(DataError::file(
+            path,
+            "is empty (0 bytes), not an HDF5 file",
+        ));
     }
     // The superblock sits at offset 0, or 512, 1024, 2048, ... when the file has a user block.
     let mut at = 0u64;
     let mut sig_at = None;
     while at + 8 <= len {
         let mut sig = [0u8; 8];
-        f.seek(SeekFrom::Start(at)).and_then(|_| f.read_exact(&mut sig)).map_err(|e| DataError::io(path, "read failed", e))?;
+        f.seek(SeekFrom::Start(at))
+            .and_then(|_| f.read_exact(&mut sig))
+            .map_err(|e| DataError::io(path, "read failed", e))?;
         if sig == *b"\x89HDF\r\n\x1a\n" {
             sig_at = Some(at);
             break;
@@ -294,14 +368,22 @@ fn check_container(path: &Path) -> Result<()> {
         at = if at == 0 { 512 } else { at * 2 };
     }
     let Some(sb) = sig_at else {
-        return Err(DataError::file(path, "not an HDF5 file (no HDF5 signature found)"));
+        return Err(DataError::file(
+            path,
+            "not an HDF5 file (no HDF5 signature found)",
+        ));
     };
     let mut head = vec![0u8; 96];
-    f.seek(SeekFrom::Start(sb)).map_err(|e| DataError::io(path, "seek failed", e))?;
+    f.seek(SeekFrom::Start(sb))
+        .map_err(|e| DataError::io(path, "seek failed", e))?;
     let got = read_up_to(&mut f, &mut head).map_err(|e| DataError::io(path, "read failed", e))?;
     head.truncate(got);
     let truncated = |what: String| DataError::file(path, format!("truncated HDF5 file: {what}"));
-    let byte = |i: usize| head.get(i).copied().ok_or_else(|| truncated(format!("superblock cut off ({len} bytes)")));
+    let byte = |i: usize| {
+        head.get(i)
+            .copied()
+            .ok_or_else(|| truncated(format!("superblock cut off ({len} bytes)")))
+    };
     let version = byte(8)?;
     let (size_of_offsets, eof_field) = match version {
         0 => (byte(13)? as usize, 24 + 2 * byte(13)? as usize),
@@ -311,22 +393,38 @@ fn check_container(path: &Path) -> Result<()> {
         _ => return Ok(()),
     };
     if !matches!(size_of_offsets, 2 | 4 | 8) {
-        return Err(DataError::file(path, format!("corrupt HDF5 superblock (size of offsets {size_of_offsets})")));
+        return Err(DataError::file(
+            path,
+            format!("corrupt HDF5 superblock (size of offsets {size_of_offsets})"),
+        ));
     }
-    let base_field = if version >= 2 { 12 } else { eof_field - 2 * size_of_offsets };
+    let base_field = if version >= 2 {
+        12
+    } else {
+        eof_field - 2 * size_of_offsets
+    };
     let read_addr = |at: usize| -> Result<u64> {
         let bytes = head
             .get(at..at + size_of_offsets)
             .ok_or_else(|| truncated(format!("superblock cut off ({len} bytes)")))?;
-        Ok(bytes.iter().rev().fold(0u64, |acc, &b| (acc << 8) | b as u64))
+        Ok(bytes
+            .iter()
+            .rev()
+            .fold(0u64, |acc, &b| (acc << 8) | b as u64))
     };
-    let undefined = if size_of_offsets == 8 { u64::MAX } else { (1u64 << (8 * size_of_offsets)) - 1 };
+    let undefined = if size_of_offsets == 8 {
+        u64::MAX
+    } else {
+        (1u64 << (8 * size_of_offsets)) - 1
+    };
     let base = read_addr(base_field)?;
     let eof = read_addr(eof_field)?;
     if base != undefined && eof != undefined {
         let need = base.saturating_add(eof);
         if len < need {
-            return Err(truncated(format!("{len} bytes on disk, but its superblock says the data ends at byte {need}")));
+            return Err(truncated(format!(
+                "{len} bytes on disk, but its superblock says the data ends at byte {need}"
+            )));
         }
     }
     Ok(())
@@ -343,7 +441,11 @@ fn read_up_to(f: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
     Ok(got)
 }
 
-fn describe(dtype: &hdf5::Result<hdf5::Datatype>, path: &Path, name: &str) -> Result<TypeDescriptor> {
+fn describe(
+    dtype: &hdf5::Result<hdf5::Datatype>,
+    path: &Path,
+    name: &str,
+) -> Result<TypeDescriptor> {
     dtype
         .as_ref()
         .map_err(|e| DataError::dataset(path, name, format!("cannot read its type: {e}")))?
@@ -355,12 +457,20 @@ fn is_integer(d: &TypeDescriptor) -> bool {
     matches!(d, TypeDescriptor::Integer(_) | TypeDescriptor::Unsigned(_))
 }
 
-fn open_attr(file: &hdf5::File, path: &Path, name: &str) -> Result<Option<(hdf5::Attribute, TypeDescriptor)>> {
-    let names = file.attr_names().map_err(|e| DataError::file(path, format!("cannot list root attributes: {e}")))?;
+fn open_attr(
+    file: &hdf5::File,
+    path: &Path,
+    name: &str,
+) -> Result<Option<(hdf5::Attribute, TypeDescriptor)>> {
+    let names = file
+        .attr_names()
+        .map_err(|e| DataError::file(path, format!("cannot list root attributes: {e}")))?;
     if !names.iter().any(|n| n == name) {
         return Ok(None);
     }
-    let attr = file.attr(name).map_err(|e| DataError::attribute(path, name, format!("cannot open: {e}")))?;
+    let attr = file
+        .attr(name)
+        .map_err(|e| DataError::attribute(path, name, format!("cannot open: {e}")))?;
     let desc = attr
         .dtype()
         .and_then(|t| t.to_descriptor())
@@ -369,46 +479,87 @@ fn open_attr(file: &hdf5::File, path: &Path, name: &str) -> Result<Option<(hdf5:
 }
 
 fn read_int_attr(file: &hdf5::File, path: &Path, name: &str) -> Result<Option<i64>> {
-    let Some((attr, desc)) = open_attr(file, path, name)? else { return Ok(None) };
+    let Some((attr, desc)) = open_attr(file, path, name)? else {
+        return Ok(None);
+    };
     if !is_integer(&desc) {
-        return Err(DataError::attribute(path, name, format!("has type {desc}, expected an integer")));
+        return Err(DataError::attribute(
+            path,
+            name,
+            format!("has type {desc}, expected an integer"),
+        ));
     }
     if attr.size() != 1 {
-        return Err(DataError::attribute(path, name, format!("has shape {:?}, expected a scalar", attr.shape())));
+        return Err(DataError::attribute(
+            path,
+            name,
+            format!("has shape {:?}, expected a scalar", attr.shape()),
+        ));
     }
-    let v = attr.read_raw::<i64>().map_err(|e| DataError::attribute(path, name, format!("cannot read: {e}")))?;
+    let v = attr
+        .read_raw::<i64>()
+        .map_err(|e| DataError::attribute(path, name, format!("cannot read: {e}")))?;
     Ok(v.first().copied())
 }
 
-fn read_strings(attr: &hdf5::Attribute, desc: &TypeDescriptor, path: &Path, name: &str) -> Result<Vec<String>> {
+fn read_strings(
+    attr: &hdf5::Attribute,
+    desc: &TypeDescriptor,
+    path: &Path,
+    name: &str,
+) -> Result<Vec<String>> {
     let read_err = |e: hdf5::Error| DataError::attribute(path, name, format!("cannot read: {e}"));
     match desc {
-        TypeDescriptor::VarLenUnicode => {
-            Ok(attr.read_raw::<VarLenUnicode>().map_err(read_err)?.iter().map(|s| s.as_str().to_string()).collect())
-        }
-        TypeDescriptor::VarLenAscii => {
-            Ok(attr.read_raw::<VarLenAscii>().map_err(read_err)?.iter().map(|s| s.as_str().to_string()).collect())
-        }
+        TypeDescriptor::VarLenUnicode => Ok(attr
+            .read_raw::<VarLenUnicode>()
+            .map_err(read_err)?
+            .iter()
+            .map(|s| s.as_str().to_string())
+            .collect()),
+        TypeDescriptor::VarLenAscii => Ok(attr
+            .read_raw::<VarLenAscii>()
+            .map_err(read_err)?
+            .iter()
+            .map(|s| s.as_str().to_string())
+            .collect()),
         other => Err(DataError::attribute(
             path,
             name,
-            format!("has type {other}, expected variable-length strings (what h5py writes for str)"),
+            format!(
+                "has type {other}, expected variable-length strings (what h5py writes for str)"
+            ),
         )),
     }
 }
 
 fn read_string_attr(file: &hdf5::File, path: &Path, name: &str) -> Result<Option<String>> {
-    let Some((attr, desc)) = open_attr(file, path, name)? else { return Ok(None) };
+    let Some((attr, desc)) = open_attr(file, path, name)? else {
+        return Ok(None);
+    };
     if attr.size() != 1 {
-        return Err(DataError::attribute(path, name, format!("has shape {:?}, expected a scalar string", attr.shape())));
+        return Err(DataError::attribute(
+            path,
+            name,
+            format!("has shape {:?}, expected a scalar string", attr.shape()),
+        ));
     }
     Ok(read_strings(&attr, &desc, path, name)?.pop())
 }
 
-fn read_string_array_attr(file: &hdf5::File, path: &Path, name: &str) -> Result<Option<Vec<String>>> {
-    let Some((attr, desc)) = open_attr(file, path, name)? else { return Ok(None) };
+fn read_string_array_attr(
+    file: &hdf5::File,
+    path: &Path,
+    name: &str,
+) -> Result<Option<Vec<String>>> {
+    let Some((attr, desc)) = open_attr(file, path, name)? else {
+        return Ok(None);
+    };
     if attr.ndim() > 1 {
-        return Err(DataError::attribute(path, name, format!("has shape {:?}, expected a 1-D string array", attr.shape())));
+        return Err(DataError::attribute(
+            path,
+            name,
+            format!("has shape {:?}, expected a 1-D string array", attr.shape()),
+        ));
     }
     read_strings(&attr, &desc, path, name).map(Some)
 }
@@ -417,22 +568,37 @@ fn read_labels(file: &hdf5::File, path: &Path, n: usize) -> Result<Option<Vec<i6
     if !file.link_exists(LABELS) {
         return Ok(None);
     }
-    let ds = file.dataset(LABELS).map_err(|e| DataError::dataset(path, LABELS, format!("cannot open: {e}")))?;
+    let ds = file
+        .dataset(LABELS)
+        .map_err(|e| DataError::dataset(path, LABELS, format!("cannot open: {e}")))?;
     let desc = describe(&ds.dtype(), path, LABELS)?;
     if !is_integer(&desc) {
-        return Err(DataError::dataset(path, LABELS, format!("has type {desc}, expected an integer type")));
+        return Err(DataError::dataset(
+            path,
+            LABELS,
+            format!("has type {desc}, expected an integer type"),
+        ));
     }
     let shape = ds.shape();
     if shape.len() != 1 {
-        return Err(DataError::dataset(path, LABELS, format!("has shape {shape:?}, expected rank 1 [N]")));
+        return Err(DataError::dataset(
+            path,
+            LABELS,
+            format!("has shape {shape:?}, expected rank 1 [N]"),
+        ));
     }
     if shape[0] != n {
         return Err(DataError::dataset(
             path,
             LABELS,
-            format!("has {} entries but `images` has N = {n}; there must be one label per image", shape[0]),
+            format!(
+                "has {} entries but `images` has N = {n}; there must be one label per image",
+                shape[0]
+            ),
         ));
     }
-    let v = ds.read_raw::<i64>().map_err(|e| DataError::dataset(path, LABELS, format!("cannot read: {e}")))?;
+    let v = ds
+        .read_raw::<i64>()
+        .map_err(|e| DataError::dataset(path, LABELS, format!("cannot read: {e}")))?;
     Ok(Some(v))
 }

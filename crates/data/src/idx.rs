@@ -25,7 +25,13 @@ pub fn read_idx(path: &Path) -> Result<IdxArray> {
         let mut out = Vec::with_capacity(raw.len() * 2);
         flate2::read::MultiGzDecoder::new(&raw[..])
             .read_to_end(&mut out)
-            .map_err(|e| DataError::io(path, "gzip decompression failed (truncated or corrupt .gz?)", e))?;
+            .map_err(|e| {
+                DataError::io(
+                    path,
+                    "gzip decompression failed (truncated or corrupt .gz?)",
+                    e,
+                )
+            })?;
         out
     } else {
         raw
@@ -38,10 +44,16 @@ pub fn parse_idx(bytes: &[u8]) -> std::result::Result<IdxArray, String> {
         return Err(format!("header: only {} bytes", bytes.len()));
     }
     if bytes[0] != 0 || bytes[1] != 0 {
-        return Err(format!("magic: first two bytes are {:#04x} {:#04x}, expected 0 0", bytes[0], bytes[1]));
+        return Err(format!(
+            "magic: first two bytes are {:#04x} {:#04x}, expected 0 0",
+            bytes[0], bytes[1]
+        ));
     }
     if bytes[2] != 0x08 {
-        return Err(format!("element type: code {:#04x}, only 0x08 (unsigned byte) is supported", bytes[2]));
+        return Err(format!(
+            "element type: code {:#04x}, only 0x08 (unsigned byte) is supported",
+            bytes[2]
+        ));
     }
     let ndim = bytes[3] as usize;
     if ndim == 0 {
@@ -49,7 +61,10 @@ pub fn parse_idx(bytes: &[u8]) -> std::result::Result<IdxArray, String> {
     }
     let header = 4 + 4 * ndim;
     if bytes.len() < header {
-        return Err(format!("dimensions: header needs {header} bytes, file has {}", bytes.len()));
+        return Err(format!(
+            "dimensions: header needs {header} bytes, file has {}",
+            bytes.len()
+        ));
     }
     let dims: Vec<usize> = bytes[4..header]
         .chunks_exact(4)
@@ -63,10 +78,17 @@ pub fn parse_idx(bytes: &[u8]) -> std::result::Result<IdxArray, String> {
     if have != count {
         return Err(format!(
             "data: dimensions {dims:?} need {count} bytes, the file has {have} ({})",
-            if have < count { "truncated" } else { "trailing bytes" }
+            if have < count {
+                "truncated"
+            } else {
+                "trailing bytes"
+            }
         ));
     }
-    Ok(IdxArray { dims, data: bytes[header..].to_vec() })
+    Ok(IdxArray {
+        dims,
+        data: bytes[header..].to_vec(),
+    })
 }
 
 #[cfg(test)]
@@ -80,7 +102,9 @@ mod tests {
         let a = parse_idx(&f).unwrap();
         assert_eq!(a.dims, vec![2, 3]);
         assert_eq!(a.data, (1..=6).collect::<Vec<u8>>());
-        assert!(parse_idx(&f[..f.len() - 1]).unwrap_err().contains("truncated"));
+        assert!(parse_idx(&f[..f.len() - 1])
+            .unwrap_err()
+            .contains("truncated"));
         let mut bad = f.clone();
         bad[2] = 0x0b;
         assert!(parse_idx(&bad).unwrap_err().contains("element type"));

@@ -46,7 +46,8 @@ pub fn stats(ds: &Hdf5Dataset, pb: &ProgressBar) -> Result<Stats> {
         let m = s as f64 / count;
         (m, (q as f64 / count - m * m).max(0.0).sqrt())
     };
-    let (channel_mean, channel_std): (Vec<f64>, Vec<f64>) = (0..c).map(|ch| moments(sum[ch], sq[ch], per)).unzip();
+    let (channel_mean, channel_std): (Vec<f64>, Vec<f64>) =
+        (0..c).map(|ch| moments(sum[ch], sq[ch], per)).unzip();
     let (mean, std) = moments(sum.iter().sum(), sq.iter().sum(), per * c as f64);
     let class_counts = match (ds.labels_slice(), ds.num_classes()) {
         (Some(labels), Some(k)) => {
@@ -76,10 +77,22 @@ pub fn stats(ds: &Hdf5Dataset, pb: &ProgressBar) -> Result<Stats> {
 pub fn grid_indices(ds: &Hdf5Dataset, cols: usize) -> Vec<Vec<usize>> {
     match (ds.labels_slice(), ds.num_classes()) {
         (Some(labels), Some(k)) if k <= 32 => (0..k as i64)
-            .map(|class| labels.iter().enumerate().filter(|(_, &y)| y == class).map(|(i, _)| i).take(cols).collect())
+            .map(|class| {
+                labels
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, &y)| y == class)
+                    .map(|(i, _)| i)
+                    .take(cols)
+                    .collect()
+            })
             .collect(),
         _ => (0..cols)
-            .map(|r| (r * cols..(r + 1) * cols).filter(|&i| i < ds.len()).collect::<Vec<_>>())
+            .map(|r| {
+                (r * cols..(r + 1) * cols)
+                    .filter(|&i| i < ds.len())
+                    .collect::<Vec<_>>()
+            })
             .filter(|row| !row.is_empty())
             .collect(),
     }
@@ -103,7 +116,11 @@ pub fn write_grid(ds: &Hdf5Dataset, out: &Path, cols: usize) -> Result<()> {
             for y in 0..h * scale {
                 for x in 0..w * scale {
                     let src = ((y / scale) * w + x / scale) * c;
-                    let px = if c == 1 { [img[src]; 3] } else { [img[src], img[src + 1], img[src + 2]] };
+                    let px = if c == 1 {
+                        [img[src]; 3]
+                    } else {
+                        [img[src], img[src + 1], img[src + 2]]
+                    };
                     let (gx, gy) = (pad + col * cw + x, pad + r * chh + y);
                     canvas[(gy * gw + gx) * 3..(gy * gw + gx) * 3 + 3].copy_from_slice(&px);
                 }

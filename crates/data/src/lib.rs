@@ -25,6 +25,8 @@ pub mod writer;
 
 pub use error::{DataError, Result};
 pub use format::Hdf5Dataset;
-pub use loader::{Batch, BatchAssembler, DatasetInfo, Loader, LoaderConfig, LoaderOptions, LoaderPosition};
+pub use loader::{
+    Batch, BatchAssembler, DatasetInfo, Loader, LoaderConfig, LoaderOptions, LoaderPosition,
+};
 pub use plan::{batches_per_epoch, epoch_permutation, flip_decision, shard_plan};
 pub use writer::{DatasetMeta, DatasetWriter, WriteOptions};

@@ -23,7 +23,9 @@ use crate::cache::ChunkCache;
 use crate::decode::{decode_into, lut};
 use crate::error::{DataError, Result};
 use crate::format::{Hdf5Dataset, IMAGES};
-use crate::plan::{batches_per_epoch, check_shard_args, epoch_permutation, flip_decision, rank_block};
+use crate::plan::{
+    batches_per_epoch, check_shard_args, epoch_permutation, flip_decision, rank_block,
+};
 
 /// What one rank loads.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,13 +54,17 @@ pub struct LoaderOptions {
 
 impl Default for LoaderOptions {
     fn default() -> Self {
-        Self { cache_bytes: 256 << 20 }
+        Self {
+            cache_bytes: 256 << 20,
+        }
     }
 }
 
 /// Where a loader is: the *next* batch to deliver. `batch_index` counts global batches within the epoch
 /// (the same on every rank), so a position is only meaningful for the same `world * batch`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
+)]
 pub struct LoaderPosition {
     pub epoch: u64,
     pub batch_index: u64,
@@ -68,9 +74,15 @@ impl LoaderPosition {
     /// The position after this one, rolling over to the next epoch.
     pub fn advance(self, batches_per_epoch: u64) -> Self {
         if self.batch_index + 1 >= batches_per_epoch {
-            Self { epoch: self.epoch + 1, batch_index: 0 }
+            Self {
+                epoch: self.epoch + 1,
+                batch_index: 0,
+            }
         } else {
-            Self { epoch: self.epoch, batch_index: self.batch_index + 1 }
+            Self {
+                epoch: self.epoch,
+                batch_index: self.batch_index + 1,
+            }
         }
     }
 }
@@ -128,7 +140,9 @@ impl BatchAssembler {
                 DataError::Config(what)
             }
         })?;
-        let labels = ds.labels_slice().map(|l| l.iter().map(|&y| y as u32).collect());
+        let labels = ds
+            .labels_slice()
+            .map(|l| l.iter().map(|&y| y as u32).collect());
         let batches_per_epoch = batches_per_epoch(n, cfg.world, cfg.batch);
         Ok(Self {
             ds,
@@ -180,10 +194,20 @@ impl BatchAssembler {
     /// Indices this rank reads at `pos`.
     pub fn indices(&mut self, pos: LoaderPosition) -> Vec<u64> {
         if self.perm.as_ref().map(|(e, _)| *e) != Some(pos.epoch) {
-            self.perm = Some((pos.epoch, epoch_permutation(self.ds.len() as u64, self.cfg.seed, pos.epoch)));
+            self.perm = Some((
+                pos.epoch,
+                epoch_permutation(self.ds.len() as u64, self.cfg.seed, pos.epoch),
+            ));
         }
         let perm = &self.perm.as_ref().expect("just set").1;
-        rank_block(perm, self.cfg.world, self.cfg.rank, self.cfg.batch, pos.batch_index).to_vec()
+        rank_block(
+            perm,
+            self.cfg.world,
+            self.cfg.rank,
+            self.cfg.batch,
+            pos.batch_index,
+        )
+        .to_vec()
     }
 
     /// The batch at `pos`.
@@ -211,12 +235,18 @@ impl BatchAssembler {
         let mut images = vec![0f32; indices.len() * ib];
         for (out, &i) in images.chunks_exact_mut(ib).zip(&indices) {
             let c = i as usize / k;
-            let data = &chunks[chunks.binary_search_by_key(&c, |(c, _)| *c).expect("chunk loaded above")].1;
+            let data = &chunks[chunks
+                .binary_search_by_key(&c, |(c, _)| *c)
+                .expect("chunk loaded above")]
+            .1;
             let off = (i as usize % k) * ib;
             let flip = self.cfg.flip && flip_decision(self.cfg.seed, pos.epoch, i);
             decode_into(&data[off..off + ib], h, w, ch, flip, &self.lut, out);
         }
-        let labels = self.labels.as_ref().map(|l| indices.iter().map(|&i| l[i as usize]).collect());
+        let labels = self
+            .labels
+            .as_ref()
+            .map(|l| indices.iter().map(|&i| l[i as usize]).collect());
         Ok(Batch {
             images,
             shape: [indices.len(), ch, h, w],
@@ -246,7 +276,11 @@ impl Loader {
         Self::with_options(cfg, start, LoaderOptions::default())
     }
 
-    pub fn with_options(cfg: LoaderConfig, start: LoaderPosition, opts: LoaderOptions) -> Result<Self> {
+    pub fn with_options(
+        cfg: LoaderConfig,
+        start: LoaderPosition,
+        opts: LoaderOptions,
+    ) -> Result<Self> {
         let mut asm = BatchAssembler::new(cfg.clone(), opts)?;
         asm.check_position(start)?;
         let batches_per_epoch = asm.batches_per_epoch();
@@ -281,14 +315,19 @@ impl Loader {
     /// The next batch of this rank. After an error every later call fails too (the thread has stopped).
     pub fn next_batch(&mut self) -> Result<Batch> {
         if let Some(msg) = &self.failed {
-            return Err(DataError::Loader(format!("stopped after an earlier error: {msg}")));
+            return Err(DataError::Loader(format!(
+                "stopped after an earlier error: {msg}"
+            )));
         }
         let t0 = Instant::now();
         let got = self.rx.as_ref().expect("receiver lives until drop").recv();
         self.waited += t0.elapsed();
         match got {
             Ok(Ok(batch)) => {
-                debug_assert_eq!((batch.epoch, batch.batch_index), (self.next.epoch, self.next.batch_index));
+                debug_assert_eq!(
+                    (batch.epoch, batch.batch_index),
+                    (self.next.epoch, self.next.batch_index)
+                );
                 self.next = self.next.advance(self.batches_per_epoch);
                 Ok(batch)
             }

@@ -12,7 +12,11 @@ use ddpm_data::progress::bar;
 use ddpm_data::{inspect, shard_plan, DataError, Hdf5Dataset, WriteOptions};
 
 #[derive(Parser)]
-#[command(name = "ddpm-data", version, about = "HDF5 image datasets for ddpm-rs: convert, inspect, shard plans")]
+#[command(
+    name = "ddpm-data",
+    version,
+    about = "HDF5 image datasets for ddpm-rs: convert, inspect, shard plans"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -146,7 +150,11 @@ fn need_split(split: Option<SplitArg>, from: &str) -> Result<Split> {
 fn run_convert(a: ConvertArgs) -> Result<()> {
     let opts = WriteOptions {
         chunk_images: a.chunk_images,
-        deflate: if a.deflate == 0 { None } else { Some(a.deflate) },
+        deflate: if a.deflate == 0 {
+            None
+        } else {
+            Some(a.deflate)
+        },
     };
     let pb = bar(0, "converting");
     let summary = match a.from {
@@ -156,7 +164,9 @@ fn run_convert(a: ConvertArgs) -> Result<()> {
             convert::convert_fashion_mnist(&dir, split, &a.out, &opts, &pb)?
         }
         Source::MnistIdx => {
-            let images = a.images.context("--from mnist-idx needs --images FILE (and usually --labels FILE)")?;
+            let images = a
+                .images
+                .context("--from mnist-idx needs --images FILE (and usually --labels FILE)")?;
             if a.dir.is_some() {
                 bail!("--from mnist-idx takes --images/--labels, not a directory");
             }
@@ -181,7 +191,16 @@ fn run_convert(a: ConvertArgs) -> Result<()> {
         Source::Folder => {
             let dir = need_dir(a.dir, "folder")?;
             let resolution = a.resolution.context("--from folder needs --resolution R")?;
-            convert::convert_folder(&dir, &FolderOptions { resolution, grayscale: a.grayscale }, &a.out, &opts, &pb)?
+            convert::convert_folder(
+                &dir,
+                &FolderOptions {
+                    resolution,
+                    grayscale: a.grayscale,
+                },
+                &a.out,
+                &opts,
+                &pb,
+            )?
         }
     };
     println!("{summary}");
@@ -194,8 +213,16 @@ fn run_inspect(a: InspectArgs) -> Result<()> {
     println!("file:      {}", ds.path().display());
     println!("source:    {}", ds.source());
     println!("N:         {}", st.n);
-    println!("shape:     [{}, {}, {}, {}] (N, H, W, C) uint8", st.n, st.height, st.width, st.channels);
-    println!("chunks:    {} images per chunk, {} chunks, filters {:?}", ds.chunk_images(), ds.num_chunks(), ds.filters());
+    println!(
+        "shape:     [{}, {}, {}, {}] (N, H, W, C) uint8",
+        st.n, st.height, st.width, st.channels
+    );
+    println!(
+        "chunks:    {} images per chunk, {} chunks, filters {:?}",
+        ds.chunk_images(),
+        ds.num_chunks(),
+        ds.filters()
+    );
     match (&st.class_counts, ds.num_classes()) {
         (Some(counts), Some(k)) => {
             println!("classes:   {k}");
@@ -208,10 +235,17 @@ fn run_inspect(a: InspectArgs) -> Result<()> {
     println!("pixels (0..255):   mean {:.4}  std {:.4}", st.mean, st.std);
     if st.channels > 1 {
         for ch in 0..st.channels {
-            println!("  channel {ch}:      mean {:.4}  std {:.4}", st.channel_mean[ch], st.channel_std[ch]);
+            println!(
+                "  channel {ch}:      mean {:.4}  std {:.4}",
+                st.channel_mean[ch], st.channel_std[ch]
+            );
         }
     }
-    println!("model units [-1,1]: mean {:.4}  std {:.4}", st.mean / 127.5 - 1.0, st.std / 127.5);
+    println!(
+        "model units [-1,1]: mean {:.4}  std {:.4}",
+        st.mean / 127.5 - 1.0,
+        st.std / 127.5
+    );
     if let Some(out) = &a.grid {
         inspect::write_grid(&ds, out, a.grid_cols)?;
         println!("grid:      {}", out.display());

@@ -60,12 +60,7 @@ pub fn epoch_permutation(n: u64, seed: u64, epoch: u64) -> Vec<u64> {
 
 /// Full global batches per epoch: `n / (world * batch)`.
 pub fn batches_per_epoch(n: u64, world: usize, batch: usize) -> u64 {
-    let g = (world as u64).saturating_mul(batch as u64);
-    if g == 0 {
-        0
-    } else {
-        n / g
-    }
+    n.checked_div((world as u64).saturating_mul(batch as u64)).unwrap_or(0)
 }
 
 /// Checks the sharding arguments; the error text names the offending one.
@@ -101,8 +96,18 @@ pub fn rank_block(perm: &[u64], world: usize, rank: usize, batch: usize, g: u64)
 ///
 /// # Panics
 /// When `world == 0`, `batch == 0` or `rank >= world` (see [`check_shard_args`] to validate input).
-pub fn shard_plan(n: u64, world: usize, rank: usize, batch: usize, epoch: u64, seed: u64) -> Vec<u64> {
-    assert!(world > 0 && batch > 0 && rank < world, "shard_plan: bad world {world} / rank {rank} / batch {batch}");
+pub fn shard_plan(
+    n: u64,
+    world: usize,
+    rank: usize,
+    batch: usize,
+    epoch: u64,
+    seed: u64,
+) -> Vec<u64> {
+    assert!(
+        world > 0 && batch > 0 && rank < world,
+        "shard_plan: bad world {world} / rank {rank} / batch {batch}"
+    );
     let perm = epoch_permutation(n, seed, epoch);
     (0..batches_per_epoch(n, world, batch))
         .flat_map(|g| rank_block(&perm, world, rank, batch, g).iter().copied())
@@ -132,7 +137,9 @@ mod tests {
         assert!(check_shard_args(10, 0, 0, 1).unwrap_err().contains("world"));
         assert!(check_shard_args(10, 2, 2, 1).unwrap_err().contains("rank"));
         assert!(check_shard_args(10, 2, 0, 0).unwrap_err().contains("batch"));
-        assert!(check_shard_args(3, 4, 0, 1).unwrap_err().contains("world size 4"));
+        assert!(check_shard_args(3, 4, 0, 1)
+            .unwrap_err()
+            .contains("world size 4"));
         assert!(check_shard_args(8, 4, 3, 2).is_ok());
     }
 }

@@ -10,7 +10,8 @@ use hdf5::types::VarLenUnicode;
 use crate::atomic;
 use crate::error::{DataError, Result};
 use crate::format::{
-    ATTR_CLASS_NAMES, ATTR_FORMAT_VERSION, ATTR_NUM_CLASSES, ATTR_SOURCE, FORMAT_VERSION, IMAGES, LABELS,
+    ATTR_CLASS_NAMES, ATTR_FORMAT_VERSION, ATTR_NUM_CLASSES, ATTR_SOURCE, FORMAT_VERSION, IMAGES,
+    LABELS,
 };
 
 /// Target size of one chunk when [`WriteOptions::chunk_images`] is not given: small enough that a random
@@ -28,7 +29,10 @@ pub struct WriteOptions {
 
 impl Default for WriteOptions {
     fn default() -> Self {
-        Self { chunk_images: None, deflate: Some(4) }
+        Self {
+            chunk_images: None,
+            deflate: Some(4),
+        }
     }
 }
 
@@ -58,25 +62,45 @@ pub struct DatasetWriter {
 
 impl DatasetWriter {
     /// Creates `target.tmp` holding an `images` dataset of shape `[n, h, w, c]`.
-    pub fn create(target: impl AsRef<Path>, n: usize, hwc: [usize; 3], opts: &WriteOptions) -> Result<Self> {
+    pub fn create(
+        target: impl AsRef<Path>,
+        n: usize,
+        hwc: [usize; 3],
+        opts: &WriteOptions,
+    ) -> Result<Self> {
         let target = target.as_ref().to_path_buf();
         let [h, w, c] = hwc;
         if n == 0 {
-            return Err(DataError::Config(format!("{}: refusing to write a dataset with no images", target.display())));
+            return Err(DataError::Config(format!(
+                "{}: refusing to write a dataset with no images",
+                target.display()
+            )));
         }
         if h == 0 || w == 0 || !(c == 1 || c == 3) {
-            return Err(DataError::Config(format!("{}: bad image shape [{h}, {w}, {c}]", target.display())));
+            return Err(DataError::Config(format!(
+                "{}: bad image shape [{h}, {w}, {c}]",
+                target.display()
+            )));
         }
         if let Some(l) = opts.deflate {
             if !(1..=9).contains(&l) {
-                return Err(DataError::Config(format!("deflate level {l} is outside 1..=9")));
+                return Err(DataError::Config(format!(
+                    "deflate level {l} is outside 1..=9"
+                )));
             }
         }
         let image_bytes = h * w * c;
-        let chunk_images = opts.chunk_images.unwrap_or((TARGET_CHUNK_BYTES / image_bytes).max(1)).clamp(1, n);
+        let chunk_images = opts
+            .chunk_images
+            .unwrap_or((TARGET_CHUNK_BYTES / image_bytes).max(1))
+            .clamp(1, n);
         let tmp = atomic::temp_path(&target);
-        let file = hdf5::File::create(&tmp).map_err(|e| DataError::file(&tmp, format!("cannot create: {e}")))?;
-        let mut builder = file.new_dataset::<u8>().shape((n, h, w, c)).chunk((chunk_images, h, w, c));
+        let file = hdf5::File::create(&tmp)
+            .map_err(|e| DataError::file(&tmp, format!("cannot create: {e}")))?;
+        let mut builder =
+            file.new_dataset::<u8>()
+                .shape((n, h, w, c))
+                .chunk((chunk_images, h, w, c));
         if let Some(level) = opts.deflate {
             builder = builder.deflate(level);
         }
@@ -157,7 +181,13 @@ impl DatasetWriter {
             .as_ref()
             .expect("dataset open until finish")
             .write_slice(view, (start..start + count, .., .., ..))
-            .map_err(|e| DataError::dataset(&self.tmp, IMAGES, format!("writing images {start}.. failed: {e}")))?;
+            .map_err(|e| {
+                DataError::dataset(
+                    &self.tmp,
+                    IMAGES,
+                    format!("writing images {start}.. failed: {e}"),
+                )
+            })?;
         self.pending.drain(..bytes);
         self.written += count;
         Ok(())
@@ -177,11 +207,15 @@ impl DatasetWriter {
             )));
         }
         let file = self.file.as_ref().expect("file open until finish");
-        let attr_err = |name: &str, e: hdf5::Error| DataError::attribute(&self.tmp, name, format!("cannot write: {e}"));
+        let attr_err = |name: &str, e: hdf5::Error| {
+            DataError::attribute(&self.tmp, name, format!("cannot write: {e}"))
+        };
         match &meta.class_names {
             Some(names) => {
                 if names.is_empty() {
-                    return Err(DataError::Config("a labelled dataset needs at least one class name".into()));
+                    return Err(DataError::Config(
+                        "a labelled dataset needs at least one class name".into(),
+                    ));
                 }
                 if self.labels.len() != self.n {
                     return Err(DataError::Config(format!(
@@ -192,7 +226,12 @@ impl DatasetWriter {
                     )));
                 }
                 let k = names.len() as i64;
-                if let Some((i, y)) = self.labels.iter().enumerate().find(|(_, &y)| y < 0 || y >= k) {
+                if let Some((i, y)) = self
+                    .labels
+                    .iter()
+                    .enumerate()
+                    .find(|(_, &y)| y < 0 || y >= k)
+                {
                     return Err(DataError::Config(format!(
                         "{}: label {y} of example {i} is outside 0..{k} (the number of class names)",
                         self.target.display()
@@ -202,12 +241,17 @@ impl DatasetWriter {
                     .shape(self.n)
                     .create(LABELS)
                     .and_then(|d| d.write_raw(&self.labels))
-                    .map_err(|e| DataError::dataset(&self.tmp, LABELS, format!("cannot write: {e}")))?;
+                    .map_err(|e| {
+                        DataError::dataset(&self.tmp, LABELS, format!("cannot write: {e}"))
+                    })?;
                 file.new_attr::<i64>()
                     .create(ATTR_NUM_CLASSES)
                     .and_then(|a| a.write_scalar(&k))
                     .map_err(|e| attr_err(ATTR_NUM_CLASSES, e))?;
-                let names = names.iter().map(|s| to_vlu(s)).collect::<Result<Vec<_>>>()?;
+                let names = names
+                    .iter()
+                    .map(|s| to_vlu(s))
+                    .collect::<Result<Vec<_>>>()?;
                 file.new_attr::<VarLenUnicode>()
                     .shape(names.len())
                     .create(ATTR_CLASS_NAMES)
@@ -235,7 +279,8 @@ impl DatasetWriter {
 
         drop(self.images.take());
         let file = self.file.take().expect("file open until finish");
-        file.close().map_err(|e| DataError::file(&self.tmp, format!("closing failed: {e}")))?;
+        file.close()
+            .map_err(|e| DataError::file(&self.tmp, format!("closing failed: {e}")))?;
         atomic::commit(&self.tmp, &self.target)?;
         self.done = true;
         Ok(())
@@ -253,5 +298,6 @@ impl Drop for DatasetWriter {
 }
 
 fn to_vlu(s: &str) -> Result<VarLenUnicode> {
-    s.parse::<VarLenUnicode>().map_err(|e| DataError::Config(format!("string {s:?} cannot be stored: {e}")))
+    s.parse::<VarLenUnicode>()
+        .map_err(|e| DataError::Config(format!("string {s:?} cannot be stored: {e}")))
 }

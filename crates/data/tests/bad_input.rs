@@ -8,19 +8,30 @@ use common::{add_valid_attrs, write_synthetic};
 use ddpm_data::{Hdf5Dataset, Loader, LoaderConfig, LoaderPosition};
 
 fn open_err(path: &Path) -> String {
-    Hdf5Dataset::open(path).err().unwrap_or_else(|| panic!("{} opened but should not", path.display())).to_string()
+    Hdf5Dataset::open(path)
+        .err()
+        .unwrap_or_else(|| panic!("{} opened but should not", path.display()))
+        .to_string()
 }
 
 fn assert_names(msg: &str, path: &Path, parts: &[&str]) {
     let file = path.file_name().unwrap().to_str().unwrap();
-    assert!(msg.contains(file), "error does not name the file {file}: {msg}");
+    assert!(
+        msg.contains(file),
+        "error does not name the file {file}: {msg}"
+    );
     for p in parts {
         assert!(msg.contains(p), "error does not mention {p:?}: {msg}");
     }
 }
 
 /// A raw HDF5 file with `images` built by `make`, plus valid attributes.
-fn raw_file(dir: &Path, name: &str, make: impl FnOnce(&hdf5::File), classes: Option<usize>) -> PathBuf {
+fn raw_file(
+    dir: &Path,
+    name: &str,
+    make: impl FnOnce(&hdf5::File),
+    classes: Option<usize>,
+) -> PathBuf {
     let path = dir.join(name);
     let f = hdf5::File::create(&path).unwrap();
     make(&f);
@@ -63,7 +74,11 @@ fn truncated_file() {
     let dir = tempfile::tempdir().unwrap();
     let good = write_synthetic(&dir.path().join("good.h5"), 300, [8, 8, 3], Some(2), 10);
     let bytes = std::fs::read(&good).unwrap();
-    for (name, keep) in [("half.h5", bytes.len() / 2), ("almost.h5", bytes.len() - 1), ("head.h5", 40)] {
+    for (name, keep) in [
+        ("half.h5", bytes.len() / 2),
+        ("almost.h5", bytes.len() - 1),
+        ("head.h5", 40),
+    ] {
         let p = dir.path().join(name);
         std::fs::write(&p, &bytes[..keep]).unwrap();
         assert_names(&open_err(&p), &p, &["truncated"]);
@@ -77,7 +92,12 @@ fn missing_images() {
         dir.path(),
         "noimages.h5",
         |f| {
-            f.new_dataset::<i64>().shape(3).create("labels").unwrap().write_raw(&[0i64, 1, 0]).unwrap();
+            f.new_dataset::<i64>()
+                .shape(3)
+                .create("labels")
+                .unwrap()
+                .write_raw(&[0i64, 1, 0])
+                .unwrap();
         },
         Some(2),
     );
@@ -91,7 +111,11 @@ fn wrong_dtype() {
         dir.path(),
         "float.h5",
         |f| {
-            f.new_dataset::<f32>().shape((4, 4, 4, 3)).chunk((1, 4, 4, 3)).create("images").unwrap();
+            f.new_dataset::<f32>()
+                .shape((4, 4, 4, 3))
+                .chunk((1, 4, 4, 3))
+                .create("images")
+                .unwrap();
         },
         None,
     );
@@ -115,7 +139,11 @@ fn wrong_rank_and_shape() {
         dir.path(),
         "rank3.h5",
         |f| {
-            f.new_dataset::<u8>().shape((4, 28, 28)).chunk((1, 28, 28)).create("images").unwrap();
+            f.new_dataset::<u8>()
+                .shape((4, 28, 28))
+                .chunk((1, 28, 28))
+                .create("images")
+                .unwrap();
         },
         None,
     );
@@ -124,7 +152,11 @@ fn wrong_rank_and_shape() {
         dir.path(),
         "channels.h5",
         |f| {
-            f.new_dataset::<u8>().shape((4, 4, 4, 2)).chunk((1, 4, 4, 2)).create("images").unwrap();
+            f.new_dataset::<u8>()
+                .shape((4, 4, 4, 2))
+                .chunk((1, 4, 4, 2))
+                .create("images")
+                .unwrap();
         },
         None,
     );
@@ -133,7 +165,10 @@ fn wrong_rank_and_shape() {
         dir.path(),
         "contiguous.h5",
         |f| {
-            f.new_dataset::<u8>().shape((4, 4, 4, 3)).create("images").unwrap();
+            f.new_dataset::<u8>()
+                .shape((4, 4, 4, 3))
+                .create("images")
+                .unwrap();
         },
         None,
     );
@@ -142,7 +177,11 @@ fn wrong_rank_and_shape() {
         dir.path(),
         "halfchunk.h5",
         |f| {
-            f.new_dataset::<u8>().shape((4, 4, 4, 3)).chunk((2, 2, 4, 3)).create("images").unwrap();
+            f.new_dataset::<u8>()
+                .shape((4, 4, 4, 3))
+                .chunk((2, 2, 4, 3))
+                .create("images")
+                .unwrap();
         },
         None,
     );
@@ -157,27 +196,48 @@ fn labels_of_the_wrong_length_or_range() {
         "shortlabels.h5",
         |f| {
             good_images(f, 6);
-            f.new_dataset::<u8>().shape(5).create("labels").unwrap().write_raw(&[0u8, 1, 0, 1, 0]).unwrap();
+            f.new_dataset::<u8>()
+                .shape(5)
+                .create("labels")
+                .unwrap()
+                .write_raw(&[0u8, 1, 0, 1, 0])
+                .unwrap();
         },
         Some(2),
     );
-    assert_names(&open_err(&p), &p, &["dataset `labels`", "5 entries", "N = 6"]);
+    assert_names(
+        &open_err(&p),
+        &p,
+        &["dataset `labels`", "5 entries", "N = 6"],
+    );
     let p = raw_file(
         dir.path(),
         "badlabel.h5",
         |f| {
             good_images(f, 3);
-            f.new_dataset::<i32>().shape(3).create("labels").unwrap().write_raw(&[0i32, 5, 1]).unwrap();
+            f.new_dataset::<i32>()
+                .shape(3)
+                .create("labels")
+                .unwrap()
+                .write_raw(&[0i32, 5, 1])
+                .unwrap();
         },
         Some(2),
     );
-    assert_names(&open_err(&p), &p, &["dataset `labels`", "label 5 of example 1"]);
+    assert_names(
+        &open_err(&p),
+        &p,
+        &["dataset `labels`", "label 5 of example 1"],
+    );
     let p = raw_file(
         dir.path(),
         "label2d.h5",
         |f| {
             good_images(f, 4);
-            f.new_dataset::<u8>().shape((4, 1)).create("labels").unwrap();
+            f.new_dataset::<u8>()
+                .shape((4, 1))
+                .create("labels")
+                .unwrap();
         },
         Some(2),
     );
@@ -193,14 +253,23 @@ fn attributes() {
         let f = hdf5::File::create(&p).unwrap();
         good_images(&f, 2);
     }
-    assert_names(&open_err(&p), &p, &["attribute `format_version`", "missing"]);
+    assert_names(
+        &open_err(&p),
+        &p,
+        &["attribute `format_version`", "missing"],
+    );
     // Labels without num_classes.
     let p = raw_file(
         dir.path(),
         "nonumclasses.h5",
         |f| {
             good_images(f, 2);
-            f.new_dataset::<u8>().shape(2).create("labels").unwrap().write_raw(&[0u8, 0]).unwrap();
+            f.new_dataset::<u8>()
+                .shape(2)
+                .create("labels")
+                .unwrap()
+                .write_raw(&[0u8, 0])
+                .unwrap();
         },
         None,
     );
@@ -210,22 +279,29 @@ fn attributes() {
     {
         let f = hdf5::File::create(&p).unwrap();
         good_images(&f, 2);
-        f.new_attr::<i64>().create("format_version").unwrap().write_scalar(&2i64).unwrap();
+        f.new_attr::<i64>()
+            .create("format_version")
+            .unwrap()
+            .write_scalar(&2i64)
+            .unwrap();
     }
     assert_names(&open_err(&p), &p, &["attribute `format_version`", "is 2"]);
     let p = dir.path().join("fversion.h5");
     {
         let f = hdf5::File::create(&p).unwrap();
         good_images(&f, 2);
-        f.new_attr::<f64>().create("format_version").unwrap().write_scalar(&1.0f64).unwrap();
+        f.new_attr::<f64>()
+            .create("format_version")
+            .unwrap()
+            .write_scalar(&1.0f64)
+            .unwrap();
     }
-    assert_names(&open_err(&p), &p, &["attribute `format_version`", "float64"]);
-    let p = raw_file(
-        dir.path(),
-        "nosource.h5",
-        |f| good_images(f, 2),
-        None,
+    assert_names(
+        &open_err(&p),
+        &p,
+        &["attribute `format_version`", "float64"],
     );
+    let p = raw_file(dir.path(), "nosource.h5", |f| good_images(f, 2), None);
     {
         let f = hdf5::File::open_rw(&p).unwrap();
         f.delete_attr("source").unwrap();
@@ -236,7 +312,12 @@ fn attributes() {
         "names.h5",
         |f| {
             good_images(f, 2);
-            f.new_dataset::<u8>().shape(2).create("labels").unwrap().write_raw(&[0u8, 1]).unwrap();
+            f.new_dataset::<u8>()
+                .shape(2)
+                .create("labels")
+                .unwrap()
+                .write_raw(&[0u8, 1])
+                .unwrap();
         },
         Some(3),
     );
@@ -244,24 +325,51 @@ fn attributes() {
         let f = hdf5::File::open_rw(&p).unwrap();
         f.delete_attr("class_names").unwrap();
         let names: Vec<hdf5::types::VarLenUnicode> = vec!["a".parse().unwrap()];
-        f.new_attr::<hdf5::types::VarLenUnicode>().shape(1).create("class_names").unwrap().write_raw(&names).unwrap();
+        f.new_attr::<hdf5::types::VarLenUnicode>()
+            .shape(1)
+            .create("class_names")
+            .unwrap()
+            .write_raw(&names)
+            .unwrap();
     }
-    assert_names(&open_err(&p), &p, &["attribute `class_names`", "1 names", "num_classes is 3"]);
+    assert_names(
+        &open_err(&p),
+        &p,
+        &["attribute `class_names`", "1 names", "num_classes is 3"],
+    );
 }
 
 #[test]
 fn fewer_examples_than_the_world_size() {
     let dir = tempfile::tempdir().unwrap();
     let p = write_synthetic(&dir.path().join("five.h5"), 5, [3, 3, 1], None, 2);
-    let cfg = |world, batch| LoaderConfig { path: p.clone(), world, rank: 0, batch, seed: 0, flip: false, prefetch: 1 };
-    let err = Loader::new(cfg(8, 1), LoaderPosition::default()).err().expect("N < world must fail").to_string();
+    let cfg = |world, batch| LoaderConfig {
+        path: p.clone(),
+        world,
+        rank: 0,
+        batch,
+        seed: 0,
+        flip: false,
+        prefetch: 1,
+    };
+    let err = Loader::new(cfg(8, 1), LoaderPosition::default())
+        .err()
+        .expect("N < world must fail")
+        .to_string();
     assert_names(&err, &p, &["dataset `images`", "N = 5", "world size 8"]);
     // A batch that makes the global batch larger than N fails the same way; one that fits works.
     assert!(Loader::new(cfg(2, 3), LoaderPosition::default()).is_err());
     assert!(Loader::new(cfg(5, 1), LoaderPosition::default()).is_ok());
     // Nonsense arguments are configuration errors, not panics.
-    let bad_rank = LoaderConfig { rank: 3, ..cfg(2, 1) };
-    assert!(Loader::new(bad_rank, LoaderPosition::default()).err().unwrap().to_string().contains("rank 3"));
+    let bad_rank = LoaderConfig {
+        rank: 3,
+        ..cfg(2, 1)
+    };
+    assert!(Loader::new(bad_rank, LoaderPosition::default())
+        .err()
+        .unwrap()
+        .to_string()
+        .contains("rank 3"));
     assert!(Loader::new(cfg(0, 1), LoaderPosition::default()).is_err());
     assert!(Loader::new(cfg(1, 0), LoaderPosition::default()).is_err());
 }
@@ -271,8 +379,27 @@ fn the_cli_reports_bad_files_and_exits_nonzero() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("garbage.h5");
     std::fs::write(&p, [1u8; 4096]).unwrap();
-    for args in [vec!["inspect", p.to_str().unwrap()], vec!["shard-plan", p.to_str().unwrap(), "--world", "1", "--rank", "0", "--batch", "1", "--epoch", "0", "--seed", "0"]] {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_ddpm-data")).args(&args).output().unwrap();
+    for args in [
+        vec!["inspect", p.to_str().unwrap()],
+        vec![
+            "shard-plan",
+            p.to_str().unwrap(),
+            "--world",
+            "1",
+            "--rank",
+            "0",
+            "--batch",
+            "1",
+            "--epoch",
+            "0",
+            "--seed",
+            "0",
+        ],
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_ddpm-data"))
+            .args(&args)
+            .output()
+            .unwrap();
         assert!(!out.status.success());
         let err = String::from_utf8_lossy(&out.stderr);
         assert_names(&err, &p, &["not an HDF5 file"]);

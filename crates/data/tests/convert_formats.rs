@@ -9,11 +9,18 @@ use std::process::{Command, Output};
 use ddpm_data::Hdf5Dataset;
 
 fn ddpm_data(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_ddpm-data")).args(args).output().expect("run ddpm-data")
+    Command::new(env!("CARGO_BIN_EXE_ddpm-data"))
+        .args(args)
+        .output()
+        .expect("run ddpm-data")
 }
 
 fn ok(out: Output) -> String {
-    assert!(out.status.success(), "ddpm-data failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "ddpm-data failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout).unwrap()
 }
 
@@ -37,39 +44,85 @@ fn cifar10_records_are_transposed_to_hwc() {
     let bin = dir.path().join("cifar-10-batches-bin");
     std::fs::create_dir(&bin).unwrap();
     let mut r = 0;
-    for name in ["data_batch_1.bin", "data_batch_2.bin", "data_batch_3.bin", "data_batch_4.bin", "data_batch_5.bin", "test_batch.bin"] {
-        let recs: Vec<u8> = (0..3).flat_map(|_| {
-            r += 1;
-            cifar_record(r - 1)
-        }).collect();
+    for name in [
+        "data_batch_1.bin",
+        "data_batch_2.bin",
+        "data_batch_3.bin",
+        "data_batch_4.bin",
+        "data_batch_5.bin",
+        "test_batch.bin",
+    ] {
+        let recs: Vec<u8> = (0..3)
+            .flat_map(|_| {
+                r += 1;
+                cifar_record(r - 1)
+            })
+            .collect();
         std::fs::write(bin.join(name), recs).unwrap();
     }
     let out = dir.path().join("train.h5");
-    ok(ddpm_data(&["convert", "--from", "cifar10", dir.path().to_str().unwrap(), "--split", "train", "--out", out.to_str().unwrap()]));
+    ok(ddpm_data(&[
+        "convert",
+        "--from",
+        "cifar10",
+        dir.path().to_str().unwrap(),
+        "--split",
+        "train",
+        "--out",
+        out.to_str().unwrap(),
+    ]));
     let (shape, data) = images_of(&out);
     assert_eq!(shape, vec![15, 32, 32, 3]);
     for r in 0..15 {
         for p in 0..1024 {
             for ch in 0..3 {
-                assert_eq!(data[r * 3072 + p * 3 + ch], ((p * (ch + 1) + r) % 256) as u8, "record {r} pixel {p} ch {ch}");
+                assert_eq!(
+                    data[r * 3072 + p * 3 + ch],
+                    ((p * (ch + 1) + r) % 256) as u8,
+                    "record {r} pixel {p} ch {ch}"
+                );
             }
         }
     }
     let ds = Hdf5Dataset::open(&out).unwrap();
-    assert_eq!(ds.labels().unwrap(), (0..15).map(|r| (r % 10) as i64).collect::<Vec<_>>());
+    assert_eq!(
+        ds.labels().unwrap(),
+        (0..15).map(|r| (r % 10) as i64).collect::<Vec<_>>()
+    );
     assert_eq!(ds.class_names()[0], "airplane");
     let test = dir.path().join("test.h5");
-    ok(ddpm_data(&["convert", "--from", "cifar10", bin.to_str().unwrap(), "--split", "test", "--out", test.to_str().unwrap()]));
+    ok(ddpm_data(&[
+        "convert",
+        "--from",
+        "cifar10",
+        bin.to_str().unwrap(),
+        "--split",
+        "test",
+        "--out",
+        test.to_str().unwrap(),
+    ]));
     let (shape, data) = images_of(&test);
     assert_eq!(shape, vec![3, 32, 32, 3]);
-    assert_eq!(data[0], (15 % 256) as u8); // first test record is r = 15, pixel 0, red
+    assert_eq!(data[0], 15); // first test record is r = 15: pixel 0 red = (0 * 1 + 15) % 256
 
     // A batch file that is not a whole number of records is rejected by name.
     std::fs::write(bin.join("test_batch.bin"), vec![0u8; 3073 * 2 + 5]).unwrap();
-    let bad = ddpm_data(&["convert", "--from", "cifar10", bin.to_str().unwrap(), "--split", "test", "--out", test.to_str().unwrap()]);
+    let bad = ddpm_data(&[
+        "convert",
+        "--from",
+        "cifar10",
+        bin.to_str().unwrap(),
+        "--split",
+        "test",
+        "--out",
+        test.to_str().unwrap(),
+    ]);
     assert!(!bad.status.success());
     let err = String::from_utf8_lossy(&bad.stderr);
-    assert!(err.contains("test_batch.bin") && err.contains("3073"), "{err}");
+    assert!(
+        err.contains("test_batch.bin") && err.contains("3073"),
+        "{err}"
+    );
     // The earlier good output is untouched (atomic writes).
     assert_eq!(images_of(&test).0, vec![3, 32, 32, 3]);
 }
@@ -93,9 +146,21 @@ fn folder_images_are_resized_and_center_cropped() {
     std::fs::write(root.join("dog/readme.txt"), "not an image").unwrap();
 
     let out = dir.path().join("folder.h5");
-    ok(ddpm_data(&["convert", "--from", "folder", root.to_str().unwrap(), "--resolution", "8", "--out", out.to_str().unwrap()]));
+    ok(ddpm_data(&[
+        "convert",
+        "--from",
+        "folder",
+        root.to_str().unwrap(),
+        "--resolution",
+        "8",
+        "--out",
+        out.to_str().unwrap(),
+    ]));
     let ds = Hdf5Dataset::open(&out).unwrap();
-    assert_eq!((ds.len(), ds.height(), ds.width(), ds.channels()), (3, 8, 8, 3));
+    assert_eq!(
+        (ds.len(), ds.height(), ds.width(), ds.channels()),
+        (3, 8, 8, 3)
+    );
     assert_eq!(ds.class_names(), ["cat".to_string(), "dog".to_string()]);
     assert_eq!(ds.labels().unwrap(), vec![0, 0, 1]);
     let data = ds.read_images(0, 3).unwrap();
@@ -108,20 +173,42 @@ fn folder_images_are_resized_and_center_cropped() {
     }
     for px in data[384..].chunks(3) {
         for (g, e) in px.iter().zip([200u8, 100, 50]) {
-            assert!((*g as i32 - e as i32).abs() <= 3, "solid colour drifted: {px:?}");
+            assert!(
+                (*g as i32 - e as i32).abs() <= 3,
+                "solid colour drifted: {px:?}"
+            );
         }
     }
 
     // Grey output.
     let grey = dir.path().join("grey.h5");
-    ok(ddpm_data(&["convert", "--from", "folder", root.to_str().unwrap(), "--resolution", "4", "--grayscale", "--out", grey.to_str().unwrap()]));
+    ok(ddpm_data(&[
+        "convert",
+        "--from",
+        "folder",
+        root.to_str().unwrap(),
+        "--resolution",
+        "4",
+        "--grayscale",
+        "--out",
+        grey.to_str().unwrap(),
+    ]));
     let g = Hdf5Dataset::open(&grey).unwrap();
     assert_eq!((g.height(), g.channels()), (4, 1));
 
     // An undecodable image is reported by file name, and no output is left behind.
     std::fs::write(root.join("dog/broken.png"), b"\x89PNG but not really").unwrap();
     let bad_out = dir.path().join("bad.h5");
-    let bad = ddpm_data(&["convert", "--from", "folder", root.to_str().unwrap(), "--resolution", "8", "--out", bad_out.to_str().unwrap()]);
+    let bad = ddpm_data(&[
+        "convert",
+        "--from",
+        "folder",
+        root.to_str().unwrap(),
+        "--resolution",
+        "8",
+        "--out",
+        bad_out.to_str().unwrap(),
+    ]);
     assert!(!bad.status.success());
     let err = String::from_utf8_lossy(&bad.stderr);
     assert!(err.contains("broken.png"), "{err}");
@@ -145,27 +232,75 @@ fn generic_idx_pairs_plain_and_unlabelled() {
     write_idx(&dir.path().join("lab.idx"), &[5], &[6, 0, 2, 2, 1]);
     let out = dir.path().join("idx.h5");
     let p = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
-    ok(ddpm_data(&["convert", "--from", "mnist-idx", "--images", &p("img.idx"), "--labels", &p("lab.idx"), "--out", out.to_str().unwrap()]));
+    ok(ddpm_data(&[
+        "convert",
+        "--from",
+        "mnist-idx",
+        "--images",
+        &p("img.idx"),
+        "--labels",
+        &p("lab.idx"),
+        "--out",
+        out.to_str().unwrap(),
+    ]));
     let ds = Hdf5Dataset::open(&out).unwrap();
-    assert_eq!((ds.len(), ds.height(), ds.width(), ds.channels()), (5, 3, 2, 1));
+    assert_eq!(
+        (ds.len(), ds.height(), ds.width(), ds.channels()),
+        (5, 3, 2, 1)
+    );
     assert_eq!(ds.num_classes(), Some(7));
     assert_eq!(ds.labels().unwrap(), vec![6, 0, 2, 2, 1]);
     assert_eq!(ds.read_images(0, 5).unwrap(), imgs);
 
     let named = dir.path().join("named.h5");
     let names = "a,b,c,d,e,f,g,h";
-    ok(ddpm_data(&["convert", "--from", "mnist-idx", "--images", &p("img.idx"), "--labels", &p("lab.idx"), "--class-names", names, "--out", named.to_str().unwrap()]));
-    assert_eq!(Hdf5Dataset::open(&named).unwrap().class_names().join(","), names);
+    ok(ddpm_data(&[
+        "convert",
+        "--from",
+        "mnist-idx",
+        "--images",
+        &p("img.idx"),
+        "--labels",
+        &p("lab.idx"),
+        "--class-names",
+        names,
+        "--out",
+        named.to_str().unwrap(),
+    ]));
+    assert_eq!(
+        Hdf5Dataset::open(&named).unwrap().class_names().join(","),
+        names
+    );
 
     let unl = dir.path().join("unlabelled.h5");
-    ok(ddpm_data(&["convert", "--from", "mnist-idx", "--images", &p("img.idx"), "--out", unl.to_str().unwrap(), "--deflate", "0"]));
+    ok(ddpm_data(&[
+        "convert",
+        "--from",
+        "mnist-idx",
+        "--images",
+        &p("img.idx"),
+        "--out",
+        unl.to_str().unwrap(),
+        "--deflate",
+        "0",
+    ]));
     let ds = Hdf5Dataset::open(&unl).unwrap();
     assert!(ds.labels().is_none() && ds.num_classes().is_none());
     assert!(ds.filters().is_empty());
 
     // Label count mismatch names the label file.
     write_idx(&dir.path().join("short.idx"), &[4], &[0, 1, 2, 3]);
-    let bad = ddpm_data(&["convert", "--from", "mnist-idx", "--images", &p("img.idx"), "--labels", &p("short.idx"), "--out", out.to_str().unwrap()]);
+    let bad = ddpm_data(&[
+        "convert",
+        "--from",
+        "mnist-idx",
+        "--images",
+        &p("img.idx"),
+        "--labels",
+        &p("short.idx"),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
     assert!(!bad.status.success());
     let err = String::from_utf8_lossy(&bad.stderr);
     assert!(err.contains("short.idx") && err.contains("[5]"), "{err}");
@@ -177,18 +312,41 @@ fn inspect_prints_counts_and_exact_statistics_and_writes_a_grid() {
     let (n, h, w, c) = (37, 6, 5, 3);
     let f = common::write_synthetic(&dir.path().join("s.h5"), n, [h, w, c], Some(4), 5);
     let grid = dir.path().join("grid.png");
-    let text = ok(ddpm_data(&["inspect", f.to_str().unwrap(), "--grid", grid.to_str().unwrap(), "--grid-cols", "6"]));
+    let text = ok(ddpm_data(&[
+        "inspect",
+        f.to_str().unwrap(),
+        "--grid",
+        grid.to_str().unwrap(),
+        "--grid-cols",
+        "6",
+    ]));
     assert!(text.contains("N:         37"), "{text}");
     assert!(text.contains("[37, 6, 5, 3]"), "{text}");
     for k in 0..4 {
-        let count = (0..n).filter(|&i| common::synthetic_label(i, 4) == k as i64).count();
-        assert!(text.contains(&format!("class{k}")) && text.lines().any(|l| l.contains(&format!("class{k}")) && l.trim_end().ends_with(&count.to_string())), "{text}");
+        let count = (0..n)
+            .filter(|&i| common::synthetic_label(i, 4) == k as i64)
+            .count();
+        assert!(
+            text.contains(&format!("class{k}"))
+                && text.lines().any(|l| l.contains(&format!("class{k}"))
+                    && l.trim_end().ends_with(&count.to_string())),
+            "{text}"
+        );
     }
-    let all: Vec<f64> = (0..n).flat_map(|i| common::synthetic_image(i, h, w, c)).map(|b| b as f64).collect();
+    let all: Vec<f64> = (0..n)
+        .flat_map(|i| common::synthetic_image(i, h, w, c))
+        .map(|b| b as f64)
+        .collect();
     let mean = all.iter().sum::<f64>() / all.len() as f64;
     let std = (all.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / all.len() as f64).sqrt();
-    assert!(text.contains(&format!("mean {mean:.4}  std {std:.4}")), "expected mean {mean:.4} std {std:.4} in\n{text}");
+    assert!(
+        text.contains(&format!("mean {mean:.4}  std {std:.4}")),
+        "expected mean {mean:.4} std {std:.4} in\n{text}"
+    );
     let png = image::open(&grid).unwrap();
     // 4 class rows of 6 columns, images upscaled 10x (64 / 6), 2-pixel gutters.
-    assert_eq!((png.width(), png.height()), (6 * (5 * 10 + 2) + 2, 4 * (6 * 10 + 2) + 2));
+    assert_eq!(
+        (png.width(), png.height()),
+        (6 * (5 * 10 + 2) + 2, 4 * (6 * 10 + 2) + 2)
+    );
 }

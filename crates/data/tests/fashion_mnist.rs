@@ -27,7 +27,9 @@ fn raw_idx(dir: &Path, stem: &str) -> (Vec<usize>, Vec<u8>) {
     } else {
         let gz = std::fs::read(dir.join(format!("{stem}.gz"))).unwrap();
         let mut out = Vec::new();
-        flate2::read::GzDecoder::new(&gz[..]).read_to_end(&mut out).unwrap();
+        flate2::read::GzDecoder::new(&gz[..])
+            .read_to_end(&mut out)
+            .unwrap();
         out
     };
     let ndim = bytes[3] as usize;
@@ -42,11 +44,27 @@ fn check_split(split: &str, prefix: &str, n: usize) {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join(format!("fashion-{split}.h5"));
     let res = Command::new(env!("CARGO_BIN_EXE_ddpm-data"))
-        .args(["convert", "--from", "fashion-mnist", dir.to_str().unwrap(), "--split", split, "--out", out.to_str().unwrap()])
+        .args([
+            "convert",
+            "--from",
+            "fashion-mnist",
+            dir.to_str().unwrap(),
+            "--split",
+            split,
+            "--out",
+            out.to_str().unwrap(),
+        ])
         .output()
         .unwrap();
-    assert!(res.status.success(), "convert failed: {}", String::from_utf8_lossy(&res.stderr));
-    assert!(!tmp.path().join(format!("fashion-{split}.h5.tmp")).exists(), "temp file left behind");
+    assert!(
+        res.status.success(),
+        "convert failed: {}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    assert!(
+        !tmp.path().join(format!("fashion-{split}.h5.tmp")).exists(),
+        "temp file left behind"
+    );
 
     let (idims, ibytes) = raw_idx(&dir, &format!("{prefix}-images-idx3-ubyte"));
     let (ldims, lbytes) = raw_idx(&dir, &format!("{prefix}-labels-idx1-ubyte"));
@@ -59,22 +77,43 @@ fn check_split(split: &str, prefix: &str, n: usize) {
     assert_eq!(images.shape(), vec![n, 28, 28, 1]);
     let stored: Vec<u8> = images.read_raw().unwrap();
     assert_eq!(stored.len(), ibytes.len());
-    if let Some(i) = (0..n).find(|&i| stored[i * 784..(i + 1) * 784] != ibytes[i * 784..(i + 1) * 784]) {
+    if let Some(i) =
+        (0..n).find(|&i| stored[i * 784..(i + 1) * 784] != ibytes[i * 784..(i + 1) * 784])
+    {
         panic!("image {i} differs from the IDX bytes");
     }
     let labels: Vec<i64> = f.dataset("labels").unwrap().read_raw().unwrap();
     assert_eq!(labels.len(), n);
-    assert!(labels.iter().zip(&lbytes).all(|(&a, &b)| a == b as i64), "labels differ");
-    assert_eq!(f.attr("num_classes").unwrap().read_scalar::<i64>().unwrap(), 10);
-    assert_eq!(f.attr("format_version").unwrap().read_scalar::<i64>().unwrap(), 1);
+    assert!(
+        labels.iter().zip(&lbytes).all(|(&a, &b)| a == b as i64),
+        "labels differ"
+    );
+    assert_eq!(
+        f.attr("num_classes").unwrap().read_scalar::<i64>().unwrap(),
+        10
+    );
+    assert_eq!(
+        f.attr("format_version")
+            .unwrap()
+            .read_scalar::<i64>()
+            .unwrap(),
+        1
+    );
     let names: Vec<hdf5::types::VarLenUnicode> = f.attr("class_names").unwrap().read_raw().unwrap();
     assert_eq!(names[0].as_str(), "T-shirt/top");
     assert_eq!(names[9].as_str(), "Ankle boot");
 
     // And the library's validating reader accepts it.
     let ds = ddpm_data::Hdf5Dataset::open(&out).unwrap();
-    assert_eq!((ds.len(), ds.height(), ds.width(), ds.channels()), (n, 28, 28, 1));
-    assert_eq!(ds.labels().unwrap().iter().filter(|&&y| y == 3).count(), n / 10, "classes are balanced");
+    assert_eq!(
+        (ds.len(), ds.height(), ds.width(), ds.channels()),
+        (n, 28, 28, 1)
+    );
+    assert_eq!(
+        ds.labels().unwrap().iter().filter(|&&y| y == 3).count(),
+        n / 10,
+        "classes are balanced"
+    );
 }
 
 #[test]

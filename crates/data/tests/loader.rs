@@ -11,11 +11,21 @@ use ddpm_data::{flip_decision, shard_plan, Batch, Loader, LoaderConfig, LoaderPo
 const HWC: [usize; 3] = [5, 4, 3];
 
 fn cfg(path: &Path, world: usize, rank: usize, batch: usize, flip: bool) -> LoaderConfig {
-    LoaderConfig { path: path.to_path_buf(), world, rank, batch, seed: 2024, flip, prefetch: 3 }
+    LoaderConfig {
+        path: path.to_path_buf(),
+        world,
+        rank,
+        batch,
+        seed: 2024,
+        flip,
+        prefetch: 3,
+    }
 }
 
 fn take(loader: &mut Loader, k: usize) -> Vec<Batch> {
-    (0..k).map(|_| loader.next_batch().expect("batch")).collect()
+    (0..k)
+        .map(|_| loader.next_batch().expect("batch"))
+        .collect()
 }
 
 #[test]
@@ -27,9 +37,16 @@ fn batches_hold_the_planned_examples_decoded_and_labelled() {
     let plan0 = shard_plan(103, 1, 0, 8, 0, 2024);
     let plan1 = shard_plan(103, 1, 0, 8, 1, 2024);
     let batches = take(&mut l, 13);
-    let got: Vec<u64> = batches[..12].iter().flat_map(|b| b.indices.clone()).collect();
+    let got: Vec<u64> = batches[..12]
+        .iter()
+        .flat_map(|b| b.indices.clone())
+        .collect();
     assert_eq!(got, plan0);
-    assert_eq!(batches[12].indices, plan1[..8].to_vec(), "loader must roll into epoch 1");
+    assert_eq!(
+        batches[12].indices,
+        plan1[..8].to_vec(),
+        "loader must roll into epoch 1"
+    );
     assert_eq!((batches[12].epoch, batches[12].batch_index), (1, 0));
     let [h, w, c] = HWC;
     for b in &batches {
@@ -37,7 +54,11 @@ fn batches_hold_the_planned_examples_decoded_and_labelled() {
         let labels = b.labels.as_ref().expect("labelled file");
         for (j, &i) in b.indices.iter().enumerate() {
             let img = &b.images[j * h * w * c..(j + 1) * h * w * c];
-            assert_eq!(img, &expected_decoded(i as usize, h, w, c, false)[..], "example {i}");
+            assert_eq!(
+                img,
+                &expected_decoded(i as usize, h, w, c, false)[..],
+                "example {i}"
+            );
             assert_eq!(labels[j] as i64, synthetic_label(i as usize, 4));
         }
         assert!(b.images.iter().all(|&x| (-1.0..=1.0).contains(&x)));
@@ -50,9 +71,16 @@ fn w_ranks_with_batch_b_equal_one_rank_with_batch_wb() {
     let f = write_synthetic(&dir.path().join("d.h5"), 211, HWC, Some(3), 9);
     let batch = 3;
     for world in [1usize, 2, 3, 4, 7] {
-        let mut single = Loader::new(cfg(&f, 1, 0, world * batch, true), LoaderPosition::default()).unwrap();
-        let mut ranks: Vec<Loader> =
-            (0..world).map(|r| Loader::new(cfg(&f, world, r, batch, true), LoaderPosition::default()).unwrap()).collect();
+        let mut single = Loader::new(
+            cfg(&f, 1, 0, world * batch, true),
+            LoaderPosition::default(),
+        )
+        .unwrap();
+        let mut ranks: Vec<Loader> = (0..world)
+            .map(|r| {
+                Loader::new(cfg(&f, world, r, batch, true), LoaderPosition::default()).unwrap()
+            })
+            .collect();
         let steps = single.batches_per_epoch() as usize * 2 + 1; // crosses two epoch boundaries
         for ranks_l in &ranks {
             assert_eq!(ranks_l.batches_per_epoch(), single.batches_per_epoch());
@@ -62,9 +90,15 @@ fn w_ranks_with_batch_b_equal_one_rank_with_batch_wb() {
             let parts: Vec<Batch> = ranks.iter_mut().map(|l| l.next_batch().unwrap()).collect();
             let cat_images: Vec<f32> = parts.iter().flat_map(|b| b.images.clone()).collect();
             let cat_idx: Vec<u64> = parts.iter().flat_map(|b| b.indices.clone()).collect();
-            let cat_labels: Vec<u32> = parts.iter().flat_map(|b| b.labels.clone().unwrap()).collect();
+            let cat_labels: Vec<u32> = parts
+                .iter()
+                .flat_map(|b| b.labels.clone().unwrap())
+                .collect();
             assert_eq!(cat_idx, s.indices, "world {world} step {step}");
-            assert_eq!(cat_images, s.images, "world {world} step {step}: pixels differ");
+            assert_eq!(
+                cat_images, s.images,
+                "world {world} step {step}: pixels differ"
+            );
             assert_eq!(cat_labels, s.labels.clone().unwrap());
             for p in &parts {
                 assert_eq!((p.epoch, p.batch_index), (s.epoch, s.batch_index));
@@ -87,14 +121,26 @@ fn resume_continues_with_exactly_the_next_batch() {
         let mut l = Loader::new(c.clone(), LoaderPosition::default()).unwrap();
         take(&mut l, k);
         let pos = l.position();
-        assert_eq!(pos, LoaderPosition { epoch: k as u64 / bpe, batch_index: k as u64 % bpe });
+        assert_eq!(
+            pos,
+            LoaderPosition {
+                epoch: k as u64 / bpe,
+                batch_index: k as u64 % bpe
+            }
+        );
         let saved = serde_json::to_string(&pos).unwrap();
         drop(l);
         let restored: LoaderPosition = serde_json::from_str(&saved).unwrap();
         let mut resumed = Loader::new(c.clone(), restored).unwrap();
         let next = take(&mut resumed, 4);
         assert_eq!(next[..], reference[k..k + 4], "resume after {k} batches");
-        assert_eq!(resumed.position(), LoaderPosition { epoch: (k as u64 + 4) / bpe, batch_index: (k as u64 + 4) % bpe });
+        assert_eq!(
+            resumed.position(),
+            LoaderPosition {
+                epoch: (k as u64 + 4) / bpe,
+                batch_index: (k as u64 + 4) % bpe
+            }
+        );
     }
 }
 
@@ -102,8 +148,19 @@ fn resume_continues_with_exactly_the_next_batch() {
 fn a_position_past_the_epoch_is_rejected() {
     let dir = tempfile::tempdir().unwrap();
     let f = write_synthetic(&dir.path().join("d.h5"), 50, HWC, None, 6);
-    let err = Loader::new(cfg(&f, 1, 0, 10, false), LoaderPosition { epoch: 0, batch_index: 5 }).err().unwrap();
-    assert!(err.to_string().contains("past the 5 batches per epoch"), "{err}");
+    let err = Loader::new(
+        cfg(&f, 1, 0, 10, false),
+        LoaderPosition {
+            epoch: 0,
+            batch_index: 5,
+        },
+    )
+    .err()
+    .unwrap();
+    assert!(
+        err.to_string().contains("past the 5 batches per epoch"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -123,7 +180,12 @@ fn flips_are_seeded_per_example_and_epoch() {
         for (j, &i) in b.indices.iter().enumerate() {
             let img = &b.images[j * h * w * c..(j + 1) * h * w * c];
             let flip = flip_decision(2024, b.epoch, i);
-            assert_eq!(img, &expected_decoded(i as usize, h, w, c, flip)[..], "example {i} epoch {}", b.epoch);
+            assert_eq!(
+                img,
+                &expected_decoded(i as usize, h, w, c, flip)[..],
+                "example {i} epoch {}",
+                b.epoch
+            );
             assert_ne!(img, &expected_decoded(i as usize, h, w, c, !flip)[..]);
             if flip {
                 flipped += 1;
@@ -132,12 +194,18 @@ fn flips_are_seeded_per_example_and_epoch() {
         }
     }
     assert!((90..=150).contains(&flipped), "{flipped} of 240 flipped");
-    assert_ne!(per_epoch[0], per_epoch[1], "flips must change between epochs");
+    assert_ne!(
+        per_epoch[0], per_epoch[1],
+        "flips must change between epochs"
+    );
     // With flip off nothing is mirrored.
     let mut l = Loader::new(cfg(&f, 1, 0, 12, false), LoaderPosition::default()).unwrap();
     let b = l.next_batch().unwrap();
     for (j, &i) in b.indices.iter().enumerate() {
-        assert_eq!(&b.images[j * h * w * c..(j + 1) * h * w * c], &expected_decoded(i as usize, h, w, c, false)[..]);
+        assert_eq!(
+            &b.images[j * h * w * c..(j + 1) * h * w * c],
+            &expected_decoded(i as usize, h, w, c, false)[..]
+        );
     }
 }
 
@@ -157,7 +225,8 @@ fn a_corrupt_chunk_is_reported_through_next_batch_not_a_panic() {
         *b = 0xA5;
     }
     std::fs::write(&f, &bytes).unwrap();
-    let mut l = Loader::new(cfg(&f, 1, 0, 10, false), LoaderPosition::default()).expect("metadata is intact");
+    let mut l = Loader::new(cfg(&f, 1, 0, 10, false), LoaderPosition::default())
+        .expect("metadata is intact");
     let mut err = None;
     for _ in 0..l.batches_per_epoch() {
         match l.next_batch() {
@@ -168,10 +237,18 @@ fn a_corrupt_chunk_is_reported_through_next_batch_not_a_panic() {
             }
         }
     }
-    let err = err.expect("reading every chunk of an epoch must hit the corrupt one").to_string();
-    assert!(err.contains("corrupt.h5") && err.contains("`images`"), "{err}");
+    let err = err
+        .expect("reading every chunk of an epoch must hit the corrupt one")
+        .to_string();
+    assert!(
+        err.contains("corrupt.h5") && err.contains("`images`"),
+        "{err}"
+    );
     let again = l.next_batch().unwrap_err().to_string();
-    assert!(again.contains("earlier error") && again.contains("corrupt.h5"), "{again}");
+    assert!(
+        again.contains("earlier error") && again.contains("corrupt.h5"),
+        "{again}"
+    );
 }
 
 #[test]
@@ -184,13 +261,20 @@ fn every_rank_gets_only_its_own_examples_over_an_epoch() {
         let mut fingerprints = HashSet::new();
         let mut total = 0;
         for rank in 0..world {
-            let mut l = Loader::new(cfg(&f, world, rank, batch, false), LoaderPosition::default()).unwrap();
-            for b in take(&mut l, l.batches_per_epoch() as usize) {
+            let mut l = Loader::new(
+                cfg(&f, world, rank, batch, false),
+                LoaderPosition::default(),
+            )
+            .unwrap();
+            let bpe = l.batches_per_epoch() as usize;
+            for b in take(&mut l, bpe) {
                 assert_eq!(b.epoch, 0);
                 for (j, &i) in b.indices.iter().enumerate() {
                     assert!(seen.insert(i), "world {world}: example {i} read twice");
                     let ib = 5 * 4 * 3;
-                    assert!(fingerprints.insert(common::fingerprint(&b.images[j * ib..(j + 1) * ib])));
+                    assert!(
+                        fingerprints.insert(common::fingerprint(&b.images[j * ib..(j + 1) * ib]))
+                    );
                     total += 1;
                 }
             }

@@ -20,11 +20,17 @@ fn union_over_ranks_is_disjoint_and_has_the_expected_size() {
                 let mut total = 0usize;
                 for rank in 0..world {
                     let plan = shard_plan(n, world, rank, batch, epoch, 1234);
-                    assert_eq!(plan.len() as u64, batches_per_epoch(n, world, batch) * batch as u64);
+                    assert_eq!(
+                        plan.len() as u64,
+                        batches_per_epoch(n, world, batch) * batch as u64
+                    );
                     total += plan.len();
                     for i in plan {
                         assert!(i < n, "index {i} out of range");
-                        assert!(seen.insert(i), "example {i} read twice (world {world}, batch {batch}, epoch {epoch})");
+                        assert!(
+                            seen.insert(i),
+                            "example {i} read twice (world {world}, batch {batch}, epoch {epoch})"
+                        );
                     }
                 }
                 assert_eq!(total as u64, n - n % g, "world {world} batch {batch}");
@@ -39,7 +45,9 @@ fn w_ranks_with_batch_b_read_what_one_rank_with_batch_wb_reads() {
     let (n, batch) = (997u64, 5usize);
     for world in 1..=8usize {
         let single = shard_plan(n, 1, 0, world * batch, 3, 99);
-        let plans: Vec<Vec<u64>> = (0..world).map(|r| shard_plan(n, world, r, batch, 3, 99)).collect();
+        let plans: Vec<Vec<u64>> = (0..world)
+            .map(|r| shard_plan(n, world, r, batch, 3, 99))
+            .collect();
         let mut interleaved = Vec::new();
         for g in 0..batches_per_epoch(n, world, batch) as usize {
             for p in &plans {
@@ -57,12 +65,25 @@ fn plans_differ_between_epochs_and_seeds() {
         for rank in 0..world {
             let e0 = shard_plan(n, world, rank, 4, 0, 7);
             let e1 = shard_plan(n, world, rank, 4, 1, 7);
-            assert_ne!(e0, e1, "world {world} rank {rank}: epochs 0 and 1 have the same plan");
-            assert_ne!(e0, shard_plan(n, world, rank, 4, 0, 8), "seed has no effect");
+            assert_ne!(
+                e0, e1,
+                "world {world} rank {rank}: epochs 0 and 1 have the same plan"
+            );
+            assert_ne!(
+                e0,
+                shard_plan(n, world, rank, 4, 0, 8),
+                "seed has no effect"
+            );
         }
     }
     // Across epochs the dropped tail changes too (a different 500 mod 12 = 8 examples).
-    let kept = |e| shard_plan(n, 3, 0, 4, e, 7).into_iter().chain(shard_plan(n, 3, 1, 4, e, 7)).chain(shard_plan(n, 3, 2, 4, e, 7)).collect::<HashSet<_>>();
+    let kept = |e| {
+        shard_plan(n, 3, 0, 4, e, 7)
+            .into_iter()
+            .chain(shard_plan(n, 3, 1, 4, e, 7))
+            .chain(shard_plan(n, 3, 2, 4, e, 7))
+            .collect::<HashSet<_>>()
+    };
     assert_ne!(kept(0), kept(1));
 }
 
@@ -81,12 +102,26 @@ fn reference_permutation(n: u64, seed: u64, epoch: u64) -> Vec<u64> {
 
 #[test]
 fn permutation_matches_the_documented_scheme() {
-    for (n, seed, epoch) in [(1u64, 0u64, 0u64), (2, 1, 0), (10, 5, 3), (1001, 42, 17), (60000, 0, 0)] {
-        assert_eq!(epoch_permutation(n, seed, epoch), reference_permutation(n, seed, epoch), "n {n}");
+    for (n, seed, epoch) in [
+        (1u64, 0u64, 0u64),
+        (2, 1, 0),
+        (10, 5, 3),
+        (1001, 42, 17),
+        (60000, 0, 0),
+    ] {
+        assert_eq!(
+            epoch_permutation(n, seed, epoch),
+            reference_permutation(n, seed, epoch),
+            "n {n}"
+        );
     }
     // A uniform shuffle moves almost everything.
     let p = epoch_permutation(10_000, 3, 0);
-    let fixed = p.iter().enumerate().filter(|(i, &v)| *i as u64 == v).count();
+    let fixed = p
+        .iter()
+        .enumerate()
+        .filter(|(i, &v)| *i as u64 == v)
+        .count();
     assert!(fixed < 10, "{fixed} fixed points");
 }
 
@@ -95,15 +130,30 @@ fn shard_plan_binary_prints_the_library_plan_in_every_process() {
     let dir = tempfile::tempdir().unwrap();
     let file = common::write_synthetic(&dir.path().join("plan.h5"), 203, [2, 2, 3], None, 8);
     let exe = env!("CARGO_BIN_EXE_ddpm-data");
-    for (world, rank, batch, epoch, seed) in [(1usize, 0usize, 10usize, 0u64, 5u64), (4, 3, 6, 2, 5), (8, 5, 3, 1, 77)] {
+    for (world, rank, batch, epoch, seed) in [
+        (1usize, 0usize, 10usize, 0u64, 5u64),
+        (4, 3, 6, 2, 5),
+        (8, 5, 3, 1, 77),
+    ] {
         let run = || {
             let out = Command::new(exe)
                 .args(["shard-plan", file.to_str().unwrap()])
-                .args(["--world", &world.to_string(), "--rank", &rank.to_string(), "--batch", &batch.to_string()])
+                .args([
+                    "--world",
+                    &world.to_string(),
+                    "--rank",
+                    &rank.to_string(),
+                    "--batch",
+                    &batch.to_string(),
+                ])
                 .args(["--epoch", &epoch.to_string(), "--seed", &seed.to_string()])
                 .output()
                 .expect("run ddpm-data");
-            assert!(out.status.success(), "shard-plan failed: {}", String::from_utf8_lossy(&out.stderr));
+            assert!(
+                out.status.success(),
+                "shard-plan failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
             String::from_utf8(out.stdout).unwrap()
         };
         let a = run();
@@ -120,10 +170,26 @@ fn shard_plan_binary_rejects_a_world_larger_than_the_data() {
     let dir = tempfile::tempdir().unwrap();
     let file = common::write_synthetic(&dir.path().join("tiny.h5"), 5, [2, 2, 1], None, 2);
     let out = Command::new(env!("CARGO_BIN_EXE_ddpm-data"))
-        .args(["shard-plan", file.to_str().unwrap(), "--world", "8", "--rank", "0", "--batch", "1", "--epoch", "0", "--seed", "0"])
+        .args([
+            "shard-plan",
+            file.to_str().unwrap(),
+            "--world",
+            "8",
+            "--rank",
+            "0",
+            "--batch",
+            "1",
+            "--epoch",
+            "0",
+            "--seed",
+            "0",
+        ])
         .output()
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("tiny.h5") && err.contains("`images`") && err.contains("world size 8"), "{err}");
+    assert!(
+        err.contains("tiny.h5") && err.contains("`images`") && err.contains("world size 8"),
+        "{err}"
+    );
 }

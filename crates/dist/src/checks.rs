@@ -5,15 +5,20 @@ use candle_core::{DType, Tensor};
 use crate::error::{DistError, Result};
 use crate::Communicator;
 
-fn hex_prefix(b: &[u8]) -> String {
-    let mut s: String = b.iter().take(8).map(|x| format!("{x:02x}")).collect();
-    if b.len() > 8 {
-        s.push('…');
-    }
+/// A short, readable stand-in for a value: in full when small (a hash), else its length and an FNV-1a
+/// digest.
+fn describe_value(b: &[u8]) -> String {
     if b.is_empty() {
-        s.push_str("<empty>");
+        return "<empty>".into();
     }
-    s
+    if b.len() <= 32 {
+        return b.iter().map(|x| format!("{x:02x}")).collect();
+    }
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &x in b {
+        h = (h ^ x as u64).wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{} bytes, digest {h:016x}", b.len())
 }
 
 fn rank_list(ranks: &[usize]) -> String {
@@ -43,7 +48,7 @@ pub fn check_same_fingerprint(comm: &dyn Communicator, what: &str, mine: &[u8]) 
     let differing: Vec<usize> = (0..all.len()).filter(|&r| all[r] != all[0]).collect();
     let detail = groups
         .iter()
-        .map(|(v, ranks)| format!("rank(s) {}: {}", rank_list(ranks), hex_prefix(v)))
+        .map(|(v, ranks)| format!("rank(s) {}: {}", rank_list(ranks), describe_value(v)))
         .collect::<Vec<_>>()
         .join("; ");
     Err(DistError::Mismatch(format!(
@@ -76,12 +81,49 @@ pub fn any_non_finite(comm: &dyn Communicator, local_non_finite: bool) -> Result
     any_true(comm, local_non_finite)
 }
 
-fn tensors_fingerprint(tensors: &[Tensor]) -> Vec<u8> {
-    let mut out = Vec::new();
-    for t in tensors {
-        out.extend(format!("{:?}{:?};", t.dtype(), t.dims()).bytes());
+fn tensor_line(t: &Tensor) -> String {
+    format!("{:?}{:?}", t.dtype(), t.dims())
+}
+
+/// Errors on every rank unless all ranks hold tensors of the same dtypes and shapes, naming the first
+/// tensor that differs. Collective.
+pub fn check_same_tensor_shapes(comm: &dyn Communicator, tensors: &[Tensor]) -> Result<()> {
+    let mine: Vec<String> = tensors.iter().map(tensor_line).collect();
+    let all = comm.all_gather_bytes(mine.join("\n").as_bytes())?;
+    if all.iter().all(|x| *x == all[0]) {
+        return Ok(());
     }
-    out
+    let lines: Vec<Vec<String>> = all
+        .iter()
+        .map(|b| {
+            String::from_utf8_lossy(b)
+                .split('\n')
+                .map(str::to_string)
+                .collect()
+        })
+        .collect();
+    let mut parts = Vec::new();
+    for (r, l) in lines.iter().enumerate().skip(1) {
+        if all[r] == all[0] {
+            continue;
+        }
+        let (a, b) = (&lines[0], l);
+        let i = (0..a.len().max(b.len()))
+            .find(|&i| a.get(i) != b.get(i))
+            .unwrap_or(0);
+        let show = |x: Option<&String>| x.cloned().unwrap_or_else(|| "<none>".into());
+        parts.push(format!(
+            "rank {r} has {} tensors vs {} on rank 0; first difference at tensor {i}: rank 0 {}, rank {r} {}",
+            b.len(),
+            a.len(),
+            show(a.get(i)),
+            show(b.get(i))
+        ));
+    }
+    Err(DistError::Mismatch(format!(
+        "ranks disagree on the parameter shapes and dtypes: {}",
+        parts.join("; ")
+    )))
 }
 
 /// Copies `root`'s tensors to every rank (the initial parameters, so all replicas start identical).
@@ -94,11 +136,7 @@ pub fn broadcast_tensors(
     tensors: &[Tensor],
     root: usize,
 ) -> Result<Vec<Tensor>> {
-    check_same_fingerprint(
-        comm,
-        "parameter shapes and dtypes",
-        &tensors_fingerprint(tensors),
-    )?;
+    check_same_tensor_shapes(comm, tensors)?;
     if comm.world_size() == 1 {
         return Ok(tensors.to_vec());
     }

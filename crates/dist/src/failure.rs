@@ -41,10 +41,10 @@ pub fn install_failure_handlers(comm: &dyn Communicator) {
             .location()
             .map(|l| format!(" at {}:{}:{}", l.file(), l.line(), l.column()))
             .unwrap_or_default();
-        eprintln!(
+        line(&format!(
             "rank {rank}: panic: {msg} (thread {}{at})",
             thread.name().unwrap_or("<unnamed>")
-        );
+        ));
         if std::env::var_os("RUST_BACKTRACE").is_some_and(|v| v != "0") {
             eprintln!("{}", std::backtrace::Backtrace::force_capture());
         }
@@ -52,6 +52,16 @@ pub fn install_failure_handlers(comm: &dyn Communicator) {
             abort_world(PANIC_EXIT_CODE);
         }
     }));
+}
+
+/// Writes one line to stderr in a single write, so lines of different ranks that mpirun merges do not
+/// interleave mid-line (`eprintln!` may write a formatted line in pieces).
+fn line(s: &str) {
+    use std::io::Write;
+    let mut buf = String::with_capacity(s.len() + 1);
+    buf.push_str(s);
+    buf.push('\n');
+    let _ = std::io::stderr().lock().write_all(buf.as_bytes());
 }
 
 /// Reports `err` (with its chain of causes) as `rank R: error: ...` and ends the job with status 1.
@@ -77,7 +87,7 @@ pub fn fail(comm: &dyn Communicator, err: &(dyn Error + 'static)) -> ! {
             }
         }
     }
-    eprintln!("rank {}: error: {msg}", comm.rank());
+    line(&format!("rank {}: error: {msg}", comm.rank()));
     if comm.world_size() <= 1 {
         std::process::exit(1);
     }

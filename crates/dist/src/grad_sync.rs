@@ -236,9 +236,7 @@ impl GradientSync {
         let guards: Vec<_> = host.iter().map(|t| t.storage_and_layout()).collect();
         let mut srcs: Vec<&[f32]> = Vec::with_capacity(guards.len());
         for (storage, layout) in &guards {
-            let (start, end) = layout
-                .contiguous_offsets()
-                .expect("made contiguous above");
+            let (start, end) = layout.contiguous_offsets().expect("made contiguous above");
             match &**storage {
                 Storage::Cpu(cpu) => srcs.push(&cpu.as_slice::<f32>()?[start..end]),
                 _ => unreachable!("moved to the CPU above"),
@@ -411,8 +409,14 @@ mod tests {
         ];
         let mut sync = GradientSync::from_tensors(&g, DEFAULT_BUCKET_BYTES).unwrap();
         let out = sync.all_reduce_mean(&comm, &g).unwrap();
-        assert_eq!(out[0].to_vec2::<f32>().unwrap(), g[0].to_vec2::<f32>().unwrap());
-        let e = sync.all_reduce_mean(&comm, &g[..1]).unwrap_err().to_string();
+        assert_eq!(
+            out[0].to_vec2::<f32>().unwrap(),
+            g[0].to_vec2::<f32>().unwrap()
+        );
+        let e = sync
+            .all_reduce_mean(&comm, &g[..1])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("got 1 gradient tensors"), "{e}");
         let wrong = vec![g[0].t().unwrap(), g[1].clone()];
         let e = sync.all_reduce_mean(&comm, &wrong).unwrap_err().to_string();

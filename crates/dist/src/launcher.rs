@@ -49,7 +49,8 @@ impl LaunchInfo {
     /// Reads through `get`, so tests can supply an environment.
     pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Self {
         let mut launcher_var = LAUNCHER_VARS.iter().copied().find(|v| get(v).is_some());
-        if launcher_var.is_none() && get("SLURM_NTASKS").is_some() && get("SLURM_STEP_ID").is_some() {
+        if launcher_var.is_none() && get("SLURM_NTASKS").is_some() && get("SLURM_STEP_ID").is_some()
+        {
             launcher_var = Some("SLURM_NTASKS");
         }
         let announced_world = ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS"]
@@ -143,7 +144,11 @@ mod tests {
 
     #[test]
     fn mpich_and_slurm_local_ranks() {
-        let i = info(&[("PMI_SIZE", "2"), ("PMI_RANK", "1"), ("MPI_LOCALRANKID", "1")]);
+        let i = info(&[
+            ("PMI_SIZE", "2"),
+            ("PMI_RANK", "1"),
+            ("MPI_LOCALRANKID", "1"),
+        ]);
         assert_eq!(i.announced_world, Some(2));
         assert_eq!(i.local_rank, Some((1, "MPI_LOCALRANKID")));
         let s = info(&[
@@ -167,9 +172,11 @@ mod tests {
 
     #[test]
     fn forcing_overrides_and_rejects_typos() {
-        assert!(!info(&[("OMPI_COMM_WORLD_SIZE", "2"), ("DDPM_DIST", "single")])
-            .wants_mpi()
-            .unwrap());
+        assert!(
+            !info(&[("OMPI_COMM_WORLD_SIZE", "2"), ("DDPM_DIST", "single")])
+                .wants_mpi()
+                .unwrap()
+        );
         assert!(info(&[("DDPM_DIST", "mpi")]).wants_mpi().unwrap());
         let e = info(&[("DDPM_DIST", "nccl")]).wants_mpi().unwrap_err();
         assert!(e.to_string().contains("DDPM_DIST"), "{e}");

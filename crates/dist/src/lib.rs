@@ -37,7 +37,10 @@ mod mpi_comm;
 mod nccl;
 mod single;
 
-pub use checks::{any_non_finite, any_true, broadcast_tensors, check_same_config, check_same_fingerprint};
+pub use checks::{
+    any_non_finite, any_true, broadcast_tensors, check_same_config, check_same_fingerprint,
+    check_same_tensor_shapes,
+};
 pub use error::{DistError, Result};
 pub use failure::{abort_world, fail, install_failure_handlers};
 pub use grad_sync::{BucketPlan, GradientSync, SyncStats, DEFAULT_BUCKET_BYTES};
@@ -83,7 +86,11 @@ pub trait Communicator: Send + Sync {
     /// Sum of every rank's `send` into `recv` (same length), without the copy an in-place call costs
     /// MPI back-ends that cannot use MPI_IN_PLACE.
     fn all_reduce_sum_f32_into(&self, send: &[f32], recv: &mut [f32]) -> Result<(), DistError> {
-        assert_eq!(send.len(), recv.len(), "all_reduce_sum_f32_into: lengths differ");
+        assert_eq!(
+            send.len(),
+            recv.len(),
+            "all_reduce_sum_f32_into: lengths differ"
+        );
         recv.copy_from_slice(send);
         self.all_reduce_sum_f32(recv)
     }

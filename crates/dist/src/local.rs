@@ -215,7 +215,10 @@ mod tests {
                         }
                         let want = sum / n as f32;
                         for out in &outs {
-                            assert_eq!(out[ti][i], want, "n={n} bucket={bucket_bytes} t={ti} i={i}");
+                            assert_eq!(
+                                out[ti][i], want,
+                                "n={n} bucket={bucket_bytes} t={ti} i={i}"
+                            );
                         }
                     }
                 }
@@ -234,6 +237,7 @@ mod tests {
             assert!(collective);
             assert!(msg.contains("rank(s) 2 differ from rank 0"), "{msg}");
             assert!(msg.contains("rank(s) 0,1: 0101"), "{msg}");
+            assert!(msg.contains("rank(s) 2: 0909"), "{msg}");
         }
         let ok = run(2, |c| check_same_config(c, &7u64.to_le_bytes()).is_ok());
         assert_eq!(ok, vec![true, true]);
@@ -262,10 +266,17 @@ mod tests {
         }
         let shapes = run(2, |c| {
             let t = Tensor::zeros(c.rank() + 1, candle_core::DType::F32, &Device::Cpu).unwrap();
-            broadcast_tensors(c, &[t], 0).map(|_| ()).unwrap_err().to_string()
+            broadcast_tensors(c, &[t], 0)
+                .map(|_| ())
+                .unwrap_err()
+                .to_string()
         });
         for m in shapes {
             assert!(m.contains("parameter shapes"), "{m}");
+            assert!(
+                m.contains("first difference at tensor 0: rank 0 F32[1], rank 1 F32[2]"),
+                "{m}"
+            );
         }
     }
 }

@@ -6,6 +6,7 @@ use std::thread::ThreadId;
 use mpi::collective::SystemOperation;
 use mpi::datatype::PartitionMut;
 use mpi::environment::{Threading, Universe};
+use mpi::topology::Communicator as _;
 use mpi::topology::SimpleCommunicator;
 use mpi::traits::*;
 
@@ -147,7 +148,11 @@ impl Communicator for MpiCommunicator {
     }
 
     fn all_reduce_sum_f32_into(&self, send: &[f32], recv: &mut [f32]) -> Result<()> {
-        assert_eq!(send.len(), recv.len(), "all_reduce_sum_f32_into: lengths differ");
+        assert_eq!(
+            send.len(),
+            recv.len(),
+            "all_reduce_sum_f32_into: lengths differ"
+        );
         let _g = self.guard()?;
         self.sum_into(send, recv);
         Ok(())
@@ -206,7 +211,8 @@ impl Communicator for MpiCommunicator {
     fn all_gather_bytes(&self, mine: &[u8]) -> Result<Vec<Vec<u8>>> {
         let _g = self.guard()?;
         let mut lens = vec![0u64; self.size];
-        self.world.all_gather_into(&(mine.len() as u64), &mut lens[..]);
+        self.world
+            .all_gather_into(&(mine.len() as u64), &mut lens[..]);
         let total: u64 = lens.iter().sum();
         if total > i32::MAX as u64 {
             return Err(DistError::TooLarge {

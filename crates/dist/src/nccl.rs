@@ -7,8 +7,8 @@
 
 use std::sync::Mutex;
 
-use cudarc::nccl::safe::{Comm, Id, ReduceOp};
 use candle_core::{CudaStorage, DType, Device, InplaceOp1, Layout, Tensor};
+use cudarc::nccl::safe::{Comm, Id, ReduceOp};
 
 use crate::error::{DistError, Result};
 use crate::{select_cuda_ordinal, Communicator, DeviceCollectives};

@@ -4,9 +4,11 @@
 //! with `cuModuleLoadData` into the context of the candle device the tensors live on, on first use.
 //! Kernels run on the device's stream, ordered with candle's own work.
 
-use crate::noising::{NoiseKey, NoisingOp};
+use crate::noising::{NoiseKey, NoisingOp, Prediction};
 use crate::sampler::SamplerStepOp;
-use candle_core::cuda_backend::cudarc::driver::{CudaModule, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaModule, CudaSlice, CudaView, LaunchConfig, PushKernelArg,
+};
 use candle_core::cuda_backend::cudarc::nvrtc::Ptx;
 use candle_core::cuda_backend::{CudaDevice, DeviceId, WrapErr};
 use candle_core::{CudaStorage, Layout, Shape, Tensor};
@@ -80,33 +82,60 @@ pub(crate) fn noising_fwd(
     }
     let mut shape = vec![3];
     shape.extend_from_slice(l.shape().dims());
-    let total = 3 * b * n;
-    let mut out = unsafe { dev.alloc::<f32>(total)? };
+    // SAFETY: every element is written by the kernel below (each of the b * n elements of each plane
+    // belongs to exactly one thread's Philox block).
+    let mut out = unsafe { dev.alloc::<f32>(3 * b * n)? };
     if b * n > 0 {
         let x0 = s.as_cuda_slice::<f32>()?.slice(l.start_offset()..);
         let coef: Vec<f32> = op.coefs.iter().flatten().copied().collect();
         let coef = dev.clone_htod(&coef)?;
-        let func = module(dev)?.load_function("ddpm_fused_noising_f32").w()?;
-        let stream = dev.cuda_stream();
-        let (seed_lo, seed_hi) = seed_words(op.key.seed);
-        let (bu, nu) = (b as u32, n as u32);
-        let step = op.key.step as u32;
-        let ex0 = op.key.first_example as u32;
-        let pred = op.pred.code();
-        let mut lb = stream.launch_builder(&func);
-        lb.arg(&x0)
-            .arg(&mut out)
-            .arg(&coef)
-            .arg(&bu)
-            .arg(&nu)
-            .arg(&seed_lo)
-            .arg(&seed_hi)
-            .arg(&step)
-            .arg(&ex0)
-            .arg(&pred);
-        unsafe { lb.launch(grid(b, n)) }.w()?;
+        launch_noising(dev, &x0, &mut out, &coef, b, n, op.key, op.pred)?;
     }
     Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), Shape::from(shape)))
+}
+
+/// The noising kernel on caller-owned buffers, without the op's allocation and coefficient upload (for
+/// benchmarks): `x0` holds `batch * n` floats, `out` at least `3 * batch * n` (x_t | noise | target) and
+/// `coef` `2 * batch` (sqrt_ac, sqrt_1m_ac per example).
+#[allow(clippy::too_many_arguments)]
+pub fn launch_noising(
+    dev: &CudaDevice,
+    x0: &CudaView<'_, f32>,
+    out: &mut CudaSlice<f32>,
+    coef: &CudaSlice<f32>,
+    batch: usize,
+    n: usize,
+    key: NoiseKey,
+    pred: Prediction,
+) -> candle_core::Result<()> {
+    if x0.len() < batch * n || out.len() < 3 * batch * n || coef.len() < 2 * batch || n >= 1 << 31 {
+        candle_core::bail!("launch_noising: buffers too small for {batch} x {n}");
+    }
+    if batch * n == 0 {
+        return Ok(());
+    }
+    let func = module(dev)?.load_function("ddpm_fused_noising_f32").w()?;
+    let stream = dev.cuda_stream();
+    let (seed_lo, seed_hi) = seed_words(key.seed);
+    let (bu, nu) = (batch as u32, n as u32);
+    let step = key.step as u32;
+    let ex0 = key.first_example as u32;
+    let pred = pred.code();
+    let mut lb = stream.launch_builder(&func);
+    lb.arg(x0)
+        .arg(out)
+        .arg(coef)
+        .arg(&bu)
+        .arg(&nu)
+        .arg(&seed_lo)
+        .arg(&seed_hi)
+        .arg(&step)
+        .arg(&ex0)
+        .arg(&pred);
+    // SAFETY: the argument list matches the kernel's signature in ddpm_kernels.cu and the buffers were
+    // checked to be large enough above.
+    unsafe { lb.launch(grid(batch, n)) }.w()?;
+    Ok(())
 }
 
 pub(crate) fn sampler_step_fwd(
@@ -125,6 +154,7 @@ pub(crate) fn sampler_step_fwd(
     }
     let mut shape = vec![2];
     shape.extend_from_slice(l1.shape().dims());
+    // SAFETY: the kernel writes every element of both planes.
     let mut out = unsafe { dev.alloc::<f32>(2 * b * n)? };
     if b * n > 0 {
         let xt = s1.as_cuda_slice::<f32>()?.slice(l1.start_offset()..);
@@ -165,6 +195,8 @@ pub(crate) fn sampler_step_fwd(
             .arg(&clip)
             .arg(&lo)
             .arg(&hi);
+        // SAFETY: the argument list matches ddpm_sampler_step_f32; all buffers hold b * n floats
+        // (2 * b * n for `out`), checked through the layouts above.
         unsafe { lb.launch(grid(b, n)) }.w()?;
     }
     Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), Shape::from(shape)))
@@ -179,6 +211,7 @@ pub(crate) fn philox_normal(
     let dims = shape.dims();
     let b = dims[0];
     let n: usize = dims[1..].iter().product();
+    // SAFETY: the kernel writes every element.
     let mut out = unsafe { dev.alloc::<f32>(b * n)? };
     if b * n > 0 {
         let func = module(dev)?.load_function("ddpm_philox_normal_f32").w()?;
@@ -196,6 +229,7 @@ pub(crate) fn philox_normal(
             .arg(&stream_tag)
             .arg(&step)
             .arg(&ex0);
+        // SAFETY: the argument list matches ddpm_philox_normal_f32; `out` holds b * n floats.
         unsafe { lb.launch(grid(b, n)) }.w()?;
     }
     let storage = candle_core::Storage::Cuda(CudaStorage::wrap_cuda_slice(out, dev.clone()));

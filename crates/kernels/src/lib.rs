@@ -46,6 +46,9 @@ mod util;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 
+#[cfg(test)]
+mod cuda_source_tests;
+
 pub use error::KernelError;
 pub use noising::{
     fused_noising, noise_coefficients, unfused_noising, NoiseKey, Noised, NoisingOp, Prediction,

@@ -82,12 +82,22 @@ pub struct StreamKey {
 
 impl StreamKey {
     pub fn new(seed: u64, stream: Stream, step: u64, example: u64) -> Self {
-        Self { seed, stream: stream as u32, step, example }
+        Self {
+            seed,
+            stream: stream as u32,
+            step,
+            example,
+        }
     }
 
     /// Dropout layer `layer` gets its own stream so the masks of two layers are independent.
     pub fn dropout(seed: u64, layer: u32, step: u64, example: u64) -> Self {
-        Self { seed, stream: Stream::Dropout as u32 + layer, step, example }
+        Self {
+            seed,
+            stream: Stream::Dropout as u32 + layer,
+            step,
+            example,
+        }
     }
 
     #[inline]
@@ -229,7 +239,10 @@ mod tests {
     #[test]
     fn philox_known_answer() {
         // Random123 kat_vectors: philox4x32 10 rounds.
-        assert_eq!(philox4x32_10([0; 4], [0; 2]), [0x6627e8d5, 0xe169c58d, 0xbc57ac4c, 0x9b00dbd8]);
+        assert_eq!(
+            philox4x32_10([0; 4], [0; 2]),
+            [0x6627e8d5, 0xe169c58d, 0xbc57ac4c, 0x9b00dbd8]
+        );
         assert_eq!(
             philox4x32_10([u32::MAX; 4], [u32::MAX; 2]),
             [0x408f276d, 0x41c83b0e, 0xa20bc7c6, 0x6d5451fd]
@@ -247,7 +260,10 @@ mod tests {
     fn portable_math_is_accurate() {
         for i in 1..10_000 {
             let x = i as f32 / 10_000.0;
-            assert!((portable_ln(x) - x.ln()).abs() <= 4e-7 * (1.0 + x.ln().abs()), "ln {x}");
+            assert!(
+                (portable_ln(x) - x.ln()).abs() <= 4e-7 * (1.0 + x.ln().abs()),
+                "ln {x}"
+            );
             let (s, c) = portable_sincos_2pi(x);
             let a = x as f64 * std::f64::consts::TAU;
             assert!((s as f64 - a.sin()).abs() < 2e-6, "sin {x}");

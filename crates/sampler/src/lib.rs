@@ -17,5 +17,7 @@ pub mod steps;
 pub use denoiser::{Denoiser, EncoderClassifier, NoisyClassifier, UNetDenoiser};
 pub use error::{Result, SamplerError};
 pub use guidance::{classifier_grad, guided_model_output, ClassifierGuidance, Guidance};
-pub use sampler::{heun_timesteps, respacing_for, BatchSpec, Sampler, SamplerKind, SamplerSettings};
-pub use steps::{ancestral_step, ddim_step, guided_eps, AncestralStep, DdimOptions, DdimResult, ScaledGrad};
+pub use sampler::{heun_timesteps, respacing_for, BatchSpec, Progress, Sampler, SamplerKind, SamplerSettings};
+pub use steps::{
+    ancestral_step, ddim_step, fused_step, guided_eps, AncestralStep, DdimOptions, DdimResult, FusedUpdate, ScaledGrad,
+};

@@ -26,14 +26,14 @@
 
 use candle_core::{DType, Device, Tensor};
 use ddpm_diffusion::steps::DpmSolverPp2m;
-use ddpm_diffusion::{space_timesteps, GaussianDiffusion, ModelMeanType, ModelVarType};
-use ddpm_kernels::{fused_sampler_step, philox_normal, NoiseKey, Prediction, StepCoefs, StepNoise};
+use ddpm_diffusion::{space_timesteps, GaussianDiffusion, ModelVarType};
+use ddpm_kernels::{philox_normal, NoiseKey, StepNoise};
 use ddpm_rng::Stream;
 
 use crate::denoiser::Denoiser;
 use crate::error::{Result, SamplerError};
 use crate::guidance::{classifier_grad, guided_model_output, Guidance};
-use crate::steps::{ancestral_step, ddim_step, guided_eps, DdimOptions, ScaledGrad};
+use crate::steps::{ancestral_step, ddim_step, fused_step, guided_eps, DdimOptions, FusedUpdate, ScaledGrad};
 
 /// Which sampler.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -107,6 +107,18 @@ impl SamplerSettings {
     }
 }
 
+/// Reported to the caller after every model evaluation.
+#[derive(Debug, Clone, Copy)]
+pub struct Progress<'a> {
+    /// Model evaluations done so far for this batch.
+    pub evals: usize,
+    /// Model evaluations the batch needs in all.
+    pub total: usize,
+    /// The sample after a completed sampler step (VP coordinates, like `x_T`); `None` after the
+    /// first evaluation of a two-evaluation Heun step.
+    pub sample: Option<&'a Tensor>,
+}
+
 /// A batch to generate.
 #[derive(Debug, Clone)]
 pub struct BatchSpec<'a> {
@@ -154,7 +166,10 @@ pub fn respacing_for(kind: SamplerKind, num_timesteps: usize, spec: Option<&str>
         (SamplerKind::Ddim, Some(s)) if plain_count(s).is_some() => {
             space_timesteps(num_timesteps, &format!("ddim{s}")).or_else(|_| space_timesteps(num_timesteps, s))?
         }
-        (_, Some(s)) => space_timesteps(num_timesteps, s)?,
+        (SamplerKind::Ddpm | SamplerKind::Ddim, Some(s)) => space_timesteps(num_timesteps, s)?,
+        (other, _) => {
+            return Err(SamplerError::Config(format!("{other} does not run on a respaced process")));
+        }
     })
 }
 
@@ -197,14 +212,6 @@ pub fn heun_timesteps(full: &GaussianDiffusion, n: usize) -> Result<(Vec<usize>,
     let mut sigmas: Vec<f64> = ts.iter().map(|&t| sig[t]).collect();
     sigmas.push(0.0);
     Ok((ts, sigmas))
-}
-
-fn kernel_prediction(m: ModelMeanType) -> Prediction {
-    match m {
-        ModelMeanType::Epsilon => Prediction::Epsilon,
-        ModelMeanType::V => Prediction::V,
-        ModelMeanType::StartX => Prediction::StartX,
-    }
 }
 
 impl Sampler {
@@ -302,13 +309,18 @@ impl Sampler {
             && matches!(self.full.var_type, ModelVarType::FixedSmall | ModelVarType::FixedLarge)
     }
 
-    /// Generates one batch; `progress` is called after every model evaluation with the number done.
-    pub fn sample(
+    /// Generates one batch.
+    pub fn sample(&self, model: &dyn Denoiser, guidance: &Guidance<'_>, batch: &BatchSpec<'_>) -> Result<Tensor> {
+        self.sample_observed(model, guidance, batch, &mut |_| {})
+    }
+
+    /// Generates one batch, calling `progress` after every model evaluation.
+    pub fn sample_observed(
         &self,
         model: &dyn Denoiser,
         guidance: &Guidance<'_>,
         batch: &BatchSpec<'_>,
-        progress: &mut dyn FnMut(usize),
+        progress: &mut dyn FnMut(Progress<'_>),
     ) -> Result<Tensor> {
         let b = batch.shape[0];
         if let Some(l) = batch.labels {
@@ -375,7 +387,7 @@ impl Sampler {
         batch: &BatchSpec<'_>,
         labels: Option<&Tensor>,
         mut x: Tensor,
-        progress: &mut dyn FnMut(usize),
+        progress: &mut dyn FnMut(Progress<'_>),
     ) -> Result<Tensor> {
         let b = batch.shape[0];
         let n = d.num_timesteps();
@@ -389,7 +401,13 @@ impl Sampler {
             let step = i as u64 + 1;
             let needs_noise = !ddim || opts.eta > 0.0;
             if fused {
-                x = self.fused_step(d, k, &out, &x, batch, step, needs_noise)?;
+                let update = if ddim { FusedUpdate::Ddim { eta: opts.eta } } else { FusedUpdate::Ddpm };
+                let noise = if needs_noise {
+                    StepNoise::Philox(NoiseKey { seed: batch.seed, step, first_example: batch.first_index })
+                } else {
+                    StepNoise::None
+                };
+                x = fused_step(d, update, opts.clip_denoised, &out, &x, &t, noise)?.0;
             } else {
                 let mut slot = None;
                 let g = self.grad(guidance, &x, &t_model, labels, &mut slot)?;
@@ -401,45 +419,9 @@ impl Sampler {
                     ancestral_step(d, &out, &x, &t, &z, self.settings.clip_denoised, g)?.x_prev
                 };
             }
-            progress(i + 1);
+            progress(Progress { evals: i + 1, total: n, sample: Some(&x) });
         }
         Ok(x)
-    }
-
-    /// The DDPM / DDIM update through ddpm-kernels' fused op (fixed variance, no classifier guidance).
-    #[allow(clippy::too_many_arguments)]
-    fn fused_step(
-        &self,
-        d: &GaussianDiffusion,
-        k: usize,
-        out: &Tensor,
-        x: &Tensor,
-        batch: &BatchSpec<'_>,
-        step: u64,
-        needs_noise: bool,
-    ) -> Result<Tensor> {
-        let s = &d.schedule;
-        let (a, ap) = (s.alphas_cumprod[k], s.alphas_cumprod_prev[k]);
-        let pred = kernel_prediction(d.mean_type);
-        let coefs = if self.settings.kind == SamplerKind::Ddim {
-            StepCoefs::ddim(pred, a, ap, self.settings.eta)
-        } else {
-            let log_var = match d.var_type {
-                ModelVarType::FixedSmall => s.posterior_log_variance_clipped[k],
-                _ => s.fixed_large_log_variance[k],
-            };
-            // improved-diffusion adds no noise at the last step (t == 0).
-            let sigma = if k == 0 { 0.0 } else { (0.5 * log_var).exp() };
-            StepCoefs::ddpm(pred, a, ap, sigma)
-        };
-        let noise = if needs_noise {
-            StepNoise::Philox(NoiseKey { seed: batch.seed, step, first_example: batch.first_index })
-        } else {
-            StepNoise::None
-        };
-        let clip = self.settings.clip_denoised.then_some((-1.0f32, 1.0f32));
-        let coefs = vec![coefs; x.dim(0)?];
-        Ok(fused_sampler_step(x, out, &coefs, clip, noise)?.x_prev)
     }
 
     fn sample_dpm_solver(
@@ -449,7 +431,7 @@ impl Sampler {
         guidance: &Guidance<'_>,
         labels: Option<&Tensor>,
         mut x: Tensor,
-        progress: &mut dyn FnMut(usize),
+        progress: &mut dyn FnMut(Progress<'_>),
     ) -> Result<Tensor> {
         let full = &self.full;
         let b = x.dim(0)?;
@@ -464,7 +446,7 @@ impl Sampler {
             let g = self.grad(guidance, &x, &t_model, labels, &mut slot)?;
             let eps = guided_eps(full, &out, &x, &t_model, g)?;
             x = solver.step(&eps, &x)?.x_next;
-            progress(i + 1);
+            progress(Progress { evals: i + 1, total: n, sample: Some(&x) });
         }
         Ok(x)
     }
@@ -478,34 +460,38 @@ impl Sampler {
         guidance: &Guidance<'_>,
         labels: Option<&Tensor>,
         x_vp: Tensor,
-        progress: &mut dyn FnMut(usize),
+        progress: &mut dyn FnMut(Progress<'_>),
     ) -> Result<Tensor> {
         let full = &self.full;
         let b = x_vp.dim(0)?;
+        let total = self.num_model_evals();
         let mut evals = 0usize;
-        // d x_ve / d sigma at (x_ve, sigma_i): the model sees the VP sample x_ve / sqrt(1 + sigma^2).
-        let mut slope = |x_ve: &Tensor, t: usize, sigma: f64| -> Result<Tensor> {
-            let x_in = x_ve.affine(1.0 / (1.0 + sigma * sigma).sqrt(), 0.0)?;
+        // d x_ve / d sigma at (x_ve, sigma): the model sees the VP sample x_ve / sqrt(1 + sigma^2).
+        let vp = |x_ve: &Tensor, sigma: f64| x_ve.affine(1.0 / (1.0 + sigma * sigma).sqrt(), 0.0);
+        let slope = |x_ve: &Tensor, t: usize, sigma: f64| -> Result<Tensor> {
+            let x_in = vp(x_ve, sigma)?;
             let t_model = vec![t; b];
             let out = guided_model_output(model, full, guidance, &x_in, &t_model, labels)?;
             let mut slot = None;
             let g = self.grad(guidance, &x_in, &t_model, labels, &mut slot)?;
-            let eps = guided_eps(full, &out, &x_in, &t_model, g)?;
-            evals += 1;
-            progress(evals);
-            Ok(eps)
+            guided_eps(full, &out, &x_in, &t_model, g)
         };
         let mut x = x_vp.affine((1.0 + sigmas[0] * sigmas[0]).sqrt(), 0.0)?;
         for i in 0..timesteps.len() {
             let (s, s_next) = (sigmas[i], sigmas[i + 1]);
             let d = slope(&x, timesteps[i], s)?;
+            evals += 1;
             let euler = x.add(&d.affine(s_next - s, 0.0)?)?;
             x = if s_next > 0.0 {
+                progress(Progress { evals, total, sample: None });
                 let d2 = slope(&euler, timesteps[i + 1], s_next)?;
+                evals += 1;
                 x.add(&d.add(&d2)?.affine(0.5 * (s_next - s), 0.0)?)?
             } else {
                 euler
             };
+            let x_now = vp(&x, s_next)?;
+            progress(Progress { evals, total, sample: Some(&x_now) });
         }
         Ok(x)
     }

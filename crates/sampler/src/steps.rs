@@ -9,10 +9,14 @@
 //! cases through this crate.
 
 use candle_core::Tensor;
-use ddpm_diffusion::steps::{condition_mean, condition_score, ddim_update, ddpm_update};
+use ddpm_diffusion::steps::{condition_score, ddim_update, ddpm_update};
 use ddpm_diffusion::{GaussianDiffusion, PMeanVariance};
 
 use crate::error::Result;
+
+/// guided-diffusion `condition_mean`, as the ancestral sampler applies it (re-exported so the
+/// `guidance.json` cases can run through this crate).
+pub use ddpm_diffusion::steps::condition_mean;
 
 /// A classifier gradient `grad_x log p(y | x_t)` and the guidance scale it is applied with.
 #[derive(Debug, Clone, Copy)]
@@ -121,4 +125,67 @@ pub fn guided_eps(
             Ok(condition_score(full, x_t, t, &x0, g.grad, g.scale)?.eps)
         }
     }
+}
+
+/// Which update [`fused_step`] performs.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum FusedUpdate {
+    /// Ancestral step with the process's fixed variance.
+    Ddpm,
+    /// DDIM step with this eta.
+    Ddim { eta: f64 },
+}
+
+/// The DDPM / DDIM update of [`ancestral_step`] / [`ddim_step`] (without guidance) through
+/// ddpm-kernels' fused op: x0 from the model output, optional clipping, and the update with its noise
+/// in one pass over memory. Only for fixed variances and f32 tensors; per-sample `t` index
+/// `diffusion`'s own (possibly respaced) tables. Returns `(x_prev, pred_xstart)`.
+pub fn fused_step(
+    diffusion: &GaussianDiffusion,
+    update: FusedUpdate,
+    clip_denoised: bool,
+    model_output: &Tensor,
+    x_t: &Tensor,
+    t: &[usize],
+    noise: ddpm_kernels::StepNoise<'_>,
+) -> Result<(Tensor, Tensor)> {
+    use crate::error::SamplerError;
+    use ddpm_diffusion::{ModelMeanType, ModelVarType};
+    use ddpm_kernels::{Prediction, StepCoefs};
+    let s = &diffusion.schedule;
+    s.check_timesteps(t)?;
+    if t.len() != x_t.dim(0)? {
+        return Err(SamplerError::Config(format!("{} timesteps for a batch of {}", t.len(), x_t.dim(0)?)));
+    }
+    let pred = match diffusion.mean_type {
+        ModelMeanType::Epsilon => Prediction::Epsilon,
+        ModelMeanType::V => Prediction::V,
+        ModelMeanType::StartX => Prediction::StartX,
+    };
+    let coefs: Vec<StepCoefs> = t
+        .iter()
+        .map(|&k| {
+            let (a, ap) = (s.alphas_cumprod[k], s.alphas_cumprod_prev[k]);
+            match update {
+                FusedUpdate::Ddim { eta } => Ok(StepCoefs::ddim(pred, a, ap, eta)),
+                FusedUpdate::Ddpm => {
+                    let log_var = match diffusion.var_type {
+                        ModelVarType::FixedSmall => s.posterior_log_variance_clipped[k],
+                        ModelVarType::FixedLarge => s.fixed_large_log_variance[k],
+                        other => {
+                            return Err(SamplerError::Config(format!(
+                                "the fused update needs a fixed variance, not {other:?}"
+                            )))
+                        }
+                    };
+                    // improved-diffusion adds no noise at the last step (t == 0).
+                    let sigma = if k == 0 { 0.0 } else { (0.5 * log_var).exp() };
+                    Ok(StepCoefs::ddpm(pred, a, ap, sigma))
+                }
+            }
+        })
+        .collect::<Result<_>>()?;
+    let clip = clip_denoised.then_some((-1.0f32, 1.0f32));
+    let out = ddpm_kernels::fused_sampler_step(x_t, model_output, &coefs, clip, noise)?;
+    Ok((out.x_prev, out.x0_pred))
 }

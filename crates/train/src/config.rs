@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-pub use ddpm_unet::UNetConfig;
+pub use ddpm_unet::{EncoderUNetConfig, UNetConfig};
 
 /// Keys left out of the config hash: they change what is logged, saved or previewed, or where, but
 /// not the training trajectory, so a run may be resumed with different values.
@@ -25,6 +25,16 @@ pub enum ConfigError {
     Invalid { key: String, msg: String },
     #[error("{0}")]
     Parse(String),
+}
+
+/// Re-keys an error of a nested config's own validation (`num_heads ...` -> `model.num_heads ...`).
+fn prefixed(table: &str, e: ddpm_unet::UNetError) -> ConfigError {
+    match e {
+        ddpm_unet::UNetError::Config { field, message } => {
+            ConfigError::Invalid { key: format!("{table}.{field}"), msg: message }
+        }
+        other => ConfigError::Invalid { key: table.to_string(), msg: format!("is invalid: {other}") },
+    }
 }
 
 fn invalid(key: &str, msg: impl Into<String>) -> ConfigError {
@@ -226,7 +236,12 @@ pub struct TrainConfig {
     /// Run directory (checkpoints, metrics, pictures); `--out` overrides.
     #[serde(default)]
     pub out_dir: Option<PathBuf>,
-    pub model: UNetConfig,
+    /// The denoising U-Net (task = "diffusion").
+    #[serde(default)]
+    pub model: Option<UNetConfig>,
+    /// The noise-aware classifier (task = "classifier").
+    #[serde(default)]
+    pub classifier: Option<EncoderUNetConfig>,
     #[serde(default)]
     pub diffusion: DiffusionConfig,
     pub data: DataConfig,
@@ -267,6 +282,47 @@ fn d_preview_steps() -> usize {
 }
 fn d_per_class() -> usize {
     8
+}
+
+impl Variance {
+    pub fn name(self) -> &'static str {
+        match self {
+            Variance::FixedSmall => "fixed_small",
+            Variance::FixedLarge => "fixed_large",
+            Variance::LearnedRange => "learned_range",
+        }
+    }
+}
+
+impl DiffusionConfig {
+    /// The equivalent `ddpm_diffusion` config, from which trainer and sampler build the same process.
+    pub fn to_diffusion(&self) -> ddpm_diffusion::DiffusionConfig {
+        use ddpm_diffusion::{BetaSchedule, LossType, ModelMeanType, ModelVarType};
+        ddpm_diffusion::DiffusionConfig {
+            beta_schedule: match self.schedule {
+                Schedule::Linear => BetaSchedule::Linear,
+                Schedule::Cosine => BetaSchedule::Cosine,
+            },
+            num_timesteps: self.timesteps,
+            mean_type: match self.prediction {
+                Prediction::Eps => ModelMeanType::Epsilon,
+                Prediction::V => ModelMeanType::V,
+                Prediction::X0 => ModelMeanType::StartX,
+            },
+            var_type: match self.variance {
+                Variance::FixedSmall => ModelVarType::FixedSmall,
+                Variance::FixedLarge => ModelVarType::FixedLarge,
+                Variance::LearnedRange => ModelVarType::LearnedRange,
+            },
+            loss_type: match self.loss {
+                Loss::Simple => LossType::Mse,
+                Loss::Hybrid => LossType::RescaledMse,
+                Loss::Vlb => LossType::RescaledKl,
+            },
+            rescale_timesteps: false,
+            min_snr_gamma: self.min_snr_gamma,
+        }
+    }
 }
 
 /// Command-line changes applied on top of the file, in this order: `--set`s, then the plain flags.
@@ -320,21 +376,41 @@ impl TrainConfig {
 
     /// Checks every value; the error names the offending key.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let m = &self.model;
-        m.validate().map_err(|e| ConfigError::Invalid { key: "model".into(), msg: format!("is invalid: {e}") })?;
+        let num_classes = match (self.task, &self.model, &self.classifier) {
+            (Task::Diffusion, None, _) => return Err(invalid("model", "table is missing (needed for task = \"diffusion\")")),
+            (Task::Diffusion, Some(_), Some(_)) => {
+                return Err(invalid("classifier", "table is only used with task = \"classifier\"; remove it"))
+            }
+            (Task::Classifier, _, None) => {
+                return Err(invalid("classifier", "table is missing (needed for task = \"classifier\")"))
+            }
+            (Task::Classifier, Some(_), _) => {
+                return Err(invalid("model", "table is only used with task = \"diffusion\"; remove it"))
+            }
+            (Task::Diffusion, Some(m), None) => {
+                m.validate().map_err(|e| prefixed("model", e))?;
+                m.num_classes
+            }
+            (Task::Classifier, None, Some(c)) => {
+                c.validate().map_err(|e| prefixed("classifier", e))?;
+                Some(c.num_classes)
+            }
+        };
         let d = &self.diffusion;
         if d.timesteps < 2 || d.timesteps > 100_000 {
             return Err(invalid("diffusion.timesteps", format!("must be in 2..=100000, got {}", d.timesteps)));
         }
         let learned = d.variance == Variance::LearnedRange;
-        if learned != m.learn_sigma {
-            return Err(invalid(
-                "model.learn_sigma",
-                format!(
-                    "must be {learned} when diffusion.variance = {:?} (the model outputs the variance only when it is learned)",
-                    d.variance
-                ),
-            ));
+        if let Some(m) = &self.model {
+            if learned != m.learn_sigma {
+                return Err(invalid(
+                    "model.learn_sigma",
+                    format!(
+                        "must be {learned} when diffusion.variance = \"{}\" (the model outputs the variance only when it is learned)",
+                        d.variance.name()
+                    ),
+                ));
+            }
         }
         if d.loss == Loss::Hybrid && !learned {
             return Err(invalid(
@@ -346,12 +422,18 @@ impl TrainConfig {
             if !(g.is_finite() && g > 0.0) {
                 return Err(invalid("diffusion.min_snr_gamma", format!("must be > 0, got {g}")));
             }
+            if d.loss == Loss::Vlb {
+                return Err(invalid("diffusion.min_snr_gamma", "weights the MSE term and cannot be used with loss = \"vlb\""));
+            }
         }
         if !(0.0..1.0).contains(&d.label_dropout) {
             return Err(invalid("diffusion.label_dropout", format!("must be in [0, 1), got {}", d.label_dropout)));
         }
-        if d.label_dropout > 0.0 && m.num_classes.is_none() {
-            return Err(invalid("diffusion.label_dropout", "> 0 needs a class-conditional model (model.num_classes)"));
+        if d.label_dropout > 0.0 && (num_classes.is_none() || self.task == Task::Classifier) {
+            return Err(invalid(
+                "diffusion.label_dropout",
+                "> 0 needs a class-conditional diffusion model (model.num_classes)",
+            ));
         }
 
         if self.data.path.as_os_str().is_empty() {
@@ -446,9 +528,6 @@ impl TrainConfig {
             }
         }
 
-        if self.task == Task::Classifier && m.num_classes.is_none() {
-            return Err(invalid("model.num_classes", "must be set for task = \"classifier\" (the number of classes)"));
-        }
         match &self.out_dir {
             None => return Err(invalid("out_dir", "must be set (in the config or with --out)")),
             Some(p) if p.as_os_str().is_empty() => return Err(invalid("out_dir", "must not be empty")),

@@ -1,12 +1,21 @@
 //! The ddpm-rs training job: configuration, training loop, EMA, AdamW, checkpoints, metrics.
 //!
 //! The binary (`src/main.rs`) is a thin CLI over [`trainer::train`]; the library is public so the
-//! sampler can read checkpoints ([`checkpoint`]) and tests can drive training in-process.
+//! sampler can read checkpoints and configs ([`checkpoint`], [`config`]) and tests can drive
+//! training in-process.
 
 pub mod atomic;
+pub mod checkpoint;
+pub mod config;
 pub mod ema;
 pub mod metrics;
 pub mod optim;
 pub mod plot;
+pub mod preview;
 pub mod signals;
 pub mod timesteps;
+pub mod trainer;
+
+pub use checkpoint::{find_latest, Checkpoint, Manifest};
+pub use config::{Overrides, Task, TrainConfig};
+pub use trainer::{inspect_model, train, ResumeFrom, TrainOptions, TrainOutcome};

@@ -1,1 +1,166 @@
-fn main() {}
+//! `ddpm-train`: trains a DDPM (or a noise-aware classifier) from a TOML config, on one process or
+//! on every rank of an `mpirun`/`srun` job.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Result};
+use clap::{Args, Parser, Subcommand};
+use ddpm_train::config::{Overrides, TrainConfig};
+use ddpm_train::signals::{StopFlag, EXIT_PREEMPTED};
+use ddpm_train::trainer::{train, ResumeFrom, TrainOptions};
+
+#[derive(Parser)]
+#[command(
+    name = "ddpm-train",
+    version,
+    about = "Train a DDPM (data-parallel under mpirun/srun) from a TOML config",
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// Continue from a checkpoint: `auto` (newest valid one in the run directory, or start fresh),
+    /// a checkpoint directory, or a run directory.
+    #[arg(long, value_name = "auto|PATH")]
+    resume: Option<String>,
+    /// Where to train: `cpu`, or `cuda` (needs a build with `--features cuda`; one GPU per rank).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// No progress bar even on a terminal (log lines instead).
+    #[arg(long)]
+    no_progress: bool,
+}
+
+#[derive(Args, Clone)]
+struct ConfigArgs {
+    /// Training config (TOML).
+    #[arg(long, required = true)]
+    config: Option<PathBuf>,
+    /// Override a config value, e.g. `--set optim.lr=1e-4` (value parsed as TOML). Repeatable.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    sets: Vec<String>,
+    /// Total training steps (schedule.total_steps).
+    #[arg(long)]
+    steps: Option<u64>,
+    /// Per-rank batch size (data.batch).
+    #[arg(long)]
+    batch: Option<usize>,
+    /// Run directory (out_dir).
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Print the parameter count and the per-level summary of the config's model.
+    InspectModel(ConfigArgs),
+    /// Validate a config (with overrides) and print it resolved, with its hash.
+    CheckConfig(ConfigArgs),
+}
+
+impl ConfigArgs {
+    fn load(&self) -> Result<TrainConfig> {
+        let Some(path) = &self.config else { bail!("--config FILE is required") };
+        let ov = Overrides { sets: self.sets.clone(), steps: self.steps, batch: self.batch, out: self.out.clone() };
+        // inspect-model and check-config need no run directory
+        let cfg = match TrainConfig::load(path, &ov) {
+            Err(ddpm_train::config::ConfigError::Invalid { key, .. }) if key == "out_dir" && ov.out.is_none() => {
+                let ov = Overrides { out: Some(PathBuf::from("runs/unnamed")), ..ov };
+                let mut c = TrainConfig::load(path, &ov)?;
+                c.out_dir = None;
+                c
+            }
+            other => other?,
+        };
+        Ok(cfg)
+    }
+}
+
+fn init_tracing(rank: usize) {
+    let default = if rank == 0 { "info" } else { "warn" };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).try_init();
+}
+
+fn rank_from_env() -> usize {
+    ["OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok()?.parse().ok())
+        .unwrap_or(0)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(rank_from_env());
+    let result = match &cli.cmd {
+        Some(Cmd::InspectModel(a)) => a.load().and_then(|c| {
+            println!("{}", ddpm_train::inspect_model(&c)?);
+            Ok(ExitCode::SUCCESS)
+        }),
+        Some(Cmd::CheckConfig(a)) => a.load().map(|c| {
+            print!("{}", c.to_toml());
+            println!("# config hash (excluding {}): {}", ddpm_train::config::HASH_EXCLUDED_KEYS.join(", "), c.hash());
+            ExitCode::SUCCESS
+        }),
+        None => run_training(&cli),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_training(cli: &Cli) -> Result<ExitCode> {
+    let cfg = {
+        let Some(path) = &cli.config.config else { bail!("--config FILE is required") };
+        let a = &cli.config;
+        TrainConfig::load(path, &Overrides { sets: a.sets.clone(), steps: a.steps, batch: a.batch, out: a.out.clone() })?
+    };
+    let resume = match cli.resume.as_deref() {
+        None => None,
+        Some("auto") => Some(ResumeFrom::Auto),
+        Some(p) => Some(ResumeFrom::Path(PathBuf::from(p))),
+    };
+    let stop = StopFlag::install()?;
+    let (comm, device) = match cli.device.as_str() {
+        "cpu" => (ddpm_dist::init()?, candle_core::Device::Cpu),
+        #[cfg(feature = "cuda")]
+        "cuda" => ddpm_dist::init_cuda()?,
+        #[cfg(not(feature = "cuda"))]
+        "cuda" => bail!("--device cuda: this ddpm-train was built without the `cuda` feature"),
+        other => bail!("--device must be cpu or cuda, got {other:?}"),
+    };
+    ddpm_dist::install_failure_handlers(&*comm);
+    let opts = TrainOptions { resume, stop, progress_bar: !cli.no_progress, device };
+    match train(&cfg, &*comm, opts) {
+        Ok(out) => {
+            if comm.rank() == 0 {
+                let ck = out.checkpoint.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
+                println!("step {} checkpoint {ck}", out.step);
+                if let Some(g) = &out.sample_grid {
+                    println!("samples: {}", g.display());
+                }
+                if let Some(p) = &out.loss_plot {
+                    println!("loss plot: {}", p.display());
+                }
+                println!("metrics: {}", out.run_dir.join("metrics.jsonl").display());
+            }
+            drop(comm);
+            Ok(if out.stopped_by_signal { ExitCode::from(EXIT_PREEMPTED as u8) } else { ExitCode::SUCCESS })
+        }
+        Err(e) => {
+            if comm.world_size() > 1 {
+                ddpm_dist::fail(&*comm, &*Box::<dyn std::error::Error + Send + Sync>::from(format!("{e:#}")));
+            }
+            Err(e)
+        }
+    }
+}

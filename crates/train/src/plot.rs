@@ -255,13 +255,15 @@ mod tests {
         let p = dir.path().join("g.png");
         cv.write_png(&p).unwrap();
         let (w, h, data) = decode(&p);
-        assert_eq!((w, h), (6, 3));
-        let at = |x: usize, y: usize| &data[(y * 6 + x) * 3..(y * 6 + x) * 3 + 3];
+        // 2 gutter pixels around and between the 1x1 images
+        assert_eq!((w, h), (8, 5));
+        let at = |x: usize, y: usize| &data[(y * 8 + x) * 3..(y * 8 + x) * 3 + 3];
         assert_eq!(at(2, 2), &[0, 0, 0]);
-        assert_eq!(at(5, 2), &[40, 40, 40]);
+        assert_eq!(at(5, 2), &[255, 255, 255]);
         assert_eq!(at(3, 2), &[40, 40, 40]);
+        assert_eq!(at(7, 2), &[40, 40, 40]);
         let cv = image_grid(&[-1.0, 1.0], [2, 1, 1, 1], 1, 1);
-        assert_eq!((cv.width, cv.height), (3, 5));
+        assert_eq!((cv.width, cv.height), (5, 8));
     }
 
     #[test]

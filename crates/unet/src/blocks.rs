@@ -3,10 +3,10 @@
 //! [`ParamBuilder`] already prefixed with its own name, so the parameter names below are relative.
 
 use candle_core::{Module, Tensor, D};
+use ddpm_diffusion::embedding::timestep_embedding;
 use candle_nn::Init;
 
 use crate::ctx::ForwardCtx;
-use crate::embedding::timestep_embedding;
 use crate::error::{Result, UNetError};
 use crate::layers::{upsample_nearest2x, Conv2d, GroupNorm, Linear, Proj1x1};
 use crate::params::ParamBuilder;

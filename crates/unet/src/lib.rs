@@ -56,7 +56,6 @@
 pub mod blocks;
 pub mod config;
 pub mod ctx;
-pub mod embedding;
 pub mod encoder;
 pub mod error;
 pub mod layers;

@@ -40,8 +40,6 @@ pub(crate) struct Plan {
     pub input: Vec<Stage>,
     pub middle: Stage,
     pub output: Vec<Stage>,
-    /// Width of the last encoder feature map (and of the middle block).
-    pub bottom_channels: usize,
     /// Width of the decoder's last feature map.
     pub top_channels: usize,
 }
@@ -149,5 +147,5 @@ pub(crate) fn unet_plan(cfg: &UNetConfig) -> Plan {
             });
         }
     }
-    Plan { input, middle, output, bottom_channels: bottom, top_channels: ch }
+    Plan { input, middle, output, top_channels: ch }
 }

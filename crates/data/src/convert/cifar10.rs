@@ -11,8 +11,18 @@ use super::{ConvertSummary, Split};
 use crate::error::{DataError, Result};
 use crate::writer::{DatasetMeta, DatasetWriter, WriteOptions};
 
-pub const CIFAR10_CLASSES: [&str; 10] =
-    ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"];
+pub const CIFAR10_CLASSES: [&str; 10] = [
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+];
 
 const SIDE: usize = 32;
 const PLANE: usize = SIDE * SIDE;
@@ -22,7 +32,11 @@ const RECORD: usize = 1 + 3 * PLANE;
 /// `cifar-10-batches-bin` folder or its parent.
 pub fn cifar10_files(dir: &Path, split: Split) -> Result<Vec<PathBuf>> {
     let nested = dir.join("cifar-10-batches-bin");
-    let base = if nested.is_dir() { nested } else { dir.to_path_buf() };
+    let base = if nested.is_dir() {
+        nested
+    } else {
+        dir.to_path_buf()
+    };
     let names: Vec<String> = match split {
         Split::Train => (1..=5).map(|i| format!("data_batch_{i}.bin")).collect(),
         Split::Test => vec!["test_batch.bin".to_string()],
@@ -34,7 +48,10 @@ pub fn cifar10_files(dir: &Path, split: Split) -> Result<Vec<PathBuf>> {
             if p.is_file() {
                 Ok(p)
             } else {
-                Err(DataError::file(&base, format!("no {name} here (expected the CIFAR-10 binary version)")))
+                Err(DataError::file(
+                    &base,
+                    format!("no {name} here (expected the CIFAR-10 binary version)"),
+                ))
             }
         })
         .collect()
@@ -42,9 +59,17 @@ pub fn cifar10_files(dir: &Path, split: Split) -> Result<Vec<PathBuf>> {
 
 /// Class names from `batches.meta.txt` when present (one per line), else the standard list.
 fn class_names(files: &[PathBuf]) -> Vec<String> {
-    let meta = files.first().and_then(|f| f.parent()).map(|d| d.join("batches.meta.txt"));
+    let meta = files
+        .first()
+        .and_then(|f| f.parent())
+        .map(|d| d.join("batches.meta.txt"));
     if let Some(text) = meta.and_then(|p| std::fs::read_to_string(p).ok()) {
-        let names: Vec<String> = text.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect();
+        let names: Vec<String> = text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(String::from)
+            .collect();
         if names.len() == CIFAR10_CLASSES.len() {
             return names;
         }
@@ -70,7 +95,9 @@ pub fn convert_cifar10(
     let files = cifar10_files(dir, split)?;
     let mut n = 0;
     for f in &files {
-        let len = std::fs::metadata(f).map_err(|e| DataError::io(f, "cannot stat", e))?.len() as usize;
+        let len = std::fs::metadata(f)
+            .map_err(|e| DataError::io(f, "cannot stat", e))?
+            .len() as usize;
         if len == 0 || len % RECORD != 0 {
             return Err(DataError::file(
                 f,
@@ -89,7 +116,13 @@ pub fn convert_cifar10(
         let mut labels = Vec::with_capacity(bytes.len() / RECORD);
         for (i, rec) in bytes.chunks_exact(RECORD).enumerate() {
             if rec[0] as usize >= names.len() {
-                return Err(DataError::file(f, format!("record {i}: label byte {} is not a CIFAR-10 class (0..10)", rec[0])));
+                return Err(DataError::file(
+                    f,
+                    format!(
+                        "record {i}: label byte {} is not a CIFAR-10 class (0..10)",
+                        rec[0]
+                    ),
+                ));
             }
             labels.push(rec[0] as i64);
             record_to_hwc(&rec[1..], &mut hwc);
@@ -101,8 +134,27 @@ pub fn convert_cifar10(
     }
     let chunk_images = writer.chunk_images();
     let num_classes = Some(names.len());
-    let source = format!("cifar10 {} split from {}", split.name(), files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", "));
-    writer.finish(&DatasetMeta { source, class_names: Some(names) })?;
+    let source = format!(
+        "cifar10 {} split from {}",
+        split.name(),
+        files
+            .iter()
+            .map(|f| f.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    writer.finish(&DatasetMeta {
+        source,
+        class_names: Some(names),
+    })?;
     pb.finish_and_clear();
-    Ok(ConvertSummary { out: out.to_path_buf(), n, height: SIDE, width: SIDE, channels: 3, num_classes, chunk_images })
+    Ok(ConvertSummary {
+        out: out.to_path_buf(),
+        n,
+        height: SIDE,
+        width: SIDE,
+        channels: 3,
+        num_classes,
+        chunk_images,
+    })
 }

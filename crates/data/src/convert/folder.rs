@@ -54,7 +54,11 @@ pub fn center_crop_resize(img: &image::DynamicImage, r: u32, grayscale: bool) ->
     let scale = r as f64 / w.min(h) as f64;
     let nw = ((w as f64 * scale).round() as u32).max(r);
     let nh = ((h as f64 * scale).round() as u32).max(r);
-    let resized = if (nw, nh) == (w, h) { img.clone() } else { img.resize_exact(nw, nh, FilterType::CatmullRom) };
+    let resized = if (nw, nh) == (w, h) {
+        img.clone()
+    } else {
+        img.resize_exact(nw, nh, FilterType::CatmullRom)
+    };
     let cropped = resized.crop_imm((nw - r) / 2, (nh - r) / 2, r, r);
     if grayscale {
         cropped.to_luma8().into_raw()
@@ -85,11 +89,20 @@ pub fn convert_folder(
 ) -> Result<ConvertSummary> {
     let _span = tracing::info_span!("convert_folder", dir = %dir.display()).entered();
     if fo.resolution == 0 || fo.resolution > 65_535 {
-        return Err(DataError::Config(format!("resolution {} is outside 1..=65535", fo.resolution)));
+        return Err(DataError::Config(format!(
+            "resolution {} is outside 1..=65535",
+            fo.resolution
+        )));
     }
-    let classes: Vec<PathBuf> = sorted_entries(dir)?.into_iter().filter(|p| p.is_dir()).collect();
+    let classes: Vec<PathBuf> = sorted_entries(dir)?
+        .into_iter()
+        .filter(|p| p.is_dir())
+        .collect();
     if classes.is_empty() {
-        return Err(DataError::file(dir, "has no class sub-folders (expected DIR/<class>/<image>.png|jpg)"));
+        return Err(DataError::file(
+            dir,
+            "has no class sub-folders (expected DIR/<class>/<image>.png|jpg)",
+        ));
     }
     let mut items: Vec<(PathBuf, i64)> = Vec::new();
     let mut skipped = 0usize;
@@ -104,13 +117,22 @@ pub fn convert_folder(
         }
     }
     if items.is_empty() {
-        return Err(DataError::file(dir, "has class sub-folders but no .png/.jpg/.jpeg files in them"));
+        return Err(DataError::file(
+            dir,
+            "has class sub-folders but no .png/.jpg/.jpeg files in them",
+        ));
     }
     if skipped > 0 {
         tracing::warn!(skipped, "entries that are not images were skipped");
     }
-    let names: Vec<String> =
-        classes.iter().map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()).collect();
+    let names: Vec<String> = classes
+        .iter()
+        .map(|p| {
+            p.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        })
+        .collect();
     let r = fo.resolution;
     let c = if fo.grayscale { 1 } else { 3 };
     let n = items.len();
@@ -118,8 +140,10 @@ pub fn convert_folder(
     pb.set_length(n as u64);
     // Decode in parallel, write in order: blocks keep memory bounded and the output deterministic.
     for block in items.chunks(256) {
-        let decoded: Vec<Vec<u8>> =
-            block.par_iter().map(|(p, _)| load(p, r as u32, fo.grayscale)).collect::<Result<_>>()?;
+        let decoded: Vec<Vec<u8>> = block
+            .par_iter()
+            .map(|(p, _)| load(p, r as u32, fo.grayscale))
+            .collect::<Result<_>>()?;
         for img in &decoded {
             writer.push_images(img)?;
         }
@@ -128,8 +152,22 @@ pub fn convert_folder(
     }
     let chunk_images = writer.chunk_images();
     let num_classes = Some(names.len());
-    let source = format!("folder {} at {r}x{r}, shorter side resized (Catmull-Rom) and center-cropped", dir.display());
-    writer.finish(&DatasetMeta { source, class_names: Some(names) })?;
+    let source = format!(
+        "folder {} at {r}x{r}, shorter side resized (Catmull-Rom) and center-cropped",
+        dir.display()
+    );
+    writer.finish(&DatasetMeta {
+        source,
+        class_names: Some(names),
+    })?;
     pb.finish_and_clear();
-    Ok(ConvertSummary { out: out.to_path_buf(), n, height: r, width: r, channels: c, num_classes, chunk_images })
+    Ok(ConvertSummary {
+        out: out.to_path_buf(),
+        n,
+        height: r,
+        width: r,
+        channels: c,
+        num_classes,
+        chunk_images,
+    })
 }

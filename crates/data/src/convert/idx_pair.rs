@@ -11,8 +11,18 @@ use crate::idx::read_idx;
 use crate::writer::{DatasetMeta, DatasetWriter, WriteOptions};
 
 /// Zalando's label order (fashion-mnist README).
-pub const FASHION_MNIST_CLASSES: [&str; 10] =
-    ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"];
+pub const FASHION_MNIST_CLASSES: [&str; 10] = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+];
 
 /// One IDX image file and, optionally, its label file.
 #[derive(Debug, Clone)]
@@ -47,7 +57,10 @@ pub fn fashion_mnist_files(dir: &Path, split: Split) -> Result<(PathBuf, PathBuf
             ),
         ))
     };
-    Ok((find(format!("{prefix}-images-idx3-ubyte"))?, find(format!("{prefix}-labels-idx1-ubyte"))?))
+    Ok((
+        find(format!("{prefix}-images-idx3-ubyte"))?,
+        find(format!("{prefix}-labels-idx1-ubyte"))?,
+    ))
 }
 
 pub fn convert_fashion_mnist(
@@ -59,17 +72,32 @@ pub fn convert_fashion_mnist(
 ) -> Result<ConvertSummary> {
     let (images, labels) = fashion_mnist_files(dir, split)?;
     let input = IdxInput {
-        source: format!("fashion-mnist {} split from {} and {}", split.name(), images.display(), labels.display()),
+        source: format!(
+            "fashion-mnist {} split from {} and {}",
+            split.name(),
+            images.display(),
+            labels.display()
+        ),
         images,
         labels: Some(labels),
-        class_names: Some(FASHION_MNIST_CLASSES.iter().map(|s| s.to_string()).collect()),
+        class_names: Some(
+            FASHION_MNIST_CLASSES
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+        ),
         num_classes: None,
     };
     convert_idx(&input, out, opts, pb)
 }
 
 /// Converts an IDX image file (`[N, H, W]` grey or `[N, H, W, C]`) and optional label file (`[N]`).
-pub fn convert_idx(input: &IdxInput, out: &Path, opts: &WriteOptions, pb: &ProgressBar) -> Result<ConvertSummary> {
+pub fn convert_idx(
+    input: &IdxInput,
+    out: &Path,
+    opts: &WriteOptions,
+    pb: &ProgressBar,
+) -> Result<ConvertSummary> {
     let _span = tracing::info_span!("convert_idx", images = %input.images.display()).entered();
     let images = read_idx(&input.images)?;
     let (n, h, w, c) = match images.dims[..] {
@@ -83,7 +111,10 @@ pub fn convert_idx(input: &IdxInput, out: &Path, opts: &WriteOptions, pb: &Progr
         }
     };
     if !(c == 1 || c == 3) {
-        return Err(DataError::file(&input.images, format!("IDX images have {c} channels, expected 1 or 3")));
+        return Err(DataError::file(
+            &input.images,
+            format!("IDX images have {c} channels, expected 1 or 3"),
+        ));
     }
     let (labels, class_names) = match &input.labels {
         Some(lpath) => {
@@ -91,7 +122,11 @@ pub fn convert_idx(input: &IdxInput, out: &Path, opts: &WriteOptions, pb: &Progr
             if l.dims != [n] {
                 return Err(DataError::file(
                     lpath,
-                    format!("IDX label dimensions {:?}, expected [{n}] (one label per image in {})", l.dims, input.images.display()),
+                    format!(
+                        "IDX label dimensions {:?}, expected [{n}] (one label per image in {})",
+                        l.dims,
+                        input.images.display()
+                    ),
                 ));
             }
             let labels: Vec<i64> = l.data.iter().map(|&y| y as i64).collect();
@@ -104,14 +139,19 @@ pub fn convert_idx(input: &IdxInput, out: &Path, opts: &WriteOptions, pb: &Progr
             if max >= names.len() as i64 {
                 return Err(DataError::file(
                     lpath,
-                    format!("label {max} is outside 0..{} (the number of classes)", names.len()),
+                    format!(
+                        "label {max} is outside 0..{} (the number of classes)",
+                        names.len()
+                    ),
                 ));
             }
             (Some(labels), Some(names))
         }
         None => {
             if input.class_names.is_some() {
-                return Err(DataError::Config("class names given but no label file".into()));
+                return Err(DataError::Config(
+                    "class names given but no label file".into(),
+                ));
             }
             (None, None)
         }
@@ -130,7 +170,18 @@ pub fn convert_idx(input: &IdxInput, out: &Path, opts: &WriteOptions, pb: &Progr
     }
     let num_classes = class_names.as_ref().map(|v| v.len());
     let chunk_images = writer.chunk_images();
-    writer.finish(&DatasetMeta { source: input.source.clone(), class_names })?;
+    writer.finish(&DatasetMeta {
+        source: input.source.clone(),
+        class_names,
+    })?;
     pb.finish_and_clear();
-    Ok(ConvertSummary { out: out.to_path_buf(), n, height: h, width: w, channels: c, num_classes, chunk_images })
+    Ok(ConvertSummary {
+        out: out.to_path_buf(),
+        n,
+        height: h,
+        width: w,
+        channels: c,
+        num_classes,
+        chunk_images,
+    })
 }

@@ -10,7 +10,9 @@ mod idx_pair;
 
 pub use cifar10::{cifar10_files, convert_cifar10, CIFAR10_CLASSES};
 pub use folder::{center_crop_resize, convert_folder, FolderOptions};
-pub use idx_pair::{convert_fashion_mnist, convert_idx, fashion_mnist_files, IdxInput, FASHION_MNIST_CLASSES};
+pub use idx_pair::{
+    convert_fashion_mnist, convert_idx, fashion_mnist_files, IdxInput, FASHION_MNIST_CLASSES,
+};
 
 use std::path::PathBuf;
 

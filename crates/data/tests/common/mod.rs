@@ -11,7 +11,9 @@ use hdf5::types::VarLenUnicode;
 /// Pixel bytes of synthetic image `i`: the first three bytes spell `i` (so every image differs), the
 /// rest is a pattern that varies along x (so flips are visible).
 pub fn synthetic_image(i: usize, h: usize, w: usize, c: usize) -> Vec<u8> {
-    let mut v: Vec<u8> = (0..h * w * c).map(|p| ((i * 31 + p * 7 + (p % (w * c)) * 13) % 251) as u8).collect();
+    let mut v: Vec<u8> = (0..h * w * c)
+        .map(|p| ((i * 31 + p * 7 + (p % (w * c)) * 13) % 251) as u8)
+        .collect();
     v[0] = (i & 0xff) as u8;
     v[1] = ((i >> 8) & 0xff) as u8;
     v[2] = ((i >> 16) & 0xff) as u8;
@@ -23,9 +25,18 @@ pub fn synthetic_label(i: usize, classes: usize) -> i64 {
 }
 
 /// Writes an `n`-image synthetic dataset through the library writer.
-pub fn write_synthetic(path: &Path, n: usize, hwc: [usize; 3], classes: Option<usize>, chunk: usize) -> PathBuf {
+pub fn write_synthetic(
+    path: &Path,
+    n: usize,
+    hwc: [usize; 3],
+    classes: Option<usize>,
+    chunk: usize,
+) -> PathBuf {
     let [h, w, c] = hwc;
-    let opts = WriteOptions { chunk_images: Some(chunk), deflate: Some(1) };
+    let opts = WriteOptions {
+        chunk_images: Some(chunk),
+        deflate: Some(1),
+    };
     let mut wr = DatasetWriter::create(path, n, hwc, &opts).expect("create synthetic");
     for i in 0..n {
         wr.push_images(&synthetic_image(i, h, w, c)).unwrap();
@@ -34,19 +45,40 @@ pub fn write_synthetic(path: &Path, n: usize, hwc: [usize; 3], classes: Option<u
         wr.push_labels(&(0..n).map(|i| synthetic_label(i, k)).collect::<Vec<_>>());
         (0..k).map(|j| format!("class{j}")).collect()
     });
-    wr.finish(&DatasetMeta { source: "synthetic test data".into(), class_names }).expect("finish synthetic");
+    wr.finish(&DatasetMeta {
+        source: "synthetic test data".into(),
+        class_names,
+    })
+    .expect("finish synthetic");
     path.to_path_buf()
 }
 
 /// Adds the root attributes a valid labelled file has (`num_classes` classes).
 pub fn add_valid_attrs(f: &hdf5::File, num_classes: Option<usize>) {
-    f.new_attr::<i64>().create("format_version").unwrap().write_scalar(&1i64).unwrap();
+    f.new_attr::<i64>()
+        .create("format_version")
+        .unwrap()
+        .write_scalar(&1i64)
+        .unwrap();
     let s: VarLenUnicode = "hand-made".parse().unwrap();
-    f.new_attr::<VarLenUnicode>().create("source").unwrap().write_scalar(&s).unwrap();
+    f.new_attr::<VarLenUnicode>()
+        .create("source")
+        .unwrap()
+        .write_scalar(&s)
+        .unwrap();
     if let Some(k) = num_classes {
-        f.new_attr::<i64>().create("num_classes").unwrap().write_scalar(&(k as i64)).unwrap();
+        f.new_attr::<i64>()
+            .create("num_classes")
+            .unwrap()
+            .write_scalar(&(k as i64))
+            .unwrap();
         let names: Vec<VarLenUnicode> = (0..k).map(|j| format!("c{j}").parse().unwrap()).collect();
-        f.new_attr::<VarLenUnicode>().shape(k).create("class_names").unwrap().write_raw(&names).unwrap();
+        f.new_attr::<VarLenUnicode>()
+            .shape(k)
+            .create("class_names")
+            .unwrap()
+            .write_raw(&names)
+            .unwrap();
     }
 }
 

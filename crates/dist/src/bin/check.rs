@@ -9,7 +9,7 @@
 //! - `config [--differ-on R]`: config-hash agreement; with `--differ-on` every rank must fail.
 //! - `broadcast [--root R] [--shape-differs-on R]`: initial-parameter broadcast.
 //! - `nonfinite [--nan-on R]`: all ranks agree to skip a step with a NaN gradient on one rank.
-//! - `fail --victim R --how kill|term|panic|error|exit [--after K]`: rank R dies at iteration K of a loop
+//! - `fail --victim R --how kill|term|panic|thread-panic|error|exit [--after K]`: rank R dies at iteration K of a loop
 //!   of all-reduces while the others wait in the collective. The job must end, non-zero.
 
 use std::collections::HashMap;
@@ -66,7 +66,9 @@ struct Args {
 impl Args {
     fn parse() -> AnyResult<Self> {
         let mut it = std::env::args().skip(1);
-        let mode = it.next().ok_or("usage: ddpm-dist-check MODE [--key value]...")?;
+        let mode = it
+            .next()
+            .ok_or("usage: ddpm-dist-check MODE [--key value]...")?;
         let mut opts = HashMap::new();
         while let Some(k) = it.next() {
             let key = k
@@ -80,10 +82,7 @@ impl Args {
 
     fn usize(&self, key: &str, default: Option<usize>) -> AnyResult<Option<usize>> {
         match self.opts.get(key) {
-            Some(v) => Ok(Some(
-                v.parse()
-                    .map_err(|e| format!("--{key} {v:?}: {e}"))?,
-            )),
+            Some(v) => Ok(Some(v.parse().map_err(|e| format!("--{key} {v:?}: {e}"))?)),
             None => Ok(default),
         }
     }
@@ -109,7 +108,9 @@ fn primitives(comm: &dyn Communicator) -> AnyResult<()> {
     })?;
     let mut d = vec![r as f64 * 0.25; 5];
     comm.all_reduce_sum_f64(&mut d)?;
-    check(d.iter().all(|&x| x == s as f64 * 0.25), || format!("sum f64 {d:?}"))?;
+    check(d.iter().all(|&x| x == s as f64 * 0.25), || {
+        format!("sum f64 {d:?}")
+    })?;
     let mut m = vec![r as u64, 100 - r as u64];
     comm.all_reduce_max_u64(&mut m)?;
     check(m == vec![w as u64 - 1, 100], || format!("max u64 {m:?}"))?;
@@ -201,7 +202,10 @@ fn broadcast(comm: &dyn Communicator, args: &Args) -> AnyResult<()> {
     let got = broadcast_tensors(comm, &mine, root)?;
     let want = tensors(root, &sizes)?;
     for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-        let (g, w) = (g.flatten_all()?.to_vec1::<f32>()?, w.flatten_all()?.to_vec1::<f32>()?);
+        let (g, w) = (
+            g.flatten_all()?.to_vec1::<f32>()?,
+            w.flatten_all()?.to_vec1::<f32>()?,
+        );
         check(g == w, || format!("tensor {i} differs from rank {root}'s"))?;
     }
     println!("rank {}: broadcast ok from root {root}", comm.rank());
@@ -227,7 +231,10 @@ fn nonfinite(comm: &dyn Communicator, args: &Args) -> AnyResult<()> {
     check(skip == nan_on.is_some(), || {
         format!("skip={skip} but NaN on {nan_on:?}")
     })?;
-    println!("rank {}: nonfinite ok: local={local} skip={skip}", comm.rank());
+    println!(
+        "rank {}: nonfinite ok: local={local} skip={skip}",
+        comm.rank()
+    );
     Ok(())
 }
 
@@ -239,7 +246,10 @@ fn failure(comm: &dyn Communicator, args: &Args) -> AnyResult<()> {
     // Far more iterations than the test waits for: the survivors must be stopped by the launcher.
     for it in 0..1_000_000usize {
         if comm.rank() == victim && it == after {
-            eprintln!("rank {}: failing on purpose ({how}) at iteration {it}", comm.rank());
+            eprintln!(
+                "rank {}: failing on purpose ({how}) at iteration {it}",
+                comm.rank()
+            );
             match how {
                 // SAFETY: raising a signal on our own process.
                 "kill" => unsafe {
@@ -255,6 +265,13 @@ fn failure(comm: &dyn Communicator, args: &Args) -> AnyResult<()> {
                     ))))
                 }
                 "exit" => std::process::exit(3),
+                // A helper thread (think: the data loader) dies while the main thread waits in a
+                // collective: the panic hook must still end the job.
+                "thread-panic" => {
+                    std::thread::Builder::new()
+                        .name("loader".into())
+                        .spawn(|| panic!("injected panic in a helper thread"))?;
+                }
                 other => return Err(format!("unknown --how {other:?}").into()),
             }
         }

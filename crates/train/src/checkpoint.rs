@@ -1,0 +1,446 @@
+//! Checkpoints: what a training run saves, how it is published atomically, and how a run (or the
+//! sampler) finds and validates one.
+//!
+//! # Layout (format version 1)
+//! ```text
+//! RUN_DIR/checkpoints/step_000001000/
+//!     manifest.json               written last; lists every file with its size and sha256
+//!     model.safetensors           the trained parameters
+//!     ema_0.9999.safetensors      one file per EMA rate, same tensor names as the model
+//!     optimizer.safetensors       AdamW moments: exp_avg.<param>, exp_avg_sq.<param>
+//!     trainer_state.safetensors   f64/i64 state that must round-trip bit-exactly
+//! ```
+//! A checkpoint directory is assembled under a hidden temporary name, every file fsynced, then
+//! renamed into place and the parent directory fsynced: a checkpoint exists completely or not at
+//! all. Readers still verify sizes and hashes, so a damaged copy is skipped with a warning rather
+//! than loaded.
+//!
+//! The tensor names and the manifest fields are documented in `crates/train/README.md`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::atomic::{fsync_dir, publish_dir, write_synced};
+
+pub const FORMAT: &str = "ddpm-rs-checkpoint";
+pub const FORMAT_VERSION: u32 = 1;
+pub const MANIFEST: &str = "manifest.json";
+pub const MODEL_FILE: &str = "model.safetensors";
+pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+pub const STATE_FILE: &str = "trainer_state.safetensors";
+pub const CHECKPOINTS_DIR: &str = "checkpoints";
+
+/// Name of the EMA file for `rate`.
+pub fn ema_file(rate: f64) -> String {
+    format!("ema_{}.safetensors", crate::ema::rate_label(rate))
+}
+
+/// Directory name for a step; zero-padded so names sort by step.
+pub fn step_dir_name(step: u64) -> String {
+    format!("step_{step:09}")
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error("{path}: {msg}")]
+    Invalid { path: PathBuf, msg: String },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn bad(path: &Path, msg: impl Into<String>) -> CheckpointError {
+    CheckpointError::Invalid { path: path.to_path_buf(), msg: msg.into() }
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {
+    move |source| CheckpointError::Io { path: path.to_path_buf(), source }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FileEntry {
+    pub name: String,
+    pub bytes: u64,
+    pub sha256: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OptimizerState {
+    pub kind: String,
+    /// AdamW updates applied (bias-correction exponent).
+    pub t: u64,
+    /// Learning rate of the last step.
+    pub lr: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RngState {
+    /// All randomness is counter-based (ddpm-rng Philox keyed by seed, stream, step, global example
+    /// index), so the seed and the next step are the whole generator state.
+    pub seed: u64,
+    pub next_step: u64,
+    pub generator: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: String,
+    pub format_version: u32,
+    /// Steps completed; training continues with step index `step`.
+    pub step: u64,
+    pub task: String,
+    /// The resolved config (all overrides applied), as JSON.
+    pub config: serde_json::Value,
+    /// sha256 of the canonical config JSON without `hash_excluded_keys`.
+    pub config_hash: String,
+    pub hash_excluded_keys: Vec<String>,
+    pub world_size: usize,
+    pub batch_per_rank: usize,
+    pub global_batch: usize,
+    /// Position of the next batch (ddpm-data `LoaderPosition`).
+    pub loader_position: serde_json::Value,
+    pub optimizer: OptimizerState,
+    pub ema_rates: Vec<f64>,
+    /// EMA updates applied (the EMA warm-up counter).
+    pub ema_updates: u64,
+    pub skipped_steps: u64,
+    pub rng: RngState,
+    /// `uniform` or `loss_aware`; the loss-aware history is in `trainer_state.safetensors`.
+    pub timestep_sampler: String,
+    /// Number of model parameters.
+    pub num_parameters: usize,
+    pub files: Vec<FileEntry>,
+    pub created_unix: u64,
+    pub writer: String,
+}
+
+impl Manifest {
+    pub fn file(&self, name: &str) -> Option<&FileEntry> {
+        self.files.iter().find(|f| f.name == name)
+    }
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn sha256_file(path: &Path) -> Result<(u64, String), CheckpointError> {
+    let mut f = fs::File::open(path).map_err(io(path))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut n = 0u64;
+    loop {
+        let k = f.read(&mut buf).map_err(io(path))?;
+        if k == 0 {
+            break;
+        }
+        h.update(&buf[..k]);
+        n += k as u64;
+    }
+    Ok((n, h.finalize().iter().map(|b| format!("{b:02x}")).collect()))
+}
+
+/// Serialises named tensors (sorted by name, so equal contents give equal bytes).
+pub fn safetensors_bytes(tensors: &[(String, Tensor)], path_for_errors: &Path) -> Result<Vec<u8>, CheckpointError> {
+    let sorted: BTreeMap<&str, &Tensor> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    safetensors::tensor::serialize(sorted, None).map_err(|e| bad(path_for_errors, format!("serialise: {e}")))
+}
+
+/// Accumulates the files of one checkpoint in a staging directory and publishes them.
+pub struct CheckpointWriter {
+    staging: PathBuf,
+    final_dir: PathBuf,
+    files: Vec<FileEntry>,
+}
+
+impl CheckpointWriter {
+    pub fn begin(run_dir: &Path, step: u64) -> Result<Self, CheckpointError> {
+        let root = run_dir.join(CHECKPOINTS_DIR);
+        fs::create_dir_all(&root).map_err(io(&root))?;
+        let name = step_dir_name(step);
+        let staging = root.join(format!(".tmp-{name}.{}", std::process::id()));
+        if staging.exists() {
+            fs::remove_dir_all(&staging).map_err(io(&staging))?;
+        }
+        fs::create_dir(&staging).map_err(io(&staging))?;
+        Ok(Self { staging, final_dir: root.join(name), files: Vec::new() })
+    }
+
+    pub fn add_bytes(&mut self, name: &str, bytes: &[u8]) -> Result<(), CheckpointError> {
+        let p = self.staging.join(name);
+        write_synced(&p, bytes).map_err(io(&p))?;
+        self.files.push(FileEntry { name: name.into(), bytes: bytes.len() as u64, sha256: sha256_hex(bytes) });
+        Ok(())
+    }
+
+    pub fn add_tensors(&mut self, name: &str, tensors: &[(String, Tensor)]) -> Result<(), CheckpointError> {
+        let bytes = safetensors_bytes(tensors, &self.staging.join(name))?;
+        self.add_bytes(name, &bytes)
+    }
+
+    /// Writes the manifest (with the file list filled in) and renames the directory into place.
+    pub fn finish(self, mut manifest: Manifest) -> Result<PathBuf, CheckpointError> {
+        manifest.files = self.files;
+        let text = serde_json::to_string_pretty(&manifest).map_err(|e| bad(&self.staging, e.to_string()))?;
+        let mp = self.staging.join(MANIFEST);
+        write_synced(&mp, text.as_bytes()).map_err(io(&mp))?;
+        publish_dir(&self.staging, &self.final_dir).map_err(io(&self.final_dir))?;
+        Ok(self.final_dir)
+    }
+
+    /// Abandons a partly written checkpoint.
+    pub fn abort(self) {
+        let _ = fs::remove_dir_all(&self.staging);
+    }
+}
+
+/// A validated checkpoint on disk.
+#[derive(Debug, Clone)]
+pub struct Checkpoint {
+    pub dir: PathBuf,
+    pub manifest: Manifest,
+}
+
+impl Checkpoint {
+    /// Reads the manifest and checks every listed file's size and sha256.
+    pub fn open(dir: &Path) -> Result<Self, CheckpointError> {
+        let mp = dir.join(MANIFEST);
+        let text = fs::read_to_string(&mp).map_err(io(&mp))?;
+        let manifest: Manifest =
+            serde_json::from_str(&text).map_err(|e| bad(&mp, format!("not a checkpoint manifest: {e}")))?;
+        if manifest.format != FORMAT {
+            return Err(bad(&mp, format!("format is {:?}, expected {FORMAT:?}", manifest.format)));
+        }
+        if manifest.format_version != FORMAT_VERSION {
+            return Err(bad(
+                &mp,
+                format!("format version {} is not supported (this build reads {FORMAT_VERSION})", manifest.format_version),
+            ));
+        }
+        for f in &manifest.files {
+            let p = dir.join(&f.name);
+            let (n, h) = sha256_file(&p)?;
+            if n != f.bytes {
+                return Err(bad(&p, format!("size is {n} bytes, the manifest says {}", f.bytes)));
+            }
+            if h != f.sha256 {
+                return Err(bad(&p, "sha256 does not match the manifest (file damaged)"));
+            }
+        }
+        for required in [MODEL_FILE, OPTIMIZER_FILE, STATE_FILE] {
+            if manifest.file(required).is_none() {
+                return Err(bad(&mp, format!("lists no {required}")));
+            }
+        }
+        for r in &manifest.ema_rates {
+            if manifest.file(&ema_file(*r)).is_none() {
+                return Err(bad(&mp, format!("lists no {}", ema_file(*r))));
+            }
+        }
+        Ok(Self { dir: dir.to_path_buf(), manifest })
+    }
+
+    /// Loads a tensor file, requiring exactly the `expected` names and shapes; the error lists every
+    /// missing, extra or mis-shaped tensor.
+    pub fn load_tensors(
+        &self,
+        file: &str,
+        expected: &[(String, Vec<usize>)],
+        device: &Device,
+    ) -> Result<HashMap<String, Tensor>, CheckpointError> {
+        let p = self.dir.join(file);
+        ddpm_unet::load_checked(&p, expected, device).map_err(|e| bad(&p, e.to_string()))
+    }
+
+    /// Loads every tensor of a file, whatever its names (for the sampler and tools).
+    pub fn load_all(&self, file: &str, device: &Device) -> Result<HashMap<String, Tensor>, CheckpointError> {
+        let p = self.dir.join(file);
+        candle_core::safetensors::load(&p, device).map_err(|e| bad(&p, e.to_string()))
+    }
+
+    /// An f64 vector from `trainer_state.safetensors` (None when absent).
+    pub fn state_f64(&self, name: &str) -> Result<Option<Vec<f64>>, CheckpointError> {
+        let all = self.load_all(STATE_FILE, &Device::Cpu)?;
+        match all.get(name) {
+            None => Ok(None),
+            Some(t) => t
+                .to_dtype(DType::F64)
+                .and_then(|t| t.flatten_all()?.to_vec1::<f64>())
+                .map(Some)
+                .map_err(|e| bad(&self.dir.join(STATE_FILE), format!("{name}: {e}"))),
+        }
+    }
+}
+
+/// Checkpoint directories of a run, newest first: `(step, path)`.
+pub fn list_checkpoints(run_dir: &Path) -> Vec<(u64, PathBuf)> {
+    let root = run_dir.join(CHECKPOINTS_DIR);
+    let mut out: Vec<(u64, PathBuf)> = fs::read_dir(&root)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let step = name.strip_prefix("step_")?.parse::<u64>().ok()?;
+            e.file_type().ok()?.is_dir().then(|| (step, e.path()))
+        })
+        .collect();
+    out.sort_by(|a, b| b.0.cmp(&a.0));
+    out
+}
+
+/// The newest checkpoint of `run_dir` that validates; damaged ones are reported through `warn` and
+/// skipped. `None` when the run has no usable checkpoint.
+pub fn find_latest(run_dir: &Path, mut warn: impl FnMut(&CheckpointError)) -> Option<Checkpoint> {
+    for (_, dir) in list_checkpoints(run_dir) {
+        match Checkpoint::open(&dir) {
+            Ok(c) => return Some(c),
+            Err(e) => warn(&e),
+        }
+    }
+    None
+}
+
+/// Resolves what the user pointed at: a checkpoint directory (has a manifest) or a run directory
+/// (its newest valid checkpoint).
+pub fn resolve(path: &Path, warn: impl FnMut(&CheckpointError)) -> Result<Checkpoint, CheckpointError> {
+    if path.join(MANIFEST).exists() {
+        Checkpoint::open(path)
+    } else if path.join(CHECKPOINTS_DIR).is_dir() {
+        find_latest(path, warn).ok_or_else(|| bad(path, "run directory has no valid checkpoint"))
+    } else {
+        Err(bad(path, "neither a checkpoint directory (no manifest.json) nor a run directory (no checkpoints/)"))
+    }
+}
+
+/// Deletes all but the newest `keep` checkpoints, and staging directories left by dead processes.
+pub fn prune(run_dir: &Path, keep: usize) -> Result<Vec<PathBuf>, CheckpointError> {
+    let mut removed = Vec::new();
+    for (_, dir) in list_checkpoints(run_dir).into_iter().skip(keep) {
+        fs::remove_dir_all(&dir).map_err(io(&dir))?;
+        removed.push(dir);
+    }
+    let root = run_dir.join(CHECKPOINTS_DIR);
+    if !removed.is_empty() {
+        fsync_dir(&root).map_err(io(&root))?;
+    }
+    Ok(removed)
+}
+
+/// Removes staging directories (`.tmp-*`) of interrupted writes. Call before training starts, on
+/// rank 0 only.
+pub fn clean_staging(run_dir: &Path) {
+    let root = run_dir.join(CHECKPOINTS_DIR);
+    for e in fs::read_dir(&root).into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with(".tmp-") || name.contains(".old.") {
+            let _ = fs::remove_dir_all(e.path());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manifest(step: u64) -> Manifest {
+        Manifest {
+            format: FORMAT.into(),
+            format_version: FORMAT_VERSION,
+            step,
+            task: "diffusion".into(),
+            config: serde_json::json!({}),
+            config_hash: "h".into(),
+            hash_excluded_keys: vec![],
+            world_size: 1,
+            batch_per_rank: 1,
+            global_batch: 1,
+            loader_position: serde_json::json!({"epoch": 0, "batch_index": 0}),
+            optimizer: OptimizerState { kind: "adamw".into(), t: 0, lr: 0.0 },
+            ema_rates: vec![0.5],
+            ema_updates: 0,
+            skipped_steps: 0,
+            rng: RngState { seed: 0, next_step: step, generator: "philox".into() },
+            timestep_sampler: "uniform".into(),
+            num_parameters: 2,
+            files: vec![],
+            created_unix: 0,
+            writer: "test".into(),
+        }
+    }
+
+    fn write(run: &Path, step: u64) -> PathBuf {
+        let t = vec![("w".to_string(), Tensor::new(&[1f32, 2.0], &Device::Cpu).unwrap())];
+        let mut w = CheckpointWriter::begin(run, step).unwrap();
+        w.add_tensors(MODEL_FILE, &t).unwrap();
+        w.add_tensors(&ema_file(0.5), &t).unwrap();
+        w.add_tensors(OPTIMIZER_FILE, &t).unwrap();
+        w.add_tensors(STATE_FILE, &t).unwrap();
+        w.finish(manifest(step)).unwrap()
+    }
+
+    #[test]
+    fn write_open_prune() {
+        let dir = tempfile::tempdir().unwrap();
+        for s in [5, 10, 15] {
+            write(dir.path(), s);
+        }
+        let c = find_latest(dir.path(), |e| panic!("{e}")).unwrap();
+        assert_eq!(c.manifest.step, 15);
+        let t = c.load_tensors(MODEL_FILE, &[("w".into(), vec![2])], &Device::Cpu).unwrap();
+        assert_eq!(t["w"].to_vec1::<f32>().unwrap(), vec![1.0, 2.0]);
+        let err = c.load_tensors(MODEL_FILE, &[("w".into(), vec![3])], &Device::Cpu).unwrap_err();
+        assert!(err.to_string().contains('w'), "{err}");
+        let removed = prune(dir.path(), 2).unwrap();
+        assert_eq!(removed.len(), 1);
+        assert_eq!(list_checkpoints(dir.path()).iter().map(|c| c.0).collect::<Vec<_>>(), vec![15, 10]);
+        // no staging leftovers
+        let names: Vec<String> = fs::read_dir(dir.path().join(CHECKPOINTS_DIR))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(names.iter().all(|n| n.starts_with("step_")), "{names:?}");
+    }
+
+    #[test]
+    fn corrupt_newest_is_skipped_with_a_warning() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), 1);
+        let newest = write(dir.path(), 2);
+        let p = newest.join(MODEL_FILE);
+        let mut bytes = fs::read(&p).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0xff;
+        fs::write(&p, bytes).unwrap();
+        let mut warnings = Vec::new();
+        let c = find_latest(dir.path(), |e| warnings.push(e.to_string())).unwrap();
+        assert_eq!(c.manifest.step, 1);
+        assert_eq!(warnings.len(), 1);
+        assert!(warnings[0].contains("sha256"), "{warnings:?}");
+        // a checkpoint directory without manifest (crash before publish cannot produce one, but a
+        // partial copy can) is skipped too
+        fs::remove_file(newest.join(MANIFEST)).unwrap();
+        let c = find_latest(dir.path(), |_| {}).unwrap();
+        assert_eq!(c.manifest.step, 1);
+    }
+
+    #[test]
+    fn staging_leftovers_are_not_checkpoints() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = CheckpointWriter::begin(dir.path(), 3).unwrap();
+        // simulate a crash: staging dir left behind, never published
+        std::mem::forget(w);
+        assert!(find_latest(dir.path(), |_| {}).is_none());
+        clean_staging(dir.path());
+        assert_eq!(fs::read_dir(dir.path().join(CHECKPOINTS_DIR)).unwrap().count(), 0);
+    }
+}
