@@ -20,7 +20,10 @@ fn main() -> ExitCode {
         eprintln!("FAILED: {f}");
     }
     if report.failures.len() > SHOWN {
-        eprintln!("... and {} more failure messages", report.failures.len() - SHOWN);
+        eprintln!(
+            "... and {} more failure messages",
+            report.failures.len() - SHOWN
+        );
     }
     println!("{}", report.line());
     if report.failed == 0 {

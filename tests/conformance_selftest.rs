@@ -7,7 +7,9 @@ use ddpm_tests::{check_dir, Report};
 use serde_json::Value;
 
 fn repo_refs() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("data").join("refs")
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("data")
+        .join("refs")
 }
 
 /// A temp dir holding copies of `files`, after `edit` has changed the parsed JSON of `target`.
@@ -60,7 +62,11 @@ fn repository_copy_has_all_nine_files_and_passes() {
 fn perturbed_expected_value_fails() {
     // 1e-8 relative is 100x the f64 tolerance.
     let dir = copy_with(&["q_sample.json"], "q_sample.json", |v| {
-        scale_number(&mut v["cases"][0]["expected"]["x_t"][1][2][3][4], 1.0 + 1e-8, 1e-8);
+        scale_number(
+            &mut v["cases"][0]["expected"]["x_t"][1][2][3][4],
+            1.0 + 1e-8,
+            1e-8,
+        );
     });
     let r = run(dir.path());
     assert!(r.failed > 0);
@@ -70,7 +76,11 @@ fn perturbed_expected_value_fails() {
 #[test]
 fn perturbed_schedule_table_fails() {
     let dir = copy_with(&["schedules.json"], "schedules.json", |v| {
-        scale_number(&mut v["cases"][3]["posterior_log_variance_clipped"][0], 1.0 + 1e-9, 0.0);
+        scale_number(
+            &mut v["cases"][3]["posterior_log_variance_clipped"][0],
+            1.0 + 1e-9,
+            0.0,
+        );
     });
     let r = run(dir.path());
     assert_eq!(r.failed, 1, "{:?}", r.failures);
@@ -79,9 +89,17 @@ fn perturbed_schedule_table_fails() {
 #[test]
 fn perturbed_f32_reference_embedding_fails() {
     // 2e-6 is twice the f32 embedding tolerance; only the f32 path reads this field.
-    let dir = copy_with(&["timestep_embedding.json"], "timestep_embedding.json", |v| {
-        scale_number(&mut v["cases"][0]["expected"]["embedding_float32_reference"][4][3], 1.0, 2e-6);
-    });
+    let dir = copy_with(
+        &["timestep_embedding.json"],
+        "timestep_embedding.json",
+        |v| {
+            scale_number(
+                &mut v["cases"][0]["expected"]["embedding_float32_reference"][4][3],
+                1.0,
+                2e-6,
+            );
+        },
+    );
     let r = run(dir.path());
     assert_eq!(r.failed, 1, "{:?}", r.failures);
     assert!(r.failures[0].contains("embedding_float32_reference"));
@@ -90,11 +108,18 @@ fn perturbed_f32_reference_embedding_fails() {
 #[test]
 fn perturbed_trajectory_fails() {
     let dir = copy_with(&["dpm_solver.json"], "dpm_solver.json", |v| {
-        scale_number(&mut v["cases"][0]["dpm_solver_pp_2m"]["samples"][20][1][2][3][0], 1.0 + 1e-7, 0.0);
+        scale_number(
+            &mut v["cases"][0]["dpm_solver_pp_2m"]["samples"][20][1][2][3][0],
+            1.0 + 1e-7,
+            0.0,
+        );
     });
     let r = run(dir.path());
     assert!(r.failed > 0);
-    assert!(r.failures.iter().any(|f| f.contains("dpm_solver_pp_2m.samples")));
+    assert!(r
+        .failures
+        .iter()
+        .any(|f| f.contains("dpm_solver_pp_2m.samples")));
 }
 
 #[test]
@@ -119,11 +144,17 @@ fn unread_field_fails() {
 #[test]
 fn missing_field_fails() {
     let dir = copy_with(&["vb_terms.json"], "vb_terms.json", |v| {
-        v["cases"][0]["expected"].as_object_mut().unwrap().remove("mse");
+        v["cases"][0]["expected"]
+            .as_object_mut()
+            .unwrap()
+            .remove("mse");
     });
     let r = run(dir.path());
     assert!(r.failed > 0);
-    assert!(r.failures.iter().any(|f| f.contains("missing field cases[0].expected.mse")));
+    assert!(r
+        .failures
+        .iter()
+        .any(|f| f.contains("missing field cases[0].expected.mse")));
 }
 
 #[test]

@@ -18,7 +18,13 @@ fn main() {
     for f in ["src/ddpm_kernels.cu", "src/philox.cuh"] {
         println!("cargo:rerun-if-changed={f}");
     }
-    for v in ["NVCC", "CUDA_ROOT", "CUDA_PATH", "CUDA_HOME", "DDPM_CUDA_ARCH"] {
+    for v in [
+        "NVCC",
+        "CUDA_ROOT",
+        "CUDA_PATH",
+        "CUDA_HOME",
+        "DDPM_CUDA_ARCH",
+    ] {
         println!("cargo:rerun-if-env-changed={v}");
     }
 
@@ -48,7 +54,10 @@ fn main() {
             )
         });
     if !status.success() {
-        panic!("ddpm-kernels: nvcc failed ({status}) compiling {}", src.display());
+        panic!(
+            "ddpm-kernels: nvcc failed ({status}) compiling {}",
+            src.display()
+        );
     }
     println!("cargo:rustc-env=DDPM_CUBIN_ARCH={arch}");
 }

@@ -46,6 +46,10 @@ pub struct FileTally {
     pub max_err_f64: f64,
     pub max_err_f32: f64,
     pub failures: Vec<String>,
+    /// Informational remarks for the summary.
+    pub notes: Vec<String>,
+    /// Largest error of every comparison, for `DDPM_CONFORMANCE_VERBOSE=1`.
+    pub per_check: Vec<(String, f64, usize)>,
 }
 
 /// Which precision a comparison belongs to (only used for the per-file summary).
@@ -62,7 +66,14 @@ impl FileTally {
     }
 
     /// Compares `got` against `exp` element by element; every element counts as one checked value.
-    pub fn cmp(&mut self, what: &str, path: Path, got: &[f64], exp: &[f64], tol: impl Fn(usize) -> Tol) {
+    pub fn cmp(
+        &mut self,
+        what: &str,
+        path: Path,
+        got: &[f64],
+        exp: &[f64],
+        tol: impl Fn(usize) -> Tol,
+    ) {
         if got.len() != exp.len() {
             self.fail(format!(
                 "{what}: got {} values, expected {}",
@@ -73,15 +84,17 @@ impl FileTally {
         }
         let mut bad = 0usize;
         let mut first = None;
+        let mut worst = 0.0f64;
         for (i, (&g, &e)) in got.iter().zip(exp).enumerate() {
             let t = tol(i);
             let err = t.err(g, e);
+            worst = worst.max(err);
             match path {
                 Path::F64 => self.max_err_f64 = self.max_err_f64.max(err),
                 Path::F32 => self.max_err_f32 = self.max_err_f32.max(err),
             }
-            // NaN fails: the comparison is false.
-            if !(err <= t.bound()) {
+            // A NaN result fails.
+            if err.is_nan() || err > t.bound() {
                 bad += 1;
                 if first.is_none() {
                     first = Some((i, g, e, err, t));
@@ -92,6 +105,8 @@ impl FileTally {
             Path::F64 => self.values += got.len(),
             Path::F32 => self.values_f32 += got.len(),
         }
+        self.per_check
+            .push((format!("{what} [{path:?}]"), worst, got.len()));
         if let Some((i, g, e, err, t)) = first {
             self.failed += bad;
             self.failures.push(format!(
@@ -103,14 +118,25 @@ impl FileTally {
     }
 
     /// Compares a tensor (any float dtype, any shape broadcast-free) with an expected array.
-    pub fn cmp_tensor(&mut self, what: &str, path: Path, got: &Tensor, exp: &Arr, tol: Tol) -> Result<()> {
+    pub fn cmp_tensor(
+        &mut self,
+        what: &str,
+        path: Path,
+        got: &Tensor,
+        exp: &Arr,
+        tol: Tol,
+    ) -> Result<()> {
         let g = to_host(got)?;
         let got_n: usize = got.dims().iter().product();
         let exp_n: usize = exp.shape.iter().product();
         // [B,1,1,1] per-sample tensors are compared with [B] arrays: allow dropping unit axes only.
         let squeeze = |s: &[usize]| s.iter().copied().filter(|&d| d != 1).collect::<Vec<_>>();
         if got_n != exp_n || squeeze(got.dims()) != squeeze(&exp.shape) {
-            bail!("{what}: tensor shape {:?} does not match expected {:?}", got.dims(), exp.shape);
+            bail!(
+                "{what}: tensor shape {:?} does not match expected {:?}",
+                got.dims(),
+                exp.shape
+            );
         }
         self.cmp(what, path, &g, &exp.data, |_| tol);
         Ok(())
@@ -129,7 +155,9 @@ impl FileTally {
     pub fn expect_eq<T: PartialEq + std::fmt::Debug>(&mut self, what: &str, got: T, exp: T) {
         self.values += 1;
         if got != exp {
-            self.fail(format!("{what}: this implementation uses {got:?}, the file says {exp:?}"));
+            self.fail(format!(
+                "{what}: this implementation uses {got:?}, the file says {exp:?}"
+            ));
         }
     }
 }

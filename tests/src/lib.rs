@@ -28,7 +28,9 @@ pub const REFS_DIR_ENV: &str = "DDPM_REFS_DIR";
 pub fn refs_dir() -> PathBuf {
     match std::env::var_os(REFS_DIR_ENV) {
         Some(d) if !d.is_empty() => PathBuf::from(d),
-        _ => Path::new(env!("CARGO_MANIFEST_DIR")).join("data").join("refs"),
+        _ => Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("data")
+            .join("refs"),
     }
 }
 
@@ -63,51 +65,63 @@ impl Report {
     }
 }
 
-/// Checks every `*.json` file in `dir`. Other files (the README) are ignored; a JSON file that is not a
-/// known reference file is a failure, and so is a directory without any reference file.
+/// Checks every `*.json` file in `dir` and its subdirectories (so a folder holding split
+/// subdirectories such as `public/` works too). Other files (the README) are ignored; a JSON file that
+/// is not a known reference file is a failure, and so is a directory without any reference file.
 pub fn check_dir(dir: &Path) -> Report {
     let mut report = Report::default();
-    let entries = match std::fs::read_dir(dir) {
-        Ok(e) => e,
-        Err(e) => {
-            report.fail(format!("cannot read reference directory {}: {e}", dir.display()));
-            return report;
-        }
-    };
-    let mut names: Vec<String> = entries
-        .filter_map(|e| e.ok())
-        .filter(|e| e.path().is_file())
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.ends_with(".json"))
-        .collect();
-    names.sort();
-    for name in &names {
-        let path = dir.join(name);
+    let mut paths = Vec::new();
+    if let Err(e) = collect_json(dir, &mut paths) {
+        report.fail(format!(
+            "cannot read reference directory {}: {e}",
+            dir.display()
+        ));
+        return report;
+    }
+    paths.sort();
+    for path in &paths {
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let shown = path.strip_prefix(dir).unwrap_or(path).display().to_string();
         if name == CROSSCHECKS {
-            match check_crosschecks(&path) {
+            match check_crosschecks(path) {
                 Ok(n) => report.summaries.push(format!(
-                    "{name}: {n} diffusers/torch cross-check records read (the generator's own comparisons; informational)"
+                    "{shown}: {n} diffusers/torch cross-check records read (the generator's own comparisons; informational)"
                 )),
-                Err(e) => report.fail(format!("{name}: {e:#}")),
+                Err(e) => report.fail(format!("{shown}: {e:#}")),
             }
             continue;
         }
         let Some(known) = KNOWN.iter().find(|k| k.name == name) else {
-            report.fail(format!("{name}: unknown reference file (no checker for it)"));
+            report.fail(format!(
+                "{shown}: unknown reference file (no checker for it)"
+            ));
             continue;
         };
         report.files += 1;
-        let tally = check_file(&path, known);
+        let tally = check_file(path, known);
         report.cases += tally.cases;
         report.values += tally.values + tally.values_f32;
         report.failed += tally.failed;
         report.summaries.push(format!(
-            "{name}: {} cases, {} f64 values (max err {:.1e}), {} f32 values (max err {:.1e}), {} failed",
+            "{shown}: {} cases, {} f64 values (max err {:.1e}), {} f32 values (max err {:.1e}), {} failed",
             tally.cases, tally.values, tally.max_err_f64, tally.values_f32, tally.max_err_f32, tally.failed
         ));
+        if std::env::var_os("DDPM_CONFORMANCE_VERBOSE").is_some_and(|v| v == "1") {
+            for (what, err, n) in &tally.per_check {
+                report
+                    .summaries
+                    .push(format!("    {what}: {n} values, max err {err:.2e}"));
+            }
+        }
+        report
+            .summaries
+            .extend(tally.notes.iter().map(|n| format!("    note: {n}")));
         report
             .failures
-            .extend(tally.failures.into_iter().map(|f| format!("{name}: {f}")));
+            .extend(tally.failures.into_iter().map(|f| format!("{shown}: {f}")));
     }
     if report.files == 0 {
         report.fail(format!("no reference files found in {}", dir.display()));
@@ -115,8 +129,21 @@ pub fn check_dir(dir: &Path) -> Report {
     report
 }
 
+fn collect_json(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.is_dir() {
+            collect_json(&path, out)?;
+        } else if path.extension().is_some_and(|e| e == "json") {
+            out.push(path);
+        }
+    }
+    Ok(())
+}
+
 fn load(path: &Path) -> Result<Value> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
 }
 
@@ -142,7 +169,14 @@ fn check_doc(doc: &Value, known: &KnownFile, tally: &mut FileTally) -> Result<()
         .get("shapes")
         .and_then(Value::as_object)
         .ok_or_else(|| anyhow!("missing top-level shapes object"))?;
-    let top = J::root(doc, Scope { root: "", shapes: Some(top_shapes) }, &tr);
+    let top = J::root(
+        doc,
+        Scope {
+            root: "",
+            shapes: Some(top_shapes),
+        },
+        &tr,
+    );
 
     // Header shared by all files.
     tally.expect_eq("file", top.get("file")?.str()?, known.name);
@@ -173,7 +207,14 @@ fn check_doc(doc: &Value, known: &KnownFile, tally: &mut FileTally) -> Result<()
     for (i, case) in cases.iter().enumerate() {
         let root = format!("cases[{i}]");
         let shapes = case.get("shapes").and_then(Value::as_object);
-        let j = J::root(case, Scope { root: &root, shapes }, &tr);
+        let j = J::root(
+            case,
+            Scope {
+                root: &root,
+                shapes,
+            },
+            &tr,
+        );
         tally.cases += 1;
         if let Err(e) = (known.case)(&j, tally) {
             let label = case.get("name").and_then(Value::as_str).unwrap_or("?");
@@ -184,7 +225,10 @@ fn check_doc(doc: &Value, known: &KnownFile, tally: &mut FileTally) -> Result<()
 
     // Every field must have been read by some check.
     let mut unread = Vec::new();
-    for (k, v) in doc.as_object().ok_or_else(|| anyhow!("not a JSON object"))? {
+    for (k, v) in doc
+        .as_object()
+        .ok_or_else(|| anyhow!("not a JSON object"))?
+    {
         if k == "cases" {
             for (i, c) in cases.iter().enumerate() {
                 if case_ok[i] {
@@ -217,7 +261,9 @@ fn check_crosschecks(path: &Path) -> Result<usize> {
         .and_then(Value::as_array)
         .ok_or_else(|| anyhow!("missing checks array"))?;
     for (i, c) in checks.iter().enumerate() {
-        let obj = c.as_object().ok_or_else(|| anyhow!("checks[{i}] is not an object"))?;
+        let obj = c
+            .as_object()
+            .ok_or_else(|| anyhow!("checks[{i}] is not an object"))?;
         for key in ["file", "case", "what", "note", "split"] {
             if !obj.get(key).is_some_and(Value::is_string) {
                 bail!("checks[{i}].{key} is missing or not a string");
@@ -228,12 +274,26 @@ fn check_crosschecks(path: &Path) -> Result<usize> {
                 bail!("checks[{i}].{key} is missing or not a number");
             }
         }
+        if obj.get("equal").is_some_and(|v| !v.is_boolean()) {
+            bail!("checks[{i}].equal is not a bool");
+        }
         let file = obj["file"].as_str().unwrap_or_default();
         if !KNOWN.iter().any(|k| k.name == file) {
             bail!("checks[{i}] refers to unknown file {file:?}");
         }
-        if obj.len() != 8 {
-            bail!("checks[{i}] has unexpected fields");
+        let known_keys = [
+            "file",
+            "case",
+            "what",
+            "note",
+            "split",
+            "max_abs_diff",
+            "max_mixed_diff",
+            "max_abs_ref",
+            "equal",
+        ];
+        if let Some(k) = obj.keys().find(|k| !known_keys.contains(&k.as_str())) {
+            bail!("checks[{i}] has an unexpected field {k:?}");
         }
     }
     Ok(checks.len())

@@ -125,7 +125,10 @@ fn parse_array(v: &Value) -> Result<Arr> {
                 if depth != shape.len() {
                     bail!("ragged array");
                 }
-                out.push(n.as_f64().ok_or_else(|| anyhow!("number {n} is not an f64"))?);
+                out.push(
+                    n.as_f64()
+                        .ok_or_else(|| anyhow!("number {n} is not an f64"))?,
+                );
                 Ok(())
             }
             other => bail!("non-numeric array element {other}"),
@@ -293,7 +296,8 @@ impl<'a> J<'a> {
                 declared
             );
         }
-        self.tr.mark(&join(&join(self.scope.root, "shapes"), &self.rel));
+        self.tr
+            .mark(&join(&join(self.scope.root, "shapes"), &self.rel));
         self.mark();
         Ok(a)
     }

@@ -60,7 +60,8 @@ pub fn epoch_permutation(n: u64, seed: u64, epoch: u64) -> Vec<u64> {
 
 /// Full global batches per epoch: `n / (world * batch)`.
 pub fn batches_per_epoch(n: u64, world: usize, batch: usize) -> u64 {
-    n.checked_div((world as u64).saturating_mul(batch as u64)).unwrap_or(0)
+    n.checked_div((world as u64).saturating_mul(batch as u64))
+        .unwrap_or(0)
 }
 
 /// Checks the sharding arguments; the error text names the offending one.

@@ -282,3 +282,31 @@ fn every_rank_gets_only_its_own_examples_over_an_epoch() {
         assert_eq!(total, 157 - 157 % (world * batch), "world {world}");
     }
 }
+
+#[test]
+fn prefetch_depth_does_not_change_the_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = write_synthetic(&dir.path().join("d.h5"), 64, HWC, Some(2), 4);
+    let run = |prefetch| {
+        let c = LoaderConfig {
+            prefetch,
+            ..cfg(&f, 2, 1, 5, true)
+        };
+        let mut l = Loader::new(c, LoaderPosition::default()).unwrap();
+        take(&mut l, 15)
+    };
+    let zero = run(0);
+    assert_eq!(zero, run(1));
+    assert_eq!(zero, run(16));
+    // Dropping a loader whose thread is blocked on a full queue returns promptly.
+    let l = Loader::new(
+        LoaderConfig {
+            prefetch: 2,
+            ..cfg(&f, 1, 0, 4, false)
+        },
+        LoaderPosition::default(),
+    )
+    .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    drop(l);
+}

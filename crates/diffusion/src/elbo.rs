@@ -44,7 +44,10 @@ impl ElboAccumulator {
         let slot = self
             .terms
             .get_mut(t)
-            .ok_or(DiffusionError::TimestepOutOfRange { t, num_timesteps: n })?;
+            .ok_or(DiffusionError::TimestepOutOfRange {
+                t,
+                num_timesteps: n,
+            })?;
         if vb_bpd.len() != self.batch {
             return Err(DiffusionError::Shape(format!(
                 "{} values for a batch of {}",
@@ -53,7 +56,9 @@ impl ElboAccumulator {
             )));
         }
         if slot.is_some() {
-            return Err(DiffusionError::InvalidUse(format!("timestep {t} added twice")));
+            return Err(DiffusionError::InvalidUse(format!(
+                "timestep {t} added twice"
+            )));
         }
         *slot = Some(vb_bpd.to_vec());
         Ok(())
@@ -76,7 +81,9 @@ impl ElboAccumulator {
         }
         let b = self.batch;
         let decoder_bpd = terms[0].clone();
-        let kl_bpd: Vec<f64> = (0..b).map(|i| terms[1..].iter().map(|v| v[i]).sum()).collect();
+        let kl_bpd: Vec<f64> = (0..b)
+            .map(|i| terms[1..].iter().map(|v| v[i]).sum())
+            .collect();
         let total_bpd = (0..b)
             .map(|i| prior_bpd[i] + kl_bpd[i] + decoder_bpd[i])
             .collect();

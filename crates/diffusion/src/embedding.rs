@@ -15,7 +15,9 @@ pub const DEFAULT_MAX_PERIOD: f64 = 10000.0;
 /// `freqs[i] = exp(-ln(max_period) * i / half)` in f64.
 fn freqs_f64(half: usize, max_period: f64) -> Vec<f64> {
     let l = -max_period.ln();
-    (0..half).map(|i| (l * i as f64 / half as f64).exp()).collect()
+    (0..half)
+        .map(|i| (l * i as f64 / half as f64).exp())
+        .collect()
 }
 
 /// The same frequencies as torch computes them in f32: every operation rounded to f32.
@@ -30,21 +32,42 @@ fn freqs_f32(half: usize, max_period: f64) -> Vec<f64> {
         .collect()
 }
 
+/// The `dim / 2` frequencies as the embedding of dtype `dtype` uses them (f64 values; exact f32 values
+/// for every other dtype).
+pub fn embedding_frequencies(dim: usize, max_period: f64, dtype: DType) -> Vec<f64> {
+    match dtype {
+        DType::F64 => freqs_f64(dim / 2, max_period),
+        _ => freqs_f32(dim / 2, max_period),
+    }
+}
+
 /// `[B] -> [B, dim]` embedding of (possibly fractional) timesteps, in the dtype and device of `t`.
 /// An odd `dim` gets a trailing zero column.
 pub fn timestep_embedding(t: &Tensor, dim: usize, max_period: f64) -> candle_core::Result<Tensor> {
+    let freqs = embedding_frequencies(dim, max_period, t.dtype());
+    timestep_embedding_with_frequencies(t, &freqs, dim)
+}
+
+/// The embedding with explicit frequencies (`dim / 2` of them), rounded once to the dtype of `t`.
+pub fn timestep_embedding_with_frequencies(
+    t: &Tensor,
+    freqs: &[f64],
+    dim: usize,
+) -> candle_core::Result<Tensor> {
     let b = t.dim(0)?;
     let dtype = t.dtype();
     let device = t.device();
     let half = dim / 2;
+    if freqs.len() != half {
+        candle_core::bail!(
+            "{} frequencies for an embedding of dimension {dim}",
+            freqs.len()
+        );
+    }
     if half == 0 {
         return Tensor::zeros((b, dim), dtype, device);
     }
-    let freqs = match dtype {
-        DType::F64 => freqs_f64(half, max_period),
-        _ => freqs_f32(half, max_period),
-    };
-    let freqs = host_tensor(&freqs, vec![1, half], dtype, device)
+    let freqs = host_tensor(freqs, vec![1, half], dtype, device)
         .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
     let args = t.reshape((b, 1))?.broadcast_mul(&freqs)?;
     let mut parts = vec![args.cos()?, args.sin()?];
@@ -97,8 +120,17 @@ mod tests {
         let a = timestep_embedding(&t64, 64, DEFAULT_MAX_PERIOD).unwrap();
         let b = timestep_embedding(&t32, 64, DEFAULT_MAX_PERIOD).unwrap();
         assert_eq!(b.dtype(), DType::F32);
-        let d = (a - b.to_dtype(DType::F64).unwrap()).unwrap().abs().unwrap();
-        let max = d.flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap();
+        let d = (a - b.to_dtype(DType::F64).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap();
+        let max = d
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
         // f32 rounding of t * freq at t = 999 moves the embedding by up to ~1e-4.
         assert!(max < 2e-4, "max diff {max}");
     }

@@ -174,7 +174,10 @@ impl GaussianDiffusion {
         let schedule = NoiseSchedule::from_betas(betas)?;
         Ok(Self {
             schedule,
-            timestep_map: use_timesteps.iter().map(|&t| self.timestep_map[t]).collect(),
+            timestep_map: use_timesteps
+                .iter()
+                .map(|&t| self.timestep_map[t])
+                .collect(),
             ..self.clone()
         })
     }
@@ -214,19 +217,23 @@ impl GaussianDiffusion {
         };
         t.iter()
             .map(|&ti| {
-                self.timestep_map
-                    .get(ti)
-                    .map(|&o| o as f64 * scale)
-                    .ok_or(DiffusionError::TimestepOutOfRange {
+                self.timestep_map.get(ti).map(|&o| o as f64 * scale).ok_or(
+                    DiffusionError::TimestepOutOfRange {
                         t: ti,
                         num_timesteps: self.num_timesteps(),
-                    })
+                    },
+                )
             })
             .collect()
     }
 
     /// [`Self::model_timesteps`] as a `[B]` tensor, ready for the U-Net's timestep embedding.
-    pub fn model_timestep_tensor(&self, t: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+    pub fn model_timestep_tensor(
+        &self,
+        t: &[usize],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
         let v = self.model_timesteps(t)?;
         crate::tensor::host_tensor(&v, vec![v.len()], dtype, device)
     }
@@ -237,7 +244,11 @@ impl GaussianDiffusion {
     }
 
     /// Splits the network output into the mean prediction and, for learned variances, the variance values.
-    pub fn split_model_output(&self, model_output: &Tensor, x_t: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
+    pub fn split_model_output(
+        &self,
+        model_output: &Tensor,
+        x_t: &Tensor,
+    ) -> Result<(Tensor, Option<Tensor>)> {
         let c = x_t.dim(1)?;
         let want = self.var_type.output_channels(c);
         let mut expect = x_t.dims().to_vec();
@@ -251,7 +262,10 @@ impl GaussianDiffusion {
             )));
         }
         if self.var_type.is_learned() {
-            Ok((model_output.narrow(1, 0, c)?, Some(model_output.narrow(1, c, c)?)))
+            Ok((
+                model_output.narrow(1, 0, c)?,
+                Some(model_output.narrow(1, c, c)?),
+            ))
         } else {
             Ok((model_output.clone(), None))
         }
@@ -262,8 +276,13 @@ impl GaussianDiffusion {
     /// Mean, variance and log-variance of q(x_t | x_0); the variances are `[B, 1, .., 1]`.
     pub fn q_mean_variance(&self, x0: &Tensor, t: &[usize]) -> Result<(Tensor, Tensor, Tensor)> {
         let s = &self.schedule;
-        let mean = self.coef(&s.sqrt_alphas_cumprod, t, x0)?.broadcast_mul(x0)?;
-        let one_minus: Vec<f64> = gather(&s.alphas_cumprod, t)?.iter().map(|a| 1.0 - a).collect();
+        let mean = self
+            .coef(&s.sqrt_alphas_cumprod, t, x0)?
+            .broadcast_mul(x0)?;
+        let one_minus: Vec<f64> = gather(&s.alphas_cumprod, t)?
+            .iter()
+            .map(|a| 1.0 - a)
+            .collect();
         let var = per_sample(&one_minus, x0)?;
         let log_var = self.coef(&s.log_one_minus_alphas_cumprod, t, x0)?;
         Ok((mean, var, log_var))
@@ -304,7 +323,12 @@ impl GaussianDiffusion {
     // ---- conversions between eps, x0 and v -----------------------------------------------------------
 
     /// x0 = sqrt(1/ac) x_t - sqrt(1/ac - 1) eps.
-    pub fn predict_xstart_from_eps(&self, x_t: &Tensor, t: &[usize], eps: &Tensor) -> Result<Tensor> {
+    pub fn predict_xstart_from_eps(
+        &self,
+        x_t: &Tensor,
+        t: &[usize],
+        eps: &Tensor,
+    ) -> Result<Tensor> {
         same_shape(x_t, "x_t", eps, "eps")?;
         let s = &self.schedule;
         let a = self.coef(&s.sqrt_recip_alphas_cumprod, t, x_t)?;
@@ -313,7 +337,12 @@ impl GaussianDiffusion {
     }
 
     /// eps = (sqrt(1/ac) x_t - x0) / sqrt(1/ac - 1).
-    pub fn predict_eps_from_xstart(&self, x_t: &Tensor, t: &[usize], x0: &Tensor) -> Result<Tensor> {
+    pub fn predict_eps_from_xstart(
+        &self,
+        x_t: &Tensor,
+        t: &[usize],
+        x0: &Tensor,
+    ) -> Result<Tensor> {
         same_shape(x_t, "x_t", x0, "x0")?;
         let s = &self.schedule;
         let a = self.coef(&s.sqrt_recip_alphas_cumprod, t, x_t)?;
@@ -349,7 +378,12 @@ impl GaussianDiffusion {
     }
 
     /// x0 implied by a mean prediction of this process's `mean_type`.
-    pub fn predict_xstart(&self, mean_output: &Tensor, x_t: &Tensor, t: &[usize]) -> Result<Tensor> {
+    pub fn predict_xstart(
+        &self,
+        mean_output: &Tensor,
+        x_t: &Tensor,
+        t: &[usize],
+    ) -> Result<Tensor> {
         match self.mean_type {
             ModelMeanType::Epsilon => self.predict_xstart_from_eps(x_t, t, mean_output),
             ModelMeanType::V => self.predict_xstart_from_v(x_t, t, mean_output),
@@ -408,7 +442,9 @@ impl GaussianDiffusion {
                 let max_log = per_sample(&log_betas, x_t)?;
                 let frac = v.affine(0.5, 0.5)?;
                 let one_minus = frac.affine(-1.0, 1.0)?;
-                let lv = frac.broadcast_mul(&max_log)?.add(&one_minus.broadcast_mul(&min_log)?)?;
+                let lv = frac
+                    .broadcast_mul(&max_log)?
+                    .add(&one_minus.broadcast_mul(&min_log)?)?;
                 (lv.exp()?, lv)
             }
             ModelVarType::Learned => {
@@ -442,9 +478,15 @@ impl GaussianDiffusion {
         t: &[usize],
         clip_denoised: bool,
     ) -> Result<VbTerms> {
-        let (true_mean, _, true_log_variance_clipped) = self.q_posterior_mean_variance(x0, x_t, t)?;
+        let (true_mean, _, true_log_variance_clipped) =
+            self.q_posterior_mean_variance(x0, x_t, t)?;
         let out = self.p_mean_variance(model_output, x_t, t, clip_denoised)?;
-        let kl = normal_kl(&true_mean, &true_log_variance_clipped, &out.mean, &out.log_variance)?;
+        let kl = normal_kl(
+            &true_mean,
+            &true_log_variance_clipped,
+            &out.mean,
+            &out.log_variance,
+        )?;
         let kl_bpd = mean_flat(&kl.broadcast_as(x0.shape())?)?.affine(1.0 / LN_2, 0.0)?;
         let log_scales = out.log_variance.affine(0.5, 0.0)?;
         let ll = discretized_gaussian_log_likelihood(x0, &out.mean, &log_scales)?;
@@ -518,7 +560,10 @@ impl GaussianDiffusion {
             .iter()
             .map(|a| a / (1.0 - a))
             .collect();
-        Ok(snr.iter().map(|&s| min_snr_weight(s, gamma, self.mean_type)).collect())
+        Ok(snr
+            .iter()
+            .map(|&s| min_snr_weight(s, gamma, self.mean_type))
+            .collect())
     }
 
     /// Per-sample training losses (improved-diffusion `training_losses`) for a network output on

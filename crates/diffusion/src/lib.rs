@@ -31,3 +31,6 @@ pub use gaussian_diffusion::{
 pub use respace::space_timesteps;
 pub use schedule::{BetaSchedule, NoiseSchedule};
 pub use snr::min_snr_weight;
+
+#[cfg(test)]
+mod tests;

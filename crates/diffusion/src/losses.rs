@@ -12,7 +12,12 @@ pub const LOG_PROB_FLOOR: f64 = 1e-12;
 const SQRT_2_OVER_PI: f64 = 0.797_884_560_802_865_4; // sqrt(2 / pi)
 
 /// KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))), elementwise with broadcasting.
-pub fn normal_kl(mean1: &Tensor, logvar1: &Tensor, mean2: &Tensor, logvar2: &Tensor) -> Result<Tensor> {
+pub fn normal_kl(
+    mean1: &Tensor,
+    logvar1: &Tensor,
+    mean2: &Tensor,
+    logvar2: &Tensor,
+) -> Result<Tensor> {
     let diff = mean1.broadcast_sub(mean2)?;
     let ratio = logvar1.broadcast_sub(logvar2)?.exp()?;
     let sq = diff.sqr()?.broadcast_mul(&logvar2.neg()?.exp()?)?;
@@ -40,7 +45,9 @@ pub fn normal_kl_f64(mean1: f64, logvar1: f64, mean2: f64, logvar2: f64) -> f64 
 /// it keeps bits/dim comparable with published numbers.
 pub fn approx_standard_normal_cdf(x: &Tensor) -> Result<Tensor> {
     let cube = x.sqr()?.mul(x)?;
-    let inner = x.add(&cube.affine(0.044715, 0.0)?)?.affine(SQRT_2_OVER_PI, 0.0)?;
+    let inner = x
+        .add(&cube.affine(0.044715, 0.0)?)?
+        .affine(SQRT_2_OVER_PI, 0.0)?;
     Ok(inner.tanh()?.affine(0.5, 0.5)?)
 }
 
@@ -67,7 +74,9 @@ pub fn discretized_gaussian_log_likelihood(
     let log_one_minus_cdf_min = cdf_min.affine(-1.0, 1.0)?.maximum(LOG_PROB_FLOOR)?.log()?;
     let log_delta = cdf_plus.sub(&cdf_min)?.maximum(LOG_PROB_FLOOR)?.log()?;
     let x = x.broadcast_as(log_delta.shape())?;
-    let upper = x.gt(0.999)?.where_cond(&log_one_minus_cdf_min, &log_delta)?;
+    let upper = x
+        .gt(0.999)?
+        .where_cond(&log_one_minus_cdf_min, &log_delta)?;
     Ok(x.lt(-0.999)?.where_cond(&log_cdf_plus, &upper)?)
 }
 
@@ -99,7 +108,10 @@ mod tests {
     fn kl_of_identical_gaussians_is_zero() {
         let m = t(&[0.3, -2.0, 5.0]);
         let lv = t(&[-1.0, 0.0, 2.5]);
-        let kl = normal_kl(&m, &lv, &m, &lv).unwrap().to_vec1::<f64>().unwrap();
+        let kl = normal_kl(&m, &lv, &m, &lv)
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
         assert!(kl.iter().all(|&k| k.abs() < 1e-15), "{kl:?}");
         assert_eq!(normal_kl_f64(0.3, -1.0, 0.3, -1.0), 0.0);
         let z = normal_kl_standard(&t(&[0.0]), &t(&[0.0])).unwrap();
@@ -152,7 +164,9 @@ mod tests {
         // Summing exp(log-likelihood) over all 256 bins gives 1 for any mean and scale.
         for (mean, ls) in [(0.1, -2.0), (-0.7, -4.0), (0.0, 0.5)] {
             let total: f64 = (0..256)
-                .map(|u| discretized_gaussian_log_likelihood_f64(u as f64 / 127.5 - 1.0, mean, ls).exp())
+                .map(|u| {
+                    discretized_gaussian_log_likelihood_f64(u as f64 / 127.5 - 1.0, mean, ls).exp()
+                })
                 .sum();
             assert!((total - 1.0).abs() < 1e-9, "mean {mean} ls {ls}: {total}");
         }

@@ -128,12 +128,18 @@ mod tests {
         // improved-diffusion's stride for 30 of 1000 is 34 (diffusers' "leading" would use 33).
         let d = space_timesteps(1000, "ddim30").unwrap();
         assert_eq!((d.len(), d[1]), (30, 34));
-        assert_eq!(space_timesteps(100, "ddim10").unwrap(), (0..100).step_by(10).collect::<Vec<_>>());
+        assert_eq!(
+            space_timesteps(100, "ddim10").unwrap(),
+            (0..100).step_by(10).collect::<Vec<_>>()
+        );
     }
 
     #[test]
     fn full_and_single_sections() {
-        assert_eq!(space_timesteps(10, "10").unwrap(), (0..10).collect::<Vec<_>>());
+        assert_eq!(
+            space_timesteps(10, "10").unwrap(),
+            (0..10).collect::<Vec<_>>()
+        );
         assert_eq!(space_timesteps(10, "1").unwrap(), vec![0]);
         assert_eq!(space_timesteps(10, "2").unwrap(), vec![0, 9]);
         assert_eq!(space_timesteps(10, " 1 , 1 ").unwrap(), vec![0, 5]);

@@ -158,9 +158,10 @@ impl NoiseSchedule {
             acc *= a;
             alphas_cumprod.push(acc);
         }
-        if !(alphas_cumprod[n - 1] > 0.0) {
+        if alphas_cumprod[n - 1] <= 0.0 {
             return Err(DiffusionError::InvalidSchedule(
-                "alphas_cumprod underflows to 0; the schedule destroys the signal completely".into(),
+                "alphas_cumprod underflows to 0; the schedule destroys the signal completely"
+                    .into(),
             ));
         }
         let ac = &alphas_cumprod;

@@ -23,7 +23,12 @@ pub fn per_sample(values: &[f64], like: &Tensor) -> Result<Tensor> {
 }
 
 /// A tensor of the given shape from f64 host values, rounded once to `dtype`.
-pub fn host_tensor(values: &[f64], shape: Vec<usize>, dtype: DType, device: &Device) -> Result<Tensor> {
+pub fn host_tensor(
+    values: &[f64],
+    shape: Vec<usize>,
+    dtype: DType,
+    device: &Device,
+) -> Result<Tensor> {
     let t = match dtype {
         DType::F64 => Tensor::from_vec(values.to_vec(), shape, device)?,
         DType::F32 => Tensor::from_vec(

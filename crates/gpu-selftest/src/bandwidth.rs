@@ -11,14 +11,18 @@ use candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags;
 use candle_core::cuda_backend::cudarc::driver::CudaStream;
 use candle_core::{Device, Storage, Tensor};
 use ddpm_kernels::{
-    cuda::launch_noising, fused_noising, fused_sampler_step, noise_coefficients, philox_normal, NoiseKey,
-    Prediction, StepCoefs, StepNoise,
+    cuda::launch_noising, fused_noising, fused_sampler_step, noise_coefficients, philox_normal,
+    NoiseKey, Prediction, StepCoefs, StepNoise,
 };
 use ddpm_rng::Stream;
 use std::sync::Arc;
 
 /// Milliseconds per call of `f`, by CUDA events around `reps` calls after 3 warm-up calls.
-fn time_ms(stream: &Arc<CudaStream>, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+fn time_ms(
+    stream: &Arc<CudaStream>,
+    reps: usize,
+    mut f: impl FnMut() -> Result<()>,
+) -> Result<f64> {
     for _ in 0..3 {
         f()?;
     }
@@ -39,19 +43,37 @@ pub fn run(dev: &Device, quick: bool, rep: &mut Report) -> Result<()> {
     let elems = b * n;
     let reps = if quick { 10 } else { 30 };
     let gbs = |ms: f64| 16.0 * elems as f64 / (ms * 1e-3) / 1e9;
-    let size = format!("{b} x {n} f32 ({:.0} MB moved per call)", 16.0 * elems as f64 / 1e6);
-    let key = NoiseKey { seed: 7, step: 1, first_example: 0 };
+    let size = format!(
+        "{b} x {n} f32 ({:.0} MB moved per call)",
+        16.0 * elems as f64 / 1e6
+    );
+    let key = NoiseKey {
+        seed: 7,
+        step: 1,
+        first_example: 0,
+    };
     let t: Vec<u32> = (0..b as u32).map(|i| (i * 37) % 1000).collect();
     let coefs = noise_coefficients(&t, &sa, &sm)?;
 
     let x0 = philox_normal((b, n), Stream::Flip as u32, key, dev)?;
     let (st, l) = x0.storage_and_layout();
-    let Storage::Cuda(cs) = &*st else { return Err(anyhow!("x0 not on the GPU")) };
+    let Storage::Cuda(cs) = &*st else {
+        return Err(anyhow!("x0 not on the GPU"));
+    };
     let x0v = cs.as_cuda_slice::<f32>()?.slice(l.start_offset()..);
     let mut out = cuda.alloc_zeros::<f32>(3 * elems)?;
     let coef = cuda.clone_htod(&coefs.iter().flatten().copied().collect::<Vec<f32>>())?;
     let kernel_ms = time_ms(&stream, reps, || {
-        Ok(launch_noising(cuda, &x0v, &mut out, &coef, b, n, key, Prediction::Epsilon)?)
+        Ok(launch_noising(
+            cuda,
+            &x0v,
+            &mut out,
+            &coef,
+            b,
+            n,
+            key,
+            Prediction::Epsilon,
+        )?)
     })?;
     drop(out);
 
@@ -62,12 +84,24 @@ pub fn run(dev: &Device, quick: bool, rep: &mut Report) -> Result<()> {
 
     let k = gbs(kernel_ms);
     let c = gbs(copy_ms);
-    rep.perf("fused noising kernel", format!("{k:.0} GB/s"), format!("{kernel_ms:.3} ms, {size}"));
-    rep.perf("device-to-device copy, same bytes", format!("{c:.0} GB/s"), format!("{copy_ms:.3} ms"));
+    rep.perf(
+        "fused noising kernel",
+        format!("{k:.0} GB/s"),
+        format!("{kernel_ms:.3} ms, {size}"),
+    );
+    rep.perf(
+        "device-to-device copy, same bytes",
+        format!("{c:.0} GB/s"),
+        format!("{copy_ms:.3} ms"),
+    );
     rep.perf(
         "fused noising kernel / copy",
         format!("{:.1}%", 100.0 * k / c),
-        if k >= 0.9 * c { "target >= 90%: met" } else { "target >= 90%: NOT met" },
+        if k >= 0.9 * c {
+            "target >= 90%: met"
+        } else {
+            "target >= 90%: NOT met"
+        },
     );
 
     let op_ms = time_ms(&stream, reps, || {

@@ -14,7 +14,10 @@ pub fn tables() -> Result<(Vec<f32>, Vec<f32>)> {
     let s = NoiseSchedule::new(&BetaSchedule::Linear, 1000)?;
     Ok((
         s.sqrt_alphas_cumprod.iter().map(|&v| v as f32).collect(),
-        s.sqrt_one_minus_alphas_cumprod.iter().map(|&v| v as f32).collect(),
+        s.sqrt_one_minus_alphas_cumprod
+            .iter()
+            .map(|&v| v as f32)
+            .collect(),
     ))
 }
 
@@ -38,7 +41,9 @@ fn upload(data: &[f32], dims: &[usize], dev: &Device, misalign: bool) -> Result<
     }
     let mut padded = vec![0f32; data.len() + 1];
     padded[1..].copy_from_slice(data);
-    let t = Tensor::from_vec(padded, data.len() + 1, dev)?.narrow(0, 1, data.len())?.reshape(dims)?;
+    let t = Tensor::from_vec(padded, data.len() + 1, dev)?
+        .narrow(0, 1, data.len())?
+        .reshape(dims)?;
     assert!(t.is_contiguous() && t.layout().start_offset() == 1);
     Ok(t)
 }
@@ -51,14 +56,20 @@ const LAYOUTS: [(&str, [usize; 4], bool); 3] = [
 
 pub fn run(dev: &Device, rep: &mut Report) -> Result<()> {
     let (sa, sm) = tables()?;
-    let key = NoiseKey { seed: 0x5EED_0000_0001, step: 123_456, first_example: 1000 };
+    let key = NoiseKey {
+        seed: 0x5EED_0000_0001,
+        step: 123_456,
+        first_example: 1000,
+    };
 
     for (label, dims, misalign) in LAYOUTS {
         let n: usize = dims.iter().product();
         let x0 = host_data(n, 1, 0.7);
         let cpu_x0 = Tensor::from_slice(&x0, &dims[..], &Device::Cpu)?;
         let gpu_x0 = upload(&x0, &dims, dev, misalign)?;
-        let t: Vec<u32> = (0..dims[0] as u64).map(|i| StreamKey::new(1, Stream::Timestep, 0, i).below(0, 1000)).collect();
+        let t: Vec<u32> = (0..dims[0] as u64)
+            .map(|i| StreamKey::new(1, Stream::Timestep, 0, i).below(0, 1000))
+            .collect();
         for pred in [Prediction::Epsilon, Prediction::V, Prediction::StartX] {
             let c = fused_noising(&cpu_x0, &t, &sa, &sm, key, pred)?;
             let g = fused_noising(&gpu_x0, &t, &sa, &sm, key, pred)?;
@@ -68,7 +79,12 @@ pub fn run(dev: &Device, rep: &mut Report) -> Result<()> {
             rep.check(
                 format!("noising {label} {pred:?}"),
                 dn.bit_identical() && dx.within_rounding() && dt.within_rounding(),
-                format!("noise {}; x_t {}; target {}", dn.describe(), dx.describe(), dt.describe()),
+                format!(
+                    "noise {}; x_t {}; target {}",
+                    dn.describe(),
+                    dx.describe(),
+                    dt.describe()
+                ),
             );
         }
     }
@@ -76,7 +92,11 @@ pub fn run(dev: &Device, rep: &mut Report) -> Result<()> {
     for (label, dims, misalign) in LAYOUTS {
         let n: usize = dims.iter().product();
         let b = dims[0];
-        let (xt, m, z) = (host_data(n, 2, 1.2), host_data(n, 3, 1.0), host_data(n, 4, 1.0));
+        let (xt, m, z) = (
+            host_data(n, 2, 1.2),
+            host_data(n, 3, 1.0),
+            host_data(n, 4, 1.0),
+        );
         let coefs: Vec<StepCoefs> = (0..b)
             .map(|i| {
                 let ab = 0.05 + 0.9 * i as f64 / b as f64;
@@ -92,7 +112,11 @@ pub fn run(dev: &Device, rep: &mut Report) -> Result<()> {
             Tensor::from_slice(&m, &dims[..], &Device::Cpu)?,
             Tensor::from_slice(&z, &dims[..], &Device::Cpu)?,
         ];
-        let gpu = [upload(&xt, &dims, dev, misalign)?, upload(&m, &dims, dev, misalign)?, upload(&z, &dims, dev, misalign)?];
+        let gpu = [
+            upload(&xt, &dims, dev, misalign)?,
+            upload(&m, &dims, dev, misalign)?,
+            upload(&z, &dims, dev, misalign)?,
+        ];
         for clip in [None, Some((-1.0f32, 1.0f32))] {
             for mode in ["none", "philox", "given"] {
                 let noise = |ts: &[Tensor; 3]| -> StepNoise<'_> {
@@ -119,7 +143,11 @@ pub fn run(dev: &Device, rep: &mut Report) -> Result<()> {
         let c = philox_normal(dims.as_slice(), Stream::Sampler as u32, key, &Device::Cpu)?;
         let g = philox_normal(dims.as_slice(), Stream::Sampler as u32, key, dev)?;
         let d = Diff::new(&to_host(&c)?, &to_host(&g)?);
-        rep.check(format!("philox_normal {dims:?}"), d.bit_identical(), d.describe());
+        rep.check(
+            format!("philox_normal {dims:?}"),
+            d.bit_identical(),
+            d.describe(),
+        );
     }
     Ok(())
 }

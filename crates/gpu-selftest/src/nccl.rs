@@ -18,7 +18,10 @@ pub fn run(dev: &Device, grads: &[Tensor], rep: &mut Report) -> Result<()> {
     // At least 4 buckets for this small model (the trainer's default, 25 MiB, would make one).
     let bucket_bytes = DEFAULT_BUCKET_BYTES.min((total * 4).div_ceil(4)).max(4);
     let plan = BucketPlan::new(grads.iter().map(|g| g.shape().clone()), bucket_bytes)?;
-    let flat: Vec<Tensor> = grads.iter().map(|g| g.flatten_all()).collect::<candle_core::Result<_>>()?;
+    let flat: Vec<Tensor> = grads
+        .iter()
+        .map(|g| g.flatten_all())
+        .collect::<candle_core::Result<_>>()?;
     let buckets: Vec<Tensor> = (0..plan.num_buckets())
         .map(|b| {
             let parts: Vec<Tensor> = plan
@@ -31,17 +34,23 @@ pub fn run(dev: &Device, grads: &[Tensor], rep: &mut Report) -> Result<()> {
         .collect::<candle_core::Result<_>>()?;
 
     let id = Id::new().map_err(|e| anyhow!("ncclGetUniqueId failed: {e:?}"))?;
-    let comm = Comm::from_rank(stream.clone(), 0, 1, id).map_err(|e| anyhow!("ncclCommInitRank failed: {e:?}"))?;
+    let comm = Comm::from_rank(stream.clone(), 0, 1, id)
+        .map_err(|e| anyhow!("ncclCommInitRank failed: {e:?}"))?;
     let cuda = dev.as_cuda_device()?;
     let mut recvs = Vec::with_capacity(buckets.len());
     let reduce_all = |recvs: &mut Vec<_>| -> Result<()> {
         recvs.clear();
         for bucket in &buckets {
             let (st, l) = bucket.storage_and_layout();
-            let Storage::Cuda(cs) = &*st else { return Err(anyhow!("bucket not on the GPU")) };
-            let send = cs.as_cuda_slice::<f32>()?.slice(l.start_offset()..l.start_offset() + bucket.elem_count());
+            let Storage::Cuda(cs) = &*st else {
+                return Err(anyhow!("bucket not on the GPU"));
+            };
+            let send = cs
+                .as_cuda_slice::<f32>()?
+                .slice(l.start_offset()..l.start_offset() + bucket.elem_count());
             let mut recv = cuda.alloc_zeros::<f32>(bucket.elem_count())?;
-            comm.all_reduce(&send, &mut recv, &ReduceOp::Sum).map_err(|e| anyhow!("ncclAllReduce failed: {e:?}"))?;
+            comm.all_reduce(&send, &mut recv, &ReduceOp::Sum)
+                .map_err(|e| anyhow!("ncclAllReduce failed: {e:?}"))?;
             recvs.push(recv);
         }
         Ok(())
@@ -68,10 +77,16 @@ pub fn run(dev: &Device, grads: &[Tensor], rep: &mut Report) -> Result<()> {
         }
     }
     rep.check(
-        format!("NCCL all-reduce, world 1, {} buckets of the U-Net gradients", plan.num_buckets()),
+        format!(
+            "NCCL all-reduce, world 1, {} buckets of the U-Net gradients",
+            plan.num_buckets()
+        ),
         ok,
         if ok {
-            format!("{total} floats in {} buckets of <= {bucket_bytes} bytes returned unchanged", plan.num_buckets())
+            format!(
+                "{total} floats in {} buckets of <= {bucket_bytes} bytes returned unchanged",
+                plan.num_buckets()
+            )
         } else {
             format!("a bucket changed: {worst}")
         },
@@ -79,7 +94,10 @@ pub fn run(dev: &Device, grads: &[Tensor], rep: &mut Report) -> Result<()> {
     rep.perf(
         "NCCL all-reduce (world 1) per gradient set",
         format!("{ms:.3} ms"),
-        format!("{total} floats, {} buckets; includes recv-buffer allocation", plan.num_buckets()),
+        format!(
+            "{total} floats, {} buckets; includes recv-buffer allocation",
+            plan.num_buckets()
+        ),
     );
     Ok(())
 }

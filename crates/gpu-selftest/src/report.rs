@@ -23,17 +23,39 @@ pub struct Report {
 
 impl Report {
     pub fn new(device: String) -> Self {
-        Self { device, checks: Vec::new(), perf: Vec::new() }
+        Self {
+            device,
+            checks: Vec::new(),
+            perf: Vec::new(),
+        }
     }
 
     pub fn check(&mut self, name: impl Into<String>, ok: bool, detail: impl Into<String>) {
-        let c = Check { name: name.into(), ok, detail: detail.into() };
-        println!("[{}] {}: {}", if c.ok { "PASS" } else { "FAIL" }, c.name, c.detail);
+        let c = Check {
+            name: name.into(),
+            ok,
+            detail: detail.into(),
+        };
+        println!(
+            "[{}] {}: {}",
+            if c.ok { "PASS" } else { "FAIL" },
+            c.name,
+            c.detail
+        );
         self.checks.push(c);
     }
 
-    pub fn perf(&mut self, what: impl Into<String>, value: impl Into<String>, note: impl Into<String>) {
-        let p = Perf { what: what.into(), value: value.into(), note: note.into() };
+    pub fn perf(
+        &mut self,
+        what: impl Into<String>,
+        value: impl Into<String>,
+        note: impl Into<String>,
+    ) {
+        let p = Perf {
+            what: what.into(),
+            value: value.into(),
+            note: note.into(),
+        };
         println!("{}: {} {}", p.what, p.value, p.note);
         self.perf.push(p);
     }
@@ -79,7 +101,12 @@ pub struct Diff {
 impl Diff {
     pub fn new(a: &[f32], b: &[f32]) -> Self {
         assert_eq!(a.len(), b.len());
-        let mut d = Diff { len: a.len(), identical: 0, max_abs: 0.0, beyond_rounding: 0 };
+        let mut d = Diff {
+            len: a.len(),
+            identical: 0,
+            max_abs: 0.0,
+            beyond_rounding: 0,
+        };
         for (&x, &y) in a.iter().zip(b) {
             if x.to_bits() == y.to_bits() {
                 d.identical += 1;

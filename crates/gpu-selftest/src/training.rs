@@ -42,9 +42,23 @@ struct Trainer {
 impl Trainer {
     fn new(dev: &Device) -> Result<Self> {
         let (model, vars) = UNet::init(&config(), SEED, DType::F32, dev)?;
-        let opt = AdamW::new(vars.all_vars(), ParamsAdamW { lr: 2e-4, weight_decay: 0.0, ..Default::default() })?;
+        let opt = AdamW::new(
+            vars.all_vars(),
+            ParamsAdamW {
+                lr: 2e-4,
+                weight_decay: 0.0,
+                ..Default::default()
+            },
+        )?;
         let (sa, sm) = tables()?;
-        Ok(Self { model, _vars: vars, opt, dev: dev.clone(), sa, sm })
+        Ok(Self {
+            model,
+            _vars: vars,
+            opt,
+            dev: dev.clone(),
+            sa,
+            sm,
+        })
     }
 
     /// The loss of step `step` on a batch of `b` examples (everything keyed by `step`).
@@ -52,14 +66,27 @@ impl Trainer {
         let cfg = self.model.config();
         let dims = [b, cfg.in_channels, cfg.image_size, cfg.image_size];
         let n: usize = dims.iter().product();
-        let x0 = Tensor::from_vec(host_data(n, 100 + step, 0.5), &dims[..], &self.dev)?.clamp(-1f32, 1f32)?;
-        let t: Vec<u32> = (0..b as u64).map(|i| StreamKey::new(SEED, Stream::Timestep, step, i).below(0, 1000)).collect();
-        let y: Vec<u32> = (0..b as u64).map(|i| StreamKey::new(SEED, Stream::LabelDrop, step, i).below(0, 10)).collect();
-        let key = NoiseKey { seed: SEED, step, first_example: 0 };
+        let x0 = Tensor::from_vec(host_data(n, 100 + step, 0.5), &dims[..], &self.dev)?
+            .clamp(-1f32, 1f32)?;
+        let t: Vec<u32> = (0..b as u64)
+            .map(|i| StreamKey::new(SEED, Stream::Timestep, step, i).below(0, 1000))
+            .collect();
+        let y: Vec<u32> = (0..b as u64)
+            .map(|i| StreamKey::new(SEED, Stream::LabelDrop, step, i).below(0, 10))
+            .collect();
+        let key = NoiseKey {
+            seed: SEED,
+            step,
+            first_example: 0,
+        };
         let noised = fused_noising(&x0, &t, &self.sa, &self.sm, key, Prediction::Epsilon)?;
         let tf = Tensor::from_iter(t.iter().map(|&v| v as f32), &self.dev)?;
         let y = Tensor::from_vec(y, b, &self.dev)?;
-        let ctx = ForwardCtx::train(DropoutKey { seed: SEED, step, first_example: 0 });
+        let ctx = ForwardCtx::train(DropoutKey {
+            seed: SEED,
+            step,
+            first_example: 0,
+        });
         let out = self.model.forward(&noised.x_t, &tf, Some(&y), &ctx)?;
         Ok((out - &noised.target)?.sqr()?.mean_all()?)
     }
@@ -90,7 +117,9 @@ pub fn run(dev: &Device, quick: bool, rep: &mut Report) -> Result<Vec<Tensor>> {
         .collect();
     // Step 0 differs only by summation order inside convolutions and matmuls; later steps also carry
     // that difference through the optimizer.
-    let ok = lc.iter().chain(&lg).all(|v| v.is_finite()) && rel[0] < 1e-4 && rel.iter().all(|&r| r < 5e-3);
+    let ok = lc.iter().chain(&lg).all(|v| v.is_finite())
+        && rel[0] < 1e-4
+        && rel.iter().all(|&r| r < 5e-3);
     rep.check(
         format!("training {steps} steps batch {b}: GPU loss vs CPU loss"),
         ok,
@@ -125,7 +154,10 @@ pub fn run(dev: &Device, quick: bool, rep: &mut Report) -> Result<Vec<Tensor>> {
     rep.perf(
         "training images/s, GPU",
         format!("{:.0}", (iters as usize * bt) as f64 / secs),
-        format!("batch {bt}, 32x32x3, {} params, fp32, {iters} steps", thr.model.num_parameters()),
+        format!(
+            "batch {bt}, 32x32x3, {} params, fp32, {iters} steps",
+            thr.model.num_parameters()
+        ),
     );
 
     let loss = gpu.loss(steps, b)?;
@@ -141,5 +173,7 @@ pub fn run(dev: &Device, quick: bool, rep: &mut Report) -> Result<Vec<Tensor>> {
 }
 
 fn rayon_threads() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
 }

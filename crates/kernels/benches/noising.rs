@@ -5,8 +5,8 @@
 
 use candle_core::{Device, Tensor};
 use ddpm_kernels::{
-    fused_noising, fused_sampler_step, unfused_noising, unfused_sampler_step, NoiseKey, Prediction, StepCoefs,
-    StepNoise,
+    fused_noising, fused_sampler_step, unfused_noising, unfused_sampler_step, NoiseKey, Prediction,
+    StepCoefs, StepNoise,
 };
 use std::time::{Duration, Instant};
 
@@ -27,7 +27,10 @@ fn time(budget: Duration, mut f: impl FnMut()) -> Duration {
 
 fn main() {
     let budget = Duration::from_millis(
-        std::env::var("BENCH_MS").ok().and_then(|s| s.parse().ok()).unwrap_or(800),
+        std::env::var("BENCH_MS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(800),
     );
     let (sa, sm): (Vec<f32>, Vec<f32>) = (0..1000)
         .map(|i| {
@@ -48,7 +51,11 @@ fn main() {
         let b = dims[0];
         let x0 = Tensor::randn(0f32, 1f32, &dims[..], &Device::Cpu).unwrap();
         let t: Vec<u32> = (0..b as u32).map(|i| (i * 7919) % 1000).collect();
-        let key = NoiseKey { seed: 1, step: 2, first_example: 0 };
+        let key = NoiseKey {
+            seed: 1,
+            step: 2,
+            first_example: 0,
+        };
         let f = time(budget, || {
             fused_noising(&x0, &t, &sa, &sm, key, Prediction::Epsilon).unwrap();
         });
@@ -62,7 +69,11 @@ fn main() {
         let xt = Tensor::randn(0f32, 1f32, &dims[..], &Device::Cpu).unwrap();
         let m = Tensor::randn(0f32, 1f32, &dims[..], &Device::Cpu).unwrap();
         let c = vec![StepCoefs::ddpm(Prediction::Epsilon, 0.5, 0.55, 0.1); dims[0]];
-        let key = NoiseKey { seed: 1, step: 2, first_example: 0 };
+        let key = NoiseKey {
+            seed: 1,
+            step: 2,
+            first_example: 0,
+        };
         let f = time(budget, || {
             fused_sampler_step(&xt, &m, &c, Some((-1.0, 1.0)), StepNoise::Philox(key)).unwrap();
         });

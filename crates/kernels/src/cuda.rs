@@ -54,7 +54,11 @@ fn grid(batch: usize, n: usize) -> LaunchConfig {
     let nb = n.div_ceil(4) as u32;
     let gx = nb.div_ceil(THREADS).clamp(1, 1 << 20);
     let gy = (batch as u32).clamp(1, 65_535);
-    LaunchConfig { grid_dim: (gx, gy, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
+    LaunchConfig {
+        grid_dim: (gx, gy, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
 }
 
 fn dims_bn(l: &Layout) -> candle_core::Result<(usize, usize)> {
@@ -78,7 +82,10 @@ pub(crate) fn noising_fwd(
     let dev = &s.device;
     let (b, n) = dims_bn(l)?;
     if op.coefs.len() != b {
-        candle_core::bail!("fused_noising: {} coefficients for a batch of {b}", op.coefs.len());
+        candle_core::bail!(
+            "fused_noising: {} coefficients for a batch of {b}",
+            op.coefs.len()
+        );
     }
     let mut shape = vec![3];
     shape.extend_from_slice(l.shape().dims());
@@ -91,7 +98,10 @@ pub(crate) fn noising_fwd(
         let coef = dev.clone_htod(&coef)?;
         launch_noising(dev, &x0, &mut out, &coef, b, n, op.key, op.pred)?;
     }
-    Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), Shape::from(shape)))
+    Ok((
+        CudaStorage::wrap_cuda_slice(out, dev.clone()),
+        Shape::from(shape),
+    ))
 }
 
 /// The noising kernel on caller-owned buffers, without the op's allocation and coefficient upload (for
@@ -146,11 +156,19 @@ pub(crate) fn sampler_step_fwd(
 ) -> candle_core::Result<(CudaStorage, Shape)> {
     let dev = &s1.device;
     let (b, n) = dims_bn(l1)?;
-    if dims_bn(l2)? != (b, n) || noise.map(|(_, l)| dims_bn(l)).transpose()?.is_some_and(|d| d != (b, n)) {
+    if dims_bn(l2)? != (b, n)
+        || noise
+            .map(|(_, l)| dims_bn(l))
+            .transpose()?
+            .is_some_and(|d| d != (b, n))
+    {
         candle_core::bail!("fused_sampler_step: shapes differ");
     }
     if op.coefs.len() != b {
-        candle_core::bail!("fused_sampler_step: {} coefficient sets for a batch of {b}", op.coefs.len());
+        candle_core::bail!(
+            "fused_sampler_step: {} coefficient sets for a batch of {b}",
+            op.coefs.len()
+        );
     }
     let mut shape = vec![2];
     shape.extend_from_slice(l1.shape().dims());
@@ -163,7 +181,11 @@ pub(crate) fn sampler_step_fwd(
         let coef = dev.clone_htod(&coef)?;
         let func = module(dev)?.load_function("ddpm_sampler_step_f32").w()?;
         let stream = dev.cuda_stream();
-        let key = op.philox.unwrap_or(NoiseKey { seed: 0, step: 0, first_example: 0 });
+        let key = op.philox.unwrap_or(NoiseKey {
+            seed: 0,
+            step: 0,
+            first_example: 0,
+        });
         let (seed_lo, seed_hi) = seed_words(key.seed);
         let (bu, nu) = (b as u32, n as u32);
         let step = key.step as u32;
@@ -199,7 +221,10 @@ pub(crate) fn sampler_step_fwd(
         // (2 * b * n for `out`), checked through the layouts above.
         unsafe { lb.launch(grid(b, n)) }.w()?;
     }
-    Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), Shape::from(shape)))
+    Ok((
+        CudaStorage::wrap_cuda_slice(out, dev.clone()),
+        Shape::from(shape),
+    ))
 }
 
 pub(crate) fn philox_normal(
@@ -233,7 +258,12 @@ pub(crate) fn philox_normal(
         unsafe { lb.launch(grid(b, n)) }.w()?;
     }
     let storage = candle_core::Storage::Cuda(CudaStorage::wrap_cuda_slice(out, dev.clone()));
-    Ok(Tensor::from_storage(storage, shape, candle_core::op::BackpropOp::none(), false))
+    Ok(Tensor::from_storage(
+        storage,
+        shape,
+        candle_core::op::BackpropOp::none(),
+        false,
+    ))
 }
 
 /// Architecture the embedded cubin was built for (`sm_90` unless `DDPM_CUDA_ARCH` said otherwise).

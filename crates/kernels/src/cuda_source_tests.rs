@@ -13,7 +13,11 @@ fn define(src: &str, name: &str) -> u32 {
         .lines()
         .find(|l| l.split_whitespace().take(2).eq(["#define", name]))
         .unwrap_or_else(|| panic!("#define {name} not found"));
-    let v = line.split_whitespace().nth(2).unwrap().trim_end_matches('u');
+    let v = line
+        .split_whitespace()
+        .nth(2)
+        .unwrap()
+        .trim_end_matches('u');
     match v.strip_prefix("0x").or_else(|| v.strip_prefix("0X")) {
         Some(h) => u32::from_str_radix(h, 16).unwrap(),
         None => v.parse().unwrap(),
@@ -53,9 +57,15 @@ fn philox_and_stream_constants_match_rust() {
     assert_eq!(define(PHILOX, "DDPM_PHILOX_W0"), 0x9E37_79B9);
     assert_eq!(define(PHILOX, "DDPM_PHILOX_W1"), 0xBB67_AE85);
     assert_eq!(define(PHILOX, "DDPM_STREAM_NOISE"), Stream::Noise as u32);
-    assert_eq!(define(PHILOX, "DDPM_STREAM_SAMPLER"), Stream::Sampler as u32);
+    assert_eq!(
+        define(PHILOX, "DDPM_STREAM_SAMPLER"),
+        Stream::Sampler as u32
+    );
     // The Philox constants above are the ones of the Random123 known-answer test ddpm-rng passes.
-    assert_eq!(ddpm_rng::philox4x32_10([0; 4], [0; 2]), [0x6627e8d5, 0xe169c58d, 0xbc57ac4c, 0x9b00dbd8]);
+    assert_eq!(
+        ddpm_rng::philox4x32_10([0; 4], [0; 2]),
+        [0x6627e8d5, 0xe169c58d, 0xbc57ac4c, 0x9b00dbd8]
+    );
 }
 
 #[test]
@@ -63,11 +73,19 @@ fn op_codes_match_rust() {
     assert_eq!(define(KERNELS, "DDPM_PRED_EPS"), Prediction::Epsilon.code());
     assert_eq!(define(KERNELS, "DDPM_PRED_V"), Prediction::V.code());
     assert_eq!(define(KERNELS, "DDPM_PRED_X0"), Prediction::StartX.code());
-    let op = crate::SamplerStepOp { coefs: vec![], clip: None, philox: None };
+    let op = crate::SamplerStepOp {
+        coefs: vec![],
+        clip: None,
+        philox: None,
+    };
     assert_eq!(define(KERNELS, "DDPM_NOISE_NONE"), op.noise_mode(false));
     assert_eq!(define(KERNELS, "DDPM_NOISE_GIVEN"), op.noise_mode(true));
     let op = crate::SamplerStepOp {
-        philox: Some(crate::NoiseKey { seed: 0, step: 0, first_example: 0 }),
+        philox: Some(crate::NoiseKey {
+            seed: 0,
+            step: 0,
+            first_example: 0,
+        }),
         ..op
     };
     assert_eq!(define(KERNELS, "DDPM_NOISE_PHILOX"), op.noise_mode(false));

@@ -9,7 +9,10 @@ pub enum KernelError {
 
 impl KernelError {
     pub(crate) fn bad(op: &'static str, msg: impl Into<String>) -> Self {
-        Self::BadInput { op, msg: msg.into() }
+        Self::BadInput {
+            op,
+            msg: msg.into(),
+        }
     }
 }
 

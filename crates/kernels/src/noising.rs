@@ -43,7 +43,12 @@ pub struct NoiseKey {
 
 impl NoiseKey {
     pub(crate) fn stream_key(&self, stream: Stream, i: usize) -> StreamKey {
-        StreamKey::new(self.seed, stream, self.step, self.first_example.wrapping_add(i as u64))
+        StreamKey::new(
+            self.seed,
+            stream,
+            self.step,
+            self.first_example.wrapping_add(i as u64),
+        )
     }
 }
 
@@ -78,7 +83,10 @@ pub fn noise_coefficients(
             if k >= sqrt_ac.len() {
                 return Err(KernelError::bad(
                     OP,
-                    format!("t[{i}] = {ti} is outside the schedule (T = {})", sqrt_ac.len()),
+                    format!(
+                        "t[{i}] = {ti} is outside the schedule (T = {})",
+                        sqrt_ac.len()
+                    ),
                 ));
             }
             Ok([sqrt_ac[k], sqrt_1m_ac[k]])
@@ -173,11 +181,22 @@ pub fn fused_noising(
 ) -> Result<Noised, KernelError> {
     let (b, _) = batch_dims(OP, "x0", x0)?;
     if t.len() != b {
-        return Err(KernelError::bad(OP, format!("{} timesteps for a batch of {b}", t.len())));
+        return Err(KernelError::bad(
+            OP,
+            format!("{} timesteps for a batch of {b}", t.len()),
+        ));
     }
-    let op = NoisingOp { coefs: noise_coefficients(t, sqrt_ac, sqrt_1m_ac)?, key, pred };
+    let op = NoisingOp {
+        coefs: noise_coefficients(t, sqrt_ac, sqrt_1m_ac)?,
+        key,
+        pred,
+    };
     let all = x0.contiguous()?.apply_op1_no_bwd(&op)?;
-    Ok(Noised { x_t: all.get(0)?, noise: all.get(1)?, target: all.get(2)? })
+    Ok(Noised {
+        x_t: all.get(0)?,
+        noise: all.get(1)?,
+        target: all.get(2)?,
+    })
 }
 
 /// The same computation as separate candle ops, the way it is written without this crate: noise drawn on
@@ -193,7 +212,10 @@ pub fn unfused_noising(
 ) -> Result<Noised, KernelError> {
     let (b, n) = batch_dims(OP, "x0", x0)?;
     if t.len() != b {
-        return Err(KernelError::bad(OP, format!("{} timesteps for a batch of {b}", t.len())));
+        return Err(KernelError::bad(
+            OP,
+            format!("{} timesteps for a batch of {b}", t.len()),
+        ));
     }
     let coefs = noise_coefficients(t, sqrt_ac, sqrt_1m_ac)?;
     let mut noise = vec![0f32; b * n];

@@ -50,7 +50,10 @@ pub fn philox_normal(
         #[allow(unreachable_patterns)]
         other => Err(KernelError::bad(
             OP,
-            format!("no implementation for device {:?} in this build (feature `cuda` enables CUDA)", other.location()),
+            format!(
+                "no implementation for device {:?} in this build (feature `cuda` enables CUDA)",
+                other.location()
+            ),
         )),
     }
 }

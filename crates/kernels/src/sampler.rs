@@ -140,11 +140,20 @@ impl SamplerStepOp {
         (y, x0)
     }
 
-    fn cpu(&self, xt: &[f32], m: &[f32], given: Option<&[f32]>, dims: &[usize]) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu(
+        &self,
+        xt: &[f32],
+        m: &[f32],
+        given: Option<&[f32]>,
+        dims: &[usize],
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let b = dims[0];
         let n = xt.len() / b.max(1);
         if self.coefs.len() != b {
-            candle_core::bail!("{OP}: {} coefficient sets for a batch of {b}", self.coefs.len());
+            candle_core::bail!(
+                "{OP}: {} coefficient sets for a batch of {b}",
+                self.coefs.len()
+            );
         }
         let mut out = vec![0f32; 2 * xt.len()];
         for_each_chunk::<2, _>(&mut out, b, n, |i, e0, [yp, x0p]| {
@@ -265,7 +274,10 @@ fn check_same(what: &str, a: &Tensor, b: &Tensor) -> Result<(), KernelError> {
         ));
     }
     if !a.device().same_device(b.device()) {
-        return Err(KernelError::bad(OP, format!("{what} is on another device than x_t")));
+        return Err(KernelError::bad(
+            OP,
+            format!("{what} is on another device than x_t"),
+        ));
     }
     Ok(())
 }
@@ -284,7 +296,10 @@ pub fn fused_sampler_step(
     batch_dims(OP, "model_out", model_out)?;
     check_same("model_out", x_t, model_out)?;
     if coefs.len() != b {
-        return Err(KernelError::bad(OP, format!("{} coefficient sets for a batch of {b}", coefs.len())));
+        return Err(KernelError::bad(
+            OP,
+            format!("{} coefficient sets for a batch of {b}", coefs.len()),
+        ));
     }
     if let Some((lo, hi)) = clip {
         if lo.is_nan() || hi.is_nan() || lo > hi {
@@ -310,7 +325,10 @@ pub fn fused_sampler_step(
             xt.apply_op3_no_bwd(&m, &z.contiguous()?, &op)?
         }
     };
-    Ok(StepOut { x_prev: all.get(0)?, x0_pred: all.get(1)? })
+    Ok(StepOut {
+        x_prev: all.get(0)?,
+        x0_pred: all.get(1)?,
+    })
 }
 
 /// The same update as separate candle ops (noise for `Philox` drawn on the host): the reference for
@@ -325,7 +343,10 @@ pub fn unfused_sampler_step(
     let (b, n) = batch_dims(OP, "x_t", x_t)?;
     check_same("model_out", x_t, model_out)?;
     if coefs.len() != b {
-        return Err(KernelError::bad(OP, format!("{} coefficient sets for a batch of {b}", coefs.len())));
+        return Err(KernelError::bad(
+            OP,
+            format!("{} coefficient sets for a batch of {b}", coefs.len()),
+        ));
     }
     let dev = x_t.device();
     let mut bshape = vec![1usize; x_t.rank()];
@@ -333,7 +354,8 @@ pub fn unfused_sampler_step(
     let col = |f: fn(&StepCoefs) -> f32| -> Result<Tensor, KernelError> {
         Ok(Tensor::from_iter(coefs.iter().map(f), dev)?.reshape(bshape.as_slice())?)
     };
-    let mut x0 = (x_t.broadcast_mul(&col(|c| c.a_xt)?)? + model_out.broadcast_mul(&col(|c| c.a_m)?)?)?;
+    let mut x0 =
+        (x_t.broadcast_mul(&col(|c| c.a_xt)?)? + model_out.broadcast_mul(&col(|c| c.a_m)?)?)?;
     if let Some((lo, hi)) = clip {
         x0 = x0.clamp(lo, hi)?;
     }
@@ -354,5 +376,8 @@ pub fn unfused_sampler_step(
     if let Some(z) = z {
         y = (y + z.broadcast_mul(&col(|c| c.sigma)?)?)?;
     }
-    Ok(StepOut { x_prev: y, x0_pred: x0 })
+    Ok(StepOut {
+        x_prev: y,
+        x0_pred: x0,
+    })
 }

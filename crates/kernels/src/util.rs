@@ -16,16 +16,25 @@ pub(crate) fn batch_dims(
     t: &Tensor,
 ) -> Result<(usize, usize), KernelError> {
     if t.dtype() != DType::F32 {
-        return Err(KernelError::bad(op, format!("{what} must be f32, got {:?}", t.dtype())));
+        return Err(KernelError::bad(
+            op,
+            format!("{what} must be f32, got {:?}", t.dtype()),
+        ));
     }
     let dims = t.dims();
     if dims.is_empty() {
-        return Err(KernelError::bad(op, format!("{what} must have a batch dimension, got a scalar")));
+        return Err(KernelError::bad(
+            op,
+            format!("{what} must have a batch dimension, got a scalar"),
+        ));
     }
     let b = dims[0];
     let n: usize = dims[1..].iter().product();
     if n >= 1 << 31 || b > u32::MAX as usize {
-        return Err(KernelError::bad(op, format!("{what} {dims:?} is too large (per-example elements must be < 2^31)")));
+        return Err(KernelError::bad(
+            op,
+            format!("{what} {dims:?} is too large (per-example elements must be < 2^31)"),
+        ));
     }
     Ok((b, n))
 }
@@ -67,5 +76,7 @@ where
             items.push((i, c * CHUNK, planes));
         }
     }
-    items.into_par_iter().for_each(|(i, e0, planes)| f(i, e0, planes));
+    items
+        .into_par_iter()
+        .for_each(|(i, e0, planes)| f(i, e0, planes));
 }

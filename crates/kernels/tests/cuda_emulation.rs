@@ -7,8 +7,8 @@
 
 use candle_core::{Device, Tensor};
 use ddpm_kernels::{
-    fused_noising, fused_sampler_step, noise_coefficients, philox_normal, NoiseKey, Prediction, StepCoefs,
-    StepNoise,
+    fused_noising, fused_sampler_step, noise_coefficients, philox_normal, NoiseKey, Prediction,
+    StepCoefs, StepNoise,
 };
 use ddpm_rng::{Stream, StreamKey};
 use std::io::Write;
@@ -24,12 +24,26 @@ fn emulator() -> &'static PathBuf {
         let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/cuda_host_emu.cpp");
         let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".to_string());
         let out = Command::new(&cxx)
-            .args(["-O2", "-std=c++17", "-ffp-contract=off", "-fno-fast-math", "-Wno-unknown-pragmas", "-o"])
+            .args([
+                "-O2",
+                "-std=c++17",
+                "-ffp-contract=off",
+                "-fno-fast-math",
+                "-Wno-unknown-pragmas",
+                "-o",
+            ])
             .arg(&exe)
             .arg(&src)
             .output()
-            .unwrap_or_else(|e| panic!("cannot run the C++ compiler `{cxx}` (install build-essential): {e}"));
-        assert!(out.status.success(), "compiling {}: {}", src.display(), String::from_utf8_lossy(&out.stderr));
+            .unwrap_or_else(|e| {
+                panic!("cannot run the C++ compiler `{cxx}` (install build-essential): {e}")
+            });
+        assert!(
+            out.status.success(),
+            "compiling {}: {}",
+            src.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
         exe
     })
 }
@@ -46,8 +60,15 @@ fn run(args: &[String], input: &[f32], misalign: bool) -> Vec<f32> {
     let bytes: Vec<u8> = input.iter().flat_map(|x| x.to_le_bytes()).collect();
     child.stdin.take().unwrap().write_all(&bytes).unwrap();
     let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "emulator {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    out.stdout.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+    assert!(
+        out.status.success(),
+        "emulator {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
 }
 
 fn flat(t: &Tensor) -> Vec<f32> {
@@ -62,7 +83,10 @@ fn data(b: usize, n: usize, salt: u64) -> Vec<f32> {
 
 /// The launch shape src/cuda.rs uses, and two odd ones that exercise the stride loops.
 fn grids(b: usize, n: usize) -> Vec<(u32, u32)> {
-    let natural = ((n.div_ceil(4) as u32).div_ceil(256).max(1), (b as u32).clamp(1, 65_535));
+    let natural = (
+        (n.div_ceil(4) as u32).div_ceil(256).max(1),
+        (b as u32).clamp(1, 65_535),
+    );
     vec![natural, (1, 1), (2, 2)]
 }
 
@@ -90,12 +114,20 @@ fn noising_kernel_matches_cpu() {
     for (b, n, misalign) in [(3usize, 189usize, false), (3, 1100, false), (2, 1100, true)] {
         let x0 = data(b, n, n as u64);
         let t: Vec<u32> = (0..b as u32).map(|i| 7 + 41 * i).collect();
-        let key = NoiseKey { seed, step: 5, first_example: u32::MAX as u64 - 1 }; // example index wraps
+        let key = NoiseKey {
+            seed,
+            step: 5,
+            first_example: u32::MAX as u64 - 1,
+        }; // example index wraps
         let coefs = noise_coefficients(&t, &sa, &sm).unwrap();
         let mut input = x0.clone();
         input.extend(coefs.iter().flatten());
         let x0t = Tensor::from_vec(x0, (b, n), &Device::Cpu).unwrap();
-        for (code, pred) in [(0, Prediction::Epsilon), (1, Prediction::V), (2, Prediction::StartX)] {
+        for (code, pred) in [
+            (0, Prediction::Epsilon),
+            (1, Prediction::V),
+            (2, Prediction::StartX),
+        ] {
             let cpu = fused_noising(&x0t, &t, &sa, &sm, key, pred).unwrap();
             let mut want = flat(&cpu.x_t);
             want.extend(flat(&cpu.noise));
@@ -104,12 +136,25 @@ fn noising_kernel_matches_cpu() {
                 let args: Vec<String> = ["noise".to_string()]
                     .into_iter()
                     .chain(
-                        [b as u64, n as u64, seed, key.step, key.first_example as u32 as u64, code, gx as u64, gy as u64]
-                            .map(|v| v.to_string()),
+                        [
+                            b as u64,
+                            n as u64,
+                            seed,
+                            key.step,
+                            key.first_example as u32 as u64,
+                            code,
+                            gx as u64,
+                            gy as u64,
+                        ]
+                        .map(|v| v.to_string()),
                     )
                     .collect();
                 let got = run(&args, &input, misalign);
-                assert_bits(&got, &want, &format!("noise b{b} n{n} mis{misalign} {pred:?} grid ({gx},{gy})"));
+                assert_bits(
+                    &got,
+                    &want,
+                    &format!("noise b{b} n{n} mis{misalign} {pred:?} grid ({gx},{gy})"),
+                );
             }
         }
     }
@@ -123,16 +168,31 @@ fn sampler_kernel_matches_cpu() {
         let m = data(b, n, 2);
         let z = data(b, n, 3);
         let coefs: Vec<StepCoefs> = (0..b)
-            .map(|i| StepCoefs::ddim(Prediction::Epsilon, 0.3 + 0.1 * i as f64, 0.5 + 0.1 * i as f64, 0.7))
+            .map(|i| {
+                StepCoefs::ddim(
+                    Prediction::Epsilon,
+                    0.3 + 0.1 * i as f64,
+                    0.5 + 0.1 * i as f64,
+                    0.7,
+                )
+            })
             .collect();
-        let key = NoiseKey { seed, step: 77, first_example: 9 };
+        let key = NoiseKey {
+            seed,
+            step: 77,
+            first_example: 9,
+        };
         let (xtt, mt, zt) = (
             Tensor::from_vec(xt.clone(), (b, n), &Device::Cpu).unwrap(),
             Tensor::from_vec(m.clone(), (b, n), &Device::Cpu).unwrap(),
             Tensor::from_vec(z.clone(), (b, n), &Device::Cpu).unwrap(),
         );
         for clip in [None, Some((-1.0f32, 1.0f32))] {
-            for (mode, noise) in [(0u64, StepNoise::None), (1, StepNoise::Philox(key)), (2, StepNoise::Given(&zt))] {
+            for (mode, noise) in [
+                (0u64, StepNoise::None),
+                (1, StepNoise::Philox(key)),
+                (2, StepNoise::Given(&zt)),
+            ] {
                 let cpu = fused_sampler_step(&xtt, &mt, &coefs, clip, noise).unwrap();
                 let mut want = flat(&cpu.x_prev);
                 want.extend(flat(&cpu.x0_pred));
@@ -141,7 +201,11 @@ fn sampler_kernel_matches_cpu() {
                 if mode == 2 {
                     input.extend(&z);
                 }
-                input.extend(coefs.iter().flat_map(|c| [c.a_xt, c.a_m, c.c_x0, c.c_xt, c.sigma]));
+                input.extend(
+                    coefs
+                        .iter()
+                        .flat_map(|c| [c.a_xt, c.a_m, c.c_x0, c.c_xt, c.sigma]),
+                );
                 let (cl, lo, hi) = match clip {
                     Some((lo, hi)) => (1u64, lo.to_bits() as u64, hi.to_bits() as u64),
                     None => (0, 0, 0),
@@ -150,8 +214,20 @@ fn sampler_kernel_matches_cpu() {
                     let args: Vec<String> = ["step".to_string()]
                         .into_iter()
                         .chain(
-                            [b as u64, n as u64, mode, seed, key.step, key.first_example, cl, lo, hi, gx as u64, gy as u64]
-                                .map(|v| v.to_string()),
+                            [
+                                b as u64,
+                                n as u64,
+                                mode,
+                                seed,
+                                key.step,
+                                key.first_example,
+                                cl,
+                                lo,
+                                hi,
+                                gx as u64,
+                                gy as u64,
+                            ]
+                            .map(|v| v.to_string()),
                         )
                         .collect();
                     let got = run(&args, &input, misalign);
@@ -164,19 +240,36 @@ fn sampler_kernel_matches_cpu() {
 
 #[test]
 fn normal_kernel_matches_cpu() {
-    let key = NoiseKey { seed: u64::MAX, step: 1 << 33, first_example: 3 };
+    let key = NoiseKey {
+        seed: u64::MAX,
+        step: 1 << 33,
+        first_example: 3,
+    };
     for (b, n, misalign) in [(2usize, 37usize, false), (3, 2048, false), (3, 2048, true)] {
         let cpu = philox_normal((b, n), Stream::Sampler as u32, key, &Device::Cpu).unwrap();
         for (gx, gy) in grids(b, n) {
             let args: Vec<String> = ["normal".to_string()]
                 .into_iter()
                 .chain(
-                    [b as u64, n as u64, key.seed, Stream::Sampler as u64, key.step as u32 as u64, key.first_example, gx as u64, gy as u64]
-                        .map(|v| v.to_string()),
+                    [
+                        b as u64,
+                        n as u64,
+                        key.seed,
+                        Stream::Sampler as u64,
+                        key.step as u32 as u64,
+                        key.first_example,
+                        gx as u64,
+                        gy as u64,
+                    ]
+                    .map(|v| v.to_string()),
                 )
                 .collect();
             let got = run(&args, &[], misalign);
-            assert_bits(&got, &flat(&cpu), &format!("normal b{b} n{n} mis{misalign} grid ({gx},{gy})"));
+            assert_bits(
+                &got,
+                &flat(&cpu),
+                &format!("normal b{b} n{n} mis{misalign} grid ({gx},{gy})"),
+            );
         }
     }
 }

@@ -45,7 +45,11 @@ fn assert_same(a: &Noised, b: &Noised, what: &str) {
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    flat(a).iter().zip(flat(b)).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    flat(a)
+        .iter()
+        .zip(flat(b))
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 #[test]
@@ -57,7 +61,11 @@ fn fused_equals_unfused_for_every_prediction() {
         (vec![2usize, 3, 96, 96], vec![17u32, 640]),
     ] {
         let x0 = images(&dims, dims[3] as u64);
-        let key = NoiseKey { seed: 0xDEAD_BEEF_0123, step: 41, first_example: 7 };
+        let key = NoiseKey {
+            seed: 0xDEAD_BEEF_0123,
+            step: 41,
+            first_example: 7,
+        };
         for pred in PREDS {
             let f = fused_noising(&x0, &t, &sa, &sm, key, pred).unwrap();
             let u = unfused_noising(&x0, &t, &sa, &sm, key, pred).unwrap();
@@ -76,7 +84,11 @@ fn targets_follow_their_definitions() {
     let (sa, sm) = tables();
     let x0 = images(&[3, 2, 5, 5], 3);
     let t = [10u32, 500, 900];
-    let key = NoiseKey { seed: 5, step: 0, first_example: 0 };
+    let key = NoiseKey {
+        seed: 5,
+        step: 0,
+        first_example: 0,
+    };
     let eps = fused_noising(&x0, &t, &sa, &sm, key, Prediction::Epsilon).unwrap();
     let v = fused_noising(&x0, &t, &sa, &sm, key, Prediction::V).unwrap();
     let x = fused_noising(&x0, &t, &sa, &sm, key, Prediction::StartX).unwrap();
@@ -92,7 +104,10 @@ fn targets_follow_their_definitions() {
             assert!((vv[k] as f64 - (a * z - s * x)).abs() < 1e-6, "v");
             assert!((xtv[k] as f64 - (a * x + s * z)).abs() < 1e-6, "x_t");
             // v and x_t recover x0: x0 = a x_t - s v (a^2 + s^2 = 1)
-            assert!((a * xtv[k] as f64 - s * vv[k] as f64 - x).abs() < 1e-5, "x0 from v");
+            assert!(
+                (a * xtv[k] as f64 - s * vv[k] as f64 - x).abs() < 1e-5,
+                "x0 from v"
+            );
         }
     }
 }
@@ -101,13 +116,21 @@ fn targets_follow_their_definitions() {
 fn noise_is_the_documented_stream() {
     let (sa, sm) = tables();
     let x0 = images(&[3, 1, 3, 5], 1); // 15 elements per example
-    let key = NoiseKey { seed: u64::MAX - 3, step: (1 << 32) + 9, first_example: 1000 };
+    let key = NoiseKey {
+        seed: u64::MAX - 3,
+        step: (1 << 32) + 9,
+        first_example: 1000,
+    };
     let out = fused_noising(&x0, &[1, 2, 3], &sa, &sm, key, Prediction::Epsilon).unwrap();
     let z = flat(&out.noise);
     for i in 0..3 {
         let sk = StreamKey::new(key.seed, Stream::Noise, key.step, 1000 + i as u64);
         for e in 0..15 {
-            assert_eq!(z[i * 15 + e].to_bits(), sk.normal(e as u64).to_bits(), "example {i} element {e}");
+            assert_eq!(
+                z[i * 15 + e].to_bits(),
+                sk.normal(e as u64).to_bits(),
+                "example {i} element {e}"
+            );
         }
     }
 }
@@ -119,8 +142,16 @@ fn noise_has_unit_moments_and_no_correlations() {
     let x0 = Tensor::zeros((b, 3, 64, 64), candle_core::DType::F32, &Device::Cpu).unwrap();
     let t = vec![0u32; b];
     let draw = |step: u64, seed: u64| {
-        let key = NoiseKey { seed, step, first_example: 0 };
-        flat(&fused_noising(&x0, &t, &sa, &sm, key, Prediction::Epsilon).unwrap().noise)
+        let key = NoiseKey {
+            seed,
+            step,
+            first_example: 0,
+        };
+        flat(
+            &fused_noising(&x0, &t, &sa, &sm, key, Prediction::Epsilon)
+                .unwrap()
+                .noise,
+        )
     };
     let z = draw(0, 11);
     let m = z.len() as f64;
@@ -131,12 +162,23 @@ fn noise_has_unit_moments_and_no_correlations() {
     let sd = 1.0 / m.sqrt();
     assert!(mean.abs() < 5.0 * sd, "mean {mean}");
     assert!((var - 1.0).abs() < 5.0 * (2.0f64).sqrt() * sd, "var {var}");
-    assert!((kurt - 3.0).abs() < 5.0 * (24.0f64).sqrt() * sd, "kurtosis {kurt}");
+    assert!(
+        (kurt - 3.0).abs() < 5.0 * (24.0f64).sqrt() * sd,
+        "kurtosis {kurt}"
+    );
 
     let corr = |a: &[f32], b: &[f32]| {
         let k = a.len() as f64;
-        let (ma, mb) = (a.iter().map(|&x| x as f64).sum::<f64>() / k, b.iter().map(|&x| x as f64).sum::<f64>() / k);
-        let cov = a.iter().zip(b).map(|(&x, &y)| (x as f64 - ma) * (y as f64 - mb)).sum::<f64>() / k;
+        let (ma, mb) = (
+            a.iter().map(|&x| x as f64).sum::<f64>() / k,
+            b.iter().map(|&x| x as f64).sum::<f64>() / k,
+        );
+        let cov = a
+            .iter()
+            .zip(b)
+            .map(|(&x, &y)| (x as f64 - ma) * (y as f64 - mb))
+            .sum::<f64>()
+            / k;
         let va = a.iter().map(|&x| (x as f64 - ma).powi(2)).sum::<f64>() / k;
         let vb = b.iter().map(|&y| (y as f64 - mb).powi(2)).sum::<f64>() / k;
         cov / (va * vb).sqrt()
@@ -167,10 +209,17 @@ fn identical_for_one_and_two_threads() {
     let (sa, sm) = tables();
     let x0 = images(&[3, 3, 80, 80], 9); // 19200 elements per example: two chunks each
     let t = [3u32, 300, 999];
-    let key = NoiseKey { seed: 77, step: 12, first_example: 64 };
+    let key = NoiseKey {
+        seed: 77,
+        step: 12,
+        first_example: 64,
+    };
     for pred in PREDS {
         let run = |threads: usize| {
-            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
             pool.install(|| fused_noising(&x0, &t, &sa, &sm, key, pred).unwrap())
         };
         let (one, two) = (run(1), run(2));
@@ -184,12 +233,19 @@ fn identical_when_the_batch_is_split_across_ranks() {
     let (sa, sm) = tables();
     let x0 = images(&[6, 3, 8, 8], 4);
     let t = [5u32, 50, 500, 950, 0, 999];
-    let key = NoiseKey { seed: 3, step: 1234, first_example: 12 };
+    let key = NoiseKey {
+        seed: 3,
+        step: 1234,
+        first_example: 12,
+    };
     for pred in PREDS {
         let whole = fused_noising(&x0, &t, &sa, &sm, key, pred).unwrap();
         // rank 0 holds examples 0..2 (global 12..14), rank 1 holds 2..6 (global 14..18)
         let lo = fused_noising(&x0.narrow(0, 0, 2).unwrap(), &t[..2], &sa, &sm, key, pred).unwrap();
-        let k1 = NoiseKey { first_example: 14, ..key };
+        let k1 = NoiseKey {
+            first_example: 14,
+            ..key
+        };
         let hi = fused_noising(&x0.narrow(0, 2, 4).unwrap(), &t[2..], &sa, &sm, k1, pred).unwrap();
         let cat = |a: &Tensor, b: &Tensor| Tensor::cat(&[a, b], 0).unwrap();
         let split = Noised {
@@ -205,11 +261,23 @@ fn identical_when_the_batch_is_split_across_ranks() {
 fn resume_draws_the_same_noise_and_steps_differ() {
     let (sa, sm) = tables();
     let x0 = images(&[2, 1, 4, 4], 2);
-    let key = NoiseKey { seed: 1, step: 10, first_example: 0 };
+    let key = NoiseKey {
+        seed: 1,
+        step: 10,
+        first_example: 0,
+    };
     let a = fused_noising(&x0, &[1, 2], &sa, &sm, key, Prediction::Epsilon).unwrap();
     let b = fused_noising(&x0, &[1, 2], &sa, &sm, key, Prediction::Epsilon).unwrap();
     assert_same(&a, &b, "same key");
-    let c = fused_noising(&x0, &[1, 2], &sa, &sm, NoiseKey { step: 11, ..key }, Prediction::Epsilon).unwrap();
+    let c = fused_noising(
+        &x0,
+        &[1, 2],
+        &sa,
+        &sm,
+        NoiseKey { step: 11, ..key },
+        Prediction::Epsilon,
+    )
+    .unwrap();
     assert_ne!(bits(&a.noise), bits(&c.noise));
 }
 
@@ -218,9 +286,21 @@ fn strided_input_gives_the_contiguous_result() {
     let (sa, sm) = tables();
     let x0 = images(&[2, 3, 5, 6], 8);
     let xt = x0.transpose(2, 3).unwrap(); // non-contiguous view
-    let key = NoiseKey { seed: 2, step: 3, first_example: 4 };
+    let key = NoiseKey {
+        seed: 2,
+        step: 3,
+        first_example: 4,
+    };
     let a = fused_noising(&xt, &[7, 8], &sa, &sm, key, Prediction::V).unwrap();
-    let b = fused_noising(&xt.contiguous().unwrap(), &[7, 8], &sa, &sm, key, Prediction::V).unwrap();
+    let b = fused_noising(
+        &xt.contiguous().unwrap(),
+        &[7, 8],
+        &sa,
+        &sm,
+        key,
+        Prediction::V,
+    )
+    .unwrap();
     assert_same(&a, &b, "strided");
     assert_eq!(a.x_t.dims(), &[2, 3, 6, 5]);
 }
@@ -229,16 +309,47 @@ fn strided_input_gives_the_contiguous_result() {
 fn bad_inputs_are_clear_errors() {
     let (sa, sm) = tables();
     let x0 = images(&[2, 1, 2, 2], 0);
-    let key = NoiseKey { seed: 0, step: 0, first_example: 0 };
+    let key = NoiseKey {
+        seed: 0,
+        step: 0,
+        first_example: 0,
+    };
     let msg = |r: Result<Noised, KernelError>| match r {
         Err(KernelError::BadInput { msg, .. }) => msg,
         other => panic!("expected BadInput, got {other:?}"),
     };
-    assert!(msg(fused_noising(&x0, &[1], &sa, &sm, key, Prediction::Epsilon)).contains("1 timesteps for a batch of 2"));
-    assert!(msg(fused_noising(&x0, &[1, 1000], &sa, &sm, key, Prediction::Epsilon)).contains("t[1] = 1000"));
-    assert!(msg(fused_noising(&x0, &[1, 1], &sa, &sm[..10], key, Prediction::Epsilon)).contains("differ in length"));
+    assert!(
+        msg(fused_noising(&x0, &[1], &sa, &sm, key, Prediction::Epsilon))
+            .contains("1 timesteps for a batch of 2")
+    );
+    assert!(msg(fused_noising(
+        &x0,
+        &[1, 1000],
+        &sa,
+        &sm,
+        key,
+        Prediction::Epsilon
+    ))
+    .contains("t[1] = 1000"));
+    assert!(msg(fused_noising(
+        &x0,
+        &[1, 1],
+        &sa,
+        &sm[..10],
+        key,
+        Prediction::Epsilon
+    ))
+    .contains("differ in length"));
     let x64 = x0.to_dtype(candle_core::DType::F64).unwrap();
-    assert!(msg(fused_noising(&x64, &[1, 1], &sa, &sm, key, Prediction::Epsilon)).contains("must be f32"));
+    assert!(msg(fused_noising(
+        &x64,
+        &[1, 1],
+        &sa,
+        &sm,
+        key,
+        Prediction::Epsilon
+    ))
+    .contains("must be f32"));
     // An empty batch is fine.
     let empty = Tensor::zeros((0, 1, 2, 2), candle_core::DType::F32, &Device::Cpu).unwrap();
     let out = fused_noising(&empty, &[], &sa, &sm, key, Prediction::Epsilon).unwrap();

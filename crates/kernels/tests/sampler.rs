@@ -2,8 +2,8 @@
 
 use candle_core::{Device, Tensor};
 use ddpm_kernels::{
-    fused_sampler_step, philox_normal, unfused_sampler_step, NoiseKey, Prediction, StepCoefs, StepNoise,
-    StepOut,
+    fused_sampler_step, philox_normal, unfused_sampler_step, NoiseKey, Prediction, StepCoefs,
+    StepNoise, StepOut,
 };
 use ddpm_rng::{Stream, StreamKey};
 
@@ -11,11 +11,22 @@ fn data(dims: &[usize], salt: u64, scale: f32) -> Tensor {
     let n: usize = dims.iter().product();
     let mut v = vec![0f32; n];
     StreamKey::new(5, Stream::Timestep, salt, 1).fill_normal(&mut v);
-    Tensor::from_vec(v.into_iter().map(|x| x * scale).collect::<Vec<_>>(), dims, &Device::Cpu).unwrap()
+    Tensor::from_vec(
+        v.into_iter().map(|x| x * scale).collect::<Vec<_>>(),
+        dims,
+        &Device::Cpu,
+    )
+    .unwrap()
 }
 
 fn bits(t: &Tensor) -> Vec<u32> {
-    t.flatten_all().unwrap().to_vec1::<f32>().unwrap().into_iter().map(f32::to_bits).collect()
+    t.flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .into_iter()
+        .map(f32::to_bits)
+        .collect()
 }
 
 fn assert_same(a: &StepOut, b: &StepOut, what: &str) {
@@ -44,9 +55,17 @@ fn fused_equals_unfused_for_every_noise_mode() {
         let m = data(&dims, 2, 1.0);
         let z = data(&dims, 3, 1.0);
         let c = coefs(b);
-        let key = NoiseKey { seed: 9, step: 33, first_example: 100 };
+        let key = NoiseKey {
+            seed: 9,
+            step: 33,
+            first_example: 100,
+        };
         for clip in [None, Some((-1.0f32, 1.0f32))] {
-            for noise in [StepNoise::None, StepNoise::Philox(key), StepNoise::Given(&z)] {
+            for noise in [
+                StepNoise::None,
+                StepNoise::Philox(key),
+                StepNoise::Given(&z),
+            ] {
                 let f = fused_sampler_step(&xt, &m, &c, clip, noise).unwrap();
                 let u = unfused_sampler_step(&xt, &m, &c, clip, noise).unwrap();
                 assert_eq!(f.x_prev.dims(), &dims[..]);
@@ -61,10 +80,26 @@ fn philox_noise_is_the_sampler_stream_and_thread_independent() {
     let dims = [3usize, 2, 100, 91];
     let xt = data(&dims, 1, 1.0);
     let m = data(&dims, 2, 1.0);
-    let c = vec![StepCoefs { a_xt: 0.0, a_m: 0.0, c_x0: 0.0, c_xt: 0.0, sigma: 1.0 }; 3];
-    let key = NoiseKey { seed: 4, step: 8, first_example: 16 };
+    let c = vec![
+        StepCoefs {
+            a_xt: 0.0,
+            a_m: 0.0,
+            c_x0: 0.0,
+            c_xt: 0.0,
+            sigma: 1.0
+        };
+        3
+    ];
+    let key = NoiseKey {
+        seed: 4,
+        step: 8,
+        first_example: 16,
+    };
     let run = |threads: usize| {
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
         pool.install(|| fused_sampler_step(&xt, &m, &c, None, StepNoise::Philox(key)).unwrap())
     };
     let one = run(1);
@@ -75,7 +110,11 @@ fn philox_noise_is_the_sampler_stream_and_thread_independent() {
     for i in [0usize, 2] {
         let sk = StreamKey::new(4, Stream::Sampler, 8, 16 + i as u64);
         for e in [0usize, 1, 2, 3, 4, 16383, 16384, n - 1] {
-            assert_eq!(z[i * n + e].to_bits(), sk.normal(e as u64).to_bits(), "example {i} element {e}");
+            assert_eq!(
+                z[i * n + e].to_bits(),
+                sk.normal(e as u64).to_bits(),
+                "example {i} element {e}"
+            );
         }
     }
     let pn = philox_normal(&dims[..], Stream::Sampler as u32, key, &Device::Cpu).unwrap();
@@ -96,7 +135,10 @@ fn x0_from_recovers_x0() {
             ] {
                 let (ax, am) = StepCoefs::x0_from(pred, ab);
                 let got = ax * xt + am * m;
-                assert!((got - x0).abs() < 1e-9 * (1.0 + ax.abs()), "{pred:?} abar {ab}: {got} vs {x0}");
+                assert!(
+                    (got - x0).abs() < 1e-9 * (1.0 + ax.abs()),
+                    "{pred:?} abar {ab}: {got} vs {x0}"
+                );
             }
         }
     }
@@ -150,7 +192,11 @@ fn ddim_matches_improved_diffusion_formula() {
         let x0 = ((1.0 / ab).sqrt() * x - (1.0 / ab - 1.0).sqrt() * e).clamp(-1.0, 1.0);
         let eps = ((1.0 / ab).sqrt() * x - x0) / (1.0 / ab - 1.0).sqrt();
         let want = x0 * abp.sqrt() + (1.0 - abp - sigma * sigma).sqrt() * eps + sigma * zz;
-        assert!((got[k] as f64 - want).abs() < 2e-5 * (1.0 + want.abs()), "{k}: {} vs {want}", got[k]);
+        assert!(
+            (got[k] as f64 - want).abs() < 2e-5 * (1.0 + want.abs()),
+            "{k}: {} vs {want}",
+            got[k]
+        );
     }
 }
 

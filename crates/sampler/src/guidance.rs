@@ -10,7 +10,8 @@
 //! - Classifier guidance takes `grad_x log p(y | x_t)` of a noise-aware classifier at the model's
 //!   original timestep, multiplied by the scale; ancestral DDPM shifts the mean by
 //!   `variance * scale * grad` (guided-diffusion `condition_mean`), every other sampler shifts eps by
-//!   `-sqrt(1 - abar_t) * scale * grad` (`condition_score`).
+//!   `-sqrt(1 - abar_t) * scale * grad` (`condition_score`). A scale of exactly 0 is the unguided
+//!   sampler (the classifier is not evaluated).
 
 use candle_core::{DType, Tensor, Var, D};
 use ddpm_diffusion::steps::cfg_combine_model_output;

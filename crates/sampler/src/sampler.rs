@@ -16,6 +16,9 @@
 //!   the discrete-time model is only ever evaluated at timesteps it was trained on; then sigma = 0.
 //!   Each interval costs two model evaluations except the last (an Euler step to sigma = 0), so
 //!   N levels cost 2N - 1 evaluations. Default N = 18 (EDM's CIFAR-10 setting, 35 evaluations).
+//!   As in EDM, the largest level is capped at sigma = 80 (the training timestep nearest to it): above
+//!   that the sample is noise for all practical purposes (the cosine schedule ends near sigma = 2e4),
+//!   and starting from `x_T` at a smaller sigma only drops the negligible `x0 / sigma` part.
 //!
 //! # Randomness
 //! All noise is ddpm-rng `Stream::Sampler`, keyed by `(seed, step, global image index)`: `x_T` uses
@@ -173,6 +176,9 @@ pub fn respacing_for(kind: SamplerKind, num_timesteps: usize, spec: Option<&str>
     })
 }
 
+/// The largest noise level the Heun sampler starts from (EDM's choice for VP models).
+pub const HEUN_SIGMA_MAX: f64 = 80.0;
+
 /// EDM's rho = 7 noise levels between the schedule's extremes, snapped to training timesteps
 /// (descending, unique), with their sigmas and a final 0.
 pub fn heun_timesteps(full: &GaussianDiffusion, n: usize) -> Result<(Vec<usize>, Vec<f64>)> {
@@ -181,7 +187,9 @@ pub fn heun_timesteps(full: &GaussianDiffusion, n: usize) -> Result<(Vec<usize>,
         return Err(SamplerError::Config(format!("heun needs 1..={big_t} noise levels, got {n}")));
     }
     let sig = &full.schedule.sqrt_recipm1_alphas_cumprod; // sqrt(1/abar - 1), increasing in t
-    let (smin, smax) = (sig[0], sig[big_t - 1]);
+    // EDM's sigma_max = 80 for VP models: above it x_t is noise for all practical purposes (the
+    // cosine schedule's last step reaches sigma ~ 2e4), and steps up there only cost evaluations.
+    let (smin, smax) = (sig[0], sig[big_t - 1].min(HEUN_SIGMA_MAX));
     const RHO: f64 = 7.0;
     let mut ts: Vec<usize> = Vec::with_capacity(n);
     for i in 0..n {
@@ -305,7 +313,7 @@ impl Sampler {
     fn fused_applies(&self, batch: &BatchSpec<'_>, guidance: &Guidance<'_>) -> bool {
         self.settings.fused_update
             && batch.dtype == DType::F32
-            && guidance.classifier.is_none()
+            && guidance.classifier.is_none_or(|c| c.scale == 0.0)
             && matches!(self.full.var_type, ModelVarType::FixedSmall | ModelVarType::FixedLarge)
     }
 
@@ -370,7 +378,10 @@ impl Sampler {
         slot: &'g mut Option<Tensor>,
     ) -> Result<Option<ScaledGrad<'g>>> {
         match (&guidance.classifier, labels) {
-            (Some(c), Some(y)) => {
+            // s = 0 is exactly the unguided sampler: the classifier is not evaluated. (Applying a zero
+            // shift would equal it mathematically but not bit for bit: condition_score goes through
+            // x0 and back.)
+            (Some(c), Some(y)) if c.scale != 0.0 => {
                 *slot = Some(classifier_grad(c.classifier, x, t_model, y)?);
                 Ok(slot.as_ref().map(|grad| ScaledGrad { grad, scale: c.scale }))
             }

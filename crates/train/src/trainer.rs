@@ -200,10 +200,6 @@ struct LocalStep {
 }
 
 impl Run<'_> {
-    fn is_root(&self) -> bool {
-        self.comm.rank() == 0
-    }
-
     /// Forward and loss of this rank's part of the batch for 0-based step `step`.
     fn forward(&self, step: u64, batch: &ddpm_data::Batch, sampler: &TimestepSampler) -> Result<LocalStep> {
         let b = batch.shape[0];

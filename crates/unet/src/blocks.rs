@@ -3,8 +3,8 @@
 //! [`ParamBuilder`] already prefixed with its own name, so the parameter names below are relative.
 
 use candle_core::{Module, Tensor, D};
-use ddpm_diffusion::embedding::timestep_embedding;
 use candle_nn::Init;
+use ddpm_diffusion::embedding::timestep_embedding;
 
 use crate::ctx::ForwardCtx;
 use crate::error::{Result, UNetError};
@@ -58,8 +58,18 @@ pub struct ClassEmbed {
 impl ClassEmbed {
     pub fn new(pb: &ParamBuilder, num_classes: usize, dim: usize) -> Result<Self> {
         // N(0, 1) as torch.nn.Embedding.
-        let weight = pb.get((num_classes + 1, dim), "weight", Init::Randn { mean: 0.0, stdev: 1.0 })?;
-        Ok(Self { weight, num_classes })
+        let weight = pb.get(
+            (num_classes + 1, dim),
+            "weight",
+            Init::Randn {
+                mean: 0.0,
+                stdev: 1.0,
+            },
+        )?;
+        Ok(Self {
+            weight,
+            num_classes,
+        })
     }
 
     /// `y`: `[B]` integer labels in `0..=num_classes` (`num_classes` = null).
@@ -116,7 +126,14 @@ impl ResBlock {
             out_norm: GroupNorm::new(&pb.pp("out_layers.0"), s.groups, s.cout)?,
             out_conv: Conv2d::new(&pb.pp("out_layers.3"), s.cout, s.cout, 3, 1, true)?,
             skip: if s.cin != s.cout {
-                Some(Conv2d::new(&pb.pp("skip_connection"), s.cin, s.cout, 1, 1, false)?)
+                Some(Conv2d::new(
+                    &pb.pp("skip_connection"),
+                    s.cin,
+                    s.cout,
+                    1,
+                    1,
+                    false,
+                )?)
             } else {
                 None
             },
@@ -137,12 +154,20 @@ impl ResBlock {
             let scale = e.narrow(1, 0, c)?;
             let shift = e.narrow(1, c, c)?;
             let n = self.out_norm.forward(&h)?;
-            n.broadcast_mul(&(scale + 1.0)?)?.broadcast_add(&shift)?.silu()?
+            n.broadcast_mul(&(scale + 1.0)?)?
+                .broadcast_add(&shift)?
+                .silu()?
         } else {
             let h = h.broadcast_add(&e.reshape((b, c, 1, 1))?)?;
             norm_silu(&self.out_norm, &h)?
         };
-        let h = match ctx.dropout_mask(self.dropout_layer, self.dropout, h.dims(), h.dtype(), h.device())? {
+        let h = match ctx.dropout_mask(
+            self.dropout_layer,
+            self.dropout,
+            h.dims(),
+            h.dtype(),
+            h.device(),
+        )? {
             Some(mask) => (h * mask)?,
             None => h,
         };
@@ -177,7 +202,10 @@ pub fn qkv_attention(qkv: &Tensor, heads: usize, order: QkvOrder) -> candle_core
     };
     // [B, T, H, d] -> [B, H, T, d]
     let part = |i: usize| -> candle_core::Result<Tensor> {
-        qkv.narrow(split_dim, i, 1)?.squeeze(split_dim)?.transpose(1, 2)?.contiguous()
+        qkv.narrow(split_dim, i, 1)?
+            .squeeze(split_dim)?
+            .transpose(1, 2)?
+            .contiguous()
     };
     let q = (part(0)? * (1.0 / (d as f64).sqrt()))?;
     let k = part(1)?;
@@ -210,9 +238,22 @@ impl AttentionBlock {
 
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
-        let tokens = self.norm.forward(x)?.reshape((b, c, h * w))?.transpose(1, 2)?.contiguous()?;
-        let a = qkv_attention(&self.qkv.forward(&tokens)?, self.heads, QkvOrder::HeadsFirst)?;
-        let out = self.proj_out.forward(&a)?.transpose(1, 2)?.reshape((b, c, h, w))?;
+        let tokens = self
+            .norm
+            .forward(x)?
+            .reshape((b, c, h * w))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let a = qkv_attention(
+            &self.qkv.forward(&tokens)?,
+            self.heads,
+            QkvOrder::HeadsFirst,
+        )?;
+        let out = self
+            .proj_out
+            .forward(&a)?
+            .transpose(1, 2)?
+            .reshape((b, c, h, w))?;
         x + out
     }
 }
@@ -225,7 +266,9 @@ pub struct Downsample {
 
 impl Downsample {
     pub fn new(pb: &ParamBuilder, channels: usize) -> Result<Self> {
-        Ok(Self { op: Conv2d::new(&pb.pp("op"), channels, channels, 3, 2, false)? })
+        Ok(Self {
+            op: Conv2d::new(&pb.pp("op"), channels, channels, 3, 2, false)?,
+        })
     }
 
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
@@ -241,7 +284,9 @@ pub struct Upsample {
 
 impl Upsample {
     pub fn new(pb: &ParamBuilder, channels: usize) -> Result<Self> {
-        Ok(Self { conv: Conv2d::new(&pb.pp("conv"), channels, channels, 3, 1, false)? })
+        Ok(Self {
+            conv: Conv2d::new(&pb.pp("conv"), channels, channels, 3, 1, false)?,
+        })
     }
 
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
@@ -262,13 +307,22 @@ pub struct AttentionPool2d {
 }
 
 impl AttentionPool2d {
-    pub fn new(pb: &ParamBuilder, spatial: usize, channels: usize, heads: usize, out: usize) -> Result<Self> {
+    pub fn new(
+        pb: &ParamBuilder,
+        spatial: usize,
+        channels: usize,
+        heads: usize,
+        out: usize,
+    ) -> Result<Self> {
         let std = 1.0 / (channels as f64).sqrt();
         Ok(Self {
             positional_embedding: pb.get(
                 (channels, spatial * spatial + 1),
                 "positional_embedding",
-                Init::Randn { mean: 0.0, stdev: std },
+                Init::Randn {
+                    mean: 0.0,
+                    stdev: std,
+                },
             )?,
             qkv_proj: Proj1x1::new(&pb.pp("qkv_proj"), channels, 3 * channels, false)?,
             c_proj: Proj1x1::new(&pb.pp("c_proj"), channels, out, false)?,
@@ -283,7 +337,11 @@ impl AttentionPool2d {
         let x = Tensor::cat(&[x.mean_keepdim(2)?, x], 2)?;
         let x = x.broadcast_add(&self.positional_embedding.unsqueeze(0)?)?;
         let tokens = x.transpose(1, 2)?.contiguous()?; // [B, HW+1, C]
-        let a = qkv_attention(&self.qkv_proj.forward(&tokens)?, self.heads, QkvOrder::QkvFirst)?;
+        let a = qkv_attention(
+            &self.qkv_proj.forward(&tokens)?,
+            self.heads,
+            QkvOrder::QkvFirst,
+        )?;
         self.c_proj.forward(&a)?.narrow(1, 0, 1)?.squeeze(1)
     }
 }

@@ -209,8 +209,11 @@ impl Trunk<'_> {
             return Err(config_err("num_head_channels", "must be positive"));
         }
         // The middle block always has attention, at the last level's width.
-        let mut attn_channels: Vec<usize> =
-            levels.iter().filter(|l| l.attention).map(|l| l.channels).collect();
+        let mut attn_channels: Vec<usize> = levels
+            .iter()
+            .filter(|l| l.attention)
+            .map(|l| l.channels)
+            .collect();
         attn_channels.push(levels.last().map(|l| l.channels).unwrap_or(0));
         for &c in &attn_channels {
             match self.num_head_channels {
@@ -278,16 +281,20 @@ impl UNetConfig {
 
     /// The ~9M-parameter CIFAR-sized model of the speed issue (base 64, same layout as Ho's).
     pub fn cifar10_small() -> Self {
-        Self { model_channels: 64, ..Self::ho_cifar10() }
+        Self {
+            model_channels: 64,
+            ..Self::ho_cifar10()
+        }
     }
 
     /// A small class-conditional model for 28x28 Fashion-MNIST (10 classes plus the null label),
-    /// cheap enough to train on a laptop CPU.
+    /// cheap enough to train on a 2-core CPU: 28 -> 14 -> 7, attention at 14x14 with 4 heads of 16
+    /// channels, scale-shift conditioning.
     pub fn fashion_mnist() -> Self {
         Self {
             image_size: 28,
             in_channels: 1,
-            model_channels: 64,
+            model_channels: 32,
             num_res_blocks: 2,
             attention_resolutions: vec![14],
             dropout: 0.1,
@@ -347,7 +354,10 @@ impl UNetConfig {
     /// Rejects inconsistent settings with an error naming the field to fix.
     pub fn validate(&self) -> Result<()> {
         if self.num_classes == Some(0) {
-            return Err(config_err("num_classes", "must be positive (omit it for no classes)"));
+            return Err(config_err(
+                "num_classes",
+                "must be positive (omit it for no classes)",
+            ));
         }
         let trunk = self.trunk();
         trunk.validate(&[])?;
@@ -374,14 +384,19 @@ impl UNetConfig {
 
     /// Reads the `[model]` table of a training config file.
     pub fn from_toml_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| UNetError::Io { path: path.to_path_buf(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| UNetError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
         model_table(&text, Some(path))
     }
 }
 
 fn model_table<T: serde::de::DeserializeOwned>(text: &str, path: Option<&Path>) -> Result<T> {
-    let perr = |message: String| UNetError::ConfigParse { path: path.map(Path::to_path_buf), message };
+    let perr = |message: String| UNetError::ConfigParse {
+        path: path.map(Path::to_path_buf),
+        message,
+    };
     let doc: toml::Table = toml::from_str(text).map_err(|e| perr(e.to_string()))?;
     let model = doc
         .get("model")
@@ -444,15 +459,21 @@ impl EncoderUNetConfig {
 
     /// Reads the `[classifier]` table of a config file.
     pub fn from_toml_str(text: &str) -> Result<Self> {
-        let doc: toml::Table = toml::from_str(text)
-            .map_err(|e| UNetError::ConfigParse { path: None, message: e.to_string() })?;
-        let t = doc.get("classifier").cloned().ok_or_else(|| UNetError::ConfigParse {
+        let doc: toml::Table = toml::from_str(text).map_err(|e| UNetError::ConfigParse {
             path: None,
-            message: "no [classifier] table".into(),
+            message: e.to_string(),
         })?;
-        t.try_into().map_err(|e: toml::de::Error| UNetError::ConfigParse {
-            path: None,
-            message: format!("[classifier]: {}", e.message()),
-        })
+        let t = doc
+            .get("classifier")
+            .cloned()
+            .ok_or_else(|| UNetError::ConfigParse {
+                path: None,
+                message: "no [classifier] table".into(),
+            })?;
+        t.try_into()
+            .map_err(|e: toml::de::Error| UNetError::ConfigParse {
+                path: None,
+                message: format!("[classifier]: {}", e.message()),
+            })
     }
 }

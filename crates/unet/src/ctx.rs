@@ -31,12 +31,18 @@ pub struct ForwardCtx {
 impl ForwardCtx {
     /// Inference: no dropout.
     pub fn eval() -> Self {
-        Self { train: false, dropout: None }
+        Self {
+            train: false,
+            dropout: None,
+        }
     }
 
     /// Training with the dropout masks of `key`.
     pub fn train(key: DropoutKey) -> Self {
-        Self { train: true, dropout: Some(key) }
+        Self {
+            train: true,
+            dropout: Some(key),
+        }
     }
 
     /// The multiplicative dropout mask of dropout layer `layer` for a feature map of shape

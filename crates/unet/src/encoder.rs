@@ -19,7 +19,10 @@ enum Head {
     /// `out.0` GroupNorm, SiLU, global mean, `out.3` zero-initialised 1x1 conv.
     Adaptive { norm: GroupNorm, proj: Conv2d },
     /// `out.0` GroupNorm, SiLU, `out.2` attention pooling.
-    Attention { norm: GroupNorm, pool: AttentionPool2d },
+    Attention {
+        norm: GroupNorm,
+        pool: AttentionPool2d,
+    },
 }
 
 /// The classifier `p(y | x_t, t)` whose input gradient guides sampling.
@@ -52,15 +55,22 @@ impl EncoderUNet {
         let middle_block = build_stage(&pb, &middle, &trunk, emb_dim, ss, &mut dl)?;
         let norm = GroupNorm::new(&pb.pp("out.0"), config.num_groups, ch)?;
         let head = match config.pool {
-            PoolKind::Adaptive => {
-                Head::Adaptive { norm, proj: Conv2d::new(&pb.pp("out.3"), ch, config.num_classes, 1, 1, true)? }
-            }
+            PoolKind::Adaptive => Head::Adaptive {
+                norm,
+                proj: Conv2d::new(&pb.pp("out.3"), ch, config.num_classes, 1, 1, true)?,
+            },
             PoolKind::Attention => {
                 let spatial = middle.resolution;
                 let heads = trunk.heads(ch);
                 Head::Attention {
                     norm,
-                    pool: AttentionPool2d::new(&pb.pp("out.2"), spatial, ch, heads, config.num_classes)?,
+                    pool: AttentionPool2d::new(
+                        &pb.pp("out.2"),
+                        spatial,
+                        ch,
+                        heads,
+                        config.num_classes,
+                    )?,
                 }
             }
         };
@@ -79,9 +89,17 @@ impl EncoderUNet {
     }
 
     /// Fresh reproducible parameters in a new `VarMap` (see [`SeededInit`]).
-    pub fn init(config: &EncoderUNetConfig, seed: u64, dtype: DType, device: &Device) -> Result<(Self, VarMap)> {
+    pub fn init(
+        config: &EncoderUNetConfig,
+        seed: u64,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<(Self, VarMap)> {
         let varmap = VarMap::new();
-        let model = Self::new(config, SeededInit::var_builder(&varmap, seed, dtype, device))?;
+        let model = Self::new(
+            config,
+            SeededInit::var_builder(&varmap, seed, dtype, device),
+        )?;
         Ok((model, varmap))
     }
 
@@ -116,6 +134,12 @@ impl EncoderUNet {
     }
 
     pub fn summary(&self) -> ModelSummary {
-        summarize(&self.stages, &self.params, &["time_embed"], "out", format!("{:?}", self.config))
+        summarize(
+            &self.stages,
+            &self.params,
+            &["time_embed"],
+            "out",
+            format!("{:?}", self.config),
+        )
     }
 }

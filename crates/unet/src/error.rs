@@ -9,11 +9,17 @@ pub enum UNetError {
     /// A configuration value is out of range or inconsistent with another one. `field` is the
     /// TOML key (in the `[model]` table) to fix.
     #[error("invalid model config: `{field}`: {message}")]
-    Config { field: &'static str, message: String },
+    Config {
+        field: &'static str,
+        message: String,
+    },
 
     /// The TOML text could not be parsed into a config.
     #[error("cannot parse model config{}: {message}", source_name(.path))]
-    ConfigParse { path: Option<PathBuf>, message: String },
+    ConfigParse {
+        path: Option<PathBuf>,
+        message: String,
+    },
 
     /// A forward call got tensors the model cannot accept (wrong shape, missing labels, ...).
     #[error("bad model input: {0}")]
@@ -81,5 +87,8 @@ fn describe_mismatch(
 }
 
 pub(crate) fn config_err(field: &'static str, message: impl Into<String>) -> UNetError {
-    UNetError::Config { field, message: message.into() }
+    UNetError::Config {
+        field,
+        message: message.into(),
+    }
 }

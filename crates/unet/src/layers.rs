@@ -46,7 +46,12 @@ impl Conv2d {
         let fan_in = cin * k * k;
         let weight = pb.get((cout, cin, k, k), "weight", init_for(fan_in, zero))?;
         let bias = pb.get(cout, "bias", init_for(fan_in, zero))?;
-        Ok(Self { weight, bias, stride, padding: k / 2 })
+        Ok(Self {
+            weight,
+            bias,
+            stride,
+            padding: k / 2,
+        })
     }
 }
 
@@ -98,7 +103,10 @@ impl Module for Proj1x1 {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let (b, t, c) = x.dims3()?;
         let w = self.weight.squeeze(2)?;
-        let y = x.reshape((b * t, c))?.matmul(&w.t()?)?.broadcast_add(&self.bias)?;
+        let y = x
+            .reshape((b * t, c))?
+            .matmul(&w.t()?)?
+            .broadcast_add(&self.bias)?;
         y.reshape((b, t, ()))
     }
 }
@@ -117,7 +125,12 @@ impl GroupNorm {
     pub fn new(pb: &ParamBuilder, groups: usize, channels: usize) -> Result<Self> {
         let weight = pb.get(channels, "weight", Init::Const(1.0))?;
         let bias = pb.get(channels, "bias", Init::Const(0.0))?;
-        Ok(Self { weight, bias, groups, eps: 1e-5 })
+        Ok(Self {
+            weight,
+            bias,
+            groups,
+            eps: 1e-5,
+        })
     }
 }
 
@@ -131,7 +144,9 @@ impl Module for GroupNorm {
         let mean = xg.mean_keepdim(D::Minus1)?;
         let centred = xg.broadcast_sub(&mean)?;
         let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
-        let normed = centred.broadcast_div(&(var + self.eps)?.sqrt()?)?.reshape(dims)?;
+        let normed = centred
+            .broadcast_div(&(var + self.eps)?.sqrt()?)?
+            .reshape(dims)?;
         normed
             .broadcast_mul(&self.weight.reshape(affine_shape.clone())?)?
             .broadcast_add(&self.bias.reshape(affine_shape)?)

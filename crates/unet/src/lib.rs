@@ -68,6 +68,8 @@ pub use config::{EncoderUNetConfig, LevelPlan, PoolKind, UNetConfig};
 pub use ctx::{DropoutKey, ForwardCtx};
 pub use encoder::EncoderUNet;
 pub use error::{Result, UNetError};
-pub use params::{load_checked, load_varmap, save_safetensors, save_varmap, ParamBuilder, SeededInit};
+pub use params::{
+    load_checked, load_varmap, save_safetensors, save_varmap, ParamBuilder, SeededInit,
+};
 pub use summary::{LevelSummary, ModelSummary};
 pub use unet::UNet;

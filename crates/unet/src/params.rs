@@ -25,12 +25,18 @@ pub struct ParamBuilder<'a> {
 
 impl<'a> ParamBuilder<'a> {
     pub fn new(vb: VarBuilder<'a>) -> Self {
-        Self { vb, record: Rc::new(RefCell::new(Vec::new())) }
+        Self {
+            vb,
+            record: Rc::new(RefCell::new(Vec::new())),
+        }
     }
 
     /// A builder whose names are prefixed with `name.`.
     pub fn pp(&self, name: impl ToString) -> Self {
-        Self { vb: self.vb.pp(name), record: self.record.clone() }
+        Self {
+            vb: self.vb.pp(name),
+            record: self.record.clone(),
+        }
     }
 
     pub fn dtype(&self) -> DType {
@@ -44,7 +50,11 @@ impl<'a> ParamBuilder<'a> {
     pub fn get(&self, shape: impl Into<Shape>, name: &str, init: Init) -> Result<Tensor> {
         let t = self.vb.get_with_hints(shape, name, init)?;
         let prefix = self.vb.prefix();
-        let full = if prefix.is_empty() { name.to_string() } else { format!("{prefix}.{name}") };
+        let full = if prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{prefix}.{name}")
+        };
         self.record.borrow_mut().push((full, t.clone()));
         Ok(t)
     }
@@ -65,8 +75,20 @@ pub struct SeededInit {
 }
 
 impl SeededInit {
-    pub fn var_builder(varmap: &VarMap, seed: u64, dtype: DType, device: &Device) -> VarBuilder<'static> {
-        VarBuilder::from_backend(Box::new(Self { varmap: varmap.clone(), seed }), dtype, device.clone())
+    pub fn var_builder(
+        varmap: &VarMap,
+        seed: u64,
+        dtype: DType,
+        device: &Device,
+    ) -> VarBuilder<'static> {
+        VarBuilder::from_backend(
+            Box::new(Self {
+                varmap: varmap.clone(),
+                seed,
+            }),
+            dtype,
+            device.clone(),
+        )
     }
 }
 
@@ -83,22 +105,35 @@ pub fn name_hash(name: &str) -> u64 {
 /// Draws the initial values of one parameter.
 pub fn seeded_values(seed: u64, name: &str, shape: &Shape, init: Init) -> Vec<f64> {
     let n = shape.elem_count();
-    let key = ddpm_rng::StreamKey { seed, stream: INIT_STREAM, step: 0, example: name_hash(name) };
+    let key = ddpm_rng::StreamKey {
+        seed,
+        stream: INIT_STREAM,
+        step: 0,
+        example: name_hash(name),
+    };
     let uniform = |lo: f64, up: f64| {
         let mut u = vec![0f32; n];
         key.fill_uniform(&mut u);
-        u.into_iter().map(|u| lo + (up - lo) * u as f64).collect::<Vec<_>>()
+        u.into_iter()
+            .map(|u| lo + (up - lo) * u as f64)
+            .collect::<Vec<_>>()
     };
     let normal = |mean: f64, std: f64| {
         let mut z = vec![0f32; n];
         key.fill_normal(&mut z);
-        z.into_iter().map(|z| mean + std * z as f64).collect::<Vec<_>>()
+        z.into_iter()
+            .map(|z| mean + std * z as f64)
+            .collect::<Vec<_>>()
     };
     match init {
         Init::Const(c) => vec![c; n],
         Init::Uniform { lo, up } => uniform(lo, up),
         Init::Randn { mean, stdev } => normal(mean, stdev),
-        Init::Kaiming { dist, fan, non_linearity } => {
+        Init::Kaiming {
+            dist,
+            fan,
+            non_linearity,
+        } => {
             let std = non_linearity.gain() / (fan.for_shape(shape) as f64).sqrt();
             match dist {
                 candle_nn::init::NormalOrUniform::Uniform => {
@@ -135,7 +170,12 @@ impl candle_nn::var_builder::SimpleBackend for SeededInit {
         Ok(out)
     }
 
-    fn get_unchecked(&self, name: &str, _dtype: DType, _dev: &Device) -> candle_core::Result<Tensor> {
+    fn get_unchecked(
+        &self,
+        name: &str,
+        _dtype: DType,
+        _dev: &Device,
+    ) -> candle_core::Result<Tensor> {
         let data = self.varmap.data().lock().expect("VarMap lock poisoned");
         match data.get(name) {
             Some(v) => Ok(v.as_tensor().clone()),
@@ -144,7 +184,11 @@ impl candle_nn::var_builder::SimpleBackend for SeededInit {
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
-        self.varmap.data().lock().expect("VarMap lock poisoned").contains_key(name)
+        self.varmap
+            .data()
+            .lock()
+            .expect("VarMap lock poisoned")
+            .contains_key(name)
     }
 }
 
@@ -157,12 +201,23 @@ pub fn save_safetensors(
     metadata: Option<HashMap<String, String>>,
 ) -> Result<()> {
     let sorted: BTreeMap<&str, &Tensor> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
-    let bytes = safetensors::tensor::serialize(sorted, metadata).map_err(|e| {
-        UNetError::SafeTensors { path: path.to_path_buf(), message: e.to_string() }
-    })?;
-    let io = |source| UNetError::Io { path: path.to_path_buf(), source };
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let bytes =
+        safetensors::tensor::serialize(sorted, metadata).map_err(|e| UNetError::SafeTensors {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+    let io = |source| UNetError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let file_name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = dir.join(format!(".{file_name}.tmp{}", std::process::id()));
     let result = (|| {
         let mut f = std::fs::File::create(&tmp)?;
@@ -182,10 +237,16 @@ pub fn save_safetensors(
 }
 
 /// Saves every variable of `varmap`.
-pub fn save_varmap(path: &Path, varmap: &VarMap, metadata: Option<HashMap<String, String>>) -> Result<()> {
+pub fn save_varmap(
+    path: &Path,
+    varmap: &VarMap,
+    metadata: Option<HashMap<String, String>>,
+) -> Result<()> {
     let data = varmap.data().lock().expect("VarMap lock poisoned");
-    let tensors: Vec<(String, Tensor)> =
-        data.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
+    let tensors: Vec<(String, Tensor)> = data
+        .iter()
+        .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+        .collect();
     drop(data);
     save_safetensors(path, &tensors, metadata)
 }
@@ -199,13 +260,19 @@ pub fn load_checked(
     device: &Device,
 ) -> Result<HashMap<String, Tensor>> {
     use candle_core::safetensors::Load;
-    let bytes = std::fs::read(path).map_err(|source| UNetError::Io { path: path.to_path_buf(), source })?;
+    let bytes = std::fs::read(path).map_err(|source| UNetError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
     let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| UNetError::SafeTensors {
         path: path.to_path_buf(),
         message: e.to_string(),
     })?;
-    let in_file: HashMap<String, Vec<usize>> =
-        st.tensors().into_iter().map(|(n, v)| (n, v.shape().to_vec())).collect();
+    let in_file: HashMap<String, Vec<usize>> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| (n, v.shape().to_vec()))
+        .collect();
     let mut missing = Vec::new();
     let mut mismatched = Vec::new();
     for (name, shape) in expected {
@@ -216,11 +283,19 @@ pub fn load_checked(
         }
     }
     let want: std::collections::HashSet<&str> = expected.iter().map(|(n, _)| n.as_str()).collect();
-    let mut unexpected: Vec<String> =
-        in_file.keys().filter(|n| !want.contains(n.as_str())).cloned().collect();
+    let mut unexpected: Vec<String> = in_file
+        .keys()
+        .filter(|n| !want.contains(n.as_str()))
+        .cloned()
+        .collect();
     unexpected.sort();
     if !missing.is_empty() || !mismatched.is_empty() || !unexpected.is_empty() {
-        return Err(UNetError::Checkpoint { path: path.to_path_buf(), missing, mismatched, unexpected });
+        return Err(UNetError::Checkpoint {
+            path: path.to_path_buf(),
+            missing,
+            mismatched,
+            unexpected,
+        });
     }
     let mut out = HashMap::new();
     for (name, _) in expected {
@@ -238,10 +313,16 @@ pub fn load_checked(
 /// the error lists every problem by name.
 pub fn load_varmap(path: &Path, varmap: &VarMap) -> Result<()> {
     let data = varmap.data().lock().expect("VarMap lock poisoned");
-    let mut expected: Vec<(String, Vec<usize>)> =
-        data.iter().map(|(n, v)| (n.clone(), v.dims().to_vec())).collect();
+    let mut expected: Vec<(String, Vec<usize>)> = data
+        .iter()
+        .map(|(n, v)| (n.clone(), v.dims().to_vec()))
+        .collect();
     expected.sort();
-    let device = data.values().next().map(|v| v.device().clone()).unwrap_or(Device::Cpu);
+    let device = data
+        .values()
+        .next()
+        .map(|v| v.device().clone())
+        .unwrap_or(Device::Cpu);
     let loaded = load_checked(path, &expected, &device)?;
     for (name, var) in data.iter() {
         let t = loaded[name].to_dtype(var.dtype())?;

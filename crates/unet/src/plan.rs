@@ -11,11 +11,24 @@ use crate::config::{Trunk, UNetConfig};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Layer {
     /// The 3x3 input convolution.
-    Conv { cin: usize, cout: usize },
-    Res { cin: usize, cout: usize },
-    Attn { ch: usize, heads: usize },
-    Down { ch: usize },
-    Up { ch: usize },
+    Conv {
+        cin: usize,
+        cout: usize,
+    },
+    Res {
+        cin: usize,
+        cout: usize,
+    },
+    Attn {
+        ch: usize,
+        heads: usize,
+    },
+    Down {
+        ch: usize,
+    },
+    Up {
+        ch: usize,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,7 +70,10 @@ impl Plan {
     }
 
     pub fn stages(&self) -> impl Iterator<Item = &Stage> {
-        self.input.iter().chain(std::iter::once(&self.middle)).chain(self.output.iter())
+        self.input
+            .iter()
+            .chain(std::iter::once(&self.middle))
+            .chain(self.output.iter())
     }
 }
 
@@ -70,7 +86,10 @@ pub(crate) fn trunk_plan(t: &Trunk<'_>) -> (Vec<Stage>, Stage, Vec<usize>, usize
         part: Part::Down,
         level: 0,
         resolution: t.image_size,
-        layers: vec![Layer::Conv { cin: t.in_channels, cout: ch0 }],
+        layers: vec![Layer::Conv {
+            cin: t.in_channels,
+            cout: ch0,
+        }],
     }];
     let mut skips = vec![ch0];
     let mut ch = ch0;
@@ -83,7 +102,10 @@ pub(crate) fn trunk_plan(t: &Trunk<'_>) -> (Vec<Stage>, Stage, Vec<usize>, usize
             let mut layers = vec![Layer::Res { cin: ch, cout }];
             ch = cout;
             if attention {
-                layers.push(Layer::Attn { ch, heads: t.heads(ch) });
+                layers.push(Layer::Attn {
+                    ch,
+                    heads: t.heads(ch),
+                });
             }
             input.push(Stage {
                 prefix: format!("input_blocks.{}", input.len()),
@@ -112,7 +134,10 @@ pub(crate) fn trunk_plan(t: &Trunk<'_>) -> (Vec<Stage>, Stage, Vec<usize>, usize
         resolution: t.image_size >> last,
         layers: vec![
             Layer::Res { cin: ch, cout: ch },
-            Layer::Attn { ch, heads: t.heads(ch) },
+            Layer::Attn {
+                ch,
+                heads: t.heads(ch),
+            },
             Layer::Res { cin: ch, cout: ch },
         ],
     };
@@ -130,10 +155,16 @@ pub(crate) fn unet_plan(cfg: &UNetConfig) -> Plan {
         for i in 0..=t.num_res_blocks {
             let skip = skips.pop().expect("plan: one skip per encoder output");
             let cout = t.model_channels * mult;
-            let mut layers = vec![Layer::Res { cin: ch + skip, cout }];
+            let mut layers = vec![Layer::Res {
+                cin: ch + skip,
+                cout,
+            }];
             ch = cout;
             if attention {
-                layers.push(Layer::Attn { ch, heads: t.heads(ch) });
+                layers.push(Layer::Attn {
+                    ch,
+                    heads: t.heads(ch),
+                });
             }
             if level > 0 && i == t.num_res_blocks {
                 layers.push(Layer::Up { ch });
@@ -147,5 +178,10 @@ pub(crate) fn unet_plan(cfg: &UNetConfig) -> Plan {
             });
         }
     }
-    Plan { input, middle, output, top_channels: ch }
+    Plan {
+        input,
+        middle,
+        output,
+        top_channels: ch,
+    }
 }

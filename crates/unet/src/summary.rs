@@ -31,7 +31,11 @@ pub struct ModelSummary {
 
 fn count(params: &[(String, Tensor)], prefix: &str) -> usize {
     let dotted = format!("{prefix}.");
-    params.iter().filter(|(n, _)| n.starts_with(&dotted)).map(|(_, t)| t.elem_count()).sum()
+    params
+        .iter()
+        .filter(|(n, _)| n.starts_with(&dotted))
+        .map(|(_, t)| t.elem_count())
+        .sum()
 }
 
 pub(crate) fn summarize(
@@ -92,7 +96,11 @@ pub(crate) fn summarize(
         resample: "",
         params: count(params, head_prefix),
     });
-    ModelSummary { rows, total_params: params.iter().map(|(_, t)| t.elem_count()).sum(), description }
+    ModelSummary {
+        rows,
+        total_params: params.iter().map(|(_, t)| t.elem_count()).sum(),
+        description,
+    }
 }
 
 impl fmt::Display for ModelSummary {
@@ -104,9 +112,21 @@ impl fmt::Display for ModelSummary {
             "level", "resolution", "channels", "res_blocks", "attention", "resample", "params"
         )?;
         for r in &self.rows {
-            let dash = |v: usize| if v == 0 { "-".to_string() } else { v.to_string() };
-            let res = if r.resolution == 0 { "-".into() } else { format!("{0}x{0}", r.resolution) };
-            let attn = r.attention_heads.map(|h| format!("{h} head{}", if h == 1 { "" } else { "s" }));
+            let dash = |v: usize| {
+                if v == 0 {
+                    "-".to_string()
+                } else {
+                    v.to_string()
+                }
+            };
+            let res = if r.resolution == 0 {
+                "-".into()
+            } else {
+                format!("{0}x{0}", r.resolution)
+            };
+            let attn = r
+                .attention_heads
+                .map(|h| format!("{h} head{}", if h == 1 { "" } else { "s" }));
             writeln!(
                 f,
                 "{:<8} {:>10} {:>8} {:>10} {:>9} {:>8} {:>12}",
@@ -115,7 +135,11 @@ impl fmt::Display for ModelSummary {
                 dash(r.channels),
                 dash(r.res_blocks),
                 attn.unwrap_or_else(|| "-".into()),
-                if r.resample.is_empty() { "-" } else { r.resample },
+                if r.resample.is_empty() {
+                    "-"
+                } else {
+                    r.resample
+                },
                 r.params
             )?;
         }

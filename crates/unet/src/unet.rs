@@ -3,7 +3,9 @@
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 
-use crate::blocks::{norm_silu, AttentionBlock, ClassEmbed, Downsample, ResBlock, ResBlockSpec, TimeEmbed, Upsample};
+use crate::blocks::{
+    norm_silu, AttentionBlock, ClassEmbed, Downsample, ResBlock, ResBlockSpec, TimeEmbed, Upsample,
+};
 use crate::config::{Trunk, UNetConfig};
 use crate::ctx::ForwardCtx;
 use crate::error::{Result, UNetError};
@@ -84,7 +86,12 @@ pub(crate) fn build_stage(
 }
 
 /// Checks `x` is `[B, in_channels, image_size, image_size]` and `t` is `[B]`.
-pub(crate) fn check_input(x: &Tensor, t: &Tensor, in_channels: usize, image_size: usize) -> Result<usize> {
+pub(crate) fn check_input(
+    x: &Tensor,
+    t: &Tensor,
+    in_channels: usize,
+    image_size: usize,
+) -> Result<usize> {
     let dims = x.dims();
     if dims.len() != 4 || dims[1] != in_channels || dims[2] != image_size || dims[3] != image_size {
         return Err(UNetError::Input(format!(
@@ -145,7 +152,14 @@ impl UNet {
             .map(|s| build_stage(&pb, s, &trunk, emb_dim, ss, &mut dl))
             .collect::<Result<Vec<_>>>()?;
         let out_norm = GroupNorm::new(&pb.pp("out.0"), config.num_groups, plan.top_channels)?;
-        let out_conv = Conv2d::new(&pb.pp("out.2"), plan.top_channels, config.out_channels(), 3, 1, true)?;
+        let out_conv = Conv2d::new(
+            &pb.pp("out.2"),
+            plan.top_channels,
+            config.out_channels(),
+            3,
+            1,
+            true,
+        )?;
         Ok(Self {
             config: config.clone(),
             plan,
@@ -163,9 +177,17 @@ impl UNet {
 
     /// Builds the model with fresh parameters in a new `VarMap`, initialised reproducibly from
     /// `seed` (see [`SeededInit`]). The `VarMap` holds the trainable variables.
-    pub fn init(config: &UNetConfig, seed: u64, dtype: DType, device: &Device) -> Result<(Self, VarMap)> {
+    pub fn init(
+        config: &UNetConfig,
+        seed: u64,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<(Self, VarMap)> {
         let varmap = VarMap::new();
-        let model = Self::new(config, SeededInit::var_builder(&varmap, seed, dtype, device))?;
+        let model = Self::new(
+            config,
+            SeededInit::var_builder(&varmap, seed, dtype, device),
+        )?;
         Ok((model, varmap))
     }
 
@@ -178,13 +200,22 @@ impl UNet {
     ///
     /// Returns `[B, out_channels, H, W]`: epsilon (and, with `learn_sigma`, the variance interpolant
     /// as the second half of the channels).
-    pub fn forward(&self, x: &Tensor, t: &Tensor, y: Option<&Tensor>, ctx: &ForwardCtx) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        t: &Tensor,
+        y: Option<&Tensor>,
+        ctx: &ForwardCtx,
+    ) -> Result<Tensor> {
         let b = check_input(x, t, self.config.in_channels, self.config.image_size)?;
         let mut emb = self.time_embed.forward(t)?;
         match (&self.label_emb, y) {
             (Some(le), Some(y)) => {
                 if y.dims() != [b] {
-                    return Err(UNetError::Input(format!("y has shape {:?}, expected [{b}]", y.dims())));
+                    return Err(UNetError::Input(format!(
+                        "y has shape {:?}, expected [{b}]",
+                        y.dims()
+                    )));
                 }
                 emb = (emb + le.forward(y)?)?;
             }
@@ -195,7 +226,9 @@ impl UNet {
                 )))
             }
             (None, Some(_)) => {
-                return Err(UNetError::Input("the model is unconditional: pass no labels".into()))
+                return Err(UNetError::Input(
+                    "the model is unconditional: pass no labels".into(),
+                ))
             }
             (None, None) => {}
         }
@@ -207,7 +240,9 @@ impl UNet {
         }
         h = self.middle_block.forward(&h, &emb, ctx)?;
         for s in &self.output_blocks {
-            let skip = skips.pop().ok_or_else(|| UNetError::Input("internal: skip stack empty".into()))?;
+            let skip = skips
+                .pop()
+                .ok_or_else(|| UNetError::Input("internal: skip stack empty".into()))?;
             h = s.forward(&Tensor::cat(&[&h, &skip], 1)?, &emb, ctx)?;
         }
         Ok(self.out_conv.forward(&norm_silu(&self.out_norm, &h)?)?)

@@ -7,12 +7,13 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarMap;
 use common::{check, named_vars, randn, randomize, var, weighted_sum};
 use ddpm_unet::blocks::{
-    norm_silu, AttentionBlock, AttentionPool2d, ClassEmbed, Downsample, ResBlock, ResBlockSpec, TimeEmbed,
-    Upsample,
+    norm_silu, AttentionBlock, AttentionPool2d, ClassEmbed, Downsample, ResBlock, ResBlockSpec,
+    TimeEmbed, Upsample,
 };
 use ddpm_unet::layers::GroupNorm;
 use ddpm_unet::{
-    DropoutKey, EncoderUNet, EncoderUNetConfig, ForwardCtx, ParamBuilder, PoolKind, SeededInit, UNet, UNetConfig,
+    DropoutKey, EncoderUNet, EncoderUNetConfig, ForwardCtx, ParamBuilder, PoolKind, SeededInit,
+    UNet, UNetConfig,
 };
 
 const MAX_COORDS: usize = 6;
@@ -21,7 +22,10 @@ fn builder(varmap: &VarMap) -> ParamBuilder<'static> {
     ParamBuilder::new(SeededInit::var_builder(varmap, 1, DType::F64, &Device::Cpu))
 }
 
-fn with_input(varmap: &VarMap, inputs: &[(&str, &candle_core::Var)]) -> Vec<(String, candle_core::Var)> {
+fn with_input(
+    varmap: &VarMap,
+    inputs: &[(&str, &candle_core::Var)],
+) -> Vec<(String, candle_core::Var)> {
     let mut v = named_vars(varmap);
     v.extend(inputs.iter().map(|(n, x)| (n.to_string(), (*x).clone())));
     v
@@ -30,25 +34,51 @@ fn with_input(varmap: &VarMap, inputs: &[(&str, &candle_core::Var)]) -> Vec<(Str
 fn resblock_case(cin: usize, cout: usize, scale_shift: bool, dropout: f64) {
     let vm = VarMap::new();
     let pb = builder(&vm).pp("block");
-    let spec = ResBlockSpec { cin, cout, emb_dim: 6, groups: 2, scale_shift, dropout, dropout_layer: 3 };
+    let spec = ResBlockSpec {
+        cin,
+        cout,
+        emb_dim: 6,
+        groups: 2,
+        scale_shift,
+        dropout,
+        dropout_layer: 3,
+    };
     let block = ResBlock::new(&pb, spec).unwrap();
     assert_eq!(block.skip.is_some(), cin != cout);
     randomize(&vm, 11);
     let x = var(1, &[2, cin, 5, 4]);
     let emb = var(2, &[2, 6]);
-    let ctx = ForwardCtx::train(DropoutKey { seed: 5, step: 3, first_example: 7 });
+    let ctx = ForwardCtx::train(DropoutKey {
+        seed: 5,
+        step: 3,
+        first_example: 7,
+    });
     if dropout > 0.0 {
         // The mask is really applied: training and eval outputs differ.
         let a = block.forward(x.as_tensor(), emb.as_tensor(), &ctx).unwrap();
-        let b = block.forward(x.as_tensor(), emb.as_tensor(), &ForwardCtx::eval()).unwrap();
-        let d = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+        let b = block
+            .forward(x.as_tensor(), emb.as_tensor(), &ForwardCtx::eval())
+            .unwrap();
+        let d = (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
         assert!(d > 1e-3, "dropout had no effect");
     }
     let vars = with_input(&vm, &[("x", &x), ("emb", &emb)]);
     let r = check(&vars, MAX_COORDS, || {
-        weighted_sum(&block.forward(x.as_tensor(), emb.as_tensor(), &ctx).unwrap(), 3)
+        weighted_sum(
+            &block.forward(x.as_tensor(), emb.as_tensor(), &ctx).unwrap(),
+            3,
+        )
     });
-    r.assert_ok(&format!("ResBlock cin={cin} cout={cout} scale_shift={scale_shift} dropout={dropout}"));
+    r.assert_ok(&format!(
+        "ResBlock cin={cin} cout={cout} scale_shift={scale_shift} dropout={dropout}"
+    ));
 }
 
 #[test]
@@ -82,7 +112,9 @@ fn attention_case(channels: usize, heads: usize) {
     randomize(&vm, 12);
     let x = var(4, &[2, channels, 3, 4]);
     let vars = with_input(&vm, &[("x", &x)]);
-    let r = check(&vars, MAX_COORDS, || weighted_sum(&block.forward(x.as_tensor()).unwrap(), 5));
+    let r = check(&vars, MAX_COORDS, || {
+        weighted_sum(&block.forward(x.as_tensor()).unwrap(), 5)
+    });
     r.assert_ok(&format!("AttentionBlock channels={channels} heads={heads}"));
 }
 
@@ -106,7 +138,9 @@ fn downsample() {
         let y = block.forward(x.as_tensor()).unwrap();
         assert_eq!(y.dims(), &[2, 3, size.div_ceil(2), size.div_ceil(2)]);
         let vars = with_input(&vm, &[("x", &x)]);
-        let r = check(&vars, MAX_COORDS, || weighted_sum(&block.forward(x.as_tensor()).unwrap(), 7));
+        let r = check(&vars, MAX_COORDS, || {
+            weighted_sum(&block.forward(x.as_tensor()).unwrap(), 7)
+        });
         r.assert_ok(&format!("Downsample {size}x{size}"));
     }
 }
@@ -129,10 +163,16 @@ fn upsample_with_input_reused() {
 
 #[test]
 fn upsample_values_are_nearest() {
-    let x = Tensor::arange(0f64, 6.0, &Device::Cpu).unwrap().reshape((1, 1, 2, 3)).unwrap();
+    let x = Tensor::arange(0f64, 6.0, &Device::Cpu)
+        .unwrap()
+        .reshape((1, 1, 2, 3))
+        .unwrap();
     let y = ddpm_unet::layers::upsample_nearest2x(&x).unwrap();
     let want = x.upsample_nearest2d(4, 6).unwrap();
-    assert_eq!(y.flatten_all().unwrap().to_vec1::<f64>().unwrap(), want.flatten_all().unwrap().to_vec1::<f64>().unwrap());
+    assert_eq!(
+        y.flatten_all().unwrap().to_vec1::<f64>().unwrap(),
+        want.flatten_all().unwrap().to_vec1::<f64>().unwrap()
+    );
 }
 
 #[test]
@@ -142,12 +182,16 @@ fn timestep_embedding_mlp() {
     randomize(&vm, 15);
     let t = Tensor::new(&[0f64, 17.0, 999.0], &Device::Cpu).unwrap();
     let vars = named_vars(&vm);
-    let r = check(&vars, MAX_COORDS, || weighted_sum(&te.forward(&t).unwrap(), 11));
+    let r = check(&vars, MAX_COORDS, || {
+        weighted_sum(&te.forward(&t).unwrap(), 11)
+    });
     r.assert_ok("timestep embedding MLP");
     // And through the sinusoidal features as an input.
     let f = var(16, &[3, 8]);
     let vars = with_input(&vm, &[("features", &f)]);
-    let r = check(&vars, MAX_COORDS, || weighted_sum(&te.forward_features(f.as_tensor()).unwrap(), 12));
+    let r = check(&vars, MAX_COORDS, || {
+        weighted_sum(&te.forward_features(f.as_tensor()).unwrap(), 12)
+    });
     r.assert_ok("timestep MLP on features");
 }
 
@@ -161,7 +205,11 @@ fn class_embedding() {
     let vars = named_vars(&vm);
     let r = check(&vars, 20, || weighted_sum(&ce.forward(&y).unwrap(), 13));
     r.assert_ok("class embedding");
-    assert!(ce.forward(&Tensor::new(&[4u32], &Device::Cpu).unwrap()).is_err(), "label > null accepted");
+    assert!(
+        ce.forward(&Tensor::new(&[4u32], &Device::Cpu).unwrap())
+            .is_err(),
+        "label > null accepted"
+    );
 }
 
 #[test]
@@ -172,7 +220,9 @@ fn groupnorm_silu() {
         randomize(&vm, 17);
         let x = var(18, &[2, channels, 3, 3]);
         let vars = with_input(&vm, &[("x", &x)]);
-        let r = check(&vars, MAX_COORDS, || weighted_sum(&norm_silu(&gn, x.as_tensor()).unwrap(), 14));
+        let r = check(&vars, MAX_COORDS, || {
+            weighted_sum(&norm_silu(&gn, x.as_tensor()).unwrap(), 14)
+        });
         r.assert_ok(&format!("GroupNorm({groups}, {channels}) + SiLU"));
     }
 }
@@ -182,8 +232,17 @@ fn groupnorm_matches_definition() {
     // Normalised groups have zero mean and unit (biased) variance before the affine.
     let vm = VarMap::new();
     let gn = GroupNorm::new(&builder(&vm).pp("norm"), 2, 4).unwrap();
-    let x = (randn(19, &[1, 4, 3, 3]) * 3.0).unwrap().affine(1.0, 1.5).unwrap();
-    let y: Vec<f64> = gn.forward(&x).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let x = (randn(19, &[1, 4, 3, 3]) * 3.0)
+        .unwrap()
+        .affine(1.0, 1.5)
+        .unwrap();
+    let y: Vec<f64> = gn
+        .forward(&x)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
     for g in y.chunks(18) {
         let m = g.iter().sum::<f64>() / 18.0;
         let v = g.iter().map(|a| (a - m) * (a - m)).sum::<f64>() / 18.0;
@@ -199,11 +258,19 @@ fn attention_pool_head() {
     randomize(&vm, 20);
     let x = var(21, &[2, 8, 2, 2]);
     let vars = with_input(&vm, &[("x", &x)]);
-    let r = check(&vars, MAX_COORDS, || weighted_sum(&pool.forward(x.as_tensor()).unwrap(), 15));
+    let r = check(&vars, MAX_COORDS, || {
+        weighted_sum(&pool.forward(x.as_tensor()).unwrap(), 15)
+    });
     r.assert_ok("AttentionPool2d");
 }
 
-fn tiny_unet(scale_shift: bool, classes: Option<usize>, learn_sigma: bool, mult: Vec<usize>, attn: Vec<usize>) -> UNetConfig {
+fn tiny_unet(
+    scale_shift: bool,
+    classes: Option<usize>,
+    learn_sigma: bool,
+    mult: Vec<usize>,
+    attn: Vec<usize>,
+) -> UNetConfig {
     UNetConfig {
         image_size: 8,
         in_channels: 2,
@@ -226,12 +293,25 @@ fn unet_case(cfg: UNetConfig, max_coords: usize) {
     randomize(&vm, 22);
     let x = var(23, &[2, cfg.in_channels, 8, 8]);
     let t = Tensor::new(&[3f32, 950.0], &Device::Cpu).unwrap();
-    let y = cfg.num_classes.map(|n| Tensor::new(&[1u32, n as u32], &Device::Cpu).unwrap());
-    let ctx = ForwardCtx::train(DropoutKey { seed: 9, step: 1, first_example: 4 });
+    let y = cfg
+        .num_classes
+        .map(|n| Tensor::new(&[1u32, n as u32], &Device::Cpu).unwrap());
+    let ctx = ForwardCtx::train(DropoutKey {
+        seed: 9,
+        step: 1,
+        first_example: 4,
+    });
     let vars = with_input(&vm, &[("x", &x)]);
-    assert_eq!(vars.len() - 1, model.named_parameters().len(), "varmap and model disagree");
+    assert_eq!(
+        vars.len() - 1,
+        model.named_parameters().len(),
+        "varmap and model disagree"
+    );
     let r = check(&vars, max_coords, || {
-        weighted_sum(&model.forward(x.as_tensor(), &t, y.as_ref(), &ctx).unwrap(), 16)
+        weighted_sum(
+            &model.forward(x.as_tensor(), &t, y.as_ref(), &ctx).unwrap(),
+            16,
+        )
     });
     r.assert_ok(&format!("tiny U-Net {cfg:?}"));
 }
@@ -266,11 +346,17 @@ fn encoder_case(pool: PoolKind) {
     randomize(&vm, 24);
     let x = var(25, &[2, 2, 8, 8]);
     let t = Tensor::new(&[10f32, 500.0], &Device::Cpu).unwrap();
-    let ctx = ForwardCtx::train(DropoutKey { seed: 9, step: 1, first_example: 0 });
+    let ctx = ForwardCtx::train(DropoutKey {
+        seed: 9,
+        step: 1,
+        first_example: 0,
+    });
     let logits = model.forward(x.as_tensor(), &t, &ctx).unwrap();
     assert_eq!(logits.dims(), &[2, 3]);
     let vars = with_input(&vm, &[("x", &x)]);
-    let r = check(&vars, 3, || weighted_sum(&model.forward(x.as_tensor(), &t, &ctx).unwrap(), 17));
+    let r = check(&vars, 3, || {
+        weighted_sum(&model.forward(x.as_tensor(), &t, &ctx).unwrap(), 17)
+    });
     r.assert_ok(&format!("EncoderUNet {pool:?}"));
 }
 
@@ -310,6 +396,12 @@ fn checker_detects_candle_upsample_nearest2d_pitfall() {
         let other = weighted_sum(&x.as_tensor().sqr().unwrap(), 20);
         (up + other).unwrap()
     });
-    eprintln!("upsample_nearest2d with reused input: {} mismatches", r.failures.len());
-    assert!(!r.failures.is_empty(), "candle's upsample_nearest2d gradient is now right");
+    eprintln!(
+        "upsample_nearest2d with reused input: {} mismatches",
+        r.failures.len()
+    );
+    assert!(
+        !r.failures.is_empty(),
+        "candle's upsample_nearest2d gradient is now right"
+    );
 }

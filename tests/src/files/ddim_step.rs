@@ -16,8 +16,17 @@ pub fn top(doc: &J, tally: &mut FileTally) -> Result<()> {
         let t = ex.get("T")?.usize()?;
         let spec = ex.get("section_counts")?.str()?;
         let want = ex.get("use_timesteps")?.arr()?;
-        let got: Vec<f64> = space_timesteps(t, spec)?.iter().map(|&v| v as f64).collect();
-        tally.cmp_vec(&format!("{}: space_timesteps({t}, {spec:?})", ex.full()), Path::F64, &got, &want, Tol::Abs(0.0));
+        let got: Vec<f64> = space_timesteps(t, spec)?
+            .iter()
+            .map(|&v| v as f64)
+            .collect();
+        tally.cmp_vec(
+            &format!("{}: space_timesteps({t}, {spec:?})", ex.full()),
+            Path::F64,
+            &got,
+            &want,
+            Tol::Abs(0.0),
+        );
     }
     Ok(())
 }
@@ -31,7 +40,12 @@ pub fn case(c: &J, tally: &mut FileTally) -> Result<()> {
 
 fn run(c: &J, tally: &mut FileTally, dtype: DType) -> Result<()> {
     let name = c.get("name")?.str()?;
-    let base = GaussianDiffusion::new(schedule_of(c)?, ModelMeanType::Epsilon, ModelVarType::FixedSmall, LossType::Mse);
+    let base = GaussianDiffusion::new(
+        schedule_of(c)?,
+        ModelMeanType::Epsilon,
+        ModelVarType::FixedSmall,
+        LossType::Mse,
+    );
     let d = base.respace(c.get("section_counts")?.str()?)?;
     let (tol, loose, path) = tols(dtype);
     let exact = Tol::Abs(0.0);
@@ -40,11 +54,35 @@ fn run(c: &J, tally: &mut FileTally, dtype: DType) -> Result<()> {
     if dtype == DType::F64 {
         let r = c.get("respacing")?;
         let map: Vec<f64> = d.timestep_map.iter().map(|&v| v as f64).collect();
-        tally.cmp_vec(&format!("{name}.respacing.use_timesteps"), Path::F64, &map, &r.get("use_timesteps")?.arr()?, exact);
+        tally.cmp_vec(
+            &format!("{name}.respacing.use_timesteps"),
+            Path::F64,
+            &map,
+            &r.get("use_timesteps")?.arr()?,
+            exact,
+        );
         let s = &d.schedule;
-        tally.cmp_vec(&format!("{name}.respacing.respaced_betas"), Path::F64, &s.betas, &r.get("respaced_betas")?.arr()?, f64tol);
-        tally.cmp_vec(&format!("{name}.respacing.respaced_alphas_cumprod"), Path::F64, &s.alphas_cumprod, &r.get("respaced_alphas_cumprod")?.arr()?, f64tol);
-        tally.cmp_vec(&format!("{name}.respacing.respaced_alphas_cumprod_prev"), Path::F64, &s.alphas_cumprod_prev, &r.get("respaced_alphas_cumprod_prev")?.arr()?, f64tol);
+        tally.cmp_vec(
+            &format!("{name}.respacing.respaced_betas"),
+            Path::F64,
+            &s.betas,
+            &r.get("respaced_betas")?.arr()?,
+            f64tol,
+        );
+        tally.cmp_vec(
+            &format!("{name}.respacing.respaced_alphas_cumprod"),
+            Path::F64,
+            &s.alphas_cumprod,
+            &r.get("respaced_alphas_cumprod")?.arr()?,
+            f64tol,
+        );
+        tally.cmp_vec(
+            &format!("{name}.respacing.respaced_alphas_cumprod_prev"),
+            Path::F64,
+            &s.alphas_cumprod_prev,
+            &r.get("respaced_alphas_cumprod_prev")?.arr()?,
+            f64tol,
+        );
     }
 
     let inp = c.get("inputs")?;
@@ -54,7 +92,13 @@ fn run(c: &J, tally: &mut FileTally, dtype: DType) -> Result<()> {
     let k = inp.get("k")?.arr()?.to_usize()?;
     if dtype == DType::F64 {
         let t_orig = d.model_timesteps(&k)?;
-        tally.cmp_vec(&format!("{name}.inputs.t_original (model timesteps of k)"), Path::F64, &t_orig, &inp.get("t_original")?.arr()?, exact);
+        tally.cmp_vec(
+            &format!("{name}.inputs.t_original (model timesteps of k)"),
+            Path::F64,
+            &t_orig,
+            &inp.get("t_original")?.arr()?,
+            exact,
+        );
     }
 
     let e = c.get("expected")?;
@@ -68,16 +112,44 @@ fn run(c: &J, tally: &mut FileTally, dtype: DType) -> Result<()> {
         let what = format!("{name}.expected.{ckey}");
         let mut ran = false;
         for ekey in ce.keys()? {
-            let Some(eta) = ekey.strip_prefix("eta_") else { continue };
-            let eta: f64 = eta.parse().map_err(|_| anyhow!("cannot read eta from {ekey:?}"))?;
+            let Some(eta) = ekey.strip_prefix("eta_") else {
+                continue;
+            };
+            let eta: f64 = eta
+                .parse()
+                .map_err(|_| anyhow!("cannot read eta from {ekey:?}"))?;
             let step = ddim_step(&d, &model_eps, &x_t, &k, clip, eta, Some(&noise))?;
             let ee = ce.get(&ekey)?;
-            tally.cmp_vec(&format!("{what}.{ekey}.sigma"), path, &step.sigma, &ee.get("sigma")?.arr()?, f64tol);
-            tally.cmp_tensor(&format!("{what}.{ekey}.x_prev"), path, &step.x_prev, &ee.get("x_prev")?.arr()?, tol)?;
+            tally.cmp_vec(
+                &format!("{what}.{ekey}.sigma"),
+                path,
+                &step.sigma,
+                &ee.get("sigma")?.arr()?,
+                f64tol,
+            );
+            tally.cmp_tensor(
+                &format!("{what}.{ekey}.x_prev"),
+                path,
+                &step.x_prev,
+                &ee.get("x_prev")?.arr()?,
+                tol,
+            )?;
             // pred_xstart / eps_rederived do not depend on eta; check them from every run.
             let x0_tol = if clip { tol } else { loose };
-            tally.cmp_tensor(&format!("{what}.pred_xstart ({ekey} run)"), path, &step.pred_xstart, &ce.get("pred_xstart")?.arr()?, x0_tol)?;
-            tally.cmp_tensor(&format!("{what}.eps_rederived ({ekey} run)"), path, &step.eps, &ce.get("eps_rederived")?.arr()?, tol)?;
+            tally.cmp_tensor(
+                &format!("{what}.pred_xstart ({ekey} run)"),
+                path,
+                &step.pred_xstart,
+                &ce.get("pred_xstart")?.arr()?,
+                x0_tol,
+            )?;
+            tally.cmp_tensor(
+                &format!("{what}.eps_rederived ({ekey} run)"),
+                path,
+                &step.eps,
+                &ce.get("eps_rederived")?.arr()?,
+                tol,
+            )?;
             ran = true;
         }
         if !ran {

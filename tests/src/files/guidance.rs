@@ -3,7 +3,9 @@
 
 use anyhow::{bail, Result};
 use candle_core::DType;
-use ddpm_diffusion::steps::{cfg_combine, cfg_combine_scale, condition_mean, condition_score, ddim_update};
+use ddpm_diffusion::steps::{
+    cfg_combine, cfg_combine_scale, condition_mean, condition_score, ddim_update,
+};
 use ddpm_diffusion::tensor::extract;
 use ddpm_diffusion::{GaussianDiffusion, LossType, ModelMeanType, ModelVarType};
 
@@ -33,8 +35,20 @@ fn cfg(c: &J, tally: &mut FileTally) -> Result<()> {
         let s = pw.get("s")?.f64()?;
         let what = pw.full();
         tally.cmp_scalar(&format!("{what}.s (= 1 + w)"), P, 1.0 + w, s, TOL);
-        tally.cmp_tensor(&format!("{what}.eps_w_form"), P, &cfg_combine(&ec, &eu, w)?, &pw.get("eps_w_form")?.arr()?, TOL)?;
-        tally.cmp_tensor(&format!("{what}.eps_s_form"), P, &cfg_combine_scale(&ec, &eu, s)?, &pw.get("eps_s_form")?.arr()?, TOL)?;
+        tally.cmp_tensor(
+            &format!("{what}.eps_w_form"),
+            P,
+            &cfg_combine(&ec, &eu, w)?,
+            &pw.get("eps_w_form")?.arr()?,
+            TOL,
+        )?;
+        tally.cmp_tensor(
+            &format!("{what}.eps_s_form"),
+            P,
+            &cfg_combine_scale(&ec, &eu, s)?,
+            &pw.get("eps_s_form")?.arr()?,
+            TOL,
+        )?;
     }
     Ok(())
 }
@@ -46,19 +60,42 @@ fn cond_mean(c: &J, tally: &mut FileTally) -> Result<()> {
     let grad = tensor(&inp.get("grad")?.arr()?, F)?;
     let scales = inp.get("scales")?.arr()?;
     let per = c.get("expected")?.get("per_scale")?.items()?;
-    tally.expect_eq(&format!("{}: number of scales", c.full()), per.len(), scales.len());
+    tally.expect_eq(
+        &format!("{}: number of scales", c.full()),
+        per.len(),
+        scales.len(),
+    );
     for (i, ps) in per.iter().enumerate() {
         let scale = ps.get("scale")?.f64()?;
         let what = ps.full();
-        let Some(&listed) = scales.data.get(i) else { bail!("{what} has no matching inputs.scales entry") };
-        tally.cmp_scalar(&format!("{what}.scale (= inputs.scales[{i}])"), P, scale, listed, Tol::Abs(0.0));
-        tally.cmp_tensor(&format!("{what}.new_mean"), P, &condition_mean(&mean, &var, &grad, scale)?, &ps.get("new_mean")?.arr()?, TOL)?;
+        let Some(&listed) = scales.data.get(i) else {
+            bail!("{what} has no matching inputs.scales entry")
+        };
+        tally.cmp_scalar(
+            &format!("{what}.scale (= inputs.scales[{i}])"),
+            P,
+            scale,
+            listed,
+            Tol::Abs(0.0),
+        );
+        tally.cmp_tensor(
+            &format!("{what}.new_mean"),
+            P,
+            &condition_mean(&mean, &var, &grad, scale)?,
+            &ps.get("new_mean")?.arr()?,
+            TOL,
+        )?;
     }
     Ok(())
 }
 
 fn cond_score(c: &J, tally: &mut FileTally) -> Result<()> {
-    let d = GaussianDiffusion::new(schedule_of(c)?, ModelMeanType::Epsilon, ModelVarType::FixedSmall, LossType::Mse);
+    let d = GaussianDiffusion::new(
+        schedule_of(c)?,
+        ModelMeanType::Epsilon,
+        ModelVarType::FixedSmall,
+        LossType::Mse,
+    );
     let clip = c.get("clip_denoised")?.bool()?;
     let inp = c.get("inputs")?;
     let x_t = tensor(&inp.get("x_t")?.arr()?, F)?;
@@ -68,22 +105,70 @@ fn cond_score(c: &J, tally: &mut FileTally) -> Result<()> {
     let scales = inp.get("scales")?.arr()?;
     let e = c.get("expected")?;
     let name = c.full();
-    tally.cmp_tensor(&format!("{name}.expected.alphas_cumprod_t"), P, &extract(&d.schedule.alphas_cumprod, &t, &x_t)?, &e.get("alphas_cumprod_t")?.arr()?, TOL)?;
-    tally.cmp_tensor(&format!("{name}.expected.alphas_cumprod_prev_t"), P, &extract(&d.schedule.alphas_cumprod_prev, &t, &x_t)?, &e.get("alphas_cumprod_prev_t")?.arr()?, TOL)?;
+    tally.cmp_tensor(
+        &format!("{name}.expected.alphas_cumprod_t"),
+        P,
+        &extract(&d.schedule.alphas_cumprod, &t, &x_t)?,
+        &e.get("alphas_cumprod_t")?.arr()?,
+        TOL,
+    )?;
+    tally.cmp_tensor(
+        &format!("{name}.expected.alphas_cumprod_prev_t"),
+        P,
+        &extract(&d.schedule.alphas_cumprod_prev, &t, &x_t)?,
+        &e.get("alphas_cumprod_prev_t")?.arr()?,
+        TOL,
+    )?;
     let out = d.p_mean_variance(&model_eps, &x_t, &t, clip)?;
     let per = e.get("per_scale")?.items()?;
-    tally.expect_eq(&format!("{name}: number of scales"), per.len(), scales.len());
+    tally.expect_eq(
+        &format!("{name}: number of scales"),
+        per.len(),
+        scales.len(),
+    );
     for (i, ps) in per.iter().enumerate() {
         let scale = ps.get("scale")?.f64()?;
         let what = ps.full();
-        let Some(&listed) = scales.data.get(i) else { bail!("{what} has no matching inputs.scales entry") };
-        tally.cmp_scalar(&format!("{what}.scale (= inputs.scales[{i}])"), P, scale, listed, Tol::Abs(0.0));
+        let Some(&listed) = scales.data.get(i) else {
+            bail!("{what} has no matching inputs.scales entry")
+        };
+        tally.cmp_scalar(
+            &format!("{what}.scale (= inputs.scales[{i}])"),
+            P,
+            scale,
+            listed,
+            Tol::Abs(0.0),
+        );
         let cs = condition_score(&d, &x_t, &t, &out.pred_xstart, &grad, scale)?;
-        tally.cmp_tensor(&format!("{what}.eps_guided"), P, &cs.eps, &ps.get("eps_guided")?.arr()?, TOL)?;
-        tally.cmp_tensor(&format!("{what}.pred_xstart_guided"), P, &cs.pred_xstart, &ps.get("pred_xstart_guided")?.arr()?, TOL)?;
-        tally.cmp_tensor(&format!("{what}.mean_guided"), P, &cs.mean, &ps.get("mean_guided")?.arr()?, TOL)?;
+        tally.cmp_tensor(
+            &format!("{what}.eps_guided"),
+            P,
+            &cs.eps,
+            &ps.get("eps_guided")?.arr()?,
+            TOL,
+        )?;
+        tally.cmp_tensor(
+            &format!("{what}.pred_xstart_guided"),
+            P,
+            &cs.pred_xstart,
+            &ps.get("pred_xstart_guided")?.arr()?,
+            TOL,
+        )?;
+        tally.cmp_tensor(
+            &format!("{what}.mean_guided"),
+            P,
+            &cs.mean,
+            &ps.get("mean_guided")?.arr()?,
+            TOL,
+        )?;
         let step = ddim_update(&d, &x_t, &t, &cs.pred_xstart, 0.0, None)?;
-        tally.cmp_tensor(&format!("{what}.ddim_eta0_x_prev"), P, &step.x_prev, &ps.get("ddim_eta0_x_prev")?.arr()?, TOL)?;
+        tally.cmp_tensor(
+            &format!("{what}.ddim_eta0_x_prev"),
+            P,
+            &step.x_prev,
+            &ps.get("ddim_eta0_x_prev")?.arr()?,
+            TOL,
+        )?;
     }
     Ok(())
 }

@@ -16,15 +16,32 @@ pub fn case(c: &J, tally: &mut FileTally) -> Result<()> {
     let t = e.get("timesteps")?.arr()?.to_usize()?;
     let tol = Tol::Mixed(TOL_F64);
     let snr = gather(&schedule.snr(), &t)?;
-    tally.cmp_vec(&format!("{name}.expected.snr"), Path::F64, &snr, &e.get("snr")?.arr()?, tol);
+    tally.cmp_vec(
+        &format!("{name}.expected.snr"),
+        Path::F64,
+        &snr,
+        &e.get("snr")?.arr()?,
+        tol,
+    );
     for (field, mean_type) in [
         ("weight_epsilon", ModelMeanType::Epsilon),
         ("weight_v_prediction", ModelMeanType::V),
         ("weight_sample", ModelMeanType::StartX),
     ] {
-        let d = GaussianDiffusion::new(schedule.clone(), mean_type, ModelVarType::FixedSmall, LossType::Mse);
+        let d = GaussianDiffusion::new(
+            schedule.clone(),
+            mean_type,
+            ModelVarType::FixedSmall,
+            LossType::Mse,
+        );
         let w = d.min_snr_weights(&t, gamma)?;
-        tally.cmp_vec(&format!("{name}.expected.{field}"), Path::F64, &w, &e.get(field)?.arr()?, tol);
+        tally.cmp_vec(
+            &format!("{name}.expected.{field}"),
+            Path::F64,
+            &w,
+            &e.get(field)?.arr()?,
+            tol,
+        );
     }
     Ok(())
 }

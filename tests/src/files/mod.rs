@@ -36,9 +36,24 @@ fn no_top(_: &J, _: &mut FileTally) -> Result<()> {
 }
 
 pub const KNOWN: &[KnownFile] = &[
-    KnownFile { name: "schedules.json", case: schedules::case, top: no_top, top_sections: &[] },
-    KnownFile { name: "q_sample.json", case: q_sample::case, top: no_top, top_sections: &[] },
-    KnownFile { name: "ddpm_step.json", case: ddpm_step::case, top: no_top, top_sections: &[] },
+    KnownFile {
+        name: "schedules.json",
+        case: schedules::case,
+        top: no_top,
+        top_sections: &[],
+    },
+    KnownFile {
+        name: "q_sample.json",
+        case: q_sample::case,
+        top: no_top,
+        top_sections: &[],
+    },
+    KnownFile {
+        name: "ddpm_step.json",
+        case: ddpm_step::case,
+        top: no_top,
+        top_sections: &[],
+    },
     KnownFile {
         name: "ddim_step.json",
         case: ddim_step::case,
@@ -57,9 +72,24 @@ pub const KNOWN: &[KnownFile] = &[
         top: no_top,
         top_sections: &[],
     },
-    KnownFile { name: "guidance.json", case: guidance::case, top: no_top, top_sections: &[] },
-    KnownFile { name: "dpm_solver.json", case: dpm_solver::case, top: no_top, top_sections: &[] },
-    KnownFile { name: "min_snr.json", case: min_snr::case, top: no_top, top_sections: &[] },
+    KnownFile {
+        name: "guidance.json",
+        case: guidance::case,
+        top: no_top,
+        top_sections: &[],
+    },
+    KnownFile {
+        name: "dpm_solver.json",
+        case: dpm_solver::case,
+        top: no_top,
+        top_sections: &[],
+    },
+    KnownFile {
+        name: "min_snr.json",
+        case: min_snr::case,
+        top: no_top,
+        top_sections: &[],
+    },
 ];
 
 /// The base schedule named by a case's `schedule` and `T` fields (improved-diffusion definitions).

@@ -16,9 +16,27 @@ pub fn case(c: &J, tally: &mut FileTally) -> Result<()> {
     let s = match c.get("schedule")?.str()? {
         "linear" => {
             let (start, end) = linear_beta_range(t);
-            tally.cmp_scalar(&format!("{name}.params.scale"), Path::F64, 1000.0 / t as f64, p.get("scale")?.f64()?, tol);
-            tally.cmp_scalar(&format!("{name}.params.beta_start"), Path::F64, start, p.get("beta_start")?.f64()?, tol);
-            tally.cmp_scalar(&format!("{name}.params.beta_end"), Path::F64, end, p.get("beta_end")?.f64()?, tol);
+            tally.cmp_scalar(
+                &format!("{name}.params.scale"),
+                Path::F64,
+                1000.0 / t as f64,
+                p.get("scale")?.f64()?,
+                tol,
+            );
+            tally.cmp_scalar(
+                &format!("{name}.params.beta_start"),
+                Path::F64,
+                start,
+                p.get("beta_start")?.f64()?,
+                tol,
+            );
+            tally.cmp_scalar(
+                &format!("{name}.params.beta_end"),
+                Path::F64,
+                end,
+                p.get("beta_end")?.f64()?,
+                tol,
+            );
             NoiseSchedule::new(&BetaSchedule::Linear, t)?
         }
         "cosine" => {
@@ -27,7 +45,11 @@ pub fn case(c: &J, tally: &mut FileTally) -> Result<()> {
             if s == COSINE_S && max_beta == COSINE_MAX_BETA {
                 // The defaults: go through the public named schedule.
                 tally.expect_eq(&format!("{name}.params.s"), COSINE_S, s);
-                tally.expect_eq(&format!("{name}.params.max_beta"), COSINE_MAX_BETA, max_beta);
+                tally.expect_eq(
+                    &format!("{name}.params.max_beta"),
+                    COSINE_MAX_BETA,
+                    max_beta,
+                );
                 NoiseSchedule::new(&BetaSchedule::Cosine, t)?
             } else {
                 // Non-default parameters are inputs here; the tables below check their effect.
@@ -36,7 +58,11 @@ pub fn case(c: &J, tally: &mut FileTally) -> Result<()> {
         }
         other => bail!("unknown schedule {other:?}"),
     };
-    tally.expect_eq(&format!("{name}: number of timesteps"), s.num_timesteps(), t);
+    tally.expect_eq(
+        &format!("{name}: number of timesteps"),
+        s.num_timesteps(),
+        t,
+    );
     let tables: [(&str, &Vec<f64>); 16] = [
         ("betas", &s.betas),
         ("alphas", &s.alphas),
@@ -44,12 +70,24 @@ pub fn case(c: &J, tally: &mut FileTally) -> Result<()> {
         ("alphas_cumprod_prev", &s.alphas_cumprod_prev),
         ("alphas_cumprod_next", &s.alphas_cumprod_next),
         ("sqrt_alphas_cumprod", &s.sqrt_alphas_cumprod),
-        ("sqrt_one_minus_alphas_cumprod", &s.sqrt_one_minus_alphas_cumprod),
-        ("log_one_minus_alphas_cumprod", &s.log_one_minus_alphas_cumprod),
+        (
+            "sqrt_one_minus_alphas_cumprod",
+            &s.sqrt_one_minus_alphas_cumprod,
+        ),
+        (
+            "log_one_minus_alphas_cumprod",
+            &s.log_one_minus_alphas_cumprod,
+        ),
         ("sqrt_recip_alphas_cumprod", &s.sqrt_recip_alphas_cumprod),
-        ("sqrt_recipm1_alphas_cumprod", &s.sqrt_recipm1_alphas_cumprod),
+        (
+            "sqrt_recipm1_alphas_cumprod",
+            &s.sqrt_recipm1_alphas_cumprod,
+        ),
         ("posterior_variance", &s.posterior_variance),
-        ("posterior_log_variance_clipped", &s.posterior_log_variance_clipped),
+        (
+            "posterior_log_variance_clipped",
+            &s.posterior_log_variance_clipped,
+        ),
         ("posterior_mean_coef1", &s.posterior_mean_coef1),
         ("posterior_mean_coef2", &s.posterior_mean_coef2),
         ("fixed_large_variance", &s.fixed_large_variance),

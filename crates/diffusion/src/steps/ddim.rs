@@ -131,7 +131,11 @@ pub struct DiffusersDdim {
 }
 
 impl DiffusersDdim {
-    pub fn new(schedule: &NoiseSchedule, num_inference_steps: usize, clip_sample: bool) -> Result<Self> {
+    pub fn new(
+        schedule: &NoiseSchedule,
+        num_inference_steps: usize,
+        clip_sample: bool,
+    ) -> Result<Self> {
         let big_t = schedule.num_timesteps();
         if num_inference_steps == 0 || num_inference_steps > big_t {
             return Err(DiffusionError::InvalidUse(format!(
@@ -191,12 +195,17 @@ impl DiffusersDdim {
                 model_output.clone(),
             ),
             ModelMeanType::StartX => {
-                let eps = x.sub(&model_output.affine(a.sqrt(), 0.0)?)?.affine(1.0 / beta.sqrt(), 0.0)?;
+                let eps = x
+                    .sub(&model_output.affine(a.sqrt(), 0.0)?)?
+                    .affine(1.0 / beta.sqrt(), 0.0)?;
                 (model_output.clone(), eps)
             }
             ModelMeanType::V => (
-                x.affine(a.sqrt(), 0.0)?.sub(&model_output.affine(beta.sqrt(), 0.0)?)?,
-                model_output.affine(a.sqrt(), 0.0)?.add(&x.affine(beta.sqrt(), 0.0)?)?,
+                x.affine(a.sqrt(), 0.0)?
+                    .sub(&model_output.affine(beta.sqrt(), 0.0)?)?,
+                model_output
+                    .affine(a.sqrt(), 0.0)?
+                    .add(&x.affine(beta.sqrt(), 0.0)?)?,
             ),
         };
         if self.clip_sample {
@@ -207,7 +216,9 @@ impl DiffusersDdim {
         let dir = eps.affine((1.0 - ap - std * std).sqrt(), 0.0)?;
         let mut prev = x0.affine(ap.sqrt(), 0.0)?.add(&dir)?;
         if eta > 0.0 {
-            let z = noise.ok_or_else(|| DiffusionError::InvalidUse("DDIM with eta > 0 needs noise".into()))?;
+            let z = noise.ok_or_else(|| {
+                DiffusionError::InvalidUse("DDIM with eta > 0 needs noise".into())
+            })?;
             same_shape(x, "sample", z, "noise")?;
             prev = prev.add(&z.affine(std, 0.0)?)?;
         }

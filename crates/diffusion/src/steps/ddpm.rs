@@ -15,11 +15,18 @@ pub struct DdpmStep {
 }
 
 /// `x_prev = mean + (t != 0) * exp(0.5 * log_variance) * noise`.
-pub fn ddpm_update(mean: &Tensor, log_variance: &Tensor, t: &[usize], noise: &Tensor) -> Result<Tensor> {
+pub fn ddpm_update(
+    mean: &Tensor,
+    log_variance: &Tensor,
+    t: &[usize],
+    noise: &Tensor,
+) -> Result<Tensor> {
     same_shape(mean, "mean", noise, "noise")?;
     check_batch(t, mean, "mean")?;
     let std = log_variance.affine(0.5, 0.0)?.exp()?;
-    let scaled = std.broadcast_mul(noise)?.broadcast_mul(&nonzero_mask(t, mean)?)?;
+    let scaled = std
+        .broadcast_mul(noise)?
+        .broadcast_mul(&nonzero_mask(t, mean)?)?;
     Ok(mean.add(&scaled)?)
 }
 

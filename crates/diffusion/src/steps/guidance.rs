@@ -11,7 +11,9 @@ use crate::tensor::{check_batch, extract, same_shape};
 /// conditional model).
 pub fn cfg_combine(eps_cond: &Tensor, eps_uncond: &Tensor, w: f64) -> Result<Tensor> {
     same_shape(eps_cond, "eps_cond", eps_uncond, "eps_uncond")?;
-    Ok(eps_cond.affine(1.0 + w, 0.0)?.sub(&eps_uncond.affine(w, 0.0)?)?)
+    Ok(eps_cond
+        .affine(1.0 + w, 0.0)?
+        .sub(&eps_uncond.affine(w, 0.0)?)?)
 }
 
 /// The same with diffusers' `guidance_scale = s = 1 + w`: `eps_uncond + s (eps_cond - eps_uncond)`.
@@ -40,7 +42,12 @@ pub fn cfg_combine_model_output(
 
 /// Sohl-Dickstein et al.'s classifier guidance: shift the mean by `variance * scale * grad`, where
 /// `grad = grad_x log p(y | x_t)` and `variance` is the reverse-process variance (not its log).
-pub fn condition_mean(mean: &Tensor, variance: &Tensor, grad: &Tensor, scale: f64) -> Result<Tensor> {
+pub fn condition_mean(
+    mean: &Tensor,
+    variance: &Tensor,
+    grad: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
     same_shape(mean, "mean", grad, "grad")?;
     Ok(mean.add(&variance.broadcast_mul(&grad.affine(scale, 0.0)?)?)?)
 }

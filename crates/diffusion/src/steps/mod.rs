@@ -24,6 +24,9 @@ use crate::tensor::per_sample;
 
 /// `[B, 1, .., 1]` mask that is 0 where `t == 0` and 1 elsewhere: the last reverse step adds no noise.
 pub(crate) fn nonzero_mask(t: &[usize], like: &Tensor) -> Result<Tensor> {
-    let m: Vec<f64> = t.iter().map(|&ti| if ti == 0 { 0.0 } else { 1.0 }).collect();
+    let m: Vec<f64> = t
+        .iter()
+        .map(|&ti| if ti == 0 { 0.0 } else { 1.0 })
+        .collect();
     per_sample(&m, like)
 }

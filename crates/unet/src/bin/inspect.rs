@@ -20,7 +20,10 @@ fn main() -> Result<()> {
     let args = Args::parse();
     let cfg = match (&args.preset, &args.config) {
         (Some(p), None) => UNetConfig::preset(p).with_context(|| {
-            format!("unknown preset {p:?}; known: {}", UNetConfig::PRESETS.join(", "))
+            format!(
+                "unknown preset {p:?}; known: {}",
+                UNetConfig::PRESETS.join(", ")
+            )
         })?,
         (None, Some(path)) => UNetConfig::from_toml_file(path)?,
         _ => bail!("pass --preset NAME or --config FILE.toml"),

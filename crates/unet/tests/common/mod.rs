@@ -70,8 +70,15 @@ impl Report {
             "gradcheck {what}: {} tensors, {} coordinates, max abs err {:.2e}, max rel err {:.2e}",
             self.tensors, self.coords, self.max_abs_err, self.max_rel_err
         );
-        assert!(self.tensors > 0 && self.coords > 0, "{what}: nothing was checked");
-        assert!(self.failures.is_empty(), "{what}: gradient mismatches:\n{}", self.failures.join("\n"));
+        assert!(
+            self.tensors > 0 && self.coords > 0,
+            "{what}: nothing was checked"
+        );
+        assert!(
+            self.failures.is_empty(),
+            "{what}: gradient mismatches:\n{}",
+            self.failures.join("\n")
+        );
     }
 }
 
@@ -103,7 +110,8 @@ pub fn check(vars: &[(String, Var)], max_coords: usize, loss: impl Fn() -> Tenso
     for (name, v) in vars {
         r.tensors += 1;
         let Some(g) = grads.get(v.as_tensor()) else {
-            r.failures.push(format!("{name}: no gradient reached this tensor"));
+            r.failures
+                .push(format!("{name}: no gradient reached this tensor"));
             continue;
         };
         let g: Vec<f64> = g.flatten_all().unwrap().to_vec1().unwrap();
@@ -113,10 +121,12 @@ pub fn check(vars: &[(String, Var)], max_coords: usize, loss: impl Fn() -> Tenso
         for i in coords(name, vals.len(), max_coords) {
             let x = vals[i];
             vals[i] = x + H;
-            v.set(&Tensor::from_vec(vals.clone(), dims.as_slice(), &Device::Cpu).unwrap()).unwrap();
+            v.set(&Tensor::from_vec(vals.clone(), dims.as_slice(), &Device::Cpu).unwrap())
+                .unwrap();
             let lp = eval();
             vals[i] = x - H;
-            v.set(&Tensor::from_vec(vals.clone(), dims.as_slice(), &Device::Cpu).unwrap()).unwrap();
+            v.set(&Tensor::from_vec(vals.clone(), dims.as_slice(), &Device::Cpu).unwrap())
+                .unwrap();
             let lm = eval();
             vals[i] = x;
             let fd = (lp - lm) / (2.0 * H);
@@ -132,7 +142,9 @@ pub fn check(vars: &[(String, Var)], max_coords: usize, loss: impl Fn() -> Tenso
             // Central differences in f64 with h = 1e-5 agree with autograd to ~3e-9 absolute and ~2e-7
             // relative on these models; the bound leaves a few-fold margin.
             if abs > 2e-8 + 1e-6 * scale {
-                r.failures.push(format!("{name}[{i}]: autograd {an:.9e}, finite difference {fd:.9e}"));
+                r.failures.push(format!(
+                    "{name}[{i}]: autograd {an:.9e}, finite difference {fd:.9e}"
+                ));
             }
         }
         v.set(&orig).unwrap();
