@@ -248,11 +248,13 @@ impl GradientSync {
             .unwrap_or(0);
         self.send.resize(max_len, 0.0);
         self.recv.resize(max_len, 0.0);
+        // A tensor's segments come in order of offset across buckets, so outputs grow by appending
+        // (no zero-fill of memory that is about to be overwritten).
         let mut outs: Vec<Vec<f32>> = self
             .plan
             .shapes
             .iter()
-            .map(|s| vec![0f32; s.elem_count()])
+            .map(|s| Vec::with_capacity(s.elem_count()))
             .collect();
         let world = comm.world_size() as f32;
         let mut pack = t0.elapsed();
@@ -262,21 +264,26 @@ impl GradientSync {
             let t = Instant::now();
             let len = self.plan.bucket_len(b);
             let segs = &self.plan.buckets[b];
-            for s in segs {
-                self.send[s.bucket_offset..s.bucket_offset + s.len]
-                    .copy_from_slice(&srcs[s.tensor][s.tensor_offset..s.tensor_offset + s.len]);
-            }
+            // A bucket that is one piece of one tensor is reduced straight from the gradient.
+            let send: &[f32] = if let [s] = segs.as_slice() {
+                &srcs[s.tensor][s.tensor_offset..s.tensor_offset + s.len]
+            } else {
+                for s in segs {
+                    self.send[s.bucket_offset..s.bucket_offset + s.len].copy_from_slice(
+                        &srcs[s.tensor][s.tensor_offset..s.tensor_offset + s.len],
+                    );
+                }
+                &self.send[..len]
+            };
             let t1 = Instant::now();
             pack += t1 - t;
-            comm.all_reduce_sum_f32_into(&self.send[..len], &mut self.recv[..len])?;
+            comm.all_reduce_sum_f32_into(send, &mut self.recv[..len])?;
             let t2 = Instant::now();
             reduce += t2 - t1;
             for s in segs {
-                let dst = &mut outs[s.tensor][s.tensor_offset..s.tensor_offset + s.len];
+                debug_assert_eq!(outs[s.tensor].len(), s.tensor_offset);
                 let src = &self.recv[s.bucket_offset..s.bucket_offset + s.len];
-                for (d, x) in dst.iter_mut().zip(src) {
-                    *d = x / world;
-                }
+                outs[s.tensor].extend(src.iter().map(|x| x / world));
             }
             unpack += t2.elapsed();
         }

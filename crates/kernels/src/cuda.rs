@@ -70,6 +70,9 @@ fn dims_bn(l: &Layout) -> candle_core::Result<(usize, usize)> {
     Ok((b, dims[1..].iter().product()))
 }
 
+// Outputs are allocated with at least one element: a zero-byte cuMemAllocAsync is an error, and an empty
+// batch still needs a storage (its shape says 0 elements).
+
 fn seed_words(seed: u64) -> (u32, u32) {
     (seed as u32, (seed >> 32) as u32)
 }
@@ -91,7 +94,7 @@ pub(crate) fn noising_fwd(
     shape.extend_from_slice(l.shape().dims());
     // SAFETY: every element is written by the kernel below (each of the b * n elements of each plane
     // belongs to exactly one thread's Philox block).
-    let mut out = unsafe { dev.alloc::<f32>(3 * b * n)? };
+    let mut out = unsafe { dev.alloc::<f32>((3 * b * n).max(1))? };
     if b * n > 0 {
         let x0 = s.as_cuda_slice::<f32>()?.slice(l.start_offset()..);
         let coef: Vec<f32> = op.coefs.iter().flatten().copied().collect();
@@ -173,7 +176,7 @@ pub(crate) fn sampler_step_fwd(
     let mut shape = vec![2];
     shape.extend_from_slice(l1.shape().dims());
     // SAFETY: the kernel writes every element of both planes.
-    let mut out = unsafe { dev.alloc::<f32>(2 * b * n)? };
+    let mut out = unsafe { dev.alloc::<f32>((2 * b * n).max(1))? };
     if b * n > 0 {
         let xt = s1.as_cuda_slice::<f32>()?.slice(l1.start_offset()..);
         let m = s2.as_cuda_slice::<f32>()?.slice(l2.start_offset()..);
@@ -237,7 +240,7 @@ pub(crate) fn philox_normal(
     let b = dims[0];
     let n: usize = dims[1..].iter().product();
     // SAFETY: the kernel writes every element.
-    let mut out = unsafe { dev.alloc::<f32>(b * n)? };
+    let mut out = unsafe { dev.alloc::<f32>((b * n).max(1))? };
     if b * n > 0 {
         let func = module(dev)?.load_function("ddpm_philox_normal_f32").w()?;
         let stream = dev.cuda_stream();

@@ -20,7 +20,9 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use ddpm_diffusion::{BetaSchedule, GaussianDiffusion, LossType, ModelMeanType, ModelVarType, NoiseSchedule};
+use ddpm_diffusion::{
+    BetaSchedule, GaussianDiffusion, LossType, ModelMeanType, ModelVarType, NoiseSchedule,
+};
 use ddpm_unet::{EncoderUNet, EncoderUNetConfig, UNet, UNetConfig};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
@@ -39,7 +41,10 @@ pub fn ema_file(rate: f64) -> String {
 }
 
 fn bad(path: &Path, message: impl Into<String>) -> SamplerError {
-    SamplerError::Checkpoint { path: path.to_path_buf(), message: message.into() }
+    SamplerError::Checkpoint {
+        path: path.to_path_buf(),
+        message: message.into(),
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -93,7 +98,9 @@ impl Default for DiffusionSection {
 impl DiffusionSection {
     /// The training process (not respaced).
     pub fn build(&self) -> Result<GaussianDiffusion> {
-        let field = |k: &str, v: &str| SamplerError::Config(format!("diffusion.{k} = {v:?} is not supported"));
+        let field = |k: &str, v: &str| {
+            SamplerError::Config(format!("diffusion.{k} = {v:?} is not supported"))
+        };
         let schedule = match self.schedule.as_str() {
             "linear" => BetaSchedule::Linear,
             "cosine" => BetaSchedule::Cosine,
@@ -153,7 +160,10 @@ impl std::str::FromStr for Weights {
         match s {
             "ema" => Ok(Weights::Ema(None)),
             "model" | "raw" => Ok(Weights::Model),
-            other => match other.strip_prefix("ema:").or_else(|| other.strip_prefix("ema=")) {
+            other => match other
+                .strip_prefix("ema:")
+                .or_else(|| other.strip_prefix("ema="))
+            {
                 Some(r) => r
                     .parse::<f64>()
                     .map(|r| Weights::Ema(Some(r)))
@@ -205,7 +215,7 @@ fn list_checkpoints(run_dir: &Path) -> Vec<(u64, PathBuf)> {
             e.file_type().ok()?.is_dir().then(|| (step, e.path()))
         })
         .collect();
-    out.sort_by(|a, b| b.0.cmp(&a.0));
+    out.sort_by_key(|c| std::cmp::Reverse(c.0));
     out
 }
 
@@ -215,15 +225,21 @@ impl RunCheckpoint {
     pub fn open(dir: &Path) -> Result<Self> {
         let mp = dir.join(MANIFEST);
         let text = std::fs::read_to_string(&mp).map_err(|e| bad(&mp, e.to_string()))?;
-        let manifest: Manifest =
-            serde_json::from_str(&text).map_err(|e| bad(&mp, format!("not a checkpoint manifest: {e}")))?;
+        let manifest: Manifest = serde_json::from_str(&text)
+            .map_err(|e| bad(&mp, format!("not a checkpoint manifest: {e}")))?;
         if manifest.format != FORMAT {
-            return Err(bad(&mp, format!("format is {:?}, expected {FORMAT:?}", manifest.format)));
+            return Err(bad(
+                &mp,
+                format!("format is {:?}, expected {FORMAT:?}", manifest.format),
+            ));
         }
         if manifest.format_version != FORMAT_VERSION {
             return Err(bad(
                 &mp,
-                format!("format version {} is not supported (this build reads {FORMAT_VERSION})", manifest.format_version),
+                format!(
+                    "format version {} is not supported (this build reads {FORMAT_VERSION})",
+                    manifest.format_version
+                ),
             ));
         }
         let config: RunConfig = serde_json::from_value(manifest.config.clone())
@@ -234,7 +250,12 @@ impl RunCheckpoint {
             .and_then(Path::parent)
             .unwrap_or(dir)
             .to_path_buf();
-        Ok(Self { dir: dir.to_path_buf(), run_dir, manifest, config })
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            run_dir,
+            manifest,
+            config,
+        })
     }
 
     /// A checkpoint directory, or a run directory (its newest checkpoint whose manifest reads;
@@ -277,7 +298,10 @@ impl RunCheckpoint {
         let p = self.dir.join(name);
         let (n, h) = sha256_file(&p)?;
         if n != entry.bytes {
-            return Err(bad(&p, format!("size is {n} bytes, the manifest says {}", entry.bytes)));
+            return Err(bad(
+                &p,
+                format!("size is {n} bytes, the manifest says {}", entry.bytes),
+            ));
         }
         if h != entry.sha256 {
             return Err(bad(&p, "sha256 does not match the manifest (file damaged)"));
@@ -294,9 +318,14 @@ impl RunCheckpoint {
                 let r = match rate {
                     Some(r) if rates.contains(&r) => r,
                     Some(r) => {
-                        return Err(bad(&self.dir, format!("has no EMA of rate {r} (it has {rates:?})")));
+                        return Err(bad(
+                            &self.dir,
+                            format!("has no EMA of rate {r} (it has {rates:?})"),
+                        ));
                     }
-                    None => *rates.first().ok_or_else(|| bad(&self.dir, "has no EMA weights; use --weights model"))?,
+                    None => *rates
+                        .first()
+                        .ok_or_else(|| bad(&self.dir, "has no EMA weights; use --weights model"))?,
                 };
                 Ok(ema_file(r))
             }
@@ -309,9 +338,17 @@ impl RunCheckpoint {
     }
 
     /// Loads the tensors of `file` (verified), requiring exactly the names and shapes of `expected`.
-    fn load_params(&self, file: &str, expected: &[(String, Tensor)], device: &Device) -> Result<HashMap<String, Tensor>> {
+    fn load_params(
+        &self,
+        file: &str,
+        expected: &[(String, Tensor)],
+        device: &Device,
+    ) -> Result<HashMap<String, Tensor>> {
         let path = self.verify(file)?;
-        let mut want: Vec<(String, Vec<usize>)> = expected.iter().map(|(n, t)| (n.clone(), t.dims().to_vec())).collect();
+        let mut want: Vec<(String, Vec<usize>)> = expected
+            .iter()
+            .map(|(n, t)| (n.clone(), t.dims().to_vec()))
+            .collect();
         want.sort();
         ddpm_unet::load_checked(&path, &want, device).map_err(|e| bad(&path, e.to_string()))
     }
@@ -319,24 +356,42 @@ impl RunCheckpoint {
     /// The denoising U-Net with the chosen weights.
     pub fn load_unet(&self, which: Weights, dtype: DType, device: &Device) -> Result<UNet> {
         let cfg = self.config.model.as_ref().ok_or_else(|| {
-            bad(&self.dir, format!("is a {:?} checkpoint without a [model] table (not a diffusion model)", self.task()))
+            bad(
+                &self.dir,
+                format!(
+                    "is a {:?} checkpoint without a [model] table (not a diffusion model)",
+                    self.task()
+                ),
+            )
         })?;
         // Build once on zeros just to learn the parameter names and shapes.
         let skeleton = UNet::new(cfg, VarBuilder::zeros(DType::F32, &Device::Cpu))?;
         let file = self.weights_file(which)?;
         let tensors = self.load_params(&file, skeleton.named_parameters(), device)?;
-        Ok(UNet::new(cfg, VarBuilder::from_tensors(tensors, dtype, device))?)
+        Ok(UNet::new(
+            cfg,
+            VarBuilder::from_tensors(tensors, dtype, device),
+        )?)
     }
 
     /// The noise-aware classifier of a `task = "classifier"` run.
     pub fn load_classifier(&self, which: Weights, device: &Device) -> Result<EncoderUNet> {
         let cfg = self.config.classifier.as_ref().ok_or_else(|| {
-            bad(&self.dir, format!("is a {:?} checkpoint without a [classifier] table (not a classifier)", self.task()))
+            bad(
+                &self.dir,
+                format!(
+                    "is a {:?} checkpoint without a [classifier] table (not a classifier)",
+                    self.task()
+                ),
+            )
         })?;
         let skeleton = EncoderUNet::new(cfg, VarBuilder::zeros(DType::F32, &Device::Cpu))?;
         let file = self.weights_file(which)?;
         let tensors = self.load_params(&file, skeleton.named_parameters(), device)?;
-        Ok(EncoderUNet::new(cfg, VarBuilder::from_tensors(tensors, DType::F32, device))?)
+        Ok(EncoderUNet::new(
+            cfg,
+            VarBuilder::from_tensors(tensors, DType::F32, device),
+        )?)
     }
 
     /// Class names of the training data when its HDF5 file is still there, else `class_0`, ...

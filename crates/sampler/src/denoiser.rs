@@ -57,15 +57,26 @@ pub struct UNetDenoiser {
 
 impl UNetDenoiser {
     pub fn new(unet: UNet) -> Self {
-        Self { unet, timestep_scale: 1.0 }
+        Self {
+            unet,
+            timestep_scale: 1.0,
+        }
     }
 }
 
 impl Denoiser for UNetDenoiser {
+    /// An unconditional U-Net ignores `y` (labels are then only the targets of classifier guidance).
     fn predict(&self, x_t: &Tensor, t_model: &[usize], y: Option<&Tensor>) -> Result<Tensor> {
+        let y = if self.unet.config().num_classes.is_some() {
+            y
+        } else {
+            None
+        };
         let dtype = self.unet.dtype();
         let t = timestep_tensor(t_model, self.timestep_scale, dtype, x_t)?;
-        let out = self.unet.forward(&x_t.to_dtype(dtype)?, &t, y, &ForwardCtx::eval())?;
+        let out = self
+            .unet
+            .forward(&x_t.to_dtype(dtype)?, &t, y, &ForwardCtx::eval())?;
         Ok(out.to_dtype(x_t.dtype())?)
     }
 }
@@ -78,7 +89,10 @@ pub struct EncoderClassifier {
 
 impl EncoderClassifier {
     pub fn new(net: EncoderUNet) -> Self {
-        Self { net, timestep_scale: 1.0 }
+        Self {
+            net,
+            timestep_scale: 1.0,
+        }
     }
 }
 
@@ -87,10 +101,16 @@ impl NoisyClassifier for EncoderClassifier {
         let t = timestep_tensor(t_model, self.timestep_scale, DType::F32, x_t)?;
         let logits = self.net.forward(x_t, &t, &ForwardCtx::eval())?;
         let (b, _) = logits.dims2().map_err(|_| {
-            SamplerError::Model(format!("classifier returned shape {:?}, expected [B, K]", logits.dims()))
+            SamplerError::Model(format!(
+                "classifier returned shape {:?}, expected [B, K]",
+                logits.dims()
+            ))
         })?;
         if b != t_model.len() {
-            return Err(SamplerError::Model(format!("classifier returned {b} rows for a batch of {}", t_model.len())));
+            return Err(SamplerError::Model(format!(
+                "classifier returned {b} rows for a batch of {}",
+                t_model.len()
+            )));
         }
         Ok(logits)
     }

@@ -26,7 +26,10 @@ pub enum LabelPlan {
     Class(u32),
     /// `per_class` images of each class in turn: images `k * per_class ..` are class k (a grid with
     /// one row per class).
-    PerClass { per_class: usize, num_classes: usize },
+    PerClass {
+        per_class: usize,
+        num_classes: usize,
+    },
     /// Image `i` is class `i % num_classes` (balanced classes for any N).
     RoundRobin { num_classes: usize },
 }
@@ -37,8 +40,12 @@ impl LabelPlan {
         match *self {
             LabelPlan::Unconditional => None,
             LabelPlan::Class(k) => Some(vec![k; n]),
-            LabelPlan::PerClass { per_class, .. } => Some((0..n).map(|i| (i / per_class) as u32).collect()),
-            LabelPlan::RoundRobin { num_classes } => Some((0..n).map(|i| (i % num_classes) as u32).collect()),
+            LabelPlan::PerClass { per_class, .. } => {
+                Some((0..n).map(|i| (i / per_class) as u32).collect())
+            }
+            LabelPlan::RoundRobin { num_classes } => {
+                Some((0..n).map(|i| (i % num_classes) as u32).collect())
+            }
         }
     }
 }
@@ -79,17 +86,26 @@ pub struct Generated {
 pub fn rank_batches(n: usize, batch: usize, world: usize, rank: usize) -> Vec<(usize, usize)> {
     let nb = n.div_ceil(batch.max(1));
     let (lo, hi) = (rank * nb / world, (rank + 1) * nb / world);
-    (lo..hi).map(|k| (k * batch, batch.min(n - k * batch))).collect()
+    (lo..hi)
+        .map(|k| (k * batch, batch.min(n - k * batch)))
+        .collect()
 }
 
 /// Generates this rank's share and gathers every image on rank 0. Collective.
 pub fn generate(job: &GenerateJob<'_>, comm: &dyn Communicator) -> Result<Generated> {
     if job.n == 0 || job.batch == 0 {
-        return Err(SamplerError::Config(format!("need at least one image and a batch of at least 1 (got {} and {})", job.n, job.batch)));
+        return Err(SamplerError::Config(format!(
+            "need at least one image and a batch of at least 1 (got {} and {})",
+            job.n, job.batch
+        )));
     }
     if let Some(l) = &job.labels {
         if l.len() != job.n {
-            return Err(SamplerError::Config(format!("{} labels for {} images", l.len(), job.n)));
+            return Err(SamplerError::Config(format!(
+                "{} labels for {} images",
+                l.len(),
+                job.n
+            )));
         }
     }
     let [c, h, w] = job.image_chw;
@@ -103,13 +119,18 @@ pub fn generate(job: &GenerateJob<'_>, comm: &dyn Communicator) -> Result<Genera
         ) {
             pb.set_style(style);
         }
-        pb.set_prefix(format!("{} rank 0/{}", job.sampler.settings().kind, comm.world_size()));
+        pb.set_prefix(format!(
+            "{} rank 0/{}",
+            job.sampler.settings().kind,
+            comm.world_size()
+        ));
         Some(pb)
     } else {
         None
     };
     let start = Instant::now();
-    let mut mine: Vec<u8> = Vec::with_capacity(batches.iter().map(|b| b.1).sum::<usize>() * c * h * w);
+    let mut mine: Vec<u8> =
+        Vec::with_capacity(batches.iter().map(|b| b.1).sum::<usize>() * c * h * w);
     for (bi, &(first, size)) in batches.iter().enumerate() {
         let spec = BatchSpec {
             shape: [size, c, h, w],
@@ -120,11 +141,13 @@ pub fn generate(job: &GenerateJob<'_>, comm: &dyn Communicator) -> Result<Genera
             dtype: DType::F32,
             x_init: None,
         };
-        let x = job.sampler.sample_observed(job.model, &job.guidance, &spec, &mut |p| {
-            if let Some(pb) = &bar {
-                pb.set_position((bi * iters + p.evals) as u64);
-            }
-        })?;
+        let x = job
+            .sampler
+            .sample_observed(job.model, &job.guidance, &spec, &mut |p| {
+                if let Some(pb) = &bar {
+                    pb.set_position((bi * iters + p.evals) as u64);
+                }
+            })?;
         mine.extend(to_uint8_nhwc(&x)?);
     }
     let seconds = start.elapsed().as_secs_f64();
@@ -132,7 +155,9 @@ pub fn generate(job: &GenerateJob<'_>, comm: &dyn Communicator) -> Result<Genera
         pb.finish_and_clear();
     }
     let local_images = mine.len() / (c * h * w);
-    let gathered = comm.all_gather_bytes(&mine).map_err(|e| SamplerError::Model(format!("gathering images: {e}")))?;
+    let gathered = comm
+        .all_gather_bytes(&mine)
+        .map_err(|e| SamplerError::Model(format!("gathering images: {e}")))?;
     let images = if comm.rank() == 0 {
         let all: Vec<u8> = gathered.concat();
         if all.len() != job.n * c * h * w {
@@ -147,5 +172,12 @@ pub fn generate(job: &GenerateJob<'_>, comm: &dyn Communicator) -> Result<Genera
     } else {
         Vec::new()
     };
-    Ok(Generated { images, labels: job.labels.clone(), n: job.n, hwc: [h, w, c], seconds, local_images })
+    Ok(Generated {
+        images,
+        labels: job.labels.clone(),
+        n: job.n,
+        hwc: [h, w, c],
+        seconds,
+        local_images,
+    })
 }

@@ -46,15 +46,20 @@ impl Guidance<'_> {
     pub fn validate(&self, labels: Option<&[u32]>) -> Result<()> {
         if let Some(w) = self.cfg_scale {
             if !w.is_finite() {
-                return Err(SamplerError::Config(format!("classifier-free guidance scale {w} is not finite")));
+                return Err(SamplerError::Config(format!(
+                    "classifier-free guidance scale {w} is not finite"
+                )));
             }
             if labels.is_none() {
                 return Err(SamplerError::Config(
-                    "classifier-free guidance needs class labels (a class-conditional model)".into(),
+                    "classifier-free guidance needs class labels (a class-conditional model)"
+                        .into(),
                 ));
             }
             let null = self.null_label.ok_or_else(|| {
-                SamplerError::Config("classifier-free guidance needs the null label (num_classes)".into())
+                SamplerError::Config(
+                    "classifier-free guidance needs the null label (num_classes)".into(),
+                )
             })?;
             if let Some(y) = labels.and_then(|l| l.iter().find(|&&y| y >= null)) {
                 return Err(SamplerError::Config(format!(
@@ -64,10 +69,15 @@ impl Guidance<'_> {
         }
         if let Some(c) = &self.classifier {
             if !c.scale.is_finite() {
-                return Err(SamplerError::Config(format!("classifier scale {} is not finite", c.scale)));
+                return Err(SamplerError::Config(format!(
+                    "classifier scale {} is not finite",
+                    c.scale
+                )));
             }
             if labels.is_none() {
-                return Err(SamplerError::Config("classifier guidance needs target class labels".into()));
+                return Err(SamplerError::Config(
+                    "classifier guidance needs target class labels".into(),
+                ));
             }
         }
         Ok(())
@@ -88,10 +98,11 @@ pub fn guided_model_output(
     let Some(w) = guidance.cfg_scale else {
         return model.predict(x, t_model, labels);
     };
-    let y = labels.ok_or_else(|| SamplerError::Config("classifier-free guidance needs labels".into()))?;
-    let null = guidance
-        .null_label
-        .ok_or_else(|| SamplerError::Config("classifier-free guidance needs the null label".into()))?;
+    let y = labels
+        .ok_or_else(|| SamplerError::Config("classifier-free guidance needs labels".into()))?;
+    let null = guidance.null_label.ok_or_else(|| {
+        SamplerError::Config("classifier-free guidance needs the null label".into())
+    })?;
     let b = x.dim(0)?;
     let x2 = Tensor::cat(&[x, x], 0)?;
     let t2: Vec<usize> = t_model.iter().chain(t_model).copied().collect();
@@ -124,18 +135,23 @@ pub fn classifier_grad(
     let logits = classifier.logits(var.as_tensor(), t_model)?;
     let (b, k) = logits.dims2()?;
     if b != x.dim(0)? {
-        return Err(SamplerError::Model(format!("classifier returned {b} rows for a batch of {}", x.dim(0)?)));
+        return Err(SamplerError::Model(format!(
+            "classifier returned {b} rows for a batch of {}",
+            x.dim(0)?
+        )));
     }
     let y = labels.to_dtype(DType::U32)?;
     let y_host: Vec<u32> = y.to_vec1()?;
     if let Some(bad) = y_host.iter().find(|&&v| v as usize >= k) {
-        return Err(SamplerError::Config(format!("label {bad} is not one of the classifier's {k} classes")));
+        return Err(SamplerError::Config(format!(
+            "label {bad} is not one of the classifier's {k} classes"
+        )));
     }
     let logp = log_softmax(&logits)?;
     let selected = logp.gather(&y.reshape((b, 1))?, 1)?.sum_all()?;
     let grads = selected.backward()?;
-    let g = grads
-        .get(var.as_tensor())
-        .ok_or_else(|| SamplerError::Model("the classifier output does not depend on its input".into()))?;
+    let g = grads.get(var.as_tensor()).ok_or_else(|| {
+        SamplerError::Model("the classifier output does not depend on its input".into())
+    })?;
     Ok(g.to_dtype(x.dtype())?)
 }

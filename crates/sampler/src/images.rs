@@ -10,27 +10,51 @@ use crate::error::{Result, SamplerError};
 /// 0..=255 (the inverse of ddpm-data's `x / 127.5 - 1`, rounded rather than truncated).
 pub fn to_uint8_nhwc(x: &Tensor) -> Result<Vec<u8>> {
     let (b, c, h, w) = x.dims4()?;
-    let v: Vec<f32> = x.to_dtype(DType::F32)?.permute((0, 2, 3, 1))?.flatten_all()?.to_vec1()?;
+    let v: Vec<f32> = x
+        .to_dtype(DType::F32)?
+        .permute((0, 2, 3, 1))?
+        .flatten_all()?
+        .to_vec1()?;
     debug_assert_eq!(v.len(), b * c * h * w);
-    Ok(v.iter().map(|&p| ((p + 1.0) * 127.5).round().clamp(0.0, 255.0) as u8).collect())
+    Ok(v.iter()
+        .map(|&p| ((p + 1.0) * 127.5).round().clamp(0.0, 255.0) as u8)
+        .collect())
 }
 
 /// uint8 `[N, H, W, C]` -> f32 `[N, C, H, W]` in [-1, 1] (ddpm-data's decoding).
-pub fn from_uint8_nhwc(bytes: &[u8], n: usize, hwc: [usize; 3], device: &candle_core::Device) -> Result<Tensor> {
+pub fn from_uint8_nhwc(
+    bytes: &[u8],
+    n: usize,
+    hwc: [usize; 3],
+    device: &candle_core::Device,
+) -> Result<Tensor> {
     let [h, w, c] = hwc;
     if bytes.len() != n * h * w * c {
-        return Err(SamplerError::Config(format!("{} bytes are not {n} images of {h}x{w}x{c}", bytes.len())));
+        return Err(SamplerError::Config(format!(
+            "{} bytes are not {n} images of {h}x{w}x{c}",
+            bytes.len()
+        )));
     }
     let v: Vec<f32> = bytes.iter().map(|&p| p as f32 / 127.5 - 1.0).collect();
-    Ok(Tensor::from_vec(v, (n, h, w, c), device)?.permute((0, 3, 1, 2))?.contiguous()?)
+    Ok(Tensor::from_vec(v, (n, h, w, c), device)?
+        .permute((0, 3, 1, 2))?
+        .contiguous()?)
 }
 
 /// Lays out images (uint8 HWC, 1 or 3 channels) in a grid of `cols` columns with a 2-pixel white
 /// border and writes it as a PNG, atomically.
-pub fn write_grid_png(path: &Path, images: &[u8], n: usize, hwc: [usize; 3], cols: usize) -> Result<()> {
+pub fn write_grid_png(
+    path: &Path,
+    images: &[u8],
+    n: usize,
+    hwc: [usize; 3],
+    cols: usize,
+) -> Result<()> {
     let [h, w, c] = hwc;
     if n == 0 || cols == 0 || images.len() < n * h * w * c || !(c == 1 || c == 3) {
-        return Err(SamplerError::Config(format!("cannot make a grid of {n} images of {h}x{w}x{c} in {cols} columns")));
+        return Err(SamplerError::Config(format!(
+            "cannot make a grid of {n} images of {h}x{w}x{c} in {cols} columns"
+        )));
     }
     const PAD: usize = 2;
     let rows = n.div_ceil(cols);
@@ -48,10 +72,17 @@ pub fn write_grid_png(path: &Path, images: &[u8], n: usize, hwc: [usize; 3], col
     let mut bytes = Vec::new();
     {
         let mut enc = png::Encoder::new(&mut bytes, gw as u32, gh as u32);
-        enc.set_color(if c == 1 { png::ColorType::Grayscale } else { png::ColorType::Rgb });
+        enc.set_color(if c == 1 {
+            png::ColorType::Grayscale
+        } else {
+            png::ColorType::Rgb
+        });
         enc.set_depth(png::BitDepth::Eight);
-        let mut wr = enc.write_header().map_err(|e| SamplerError::Config(format!("{}: png: {e}", path.display())))?;
-        wr.write_image_data(&canvas).map_err(|e| SamplerError::Config(format!("{}: png: {e}", path.display())))?;
+        let mut wr = enc
+            .write_header()
+            .map_err(|e| SamplerError::Config(format!("{}: png: {e}", path.display())))?;
+        wr.write_image_data(&canvas)
+            .map_err(|e| SamplerError::Config(format!("{}: png: {e}", path.display())))?;
     }
     ddpm_data::atomic::write_bytes(path, &bytes).map_err(|e| SamplerError::Config(e.to_string()))
 }
@@ -67,7 +98,8 @@ pub fn write_samples_h5(
     source: &str,
 ) -> Result<()> {
     let err = |e: ddpm_data::DataError| SamplerError::Config(e.to_string());
-    let mut w = ddpm_data::DatasetWriter::create(path, n, hwc, &ddpm_data::WriteOptions::default()).map_err(err)?;
+    let mut w = ddpm_data::DatasetWriter::create(path, n, hwc, &ddpm_data::WriteOptions::default())
+        .map_err(err)?;
     w.push_images(images).map_err(err)?;
     let class_names = match labels {
         Some((l, names)) => {
@@ -76,19 +108,9 @@ pub fn write_samples_h5(
         }
         None => None,
     };
-    w.finish(&ddpm_data::DatasetMeta { source: source.to_string(), class_names }).map_err(err)
-}
-
-/// Reads a whole (small) dataset: uint8 images `[N, H, W, C]`, `[H, W, C]` and labels.
-pub fn read_h5(path: &Path, limit: Option<usize>) -> Result<(Vec<u8>, usize, [usize; 3], Option<Vec<i64>>)> {
-    let err = |e: ddpm_data::DataError| SamplerError::Config(e.to_string());
-    let ds = ddpm_data::Hdf5Dataset::open(path).map_err(err)?;
-    let n = limit.map_or(ds.len(), |l| l.min(ds.len()));
-    let hwc = [ds.height(), ds.width(), ds.channels()];
-    let images = ds.read_images(0, n).map_err(err)?;
-    let labels = ds.labels().map(|mut l| {
-        l.truncate(n);
-        l
-    });
-    Ok((images, n, hwc, labels))
+    w.finish(&ddpm_data::DatasetMeta {
+        source: source.to_string(),
+        class_names,
+    })
+    .map_err(err)
 }

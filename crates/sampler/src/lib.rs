@@ -1,23 +1,34 @@
 //! Samplers and evaluation for ddpm-rs: DDPM (ancestral), DDIM, DPM-Solver++(2M) and a Heun
 //! probability-flow ODE sampler over any [`Denoiser`], with class labels, classifier-free guidance and
 //! classifier guidance; and the pieces of the `ddpm-sample` / `ddpm-eval` binaries (checkpoint
-//! reading, image output, bits/dim, Frechet distance).
+//! reading, distributed generation, image output, bits/dim, the classifier Frechet distance).
 //!
-//! The step arithmetic lives in `ddpm-diffusion` (checked against reference vectors); this crate owns
-//! the loops, the randomness (ddpm-rng `Stream::Sampler`, keyed by seed, step and global image index)
-//! and the I/O.
+//! The step arithmetic lives in `ddpm-diffusion` (checked against reference vectors) and, for the
+//! fused DDPM/DDIM update, `ddpm-kernels`; this crate owns the loops, the randomness (ddpm-rng
+//! `Stream::Sampler`, keyed by seed, step and global image index) and the I/O.
 
+pub mod bpd;
+pub mod checkpoint;
 pub mod denoiser;
+pub mod device;
 pub mod error;
+pub mod fid;
+pub mod generate;
 pub mod guidance;
+pub mod images;
 pub mod linalg;
 pub mod sampler;
 pub mod steps;
 
+pub use checkpoint::{RunCheckpoint, Weights};
 pub use denoiser::{Denoiser, EncoderClassifier, NoisyClassifier, UNetDenoiser};
 pub use error::{Result, SamplerError};
+pub use generate::{generate, GenerateJob, Generated, LabelPlan};
 pub use guidance::{classifier_grad, guided_model_output, ClassifierGuidance, Guidance};
-pub use sampler::{heun_timesteps, respacing_for, BatchSpec, Progress, Sampler, SamplerKind, SamplerSettings};
+pub use sampler::{
+    heun_timesteps, respacing_for, BatchSpec, Progress, Sampler, SamplerKind, SamplerSettings,
+};
 pub use steps::{
-    ancestral_step, ddim_step, fused_step, guided_eps, AncestralStep, DdimOptions, DdimResult, FusedUpdate, ScaledGrad,
+    ancestral_step, ddim_step, fused_step, guided_eps, AncestralStep, DdimOptions, DdimResult,
+    FusedUpdate, ScaledGrad,
 };

@@ -158,11 +158,16 @@ pub fn sqrtm_psd(a: &[f64], n: usize) -> Result<Vec<f64>, SamplerError> {
     let mut out = vec![0.0; n * n];
     for i in 0..n {
         for j in 0..n {
-            let mut s = 0.0;
-            for k in 0..n {
-                s += e.vectors[i * n + k] * roots[k] * e.vectors[j * n + k];
-            }
-            out[i * n + j] = s;
+            let (vi, vj) = (
+                &e.vectors[i * n..(i + 1) * n],
+                &e.vectors[j * n..(j + 1) * n],
+            );
+            out[i * n + j] = roots
+                .iter()
+                .zip(vi)
+                .zip(vj)
+                .map(|((r, a), b)| a * r * b)
+                .sum();
         }
     }
     Ok(out)
@@ -198,7 +203,7 @@ pub struct GaussianStats {
 
 impl GaussianStats {
     pub fn from_features(features: &[f32], dim: usize) -> Result<Self, SamplerError> {
-        if dim == 0 || features.len() % dim != 0 {
+        if features.len().checked_rem(dim) != Some(0) {
             return Err(SamplerError::Linalg(format!(
                 "feature buffer of {} values is not a whole number of {dim}-dimensional vectors",
                 features.len()
@@ -241,7 +246,12 @@ impl GaussianStats {
                 cov[j * dim + i] = v;
             }
         }
-        Ok(Self { dim, count, mean, cov })
+        Ok(Self {
+            dim,
+            count,
+            mean,
+            cov,
+        })
     }
 }
 
@@ -259,7 +269,12 @@ pub fn frechet_distance(a: &GaussianStats, b: &GaussianStats) -> Result<f64, Sam
         )));
     }
     let n = a.dim;
-    let diff: f64 = a.mean.iter().zip(&b.mean).map(|(x, y)| (x - y) * (x - y)).sum();
+    let diff: f64 = a
+        .mean
+        .iter()
+        .zip(&b.mean)
+        .map(|(x, y)| (x - y) * (x - y))
+        .sum();
     let tr_a: f64 = (0..n).map(|i| a.cov[i * n + i]).sum();
     let tr_b: f64 = (0..n).map(|i| b.cov[i * n + i]).sum();
     let sa = sqrtm_psd(&a.cov, n)?;
@@ -290,7 +305,10 @@ mod tests {
     }
 
     fn max_abs_diff(a: &[f64], b: &[f64]) -> f64 {
-        a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max)
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f64::max)
     }
 
     #[test]
@@ -369,8 +387,18 @@ mod tests {
             ca[i * n + i] = da[i];
             cb[i * n + i] = db[i];
         }
-        let a = GaussianStats { dim: n, count: 10, mean: vec![0.0, 1.0, 2.0], cov: ca };
-        let b = GaussianStats { dim: n, count: 10, mean: vec![1.0, 1.0, 0.0], cov: cb };
+        let a = GaussianStats {
+            dim: n,
+            count: 10,
+            mean: vec![0.0, 1.0, 2.0],
+            cov: ca,
+        };
+        let b = GaussianStats {
+            dim: n,
+            count: 10,
+            mean: vec![1.0, 1.0, 0.0],
+            cov: cb,
+        };
         let expected = 1.0 + 4.0 + (1.0f64 - 3.0).powi(2) + (2.0f64 - 1.0).powi(2);
         assert!((frechet_distance(&a, &b).unwrap() - expected).abs() < 1e-12);
         // Non-commuting case against the scalar identity tr sqrt(S S) = tr S when both are equal, and the
@@ -379,8 +407,18 @@ mod tests {
         let r2 = random_matrix(6, 9);
         let s1 = matmul(&r1, &transpose(&r1, 6), 6);
         let s2 = matmul(&r2, &transpose(&r2, 6), 6);
-        let g1 = GaussianStats { dim: 6, count: 10, mean: vec![0.0; 6], cov: s1 };
-        let g2 = GaussianStats { dim: 6, count: 10, mean: vec![0.5; 6], cov: s2 };
+        let g1 = GaussianStats {
+            dim: 6,
+            count: 10,
+            mean: vec![0.0; 6],
+            cov: s1,
+        };
+        let g2 = GaussianStats {
+            dim: 6,
+            count: 10,
+            mean: vec![0.5; 6],
+            cov: s2,
+        };
         let d12 = frechet_distance(&g1, &g2).unwrap();
         let d21 = frechet_distance(&g2, &g1).unwrap();
         assert!(d12 > 0.0 && (d12 - d21).abs() < 1e-9 * d12, "{d12} {d21}");
@@ -391,12 +429,18 @@ mod tests {
     fn fd_of_a_feature_set_with_itself_is_zero() {
         let dim = 32;
         let k = StreamKey::new(3, Stream::Sampler, 1, 0);
-        let feats: Vec<f32> = (0..500 * dim).map(|i| k.normal(i as u64) * (1.0 + (i % dim) as f32 * 0.1)).collect();
+        let feats: Vec<f32> = (0..500 * dim)
+            .map(|i| k.normal(i as u64) * (1.0 + (i % dim) as f32 * 0.1))
+            .collect();
         let s = GaussianStats::from_features(&feats, dim).unwrap();
         let fd = frechet_distance(&s, &s).unwrap();
         assert!(fd.abs() < 1e-9, "FD(self) = {fd}");
         // A shifted copy: FD equals the squared shift exactly (the covariances are identical).
-        let shifted: Vec<f32> = feats.iter().enumerate().map(|(i, &x)| if i % dim == 0 { x + 2.0 } else { x }).collect();
+        let shifted: Vec<f32> = feats
+            .iter()
+            .enumerate()
+            .map(|(i, &x)| if i % dim == 0 { x + 2.0 } else { x })
+            .collect();
         let t = GaussianStats::from_features(&shifted, dim).unwrap();
         let fd = frechet_distance(&s, &t).unwrap();
         assert!((fd - 4.0).abs() < 1e-5, "FD(shift 2) = {fd}");

@@ -36,7 +36,9 @@ use ddpm_rng::Stream;
 use crate::denoiser::Denoiser;
 use crate::error::{Result, SamplerError};
 use crate::guidance::{classifier_grad, guided_model_output, Guidance};
-use crate::steps::{ancestral_step, ddim_step, fused_step, guided_eps, DdimOptions, FusedUpdate, ScaledGrad};
+use crate::steps::{
+    ancestral_step, ddim_step, fused_step, guided_eps, DdimOptions, FusedUpdate, ScaledGrad,
+};
 
 /// Which sampler.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,7 +60,12 @@ impl SamplerKind {
     }
 
     pub fn all() -> [SamplerKind; 4] {
-        [SamplerKind::Ddpm, SamplerKind::Ddim, SamplerKind::DpmSolver, SamplerKind::Heun]
+        [
+            SamplerKind::Ddpm,
+            SamplerKind::Ddim,
+            SamplerKind::DpmSolver,
+            SamplerKind::Heun,
+        ]
     }
 }
 
@@ -68,7 +75,9 @@ impl std::str::FromStr for SamplerKind {
         match s.to_ascii_lowercase().as_str() {
             "ddpm" | "ancestral" => Ok(SamplerKind::Ddpm),
             "ddim" => Ok(SamplerKind::Ddim),
-            "dpm-solver" | "dpm-solver++" | "dpmsolver" | "dpmpp-2m" | "dpm-solver-2m" => Ok(SamplerKind::DpmSolver),
+            "dpm-solver" | "dpm-solver++" | "dpmsolver" | "dpmpp-2m" | "dpm-solver-2m" => {
+                Ok(SamplerKind::DpmSolver)
+            }
             "heun" | "ode" => Ok(SamplerKind::Heun),
             other => Err(SamplerError::Config(format!(
                 "unknown sampler {other:?} (expected ddpm, ddim, dpm-solver or heun)"
@@ -101,7 +110,13 @@ pub struct SamplerSettings {
 
 impl SamplerSettings {
     pub fn new(kind: SamplerKind) -> Self {
-        Self { kind, steps: None, eta: 0.0, clip_denoised: false, fused_update: true }
+        Self {
+            kind,
+            steps: None,
+            eta: 0.0,
+            clip_denoised: false,
+            fused_update: true,
+        }
     }
 
     pub fn steps(mut self, spec: impl Into<String>) -> Self {
@@ -142,9 +157,12 @@ pub struct BatchSpec<'a> {
 #[derive(Debug, Clone)]
 enum Plan {
     /// DDPM / DDIM on a respaced process.
-    Respaced(GaussianDiffusion),
+    Respaced(Box<GaussianDiffusion>),
     DpmSolver(usize),
-    Heun { timesteps: Vec<usize>, sigmas: Vec<f64> },
+    Heun {
+        timesteps: Vec<usize>,
+        sigmas: Vec<f64>,
+    },
 }
 
 /// A configured sampler for one trained diffusion process.
@@ -160,18 +178,25 @@ fn plain_count(spec: &str) -> Option<usize> {
 }
 
 /// The respacing a DDPM or DDIM step spec selects (see the module documentation).
-pub fn respacing_for(kind: SamplerKind, num_timesteps: usize, spec: Option<&str>) -> Result<Vec<usize>> {
+pub fn respacing_for(
+    kind: SamplerKind,
+    num_timesteps: usize,
+    spec: Option<&str>,
+) -> Result<Vec<usize>> {
     let spec = spec.map(str::trim).filter(|s| !s.is_empty());
     Ok(match (kind, spec) {
         (SamplerKind::Ddpm, None) => (0..num_timesteps).collect(),
         (SamplerKind::Ddim, None) => space_timesteps(num_timesteps, "ddim50")
             .or_else(|_| space_timesteps(num_timesteps, &50.min(num_timesteps).to_string()))?,
         (SamplerKind::Ddim, Some(s)) if plain_count(s).is_some() => {
-            space_timesteps(num_timesteps, &format!("ddim{s}")).or_else(|_| space_timesteps(num_timesteps, s))?
+            space_timesteps(num_timesteps, &format!("ddim{s}"))
+                .or_else(|_| space_timesteps(num_timesteps, s))?
         }
         (SamplerKind::Ddpm | SamplerKind::Ddim, Some(s)) => space_timesteps(num_timesteps, s)?,
         (other, _) => {
-            return Err(SamplerError::Config(format!("{other} does not run on a respaced process")));
+            return Err(SamplerError::Config(format!(
+                "{other} does not run on a respaced process"
+            )));
         }
     })
 }
@@ -184,11 +209,13 @@ pub const HEUN_SIGMA_MAX: f64 = 80.0;
 pub fn heun_timesteps(full: &GaussianDiffusion, n: usize) -> Result<(Vec<usize>, Vec<f64>)> {
     let big_t = full.num_timesteps();
     if n == 0 || n > big_t {
-        return Err(SamplerError::Config(format!("heun needs 1..={big_t} noise levels, got {n}")));
+        return Err(SamplerError::Config(format!(
+            "heun needs 1..={big_t} noise levels, got {n}"
+        )));
     }
     let sig = &full.schedule.sqrt_recipm1_alphas_cumprod; // sqrt(1/abar - 1), increasing in t
-    // EDM's sigma_max = 80 for VP models: above it x_t is noise for all practical purposes (the
-    // cosine schedule's last step reaches sigma ~ 2e4), and steps up there only cost evaluations.
+                                                          // EDM's sigma_max = 80 for VP models: above it x_t is noise for all practical purposes (the
+                                                          // cosine schedule's last step reaches sigma ~ 2e4), and steps up there only cost evaluations.
     let (smin, smax) = (sig[0], sig[big_t - 1].min(HEUN_SIGMA_MAX));
     const RHO: f64 = 7.0;
     let mut ts: Vec<usize> = Vec::with_capacity(n);
@@ -225,35 +252,54 @@ pub fn heun_timesteps(full: &GaussianDiffusion, n: usize) -> Result<(Vec<usize>,
 impl Sampler {
     /// `full` is the process the model was trained on (not respaced).
     pub fn new(full: GaussianDiffusion, settings: SamplerSettings) -> Result<Self> {
-        if full.num_timesteps() != full.original_num_timesteps || full.timestep_map.iter().enumerate().any(|(i, &t)| i != t) {
-            return Err(SamplerError::Config("the sampler needs the training process, not a respaced one".into()));
+        if full.num_timesteps() != full.original_num_timesteps
+            || full.timestep_map.iter().enumerate().any(|(i, &t)| i != t)
+        {
+            return Err(SamplerError::Config(
+                "the sampler needs the training process, not a respaced one".into(),
+            ));
         }
         if !(settings.eta.is_finite() && settings.eta >= 0.0) {
-            return Err(SamplerError::Config(format!("eta must be >= 0, got {}", settings.eta)));
+            return Err(SamplerError::Config(format!(
+                "eta must be >= 0, got {}",
+                settings.eta
+            )));
         }
         if settings.eta != 0.0 && settings.kind != SamplerKind::Ddim {
-            return Err(SamplerError::Config(format!("eta applies to ddim only, not {}", settings.kind)));
+            return Err(SamplerError::Config(format!(
+                "eta applies to ddim only, not {}",
+                settings.kind
+            )));
         }
-        if settings.clip_denoised && matches!(settings.kind, SamplerKind::DpmSolver | SamplerKind::Heun) {
+        if settings.clip_denoised
+            && matches!(settings.kind, SamplerKind::DpmSolver | SamplerKind::Heun)
+        {
             return Err(SamplerError::Config(format!(
                 "x0 clipping applies to ddpm and ddim only, not {}",
                 settings.kind
             )));
         }
         let big_t = full.num_timesteps();
-        let spec = settings.steps.as_deref().map(str::trim).filter(|s| !s.is_empty());
+        let spec = settings
+            .steps
+            .as_deref()
+            .map(str::trim)
+            .filter(|s| !s.is_empty());
         let count = |default: usize| -> Result<usize> {
             match spec {
                 None => Ok(default.min(big_t)),
                 Some(s) => plain_count(s).filter(|&n| n > 0).ok_or_else(|| {
-                    SamplerError::Config(format!("{} takes a plain step count, got {s:?}", settings.kind))
+                    SamplerError::Config(format!(
+                        "{} takes a plain step count, got {s:?}",
+                        settings.kind
+                    ))
                 }),
             }
         };
         let plan = match settings.kind {
-            SamplerKind::Ddpm | SamplerKind::Ddim => {
-                Plan::Respaced(full.respaced(&respacing_for(settings.kind, big_t, spec)?)?)
-            }
+            SamplerKind::Ddpm | SamplerKind::Ddim => Plan::Respaced(Box::new(
+                full.respaced(&respacing_for(settings.kind, big_t, spec)?)?,
+            )),
             SamplerKind::DpmSolver => {
                 let n = count(20)?;
                 DpmSolverPp2m::new(&full.schedule, n)?; // validates n
@@ -264,7 +310,11 @@ impl Sampler {
                 Plan::Heun { timesteps, sigmas }
             }
         };
-        Ok(Self { full, settings, plan })
+        Ok(Self {
+            full,
+            settings,
+            plan,
+        })
     }
 
     pub fn settings(&self) -> &SamplerSettings {
@@ -279,7 +329,9 @@ impl Sampler {
     pub fn model_timesteps(&self) -> Vec<usize> {
         match &self.plan {
             Plan::Respaced(d) => d.timestep_map.iter().rev().copied().collect(),
-            Plan::DpmSolver(n) => DpmSolverPp2m::new(&self.full.schedule, *n).map(|s| s.timesteps).unwrap_or_default(),
+            Plan::DpmSolver(n) => DpmSolverPp2m::new(&self.full.schedule, *n)
+                .map(|s| s.timesteps)
+                .unwrap_or_default(),
             Plan::Heun { timesteps, sigmas } => {
                 let mut v = Vec::new();
                 for i in 0..timesteps.len() {
@@ -305,8 +357,17 @@ impl Sampler {
 
     /// Noise `[B, ...]` for sampler step `step` (0 = x_T) of a batch, in `dtype` on `device`.
     pub fn noise(batch: &BatchSpec<'_>, step: u64) -> Result<Tensor> {
-        let key = NoiseKey { seed: batch.seed, step, first_example: batch.first_index };
-        let z = philox_normal(batch.shape.to_vec(), Stream::Sampler as u32, key, &batch.device)?;
+        let key = NoiseKey {
+            seed: batch.seed,
+            step,
+            first_example: batch.first_index,
+        };
+        let z = philox_normal(
+            batch.shape.to_vec(),
+            Stream::Sampler as u32,
+            key,
+            &batch.device,
+        )?;
         Ok(z.to_dtype(batch.dtype)?)
     }
 
@@ -314,11 +375,19 @@ impl Sampler {
         self.settings.fused_update
             && batch.dtype == DType::F32
             && guidance.classifier.is_none_or(|c| c.scale == 0.0)
-            && matches!(self.full.var_type, ModelVarType::FixedSmall | ModelVarType::FixedLarge)
+            && matches!(
+                self.full.var_type,
+                ModelVarType::FixedSmall | ModelVarType::FixedLarge
+            )
     }
 
     /// Generates one batch.
-    pub fn sample(&self, model: &dyn Denoiser, guidance: &Guidance<'_>, batch: &BatchSpec<'_>) -> Result<Tensor> {
+    pub fn sample(
+        &self,
+        model: &dyn Denoiser,
+        guidance: &Guidance<'_>,
+        batch: &BatchSpec<'_>,
+    ) -> Result<Tensor> {
         self.sample_observed(model, guidance, batch, &mut |_| {})
     }
 
@@ -333,7 +402,10 @@ impl Sampler {
         let b = batch.shape[0];
         if let Some(l) = batch.labels {
             if l.len() != b {
-                return Err(SamplerError::Config(format!("{} labels for a batch of {b}", l.len())));
+                return Err(SamplerError::Config(format!(
+                    "{} labels for a batch of {b}",
+                    l.len()
+                )));
             }
         }
         guidance.validate(batch.labels)?;
@@ -355,16 +427,29 @@ impl Sampler {
             None => Self::noise(batch, 0)?,
         };
         let x = match &self.plan {
-            Plan::Respaced(d) => self.sample_respaced(d, model, guidance, batch, labels.as_ref(), x, progress)?,
-            Plan::DpmSolver(n) => self.sample_dpm_solver(*n, model, guidance, labels.as_ref(), x, progress)?,
-            Plan::Heun { timesteps, sigmas } => {
-                self.sample_heun(timesteps, sigmas, model, guidance, labels.as_ref(), x, progress)?
+            Plan::Respaced(d) => {
+                self.sample_respaced(d, model, guidance, batch, labels.as_ref(), x, progress)?
             }
+            Plan::DpmSolver(n) => {
+                self.sample_dpm_solver(*n, model, guidance, labels.as_ref(), x, progress)?
+            }
+            Plan::Heun { timesteps, sigmas } => self.sample_heun(
+                timesteps,
+                sigmas,
+                model,
+                guidance,
+                labels.as_ref(),
+                x,
+                progress,
+            )?,
         };
         // x - x is 0 for finite values and NaN for NaN or +-inf; its sum is 0 exactly when all are finite.
         let probe = x.to_dtype(DType::F64)?;
         if probe.sub(&probe)?.sum_all()?.to_scalar::<f64>()? != 0.0 {
-            return Err(SamplerError::NonFinite { what: "the final sample".into(), step: self.num_iterations() });
+            return Err(SamplerError::NonFinite {
+                what: "the final sample".into(),
+                step: self.num_iterations(),
+            });
         }
         Ok(x)
     }
@@ -383,7 +468,10 @@ impl Sampler {
             // x0 and back.)
             (Some(c), Some(y)) if c.scale != 0.0 => {
                 *slot = Some(classifier_grad(c.classifier, x, t_model, y)?);
-                Ok(slot.as_ref().map(|grad| ScaledGrad { grad, scale: c.scale }))
+                Ok(slot.as_ref().map(|grad| ScaledGrad {
+                    grad,
+                    scale: c.scale,
+                }))
             }
             _ => Ok(None),
         }
@@ -404,7 +492,10 @@ impl Sampler {
         let n = d.num_timesteps();
         let fused = self.fused_applies(batch, guidance);
         let ddim = self.settings.kind == SamplerKind::Ddim;
-        let opts = DdimOptions { clip_denoised: self.settings.clip_denoised, eta: self.settings.eta };
+        let opts = DdimOptions {
+            clip_denoised: self.settings.clip_denoised,
+            eta: self.settings.eta,
+        };
         for (i, k) in (0..n).rev().enumerate() {
             let t = vec![k; b];
             let t_model = vec![d.timestep_map[k]; b];
@@ -412,9 +503,17 @@ impl Sampler {
             let step = i as u64 + 1;
             let needs_noise = !ddim || opts.eta > 0.0;
             if fused {
-                let update = if ddim { FusedUpdate::Ddim { eta: opts.eta } } else { FusedUpdate::Ddpm };
+                let update = if ddim {
+                    FusedUpdate::Ddim { eta: opts.eta }
+                } else {
+                    FusedUpdate::Ddpm
+                };
                 let noise = if needs_noise {
-                    StepNoise::Philox(NoiseKey { seed: batch.seed, step, first_example: batch.first_index })
+                    StepNoise::Philox(NoiseKey {
+                        seed: batch.seed,
+                        step,
+                        first_example: batch.first_index,
+                    })
                 } else {
                     StepNoise::None
                 };
@@ -422,7 +521,11 @@ impl Sampler {
             } else {
                 let mut slot = None;
                 let g = self.grad(guidance, &x, &t_model, labels, &mut slot)?;
-                let noise = if needs_noise { Some(Self::noise(batch, step)?) } else { None };
+                let noise = if needs_noise {
+                    Some(Self::noise(batch, step)?)
+                } else {
+                    None
+                };
                 x = if ddim {
                     ddim_step(d, &out, &x, &t, opts, noise.as_ref(), g)?.x_prev
                 } else {
@@ -430,7 +533,11 @@ impl Sampler {
                     ancestral_step(d, &out, &x, &t, &z, self.settings.clip_denoised, g)?.x_prev
                 };
             }
-            progress(Progress { evals: i + 1, total: n, sample: Some(&x) });
+            progress(Progress {
+                evals: i + 1,
+                total: n,
+                sample: Some(&x),
+            });
         }
         Ok(x)
     }
@@ -457,7 +564,11 @@ impl Sampler {
             let g = self.grad(guidance, &x, &t_model, labels, &mut slot)?;
             let eps = guided_eps(full, &out, &x, &t_model, g)?;
             x = solver.step(&eps, &x)?.x_next;
-            progress(Progress { evals: i + 1, total: n, sample: Some(&x) });
+            progress(Progress {
+                evals: i + 1,
+                total: n,
+                sample: Some(&x),
+            });
         }
         Ok(x)
     }
@@ -494,7 +605,11 @@ impl Sampler {
             evals += 1;
             let euler = x.add(&d.affine(s_next - s, 0.0)?)?;
             x = if s_next > 0.0 {
-                progress(Progress { evals, total, sample: None });
+                progress(Progress {
+                    evals,
+                    total,
+                    sample: None,
+                });
                 let d2 = slope(&euler, timesteps[i + 1], s_next)?;
                 evals += 1;
                 x.add(&d.add(&d2)?.affine(0.5 * (s_next - s), 0.0)?)?
@@ -502,7 +617,11 @@ impl Sampler {
                 euler
             };
             let x_now = vp(&x, s_next)?;
-            progress(Progress { evals, total, sample: Some(&x_now) });
+            progress(Progress {
+                evals,
+                total,
+                sample: Some(&x_now),
+            });
         }
         Ok(x)
     }

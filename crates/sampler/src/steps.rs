@@ -96,7 +96,13 @@ pub fn ddim_step(
         None => (out.pred_xstart, None),
     };
     let s = ddim_update(diffusion, x_t, t, &pred_xstart, opts.eta, noise)?;
-    Ok(DdimResult { x_prev: s.x_prev, pred_xstart: s.pred_xstart, eps: s.eps, guided_mean, sigma: s.sigma })
+    Ok(DdimResult {
+        x_prev: s.x_prev,
+        pred_xstart: s.pred_xstart,
+        eps: s.eps,
+        guided_mean,
+        sigma: s.sigma,
+    })
 }
 
 /// eps implied by the model output at original timestep(s) `t` of the *training* process `full`,
@@ -155,7 +161,11 @@ pub fn fused_step(
     let s = &diffusion.schedule;
     s.check_timesteps(t)?;
     if t.len() != x_t.dim(0)? {
-        return Err(SamplerError::Config(format!("{} timesteps for a batch of {}", t.len(), x_t.dim(0)?)));
+        return Err(SamplerError::Config(format!(
+            "{} timesteps for a batch of {}",
+            t.len(),
+            x_t.dim(0)?
+        )));
     }
     let pred = match diffusion.mean_type {
         ModelMeanType::Epsilon => Prediction::Epsilon,

@@ -5,13 +5,20 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::{flatten, load_json, max_mixed_err, tensor, usizes};
-use ddpm_diffusion::{BetaSchedule, GaussianDiffusion, LossType, ModelMeanType, ModelVarType, NoiseSchedule};
-use ddpm_sampler::{BatchSpec, Denoiser, Guidance, Progress, Result, Sampler, SamplerKind, SamplerSettings};
+use ddpm_diffusion::{
+    BetaSchedule, GaussianDiffusion, LossType, ModelMeanType, ModelVarType, NoiseSchedule,
+};
+use ddpm_sampler::{
+    BatchSpec, Denoiser, Guidance, Progress, Result, Sampler, SamplerKind, SamplerSettings,
+};
 
 fn fake_model() -> impl Denoiser {
     |x: &Tensor, t: &[usize], y: Option<&Tensor>| -> Result<Tensor> {
         assert!(y.is_none());
-        assert!(t.iter().all(|&v| v == t[0]), "one timestep per batch in these loops");
+        assert!(
+            t.iter().all(|&v| v == t[0]),
+            "one timestep per batch in these loops"
+        );
         let tf = t[0] as f64;
         Ok(x.affine(0.1 * (tf / 100.0).cos(), 0.05 * tf.sin())?)
     }
@@ -19,7 +26,12 @@ fn fake_model() -> impl Denoiser {
 
 fn linear_1000() -> GaussianDiffusion {
     let s = NoiseSchedule::new(&BetaSchedule::Linear, 1000).unwrap();
-    GaussianDiffusion::new(s, ModelMeanType::Epsilon, ModelVarType::FixedSmall, LossType::Mse)
+    GaussianDiffusion::new(
+        s,
+        ModelMeanType::Epsilon,
+        ModelVarType::FixedSmall,
+        LossType::Mse,
+    )
 }
 
 /// Runs `sampler` from `x_T` and returns the sample after each step (`x_T` first).
@@ -43,7 +55,10 @@ fn trajectory(sampler: &Sampler, x_t: &Tensor, dtype: DType) -> Vec<Tensor> {
             }
         })
         .unwrap();
-    assert_eq!(traj.last().unwrap().to_vec1::<f64>().ok(), last.to_vec1::<f64>().ok());
+    assert_eq!(
+        traj.last().unwrap().to_vec1::<f64>().ok(),
+        last.to_vec1::<f64>().ok()
+    );
     traj
 }
 
@@ -54,10 +69,16 @@ fn check_trajectory(name: &str, traj: &[Tensor], samples: &serde_json::Value, to
     for (i, (got, exp)) in traj.iter().zip(expected).enumerate() {
         let (e, _) = flatten(exp);
         let err = max_mixed_err(got, &e);
-        assert!(err <= tol, "{name}: sample {i} differs by {err:e} (tolerance {tol:e})");
+        assert!(
+            err <= tol,
+            "{name}: sample {i} differs by {err:e} (tolerance {tol:e})"
+        );
         worst = worst.max(err);
     }
-    eprintln!("{name}: {} samples, worst mixed error {worst:e}", traj.len());
+    eprintln!(
+        "{name}: {} samples, worst mixed error {worst:e}",
+        traj.len()
+    );
     traj.len()
 }
 
@@ -71,12 +92,25 @@ fn dpm_solver_pp_2m_trajectory_matches_reference() {
         assert_eq!(case["T"], 1000);
         let n = case["num_inference_steps"].as_u64().unwrap() as usize;
         let p = &case["dpm_solver_pp_2m"];
-        let sampler = Sampler::new(linear_1000(), SamplerSettings::new(SamplerKind::DpmSolver).steps(n.to_string())).unwrap();
-        assert_eq!(sampler.model_timesteps(), usizes(&p["timesteps"]), "timesteps");
+        let sampler = Sampler::new(
+            linear_1000(),
+            SamplerSettings::new(SamplerKind::DpmSolver).steps(n.to_string()),
+        )
+        .unwrap();
+        assert_eq!(
+            sampler.model_timesteps(),
+            usizes(&p["timesteps"]),
+            "timesteps"
+        );
         for (dtype, tol) in [(DType::F64, 1e-10), (DType::F32, 1e-3)] {
             let x_t = tensor(&case["inputs"]["x_T"], dtype);
             let traj = trajectory(&sampler, &x_t, dtype);
-            check_trajectory(&format!("{} dpm-solver++ {dtype:?}", case["name"]), &traj, &p["samples"], tol);
+            check_trajectory(
+                &format!("{} dpm-solver++ {dtype:?}", case["name"]),
+                &traj,
+                &p["samples"],
+                tol,
+            );
         }
     }
 }
@@ -92,11 +126,20 @@ fn ddim_eta0_unclipped_trajectory_matches_reference() {
         let mut settings = SamplerSettings::new(SamplerKind::Ddim).steps(format!("ddim{n}"));
         settings.fused_update = false;
         let sampler = Sampler::new(linear_1000(), settings).unwrap();
-        assert_eq!(sampler.model_timesteps(), usizes(&d["timesteps"]), "timesteps");
+        assert_eq!(
+            sampler.model_timesteps(),
+            usizes(&d["timesteps"]),
+            "timesteps"
+        );
         for (dtype, tol) in [(DType::F64, 1e-10), (DType::F32, 1e-3)] {
             let x_t = tensor(&case["inputs"]["x_T"], dtype);
             let traj = trajectory(&sampler, &x_t, dtype);
-            check_trajectory(&format!("{} ddim eta=0 {dtype:?}", case["name"]), &traj, &d["samples"], tol);
+            check_trajectory(
+                &format!("{} ddim eta=0 {dtype:?}", case["name"]),
+                &traj,
+                &d["samples"],
+                tol,
+            );
         }
     }
 }

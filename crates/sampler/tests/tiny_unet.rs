@@ -7,11 +7,13 @@ mod common;
 
 use candle_core::{DType, Device, Tensor, Var};
 use common::randomize;
-use ddpm_diffusion::{BetaSchedule, GaussianDiffusion, LossType, ModelMeanType, ModelVarType, NoiseSchedule};
+use ddpm_diffusion::{
+    BetaSchedule, GaussianDiffusion, LossType, ModelMeanType, ModelVarType, NoiseSchedule,
+};
 use ddpm_sampler::guidance::log_softmax;
 use ddpm_sampler::{
-    classifier_grad, BatchSpec, ClassifierGuidance, Denoiser, EncoderClassifier, Guidance, NoisyClassifier, Sampler,
-    SamplerKind, SamplerSettings, UNetDenoiser,
+    classifier_grad, BatchSpec, ClassifierGuidance, Denoiser, EncoderClassifier, Guidance,
+    NoisyClassifier, Sampler, SamplerKind, SamplerSettings, UNetDenoiser,
 };
 use ddpm_unet::{EncoderUNet, EncoderUNetConfig, PoolKind, UNet, UNetConfig};
 
@@ -64,7 +66,12 @@ fn classifier(seed: u64) -> EncoderClassifier {
 }
 
 fn diffusion(mean: ModelMeanType, var: ModelVarType) -> GaussianDiffusion {
-    GaussianDiffusion::new(NoiseSchedule::new(&BetaSchedule::Cosine, T).unwrap(), mean, var, LossType::Mse)
+    GaussianDiffusion::new(
+        NoiseSchedule::new(&BetaSchedule::Cosine, T).unwrap(),
+        mean,
+        var,
+        LossType::Mse,
+    )
 }
 
 const LABELS: [u32; 4] = [0, 1, 2, 1];
@@ -87,7 +94,11 @@ fn values(t: &Tensor) -> Vec<f32> {
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    values(a).iter().zip(values(b)).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    values(a)
+        .iter()
+        .zip(values(b))
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 fn settings(kind: SamplerKind, steps: &str) -> SamplerSettings {
@@ -100,9 +111,21 @@ fn every_sampler_mode_gives_finite_samples() {
     let sigma_model = model(true, 2);
     let clf = classifier(3);
     let mut runs = 0;
-    for mean in [ModelMeanType::Epsilon, ModelMeanType::V, ModelMeanType::StartX] {
-        for var in [ModelVarType::FixedSmall, ModelVarType::FixedLarge, ModelVarType::LearnedRange] {
-            let net: &dyn Denoiser = if var == ModelVarType::LearnedRange { &sigma_model } else { &eps_model };
+    for mean in [
+        ModelMeanType::Epsilon,
+        ModelMeanType::V,
+        ModelMeanType::StartX,
+    ] {
+        for var in [
+            ModelVarType::FixedSmall,
+            ModelVarType::FixedLarge,
+            ModelVarType::LearnedRange,
+        ] {
+            let net: &dyn Denoiser = if var == ModelVarType::LearnedRange {
+                &sigma_model
+            } else {
+                &eps_model
+            };
             let mut modes = vec![
                 settings(SamplerKind::Ddpm, ""),
                 settings(SamplerKind::Ddpm, "10"),
@@ -121,13 +144,29 @@ fn every_sampler_mode_gives_finite_samples() {
                 let sampler = Sampler::new(diffusion(mean, var), s.clone()).unwrap();
                 let guidances = [
                     Guidance::none(),
-                    Guidance { cfg_scale: Some(2.0), null_label: Some(CLASSES as u32), classifier: None },
-                    Guidance { cfg_scale: None, null_label: None, classifier: Some(ClassifierGuidance { classifier: &clf, scale: 3.0 }) },
+                    Guidance {
+                        cfg_scale: Some(2.0),
+                        null_label: Some(CLASSES as u32),
+                        classifier: None,
+                    },
+                    Guidance {
+                        cfg_scale: None,
+                        null_label: None,
+                        classifier: Some(ClassifierGuidance {
+                            classifier: &clf,
+                            scale: 3.0,
+                        }),
+                    },
                 ];
                 for g in &guidances {
-                    let x = sampler.sample(net, g, &batch(0, 4)).unwrap_or_else(|e| panic!("{mean:?} {var:?} {s:?}: {e}"));
+                    let x = sampler
+                        .sample(net, g, &batch(0, 4))
+                        .unwrap_or_else(|e| panic!("{mean:?} {var:?} {s:?}: {e}"));
                     assert_eq!(x.dims(), &[4, 2, 8, 8]);
-                    assert!(values(&x).iter().all(|v| v.is_finite()), "{mean:?} {var:?} {s:?}");
+                    assert!(
+                        values(&x).iter().all(|v| v.is_finite()),
+                        "{mean:?} {var:?} {s:?}"
+                    );
                     runs += 1;
                 }
             }
@@ -145,20 +184,59 @@ fn guidance_with_scale_zero_is_the_unguided_sampler() {
         let mut s = settings(kind, steps);
         // with the reference update on both sides, so that only the guidance differs
         s.fused_update = false;
-        let sampler = Sampler::new(diffusion(ModelMeanType::Epsilon, ModelVarType::FixedLarge), s).unwrap();
-        let plain = sampler.sample(&net, &Guidance::none(), &batch(0, 4)).unwrap();
-        let cfg0 = Guidance { cfg_scale: Some(0.0), null_label: Some(CLASSES as u32), classifier: None };
+        let sampler = Sampler::new(
+            diffusion(ModelMeanType::Epsilon, ModelVarType::FixedLarge),
+            s,
+        )
+        .unwrap();
+        let plain = sampler
+            .sample(&net, &Guidance::none(), &batch(0, 4))
+            .unwrap();
+        let cfg0 = Guidance {
+            cfg_scale: Some(0.0),
+            null_label: Some(CLASSES as u32),
+            classifier: None,
+        };
         let with_cfg = sampler.sample(&net, &cfg0, &batch(0, 4)).unwrap();
-        assert_eq!(values(&plain), values(&with_cfg), "{kind}: classifier-free guidance w = 0");
+        assert_eq!(
+            values(&plain),
+            values(&with_cfg),
+            "{kind}: classifier-free guidance w = 0"
+        );
         // s = 0 is documented to be the unguided sampler (the classifier is not evaluated)
-        let clf0 = Guidance { classifier: Some(ClassifierGuidance { classifier: &clf, scale: 0.0 }), ..Guidance::none() };
+        let clf0 = Guidance {
+            classifier: Some(ClassifierGuidance {
+                classifier: &clf,
+                scale: 0.0,
+            }),
+            ..Guidance::none()
+        };
         let with_clf = sampler.sample(&net, &clf0, &batch(0, 4)).unwrap();
-        assert_eq!(values(&plain), values(&with_clf), "{kind}: classifier guidance s = 0");
+        assert_eq!(
+            values(&plain),
+            values(&with_clf),
+            "{kind}: classifier guidance s = 0"
+        );
         // ... and a non-zero scale does change the samples (the comparison above can fail).
-        let cfg1 = Guidance { cfg_scale: Some(1.0), ..cfg0 };
-        assert!(max_abs_diff(&plain, &sampler.sample(&net, &cfg1, &batch(0, 4)).unwrap()) > 1e-3, "{kind}");
-        let clf1 = Guidance { classifier: Some(ClassifierGuidance { classifier: &clf, scale: 1.0 }), ..Guidance::none() };
-        assert!(max_abs_diff(&plain, &sampler.sample(&net, &clf1, &batch(0, 4)).unwrap()) > 1e-4, "{kind}");
+        let cfg1 = Guidance {
+            cfg_scale: Some(1.0),
+            ..cfg0
+        };
+        assert!(
+            max_abs_diff(&plain, &sampler.sample(&net, &cfg1, &batch(0, 4)).unwrap()) > 1e-3,
+            "{kind}"
+        );
+        let clf1 = Guidance {
+            classifier: Some(ClassifierGuidance {
+                classifier: &clf,
+                scale: 1.0,
+            }),
+            ..Guidance::none()
+        };
+        assert!(
+            max_abs_diff(&plain, &sampler.sample(&net, &clf1, &batch(0, 4)).unwrap()) > 1e-4,
+            "{kind}"
+        );
     }
 }
 
@@ -170,8 +248,16 @@ fn images_do_not_depend_on_batching() {
     for kind in SamplerKind::all() {
         let mut s = settings(kind, "5");
         s.eta = if kind == SamplerKind::Ddim { 0.5 } else { 0.0 };
-        let sampler = Sampler::new(diffusion(ModelMeanType::Epsilon, ModelVarType::FixedSmall), s).unwrap();
-        let g = Guidance { cfg_scale: Some(1.5), null_label: Some(CLASSES as u32), classifier: None };
+        let sampler = Sampler::new(
+            diffusion(ModelMeanType::Epsilon, ModelVarType::FixedSmall),
+            s,
+        )
+        .unwrap();
+        let g = Guidance {
+            cfg_scale: Some(1.5),
+            null_label: Some(CLASSES as u32),
+            classifier: None,
+        };
         let all = sampler.sample(&net, &g, &batch(0, 4)).unwrap();
         let a = sampler.sample(&net, &g, &batch(0, 2)).unwrap();
         let b = sampler.sample(&net, &g, &batch(2, 2)).unwrap();
@@ -181,7 +267,10 @@ fn images_do_not_depend_on_batching() {
         // a different seed gives different images
         let mut other = batch(0, 4);
         other.seed = 99;
-        assert!(max_abs_diff(&all, &sampler.sample(&net, &g, &other).unwrap()) > 1e-2, "{kind}");
+        assert!(
+            max_abs_diff(&all, &sampler.sample(&net, &g, &other).unwrap()) > 1e-2,
+            "{kind}"
+        );
     }
 }
 
@@ -190,7 +279,11 @@ fn images_do_not_depend_on_batching() {
 #[test]
 fn fused_and_reference_updates_agree() {
     let net = model(false, 7);
-    for mean in [ModelMeanType::Epsilon, ModelMeanType::V, ModelMeanType::StartX] {
+    for mean in [
+        ModelMeanType::Epsilon,
+        ModelMeanType::V,
+        ModelMeanType::StartX,
+    ] {
         for (kind, steps, eta, clip) in [
             (SamplerKind::Ddpm, "", 0.0, false),
             (SamplerKind::Ddpm, "10", 0.0, true),
@@ -205,10 +298,15 @@ fn fused_and_reference_updates_agree() {
                 s.fused_update = false;
                 let reference = Sampler::new(diffusion(mean, var), s).unwrap();
                 let a = fused.sample(&net, &Guidance::none(), &batch(0, 4)).unwrap();
-                let b = reference.sample(&net, &Guidance::none(), &batch(0, 4)).unwrap();
+                let b = reference
+                    .sample(&net, &Guidance::none(), &batch(0, 4))
+                    .unwrap();
                 let scale = values(&b).iter().fold(1f32, |m, v| m.max(v.abs()));
                 let d = max_abs_diff(&a, &b);
-                assert!(d <= 1e-4 * scale, "{kind} {steps} {mean:?} {var:?}: fused vs reference differ by {d}");
+                assert!(
+                    d <= 1e-4 * scale,
+                    "{kind} {steps} {mean:?} {var:?}: fused vs reference differ by {d}"
+                );
             }
         }
     }
@@ -238,7 +336,12 @@ fn classifier_gradient_matches_finite_differences() {
     let clf = EncoderClassifier::new(net);
     let mut z = vec![0f32; 2 * 2 * 8 * 8];
     ddpm_rng::StreamKey::new(3, ddpm_rng::Stream::Sampler, 0, 0).fill_normal(&mut z);
-    let x = Tensor::from_vec(z.iter().map(|&v| v as f64).collect::<Vec<_>>(), (2, 2, 8, 8), &Device::Cpu).unwrap();
+    let x = Tensor::from_vec(
+        z.iter().map(|&v| v as f64).collect::<Vec<_>>(),
+        (2, 2, 8, 8),
+        &Device::Cpu,
+    )
+    .unwrap();
     let y = Tensor::new(&[2u32, 0], &Device::Cpu).unwrap();
     let t = [5usize, 30];
     let grad = classifier_grad(&clf, &x, &t, &y).unwrap();
@@ -261,11 +364,19 @@ fn classifier_gradient_matches_finite_differences() {
         let fd = (fp - fm) / (2.0 * h);
         let err = (fd - g[i]).abs() / (1e-6 + fd.abs().max(g[i].abs()));
         worst = worst.max(err.min((fd - g[i]).abs() * 1e4));
-        assert!((fd - g[i]).abs() <= 1e-6 + 1e-5 * fd.abs(), "coordinate {i}: autograd {} vs finite difference {fd}", g[i]);
+        assert!(
+            (fd - g[i]).abs() <= 1e-6 + 1e-5 * fd.abs(),
+            "coordinate {i}: autograd {} vs finite difference {fd}",
+            g[i]
+        );
     }
-    assert!(g.iter().any(|v| v.abs() > 1e-6), "the gradient is not identically zero");
+    assert!(
+        g.iter().any(|v| v.abs() > 1e-6),
+        "the gradient is not identically zero"
+    );
     // log_softmax itself
-    let logits = Var::from_tensor(&Tensor::new(&[[1.0f64, 2.0, -3.0]], &Device::Cpu).unwrap()).unwrap();
+    let logits =
+        Var::from_tensor(&Tensor::new(&[[1.0f64, 2.0, -3.0]], &Device::Cpu).unwrap()).unwrap();
     let lp = log_softmax(logits.as_tensor()).unwrap();
     let expected: Vec<f64> = {
         let l = [1.0f64, 2.0, -3.0];
@@ -296,27 +407,51 @@ fn classifier_guidance_raises_the_target_class_probability() {
     };
     let mut w = vec![0f32; CLASSES * 128];
     ddpm_rng::StreamKey::new(5, ddpm_rng::Stream::Sampler, 0, 0).fill_normal(&mut w);
-    let w = Tensor::from_vec(w, (CLASSES, 128), &Device::Cpu).unwrap().affine(0.1, 0.0).unwrap();
+    let w = Tensor::from_vec(w, (CLASSES, 128), &Device::Cpu)
+        .unwrap()
+        .affine(0.1, 0.0)
+        .unwrap();
     let ac = d.schedule.alphas_cumprod.clone();
     let clf = |x: &Tensor, t: &[usize]| -> ddpm_sampler::Result<Tensor> {
-        Ok(x.flatten_from(1)?.matmul(&w.t()?)?.affine(ac[t[0]].sqrt(), 0.0)?)
+        Ok(x.flatten_from(1)?
+            .matmul(&w.t()?)?
+            .affine(ac[t[0]].sqrt(), 0.0)?)
     };
     let labels: Vec<u32> = (0..12).map(|i| (i % CLASSES) as u32).collect();
     let y = Tensor::new(labels.as_slice(), &Device::Cpu).unwrap();
     for kind in SamplerKind::all() {
         let sampler = Sampler::new(d.clone(), settings(kind, "10")).unwrap();
         let run = |scale: f64| -> (Tensor, f64) {
-            let g = Guidance { classifier: Some(ClassifierGuidance { classifier: &clf, scale }), ..Guidance::none() };
-            let b = BatchSpec { shape: [12, 2, 8, 8], labels: Some(&labels), ..batch(0, 4) };
+            let g = Guidance {
+                classifier: Some(ClassifierGuidance {
+                    classifier: &clf,
+                    scale,
+                }),
+                ..Guidance::none()
+            };
+            let b = BatchSpec {
+                shape: [12, 2, 8, 8],
+                labels: Some(&labels),
+                ..batch(0, 4)
+            };
             let x = sampler.sample(&net, &g, &b).unwrap();
             let lp = log_softmax(&clf.logits(&x, &[0; 12]).unwrap()).unwrap();
             let sel = lp.gather(&y.reshape((12, 1)).unwrap(), 1).unwrap();
-            (x, sel.mean_all().unwrap().to_scalar::<f32>().unwrap() as f64)
+            (
+                x,
+                sel.mean_all().unwrap().to_scalar::<f32>().unwrap() as f64,
+            )
         };
         let ((x0, s0), (x_small, _), (_, s1)) = (run(0.0), run(1e-4), run(2.0));
         let small = max_abs_diff(&x0, &x_small);
         eprintln!("{kind}: mean log p(y | x_0) unguided {s0:.4}, scale 2 {s1:.4}; scale 1e-4 moves samples by {small:e}");
-        assert!(s1 > s0 + 0.3, "{kind}: guidance did not raise log p(y|x): {s0} -> {s1}");
-        assert!(small > 0.0 && small < 1e-2, "{kind}: scale 1e-4 moved samples by {small}");
+        assert!(
+            s1 > s0 + 0.3,
+            "{kind}: guidance did not raise log p(y|x): {s0} -> {s1}"
+        );
+        assert!(
+            small > 0.0 && small < 1e-2,
+            "{kind}: scale 1e-4 moved samples by {small}"
+        );
     }
 }

@@ -15,8 +15,10 @@ use sha2::{Digest, Sha256};
 pub use ddpm_unet::{EncoderUNetConfig, UNetConfig};
 
 /// Keys left out of the config hash: they change what is logged, saved or previewed, or where, but
-/// not the training trajectory, so a run may be resumed with different values.
-pub const HASH_EXCLUDED_KEYS: &[&str] = &["schedule", "preview", "out_dir", "data.prefetch"];
+/// not the training trajectory, so a run may be resumed with different values. `data.batch` is the
+/// per-rank batch: what matters for the trajectory is the global batch (ranks x per-rank batch),
+/// which resume checks separately, so a run may continue on a different number of ranks.
+pub const HASH_EXCLUDED_KEYS: &[&str] = &["schedule", "preview", "out_dir", "data.prefetch", "data.batch"];
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ConfigError {

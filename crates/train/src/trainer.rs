@@ -510,7 +510,7 @@ impl Run<'_> {
 }
 
 /// Checks the dataset against the model before training starts; errors name the config keys.
-fn check_dataset(cfg: &TrainConfig, info: &ddpm_data::DatasetInfo) -> Result<Option<usize>> {
+fn check_dataset(cfg: &TrainConfig, ds: &ddpm_data::Hdf5Dataset) -> Result<Option<usize>> {
     let (size, ch, classes, table) = match cfg.task {
         Task::Diffusion => {
             let m = cfg.model.as_ref().expect("validated");
@@ -522,14 +522,17 @@ fn check_dataset(cfg: &TrainConfig, info: &ddpm_data::DatasetInfo) -> Result<Opt
         }
     };
     let p = cfg.data.path.display();
-    if info.height != size || info.width != size {
-        bail!("data.path {p} holds {}x{} images but {table}.image_size = {size}", info.height, info.width);
+    if ds.height() != size || ds.width() != size {
+        bail!("data.path {p} holds {}x{} images but {table}.image_size = {size}", ds.height(), ds.width());
     }
-    if info.channels != ch {
-        bail!("data.path {p} holds {}-channel images but {table}.in_channels = {ch}", info.channels);
+    if ds.channels() != ch {
+        bail!("data.path {p} holds {}-channel images but {table}.in_channels = {ch}", ds.channels());
+    }
+    if ds.len() < cfg.data.batch {
+        bail!("data.path {p} has {} images, fewer than data.batch = {}", ds.len(), cfg.data.batch);
     }
     if let Some(k) = classes {
-        match info.num_classes {
+        match ds.num_classes() {
             None => bail!("{table}.num_classes = {k} but data.path {p} has no labels"),
             Some(n) if n != k => bail!("{table}.num_classes = {k} but data.path {p} has {n} classes"),
             _ => {}
@@ -582,9 +585,9 @@ pub fn train(cfg: &TrainConfig, comm: &dyn Communicator, opts: TrainOptions) -> 
         )
         .with_context(|| format!("data.path {}", cfg.data.path.display()))
     };
-    let probe = lcfg(LoaderPosition::default())?;
-    let num_classes = check_dataset(cfg, probe.info())?;
-    drop(probe);
+    let ds = ddpm_data::Hdf5Dataset::open(&cfg.data.path).with_context(|| format!("data.path {}", cfg.data.path.display()))?;
+    let num_classes = check_dataset(cfg, &ds)?;
+    drop(ds);
 
     let run = Run {
         cfg,

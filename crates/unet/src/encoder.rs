@@ -121,6 +121,30 @@ impl EncoderUNet {
         })
     }
 
+    /// Features and logits: `([B, ch]` global mean of the normalised, activated last feature map
+    /// (the input of the adaptive head's projection), `[B, num_classes]` logits as [`Self::forward`]).
+    /// The features are the embedding of ddpm-sampler's classifier Frechet distance (`ddpm-eval fid`).
+    pub fn forward_features(&self, x: &Tensor, t: &Tensor, ctx: &ForwardCtx) -> Result<(Tensor, Tensor)> {
+        check_input(x, t, self.config.in_channels, self.config.image_size)?;
+        let emb = self.time_embed.forward(t)?;
+        let mut h = x.to_dtype(self.dtype)?;
+        for s in &self.input_blocks {
+            h = s.forward(&h, &emb, ctx)?;
+        }
+        h = self.middle_block.forward(&h, &emb, ctx)?;
+        let (feats, logits) = match &self.head {
+            Head::Adaptive { norm, proj } => {
+                let pooled = norm_silu(norm, &h)?.mean_keepdim(3)?.mean_keepdim(2)?;
+                (pooled.clone(), proj.forward(&pooled)?.flatten_from(1)?)
+            }
+            Head::Attention { norm, pool } => {
+                let a = norm_silu(norm, &h)?;
+                (a.mean_keepdim(3)?.mean_keepdim(2)?, pool.forward(&a)?)
+            }
+        };
+        Ok((feats.flatten_from(1)?, logits))
+    }
+
     pub fn config(&self) -> &EncoderUNetConfig {
         &self.config
     }

@@ -731,3 +731,11 @@ fn inspect_binary_prints_parameter_count() {
         "{err}"
     );
 }
+
+#[test]
+fn models_are_send_and_sync() {
+    fn check<T: Send + Sync>() {}
+    check::<UNet>();
+    check::<EncoderUNet>();
+    check::<UNetConfig>();
+}

@@ -56,26 +56,52 @@ pub fn flatten(v: &Value) -> (Vec<f64>, Vec<usize>) {
 
 pub fn tensor(v: &Value, dtype: DType) -> Tensor {
     let (vals, shape) = flatten(v);
-    Tensor::from_vec(vals, shape, &Device::Cpu).unwrap().to_dtype(dtype).unwrap()
+    Tensor::from_vec(vals, shape, &Device::Cpu)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap()
 }
 
 pub fn usizes(v: &Value) -> Vec<usize> {
-    v.as_array().expect("array").iter().map(|x| x.as_u64().expect("integer") as usize).collect()
+    v.as_array()
+        .expect("array")
+        .iter()
+        .map(|x| x.as_u64().expect("integer") as usize)
+        .collect()
 }
 
 /// Largest `|got - exp| / max(1, |exp|)` (the refs README's mixed tolerance measure).
 pub fn max_mixed_err(got: &Tensor, exp: &[f64]) -> f64 {
-    let g: Vec<f64> = got.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let g: Vec<f64> = got
+        .to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
     assert_eq!(g.len(), exp.len(), "length mismatch");
-    g.iter().zip(exp).map(|(a, b)| (a - b).abs() / b.abs().max(1.0)).fold(0.0, f64::max)
+    g.iter()
+        .zip(exp)
+        .map(|(a, b)| (a - b).abs() / b.abs().max(1.0))
+        .fold(0.0, f64::max)
 }
 
 /// Largest relative error `|got - exp| / max|exp|` over the whole tensor.
 pub fn max_rel_err(got: &Tensor, exp: &[f64]) -> f64 {
-    let g: Vec<f64> = got.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let g: Vec<f64> = got
+        .to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
     assert_eq!(g.len(), exp.len(), "length mismatch");
     let scale = exp.iter().fold(0.0f64, |m, v| m.max(v.abs())).max(1e-300);
-    g.iter().zip(exp).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max) / scale
+    g.iter()
+        .zip(exp)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f64::max)
+        / scale
 }
 
 /// Gives every variable of a freshly initialised model a random value (fan-in scaled), so the
@@ -91,10 +117,21 @@ pub fn randomize(varmap: &candle_nn::VarMap, seed: u64) {
         let n: usize = dims.iter().product();
         let mut z = vec![0f32; n];
         StreamKey::new(seed, Stream::Noise, 77, k as u64).fill_normal(&mut z);
-        let scale = if dims.len() >= 2 { 1.0 / (dims[1..].iter().product::<usize>() as f32).sqrt() } else { 0.2 };
-        let offset = if dims.len() < 2 && name.ends_with("weight") { 1.0 } else { 0.0 };
+        let scale = if dims.len() >= 2 {
+            1.0 / (dims[1..].iter().product::<usize>() as f32).sqrt()
+        } else {
+            0.2
+        };
+        let offset = if dims.len() < 2 && name.ends_with("weight") {
+            1.0
+        } else {
+            0.0
+        };
         let vals: Vec<f32> = z.iter().map(|x| x * scale + offset).collect();
-        let t = Tensor::from_vec(vals, dims, &Device::Cpu).unwrap().to_dtype(v.dtype()).unwrap();
+        let t = Tensor::from_vec(vals, dims, &Device::Cpu)
+            .unwrap()
+            .to_dtype(v.dtype())
+            .unwrap();
         v.set(&t).unwrap();
     }
 }

@@ -1,0 +1,462 @@
+//! 2-D convolution (no groups, no dilation) with its backward, one GEMM per example and direction.
+//!
+//! For example `e` with `col = im2col(x_e)` (`[cin*kh*kw, ho*wo]`):
+//! - forward: `y_e = W . col (+ bias)`, `W` viewed as `[cout, cin*kh*kw]`;
+//! - weight gradient: `dW += dY_e . col^T`;
+//! - input gradient: `dx_e = col2im(W^T . dY_e)`.
+//!
+//! Examples are spread over threads (each GEMM single-threaded, its column scratch reused and
+//! hot in cache); with fewer examples than threads the GEMMs are threaded instead. A 1x1 conv
+//! uses the input itself as its column matrix.
+
+use std::mem::MaybeUninit;
+
+use candle_core::backend::BackendStorage;
+use candle_core::op::BackpropOp;
+use candle_core::WithDType;
+use candle_core::{
+    bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor,
+};
+use rayon::prelude::*;
+
+use crate::elem::{fill_uninit, Elem, Uninit};
+use crate::gemm::{gemm, Mat};
+use crate::im2col::{col2im_add, im2col, Geom};
+use crate::runtime::{fast_path_enabled, num_threads};
+
+/// `conv2d(x [B, cin, H, W], weight [cout, cin, kh, kw]) + bias [cout]` with symmetric zero
+/// `padding`, as `Tensor::conv2d(weight, padding, stride, 1, 1)` plus a broadcast bias, and
+/// differentiable in all three arguments.
+pub fn conv2d(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    stride: usize,
+    padding: usize,
+) -> Result<Tensor> {
+    let (_, cin, h, w) = x.dims4()?;
+    let (cout, wcin, kh, kw) = weight.dims4()?;
+    if wcin != cin {
+        bail!("conv2d: input has {cin} channels, weight expects {wcin}");
+    }
+    if stride == 0 {
+        bail!("conv2d: stride must be positive");
+    }
+    if h + 2 * padding < kh || w + 2 * padding < kw {
+        bail!("conv2d: kernel {kh}x{kw} larger than padded input {h}x{w} (padding {padding})");
+    }
+    if let Some(b) = bias {
+        if b.dims() != [cout] {
+            bail!("conv2d: bias shape {:?}, expected [{cout}]", b.dims());
+        }
+    }
+    let dtypes_ok = matches!(x.dtype(), DType::F32 | DType::F64)
+        && weight.dtype() == x.dtype()
+        && bias.is_none_or(|b| b.dtype() == x.dtype());
+    let on_cpu = x.device().is_cpu() && weight.device().is_cpu();
+    if !(fast_path_enabled() && dtypes_ok && on_cpu) {
+        let y = x.conv2d(weight, padding, stride, 1, 1)?;
+        return match bias {
+            Some(b) => y.broadcast_add(&b.reshape((1, cout, 1, 1))?),
+            None => Ok(y),
+        };
+    }
+    let op = ConvOp { stride, padding };
+    let x = x.contiguous()?;
+    let weight = weight.contiguous()?;
+    match bias {
+        Some(b) => x.apply_op3(&weight, &b.contiguous()?, op),
+        None => x.apply_op2(&weight, op),
+    }
+}
+
+/// The backward pass of [`conv2d`] alone: gradients for `(x, weight, bias)` given the output
+/// gradient, each computed only when `need` says so. For benchmarks (timing the input and
+/// weight gradients separately) and tests; training gets them through autograd. CPU f32/f64.
+pub fn conv2d_grads(
+    x: &Tensor,
+    weight: &Tensor,
+    grad: &Tensor,
+    stride: usize,
+    padding: usize,
+    need: [bool; 3],
+) -> Result<[Option<Tensor>; 3]> {
+    ConvOp { stride, padding }.backward(x, weight, grad, need)
+}
+
+#[derive(Debug, Clone, Copy)]
+struct ConvOp {
+    stride: usize,
+    padding: usize,
+}
+
+impl ConvOp {
+    fn geom(&self, x: &Shape, w: &Shape) -> Result<(usize, usize, Geom)> {
+        let (b, cin, h, wd) = x.dims4()?;
+        let (cout, _, kh, kw) = w.dims4()?;
+        let (s, p) = (self.stride, self.padding);
+        let g = Geom {
+            cin,
+            h,
+            w: wd,
+            kh,
+            kw,
+            stride: s,
+            pad: p,
+            ho: (h + 2 * p - kh) / s + 1,
+            wo: (wd + 2 * p - kw) / s + 1,
+        };
+        Ok((b, cout, g))
+    }
+
+    fn cpu_forward(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        sw: &CpuStorage,
+        lw: &Layout,
+        bias: Option<(&CpuStorage, &Layout)>,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (b, cout, g) = self.geom(lx.shape(), lw.shape())?;
+        let shape = Shape::from((b, cout, g.ho, g.wo));
+        macro_rules! run {
+            ($t:ty) => {{
+                let x = slice::<$t>(sx, lx)?;
+                let w = slice::<$t>(sw, lw)?;
+                let bias = match bias {
+                    Some((s, l)) => Some(slice::<$t>(s, l)?),
+                    None => None,
+                };
+                <$t>::to_cpu_storage_owned(forward(&g, b, cout, x, w, bias))
+            }};
+        }
+        let out = match sx.dtype() {
+            DType::F32 => run!(f32),
+            DType::F64 => run!(f64),
+            dt => bail!("ddpm-ops conv2d: unsupported dtype {dt:?}"),
+        };
+        Ok((out, shape))
+    }
+
+    /// Gradients for `(x, weight, bias)`; each computed only when `need` says so.
+    fn backward(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        grad: &Tensor,
+        need: [bool; 3],
+    ) -> Result<[Option<Tensor>; 3]> {
+        let (b, cout, g) = self.geom(x.shape(), weight.shape())?;
+        if grad.dims() != [b, cout, g.ho, g.wo] {
+            bail!(
+                "conv2d backward: gradient shape {:?}, expected {:?}",
+                grad.dims(),
+                [b, cout, g.ho, g.wo]
+            );
+        }
+        let (x, weight, grad) = (x.contiguous()?, weight.contiguous()?, grad.contiguous()?);
+        let (sx, lx) = x.storage_and_layout();
+        let (sw, lw) = weight.storage_and_layout();
+        let (sg, lg) = grad.storage_and_layout();
+        let (Storage::Cpu(sx), Storage::Cpu(sw), Storage::Cpu(sg)) = (&*sx, &*sw, &*sg) else {
+            bail!("ddpm-ops conv2d backward: tensors are not on the CPU");
+        };
+        macro_rules! run {
+            ($t:ty) => {{
+                let r = backward::<$t>(
+                    &g,
+                    b,
+                    cout,
+                    slice(sx, lx)?,
+                    slice(sw, lw)?,
+                    slice(sg, lg)?,
+                    need,
+                );
+                let wrap = |v: Option<Vec<$t>>, s: &Shape| {
+                    v.map(|v| {
+                        Tensor::from_storage(
+                            Storage::Cpu(<$t>::to_cpu_storage_owned(v)),
+                            s.clone(),
+                            BackpropOp::none(),
+                            false,
+                        )
+                    })
+                };
+                [
+                    wrap(r.0, x.shape()),
+                    wrap(r.1, weight.shape()),
+                    wrap(r.2, &Shape::from(cout)),
+                ]
+            }};
+        }
+        Ok(match sx.dtype() {
+            DType::F32 => run!(f32),
+            DType::F64 => run!(f64),
+            dt => bail!("ddpm-ops conv2d backward: unsupported dtype {dt:?}"),
+        })
+    }
+}
+
+impl CustomOp2 for ConvOp {
+    fn name(&self) -> &'static str {
+        "ddpm-conv2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        sw: &CpuStorage,
+        lw: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.cpu_forward(sx, lx, sw, lw, None)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let [dx, dw, _] =
+            self.backward(x, weight, grad, [x.track_op(), weight.track_op(), false])?;
+        Ok((dx, dw))
+    }
+}
+
+impl CustomOp3 for ConvOp {
+    fn name(&self) -> &'static str {
+        "ddpm-conv2d-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        sw: &CpuStorage,
+        lw: &Layout,
+        sb: &CpuStorage,
+        lb: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.cpu_forward(sx, lx, sw, lw, Some((sb, lb)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        bias: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let need = [x.track_op(), weight.track_op(), bias.track_op()];
+        let [dx, dw, db] = self.backward(x, weight, grad, need)?;
+        Ok((dx, dw, db))
+    }
+}
+
+/// The contiguous data of a tensor's storage.
+pub(crate) fn slice<'a, T: Elem>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
+    let data = T::cpu_storage_as_slice(s)?;
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => bail!("ddpm-ops: expected a contiguous tensor, got layout {l:?}"),
+    }
+}
+
+/// How to split `b` examples: over threads (each GEMM single-threaded) when there are enough,
+/// else one example at a time with threaded GEMMs. Returns (chunks, threads per GEMM).
+fn plan(b: usize) -> (usize, usize) {
+    let t = num_threads();
+    if t > 1 && b >= t {
+        (t, 1)
+    } else {
+        (1, t)
+    }
+}
+
+/// `im2col` of one example, over channels in parallel when `par`.
+fn unfold<T: Elem>(g: &Geom, x: &[T], col: &mut [T], par: bool) {
+    let (plane, rows) = (g.h * g.w, g.kh * g.kw * g.n());
+    if par {
+        col.par_chunks_mut(rows)
+            .zip(x.par_chunks(plane))
+            .for_each(|(c, xp)| im2col(g, xp, c));
+    } else {
+        im2col(g, x, col);
+    }
+}
+
+/// `col2im` of one example onto zeroed `dx`, over channels in parallel when `par`.
+fn fold<T: Elem>(g: &Geom, col: &[T], dx: &mut [T], par: bool) {
+    let (plane, rows) = (g.h * g.w, g.kh * g.kw * g.n());
+    if par {
+        col.par_chunks(rows)
+            .zip(dx.par_chunks_mut(plane))
+            .for_each(|(c, d)| col2im_add(g, c, d));
+    } else {
+        col2im_add(g, col, dx);
+    }
+}
+
+fn forward<T: Elem>(
+    g: &Geom,
+    b: usize,
+    cout: usize,
+    x: &[T],
+    w: &[T],
+    bias: Option<&[T]>,
+) -> Vec<T> {
+    let (k, n, in_len, out_len) = (g.k(), g.n(), g.cin * g.h * g.w, cout * g.n());
+    let mut out = Uninit::<T>::new(b * out_len);
+    let wm = Mat::rows(w, k);
+    let one = |e: usize, y: &mut [MaybeUninit<T>], threads: usize| {
+        if let Some(bias) = bias {
+            for (row, &v) in y.chunks_exact_mut(n).zip(bias) {
+                fill_uninit(row, v);
+            }
+        }
+        let yp = y.as_mut_ptr() as *mut T;
+        let xe = &x[e * in_len..(e + 1) * in_len];
+        // SAFETY: shapes match the slices; y has cout * n slots, initialised when accumulating.
+        if g.is_pointwise() {
+            unsafe { gemm(cout, n, k, yp, bias.is_some(), wm, Mat::rows(xe, n), threads) };
+        } else {
+            T::with_scratch(k * n, |col| {
+                unfold(g, xe, col, threads > 1);
+                unsafe { gemm(cout, n, k, yp, bias.is_some(), wm, Mat::rows(col, n), threads) };
+            });
+        }
+    };
+    let (chunks, threads) = plan(b);
+    if chunks > 1 {
+        out.slots()
+            .par_chunks_mut(out_len)
+            .enumerate()
+            .for_each(|(e, y)| one(e, y, 1));
+    } else {
+        for (e, y) in out.slots().chunks_mut(out_len).enumerate() {
+            one(e, y, threads);
+        }
+    }
+    // SAFETY: every example's output was written (bias fill + accumulate, or a plain GEMM).
+    unsafe { out.assume_init() }
+}
+
+type Grads<T> = (Option<Vec<T>>, Option<Vec<T>>, Option<Vec<T>>);
+
+fn backward<T: Elem>(
+    g: &Geom,
+    b: usize,
+    cout: usize,
+    x: &[T],
+    w: &[T],
+    dy: &[T],
+    [need_dx, need_dw, need_db]: [bool; 3],
+) -> Grads<T> {
+    let (k, n, in_len, out_len) = (g.k(), g.n(), g.cin * g.h * g.w, cout * g.n());
+    let (chunks, threads) = plan(b);
+    let mut dx = need_dx.then(|| Uninit::<T>::new(b * in_len));
+    // Contiguous example ranges, one per chunk, and their slices of dx.
+    let bounds: Vec<usize> = (0..=chunks).map(|i| i * b / chunks).collect();
+    let mut dx_parts: Vec<&mut [MaybeUninit<T>]> = Vec::with_capacity(chunks);
+    let mut rest: &mut [MaybeUninit<T>] = dx.as_mut().map_or(&mut [], |d| d.slots());
+    for i in 0..chunks {
+        let len = if need_dx {
+            (bounds[i + 1] - bounds[i]) * in_len
+        } else {
+            0
+        };
+        let (head, tail) = rest.split_at_mut(len);
+        dx_parts.push(head);
+        rest = tail;
+    }
+    let wm = Mat::rows(w, k);
+    let run_chunk = |i: usize, dxp: &mut [MaybeUninit<T>]| -> (Vec<T>, Vec<T>) {
+        let mut dw = vec![T::ZERO; if need_dw { cout * k } else { 0 }];
+        let mut db = vec![T::ZERO; if need_db { cout } else { 0 }];
+        for (j, e) in (bounds[i]..bounds[i + 1]).enumerate() {
+            let dye = &dy[e * out_len..(e + 1) * out_len];
+            let xe = &x[e * in_len..(e + 1) * in_len];
+            if need_db {
+                for (acc, row) in db.iter_mut().zip(dye.chunks_exact(n)) {
+                    *acc += sum(row);
+                }
+            }
+            let dxe = if need_dx {
+                Some(&mut dxp[j * in_len..(j + 1) * in_len])
+            } else {
+                None
+            };
+            let dym = Mat::rows(dye, n);
+            // SAFETY (all GEMMs below): operand shapes match their slices, outputs don't alias.
+            if g.is_pointwise() {
+                if need_dw {
+                    let xt = Mat::rows(xe, n).t();
+                    unsafe { gemm(cout, k, n, dw.as_mut_ptr(), true, dym, xt, threads) };
+                }
+                if let Some(d) = dxe {
+                    let dp = d.as_mut_ptr() as *mut T;
+                    unsafe { gemm(k, n, cout, dp, false, wm.t(), dym, threads) };
+                }
+            } else {
+                T::with_scratch(k * n, |col| {
+                    if need_dw {
+                        unfold(g, xe, col, threads > 1);
+                        let ct = Mat::rows(col, n).t();
+                        unsafe { gemm(cout, k, n, dw.as_mut_ptr(), true, dym, ct, threads) };
+                    }
+                    if let Some(d) = dxe {
+                        let cp = col.as_mut_ptr();
+                        unsafe { gemm(k, n, cout, cp, false, wm.t(), dym, threads) };
+                        fill_uninit(d, T::ZERO);
+                        // SAFETY: just initialised.
+                        let d = unsafe { &mut *(d as *mut [MaybeUninit<T>] as *mut [T]) };
+                        fold(g, col, d, threads > 1);
+                    }
+                });
+            }
+        }
+        (dw, db)
+    };
+    let partials: Vec<(Vec<T>, Vec<T>)> = if chunks > 1 {
+        dx_parts
+            .into_par_iter()
+            .enumerate()
+            .map(|(i, d)| run_chunk(i, d))
+            .collect()
+    } else {
+        dx_parts
+            .into_iter()
+            .enumerate()
+            .map(|(i, d)| run_chunk(i, d))
+            .collect()
+    };
+    // Fixed-order reduction of the per-chunk sums.
+    let mut it = partials.into_iter();
+    let (mut dw, mut db) = it.next().expect("at least one chunk");
+    for (pw, pb) in it {
+        dw.iter_mut().zip(&pw).for_each(|(a, v)| *a += *v);
+        db.iter_mut().zip(&pb).for_each(|(a, v)| *a += *v);
+    }
+    // SAFETY: each example's dx was written by a plain GEMM (1x1) or zero-fill + fold.
+    let dx = dx.map(|d| unsafe { d.assume_init() });
+    (dx, need_dw.then_some(dw), need_db.then_some(db))
+}
+
+/// Sum with several accumulators (vectorisable, and less rounding than one running sum).
+pub(crate) fn sum<T: Elem>(v: &[T]) -> T {
+    let mut acc = [T::ZERO; 8];
+    let mut chunks = v.chunks_exact(8);
+    for c in &mut chunks {
+        for (a, x) in acc.iter_mut().zip(c) {
+            *a += *x;
+        }
+    }
+    let mut s = T::ZERO;
+    for x in chunks.remainder() {
+        s += *x;
+    }
+    acc.iter().fold(T::ZERO, |a, b| a + *b) + s
+}

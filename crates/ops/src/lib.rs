@@ -1,0 +1,40 @@
+//! Fast CPU kernels for the U-Net's hot ops, as candle custom ops with their own backward.
+//!
+//! candle 0.11's CPU backward of `conv2d` computes the input gradient with a direct
+//! `conv_transpose2d` loop (no GEMM) and the weight gradient as a convolution with batch and
+//! channels swapped, a badly shaped product; GroupNorm and softmax are multi-pass composites
+//! whose backward walks the graph op by op. Here each of these is one op:
+//!
+//! - [`conv2d`]: forward, input gradient and weight gradient are each one GEMM per example
+//!   (`W . im2col(x)`, `col2im(W^T . dY)`, `dY . im2col(x)^T`), computed with the `gemm` crate
+//!   candle itself uses, examples spread over threads, im2col scratch reused per thread.
+//! - [`group_norm`]: GroupNorm with an optional fused SiLU, statistics accumulated in f64, and a
+//!   two-pass backward.
+//! - [`softmax_last_dim`]: softmax over the last dimension with backward
+//!   (`candle_nn::ops::softmax_last_dim` has none).
+//!
+//! All ops work in f32 and f64 on the CPU (f64 so that finite-difference gradient checks are
+//! meaningful). Other devices and dtypes, or `DDPM_OPS=candle` in the environment, take candle's
+//! built-in ops, so a CUDA build behaves as before.
+//!
+//! # Determinism
+//! Results are bitwise reproducible for a given thread count. Weight and bias gradients are sums
+//! over the batch that are split into one fixed, contiguous chunk per thread and then added in
+//! chunk order, so a different thread count can change them in the last bits.
+
+mod conv;
+mod elem;
+mod gemm;
+mod im2col;
+mod layers;
+mod norm;
+mod runtime;
+mod softmax;
+
+pub use conv::{conv2d, conv2d_grads};
+pub use layers::{Conv2d, GroupNorm};
+pub use norm::group_norm;
+pub use runtime::{
+    fast_path_enabled, init_cpu_threads, num_threads, set_fast_path, set_num_threads, tune_malloc,
+};
+pub use softmax::softmax_last_dim;

@@ -1,0 +1,361 @@
+//! GroupNorm with an optional fused SiLU, and its backward.
+//!
+//! Forward per (example, group) of `n` values: `x_hat = (x - mean) * rstd`,
+//! `z = x_hat * gamma_c + beta_c`, `y = silu(z)` or `z`; mean and variance are accumulated in f64.
+//! Backward, with `dz = dy * silu'(z)` (or `dy`):
+//! `d_beta_c = sum dz`, `d_gamma_c = sum dz * x_hat`,
+//! `dx = rstd * (gamma_c * dz - mean_g(gamma * dz) - x_hat * mean_g(gamma * dz * x_hat))`.
+//! The statistics are kept from the forward pass; the backward reads `x` and `dy` twice.
+
+use std::sync::OnceLock;
+
+use candle_core::backend::BackendStorage;
+use candle_core::op::BackpropOp;
+use candle_core::WithDType;
+use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, D};
+use rayon::prelude::*;
+
+use crate::conv::slice;
+use crate::elem::Elem;
+use crate::runtime::fast_path_enabled;
+
+/// GroupNorm over `x [B, C, ...]` with per-channel affine `gamma`, `beta` (`[C]`), `groups`
+/// groups and variance epsilon `eps` (PyTorch's definition: biased variance), followed by SiLU
+/// when `silu`. Differentiable in all three tensors.
+pub fn group_norm(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    groups: usize,
+    eps: f64,
+    silu: bool,
+) -> Result<Tensor> {
+    let dims = x.dims();
+    if dims.len() < 2 {
+        bail!("group_norm: input must be [B, C, ...], got {dims:?}");
+    }
+    let c = dims[1];
+    if groups == 0 || c % groups != 0 {
+        bail!("group_norm: {c} channels do not split into {groups} groups");
+    }
+    if gamma.dims() != [c] || beta.dims() != [c] {
+        bail!(
+            "group_norm: gamma {:?} / beta {:?} must be [{c}]",
+            gamma.dims(),
+            beta.dims()
+        );
+    }
+    let fast = fast_path_enabled()
+        && matches!(x.dtype(), DType::F32 | DType::F64)
+        && gamma.dtype() == x.dtype()
+        && beta.dtype() == x.dtype()
+        && x.device().is_cpu()
+        && gamma.device().is_cpu()
+        && beta.device().is_cpu();
+    if !fast {
+        return composite(x, gamma, beta, groups, eps, silu);
+    }
+    let op = GroupNormOp {
+        groups,
+        eps,
+        silu,
+        stats: OnceLock::new(),
+    };
+    x.contiguous()?
+        .apply_op3(&gamma.contiguous()?, &beta.contiguous()?, op)
+}
+
+/// The same function from candle's differentiable ops (other devices and dtypes).
+fn composite(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    groups: usize,
+    eps: f64,
+    silu: bool,
+) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let (b, c) = (dims[0], dims[1]);
+    let mut affine = vec![1usize; dims.len()];
+    affine[1] = c;
+    let xg = x.reshape((b, groups, ()))?;
+    let mean = xg.mean_keepdim(D::Minus1)?;
+    let centred = xg.broadcast_sub(&mean)?;
+    let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
+    let y = centred
+        .broadcast_div(&(var + eps)?.sqrt()?)?
+        .reshape(dims)?
+        .broadcast_mul(&gamma.reshape(affine.clone())?)?
+        .broadcast_add(&beta.reshape(affine)?)?;
+    if silu {
+        y.silu()
+    } else {
+        Ok(y)
+    }
+}
+
+struct GroupNormOp {
+    groups: usize,
+    eps: f64,
+    silu: bool,
+    /// `(mean, rstd)` per (example, group), from the forward pass.
+    stats: OnceLock<Vec<(f64, f64)>>,
+}
+
+/// Sizes: examples, channels, channels per group, values per channel.
+#[derive(Clone, Copy)]
+struct Dims {
+    b: usize,
+    c: usize,
+    cg: usize,
+    s: usize,
+}
+
+impl GroupNormOp {
+    fn dims(&self, shape: &Shape) -> Dims {
+        let d = shape.dims();
+        Dims {
+            b: d[0],
+            c: d[1],
+            cg: d[1] / self.groups,
+            s: d[2..].iter().product(),
+        }
+    }
+}
+
+#[inline(always)]
+fn sigmoid<T: Elem>(z: T) -> T {
+    T::ONE / (T::ONE + (-z).exp())
+}
+
+fn stats<T: Elem>(xs: &[T], eps: f64) -> (f64, f64) {
+    let n = xs.len() as f64;
+    let mean = xs.iter().map(|v| v.to_f64()).sum::<f64>() / n;
+    let var = xs
+        .iter()
+        .map(|v| {
+            let d = v.to_f64() - mean;
+            d * d
+        })
+        .sum::<f64>()
+        / n;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
+fn forward<T: Elem>(
+    op: &GroupNormOp,
+    d: Dims,
+    x: &[T],
+    gamma: &[T],
+    beta: &[T],
+) -> (Vec<T>, Vec<(f64, f64)>) {
+    let len = d.cg * d.s;
+    let mut y = vec![T::ZERO; x.len()];
+    let stats: Vec<(f64, f64)> = y
+        .par_chunks_mut(len)
+        .zip(x.par_chunks(len))
+        .enumerate()
+        .map(|(i, (yg, xg))| {
+            let (mean, rstd) = stats(xg, op.eps);
+            let c0 = (i % op.groups) * d.cg;
+            for (j, (yc, xc)) in yg.chunks_exact_mut(d.s).zip(xg.chunks_exact(d.s)).enumerate() {
+                let a = gamma[c0 + j].to_f64() * rstd;
+                let (a, sh) = (T::from_f64(a), T::from_f64(beta[c0 + j].to_f64() - mean * a));
+                if op.silu {
+                    for (o, &v) in yc.iter_mut().zip(xc) {
+                        let z = v * a + sh;
+                        *o = z * sigmoid(z);
+                    }
+                } else {
+                    for (o, &v) in yc.iter_mut().zip(xc) {
+                        *o = v * a + sh;
+                    }
+                }
+            }
+            (mean, rstd)
+        })
+        .collect();
+    (y, stats)
+}
+
+type Grads<T> = (Vec<T>, Vec<T>, Vec<T>);
+
+fn backward<T: Elem>(
+    op: &GroupNormOp,
+    d: Dims,
+    x: &[T],
+    gamma: &[T],
+    beta: &[T],
+    dy: &[T],
+    stats: &[(f64, f64)],
+) -> Grads<T> {
+    let len = d.cg * d.s;
+    let n = len as f64;
+    let mut dx = vec![T::ZERO; x.len()];
+    // Per (example, group): per channel (sum dz, sum dz * x_hat).
+    let sums: Vec<Vec<(f64, f64)>> = dx
+        .par_chunks_mut(len)
+        .zip(x.par_chunks(len).zip(dy.par_chunks(len)))
+        .enumerate()
+        .map(|(i, (dxg, (xg, dyg)))| {
+            let (mean, rstd) = stats[i];
+            let (mean_t, rstd_t) = (T::from_f64(mean), T::from_f64(rstd));
+            let c0 = (i % op.groups) * d.cg;
+            let mut per_c = Vec::with_capacity(d.cg);
+            let (mut s1, mut s2) = (0.0f64, 0.0f64);
+            // Pass 1: dz into dx, channel sums.
+            for (j, ((dxc, xc), dyc)) in dxg
+                .chunks_exact_mut(d.s)
+                .zip(xg.chunks_exact(d.s))
+                .zip(dyg.chunks_exact(d.s))
+                .enumerate()
+            {
+                let (g, bt) = (gamma[c0 + j], beta[c0 + j]);
+                let (mut sdz, mut sdzx) = (0.0f64, 0.0f64);
+                for ((o, &v), &gy) in dxc.iter_mut().zip(xc).zip(dyc) {
+                    let xh = (v - mean_t) * rstd_t;
+                    let dz = if op.silu {
+                        let z = xh * g + bt;
+                        let sg = sigmoid(z);
+                        gy * sg * (T::ONE + z * (T::ONE - sg))
+                    } else {
+                        gy
+                    };
+                    *o = dz;
+                    sdz += dz.to_f64();
+                    sdzx += (dz * xh).to_f64();
+                }
+                s1 += g.to_f64() * sdz;
+                s2 += g.to_f64() * sdzx;
+                per_c.push((sdz, sdzx));
+            }
+            // Pass 2: dx from dz.
+            let (m1, m2) = (T::from_f64(s1 / n), T::from_f64(s2 / n));
+            for (j, (dxc, xc)) in dxg.chunks_exact_mut(d.s).zip(xg.chunks_exact(d.s)).enumerate() {
+                let g = gamma[c0 + j];
+                for (o, &v) in dxc.iter_mut().zip(xc) {
+                    let xh = (v - mean_t) * rstd_t;
+                    *o = rstd_t * (g * *o - m1 - xh * m2);
+                }
+            }
+            per_c
+        })
+        .collect();
+    let mut dgamma = vec![0.0f64; d.c];
+    let mut dbeta = vec![0.0f64; d.c];
+    for (i, per_c) in sums.iter().enumerate() {
+        let c0 = (i % op.groups) * d.cg;
+        for (j, &(sdz, sdzx)) in per_c.iter().enumerate() {
+            dbeta[c0 + j] += sdz;
+            dgamma[c0 + j] += sdzx;
+        }
+    }
+    debug_assert_eq!(sums.len(), d.b * op.groups);
+    let cast = |v: Vec<f64>| v.into_iter().map(T::from_f64).collect();
+    (dx, cast(dgamma), cast(dbeta))
+}
+
+impl CustomOp3 for GroupNormOp {
+    fn name(&self) -> &'static str {
+        if self.silu {
+            "ddpm-group-norm-silu"
+        } else {
+            "ddpm-group-norm"
+        }
+    }
+
+    fn cpu_fwd(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        sg: &CpuStorage,
+        lg: &Layout,
+        sb: &CpuStorage,
+        lb: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let d = self.dims(lx.shape());
+        macro_rules! run {
+            ($t:ty) => {{
+                let (y, st) = forward::<$t>(self, d, slice(sx, lx)?, slice(sg, lg)?, slice(sb, lb)?);
+                let _ = self.stats.set(st);
+                <$t>::to_cpu_storage_owned(y)
+            }};
+        }
+        let out = match sx.dtype() {
+            DType::F32 => run!(f32),
+            DType::F64 => run!(f64),
+            dt => bail!("ddpm-ops group_norm: unsupported dtype {dt:?}"),
+        };
+        Ok((out, lx.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let d = self.dims(x.shape());
+        let (x, gamma, beta, grad) = (
+            x.contiguous()?,
+            gamma.contiguous()?,
+            beta.contiguous()?,
+            grad.contiguous()?,
+        );
+        let (sx, lx) = x.storage_and_layout();
+        let (sg, lg) = gamma.storage_and_layout();
+        let (sb, lb) = beta.storage_and_layout();
+        let (sd, ld) = grad.storage_and_layout();
+        let (Storage::Cpu(sx), Storage::Cpu(sg), Storage::Cpu(sb), Storage::Cpu(sd)) =
+            (&*sx, &*sg, &*sb, &*sd)
+        else {
+            bail!("ddpm-ops group_norm backward: tensors are not on the CPU");
+        };
+        macro_rules! run {
+            ($t:ty) => {{
+                let xs = slice::<$t>(sx, lx)?;
+                let fresh;
+                let st = match self.stats.get() {
+                    Some(st) => st.as_slice(),
+                    None => {
+                        fresh = xs
+                            .chunks_exact(d.cg * d.s)
+                            .map(|g| stats(g, self.eps))
+                            .collect::<Vec<_>>();
+                        fresh.as_slice()
+                    }
+                };
+                let (dx, dg, db) = backward::<$t>(
+                    self,
+                    d,
+                    xs,
+                    slice(sg, lg)?,
+                    slice(sb, lb)?,
+                    slice(sd, ld)?,
+                    st,
+                );
+                let wrap = |v: Vec<$t>, s: &Shape| {
+                    Tensor::from_storage(
+                        Storage::Cpu(<$t>::to_cpu_storage_owned(v)),
+                        s.clone(),
+                        BackpropOp::none(),
+                        false,
+                    )
+                };
+                (
+                    wrap(dx, x.shape()),
+                    wrap(dg, gamma.shape()),
+                    wrap(db, beta.shape()),
+                )
+            }};
+        }
+        let (dx, dg, db) = match sx.dtype() {
+            DType::F32 => run!(f32),
+            DType::F64 => run!(f64),
+            dt => bail!("ddpm-ops group_norm backward: unsupported dtype {dt:?}"),
+        };
+        Ok((Some(dx), Some(dg), Some(db)))
+    }
+}

@@ -1,0 +1,98 @@
+//! Softmax over the last dimension with backward: `dx = y * (dy - sum(dy * y))`.
+
+use candle_core::backend::BackendStorage;
+use candle_core::op::BackpropOp;
+use candle_core::WithDType;
+use candle_core::{bail, CpuStorage, CustomOp1, DType, Layout, Result, Shape, Storage, Tensor, D};
+use rayon::prelude::*;
+
+use crate::conv::{slice, sum};
+use crate::elem::Elem;
+use crate::runtime::fast_path_enabled;
+
+/// Softmax over the last dimension, differentiable (candle 0.11's `softmax_last_dim` has no
+/// backward; its composite `softmax` is several passes each way). Other devices and dtypes use
+/// `candle_nn`'s composite formula.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    if x.rank() == 0 {
+        bail!("softmax_last_dim: scalar input");
+    }
+    let fast =
+        fast_path_enabled() && matches!(x.dtype(), DType::F32 | DType::F64) && x.device().is_cpu();
+    if !fast {
+        let max = x.max_keepdim(D::Minus1)?;
+        let e = x.broadcast_sub(&max)?.exp()?;
+        return e.broadcast_div(&e.sum_keepdim(D::Minus1)?);
+    }
+    x.contiguous()?.apply_op1(SoftmaxOp)
+}
+
+struct SoftmaxOp;
+
+fn forward<T: Elem>(x: &[T], d: usize) -> Vec<T> {
+    let mut y = vec![T::ZERO; x.len()];
+    y.par_chunks_mut(d)
+        .zip(x.par_chunks(d))
+        .for_each(|(yr, xr)| {
+            let m = xr.iter().fold(xr[0], |a, &b| a.maximum(b));
+            for (o, &v) in yr.iter_mut().zip(xr) {
+                *o = (v - m).exp();
+            }
+            let inv = T::ONE / sum(yr);
+            yr.iter_mut().for_each(|o| *o = *o * inv);
+        });
+    y
+}
+
+fn backward<T: Elem>(y: &[T], dy: &[T], d: usize) -> Vec<T> {
+    let mut dx = vec![T::ZERO; y.len()];
+    dx.par_chunks_mut(d)
+        .zip(y.par_chunks(d).zip(dy.par_chunks(d)))
+        .for_each(|(o, (yr, gr))| {
+            for ((a, &yv), &gv) in o.iter_mut().zip(yr).zip(gr) {
+                *a = yv * gv;
+            }
+            let s = sum(o);
+            for ((a, &yv), &gv) in o.iter_mut().zip(yr).zip(gr) {
+                *a = yv * (gv - s);
+            }
+        });
+    dx
+}
+
+impl CustomOp1 for SoftmaxOp {
+    fn name(&self) -> &'static str {
+        "ddpm-softmax-last-dim"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let d = l.dims()[l.dims().len() - 1];
+        let out = match s.dtype() {
+            DType::F32 => f32::to_cpu_storage_owned(forward(slice::<f32>(s, l)?, d.max(1))),
+            DType::F64 => f64::to_cpu_storage_owned(forward(slice::<f64>(s, l)?, d.max(1))),
+            dt => bail!("ddpm-ops softmax: unsupported dtype {dt:?}"),
+        };
+        Ok((out, l.shape().clone()))
+    }
+
+    fn bwd(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let d = res.dim(D::Minus1)?.max(1);
+        let (res, grad) = (res.contiguous()?, grad.contiguous()?);
+        let (sy, ly) = res.storage_and_layout();
+        let (sg, lg) = grad.storage_and_layout();
+        let (Storage::Cpu(sy), Storage::Cpu(sg)) = (&*sy, &*sg) else {
+            bail!("ddpm-ops softmax backward: tensors are not on the CPU");
+        };
+        let dx = match sy.dtype() {
+            DType::F32 => f32::to_cpu_storage_owned(backward(slice(sy, ly)?, slice(sg, lg)?, d)),
+            DType::F64 => f64::to_cpu_storage_owned(backward(slice(sy, ly)?, slice(sg, lg)?, d)),
+            dt => bail!("ddpm-ops softmax backward: unsupported dtype {dt:?}"),
+        };
+        Ok(Some(Tensor::from_storage(
+            Storage::Cpu(dx),
+            res.shape().clone(),
+            BackpropOp::none(),
+            false,
+        )))
+    }
+}

@@ -1,0 +1,130 @@
+//! f32 equality with candle's own ops, forward and gradients, to float rounding.
+
+mod common;
+
+use candle_core::{DType, Module, Var};
+use common::{randn, rel_err};
+
+/// Rounding of f32 sums of a few hundred products, relative to the output's scale.
+const TOL: f64 = 2e-5;
+
+fn conv_vs_candle(b: usize, cin: usize, cout: usize, hw: usize, k: usize, s: usize, p: usize) {
+    let x = Var::from_tensor(&randn(1, &[b, cin, hw, hw], DType::F32)).unwrap();
+    let w = Var::from_tensor(&randn(2, &[cout, cin, k, k], DType::F32).affine(0.2, 0.0).unwrap()).unwrap();
+    let bias = Var::from_tensor(&randn(3, &[cout], DType::F32)).unwrap();
+    let (xt, wt, bt) = (x.as_tensor(), w.as_tensor(), bias.as_tensor());
+    let ours = ddpm_ops::conv2d(xt, wt, Some(bt), s, p).unwrap();
+    let theirs = xt
+        .conv2d(wt, p, s, 1, 1)
+        .unwrap()
+        .broadcast_add(&bt.reshape((1, cout, 1, 1)).unwrap())
+        .unwrap();
+    let what = format!("conv b{b} {cin}->{cout} {hw}x{hw} k{k} s{s} p{p}");
+    let e = rel_err(&ours, &theirs);
+    assert!(e < TOL, "{what}: forward differs by {e:.2e}");
+    let r = randn(4, ours.dims(), DType::F32);
+    let g1 = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    let g2 = (theirs * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    for (name, v) in [("dx", xt), ("dW", wt), ("db", bt)] {
+        let e = rel_err(g1.get(v).unwrap(), g2.get(v).unwrap());
+        assert!(e < TOL, "{what}: {name} differs by {e:.2e}");
+    }
+    println!("{what}: ok");
+}
+
+#[test]
+fn conv_matches_candle() {
+    conv_vs_candle(4, 8, 6, 9, 3, 1, 1);
+    conv_vs_candle(3, 8, 8, 10, 3, 2, 1);
+    conv_vs_candle(3, 8, 8, 9, 3, 2, 1);
+    conv_vs_candle(4, 12, 6, 8, 1, 1, 0);
+    conv_vs_candle(1, 5, 7, 6, 3, 1, 1);
+    conv_vs_candle(16, 64, 64, 16, 3, 1, 1);
+    conv_vs_candle(2, 3, 64, 32, 3, 1, 1);
+}
+
+#[test]
+fn conv_f64_matches_candle() {
+    let x = randn(1, &[3, 4, 7, 7], DType::F64);
+    let w = randn(2, &[5, 4, 3, 3], DType::F64);
+    let a = ddpm_ops::conv2d(&x, &w, None, 2, 1).unwrap();
+    let b = x.conv2d(&w, 1, 2, 1, 1).unwrap();
+    assert!(rel_err(&a, &b) < 1e-12);
+}
+
+#[test]
+fn conv_layer_module() {
+    let x = randn(1, &[2, 4, 6, 6], DType::F32);
+    let layer = ddpm_ops::Conv2d {
+        weight: randn(2, &[3, 4, 3, 3], DType::F32),
+        bias: None,
+        stride: 1,
+        padding: 1,
+    };
+    let want = x.conv2d(&layer.weight, 1, 1, 1, 1).unwrap();
+    assert!(rel_err(&layer.forward(&x).unwrap(), &want) < TOL);
+}
+
+#[test]
+fn conv_noncontiguous_input() {
+    let x = randn(1, &[4, 2, 6, 6], DType::F32).transpose(0, 1).unwrap(); // [2, 4, 6, 6] strided
+    let w = randn(2, &[3, 4, 3, 3], DType::F32);
+    let a = ddpm_ops::conv2d(&x, &w, None, 1, 1).unwrap();
+    let b = x.contiguous().unwrap().conv2d(&w, 1, 1, 1, 1).unwrap();
+    assert!(rel_err(&a, &b) < TOL);
+}
+
+#[test]
+fn conv_rejects_bad_shapes() {
+    let x = randn(1, &[2, 4, 6, 6], DType::F32);
+    let w = randn(2, &[3, 5, 3, 3], DType::F32);
+    assert!(ddpm_ops::conv2d(&x, &w, None, 1, 1).is_err());
+    let w = randn(2, &[3, 4, 3, 3], DType::F32);
+    let b = randn(3, &[4], DType::F32);
+    assert!(ddpm_ops::conv2d(&x, &w, Some(&b), 1, 1).is_err());
+    assert!(ddpm_ops::conv2d(&x, &w, None, 0, 1).is_err());
+}
+
+fn gn_vs_candle(dims: &[usize], groups: usize, silu: bool) {
+    let c = dims[1];
+    let x = Var::from_tensor(&randn(4, dims, DType::F32).affine(3.0, 1.0).unwrap()).unwrap();
+    let g = Var::from_tensor(&randn(5, &[c], DType::F32).affine(0.5, 1.0).unwrap()).unwrap();
+    let b = Var::from_tensor(&randn(6, &[c], DType::F32).affine(0.5, 0.0).unwrap()).unwrap();
+    let (g, b) = (g.as_tensor().clone(), b.as_tensor().clone());
+    let gn = candle_nn::GroupNorm::new(g.clone(), b.clone(), c, groups, 1e-5).unwrap();
+    let ours = ddpm_ops::group_norm(x.as_tensor(), &g, &b, groups, 1e-5, silu).unwrap();
+    let theirs = gn.forward(x.as_tensor()).unwrap();
+    let theirs = if silu { theirs.silu().unwrap() } else { theirs };
+    let what = format!("group_norm {dims:?} groups {groups} silu {silu}");
+    let e = rel_err(&ours, &theirs);
+    assert!(e < TOL, "{what}: forward differs by {e:.2e}");
+    let r = randn(7, dims, DType::F32);
+    let g1 = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    let g2 = (theirs * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    for (name, v) in [("dx", x.as_tensor()), ("dgamma", &g), ("dbeta", &b)] {
+        let e = rel_err(g1.get(v).unwrap(), g2.get(v).unwrap());
+        assert!(e < TOL, "{what}: {name} differs by {e:.2e}");
+    }
+    println!("{what}: ok");
+}
+
+#[test]
+fn group_norm_matches_candle_nn() {
+    gn_vs_candle(&[4, 64, 16, 16], 32, true);
+    gn_vs_candle(&[4, 64, 16, 16], 32, false);
+    gn_vs_candle(&[3, 6, 5, 7], 3, true);
+    gn_vs_candle(&[2, 8, 9], 2, false);
+}
+
+#[test]
+fn softmax_matches_candle_nn() {
+    let x = Var::from_tensor(&randn(8, &[4, 3, 37, 64], DType::F32).affine(4.0, 0.0).unwrap()).unwrap();
+    let ours = ddpm_ops::softmax_last_dim(x.as_tensor()).unwrap();
+    let theirs = candle_nn::ops::softmax(x.as_tensor(), candle_core::D::Minus1).unwrap();
+    assert!(rel_err(&ours, &theirs) < 1e-6);
+    let r = randn(9, ours.dims(), DType::F32);
+    let g1 = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    let g2 = (theirs * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    let e = rel_err(g1.get(x.as_tensor()).unwrap(), g2.get(x.as_tensor()).unwrap());
+    assert!(e < TOL, "softmax dx differs by {e:.2e}");
+}

@@ -1,0 +1,120 @@
+//! Finite-difference gradient checks (f64): every op's backward against central differences,
+//! for every coordinate of every input, over the shapes the U-Net uses (3x3 stride 1 and 2,
+//! 1x1, odd sizes, padding 0/1), in both the threaded-examples and threaded-GEMM paths.
+
+mod common;
+
+use candle_core::DType;
+use common::{gradcheck, randn};
+
+fn conv_case(b: usize, cin: usize, cout: usize, hw: (usize, usize), k: usize, s: usize, p: usize) {
+    // Every test in this binary sets the same count: batches of 3+ take the threaded-examples
+    // path, smaller ones the threaded-GEMM path, whatever the machine's core count.
+    ddpm_ops::set_num_threads(3);
+    let x = randn(1, &[b, cin, hw.0, hw.1], DType::F64);
+    let w = randn(2, &[cout, cin, k, k], DType::F64);
+    let bias = randn(3, &[cout], DType::F64);
+    let worst = gradcheck(&[x.clone(), w.clone(), bias], |t| {
+        ddpm_ops::conv2d(&t[0], &t[1], Some(&t[2]), s, p)
+    });
+    let worst_nb = gradcheck(&[x, w], |t| ddpm_ops::conv2d(&t[0], &t[1], None, s, p));
+    println!("conv b{b} {cin}->{cout} {hw:?} k{k} s{s} p{p}: worst rel err {worst:.2e} / no bias {worst_nb:.2e}");
+}
+
+#[test]
+fn conv3x3_stride1_pad1() {
+    conv_case(3, 3, 4, (5, 6), 3, 1, 1);
+}
+
+#[test]
+fn conv3x3_stride2_pad1_even_and_odd() {
+    conv_case(2, 2, 3, (6, 6), 3, 2, 1);
+    conv_case(3, 2, 3, (7, 5), 3, 2, 1);
+    conv_case(4, 2, 3, (7, 5), 3, 2, 1);
+}
+
+#[test]
+fn conv1x1_pointwise() {
+    conv_case(3, 5, 3, (4, 3), 1, 1, 0);
+}
+
+#[test]
+fn conv_unpadded_and_strided_1x1() {
+    conv_case(2, 2, 3, (6, 5), 3, 1, 0);
+    conv_case(2, 3, 2, (5, 5), 1, 2, 0);
+    conv_case(2, 2, 2, (6, 6), 2, 2, 0);
+}
+
+#[test]
+fn conv_single_example() {
+    // One example: the threaded-GEMM path (fewer examples than threads).
+    conv_case(1, 3, 4, (5, 5), 3, 1, 1);
+}
+
+#[test]
+fn conv_input_without_gradient() {
+    // x a plain tensor (not a variable): only weight and bias get gradients.
+    let x = randn(1, &[2, 3, 5, 5], DType::F64);
+    let w = candle_core::Var::from_tensor(&randn(2, &[4, 3, 3, 3], DType::F64)).unwrap();
+    let b = candle_core::Var::from_tensor(&randn(3, &[4], DType::F64)).unwrap();
+    let y = ddpm_ops::conv2d(&x, w.as_tensor(), Some(b.as_tensor()), 1, 1).unwrap();
+    let g = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+    assert!(g.get(&x).is_none());
+    assert!(g.get(w.as_tensor()).is_some() && g.get(b.as_tensor()).is_some());
+}
+
+fn gn_case(dims: &[usize], groups: usize, silu: bool) {
+    let c = dims[1];
+    let x = randn(4, dims, DType::F64).affine(2.0, 0.5).unwrap();
+    let g = randn(5, &[c], DType::F64).affine(0.5, 1.0).unwrap();
+    let b = randn(6, &[c], DType::F64).affine(0.5, 0.0).unwrap();
+    let worst = gradcheck(&[x, g, b], |t| {
+        ddpm_ops::group_norm(&t[0], &t[1], &t[2], groups, 1e-5, silu)
+    });
+    println!("group_norm {dims:?} groups {groups} silu {silu}: worst rel err {worst:.2e}");
+}
+
+#[test]
+fn group_norm_silu() {
+    gn_case(&[3, 6, 4, 5], 3, true);
+    gn_case(&[2, 4, 3, 3], 1, true);
+}
+
+#[test]
+fn group_norm_plain() {
+    gn_case(&[3, 6, 4, 5], 2, false);
+    gn_case(&[2, 4, 7], 4, false);
+}
+
+#[test]
+fn softmax_last_dim() {
+    let x = randn(7, &[3, 4, 7], DType::F64).affine(2.0, 0.0).unwrap();
+    let worst = gradcheck(&[x], |t| ddpm_ops::softmax_last_dim(&t[0]));
+    println!("softmax: worst rel err {worst:.2e}");
+}
+
+#[test]
+fn softmax_of_noncontiguous_input() {
+    let x = randn(8, &[3, 5, 4], DType::F64).affine(2.0, 0.0).unwrap();
+    let worst = gradcheck(&[x], |t| {
+        ddpm_ops::softmax_last_dim(&t[0].transpose(1, 2)?)
+    });
+    println!("softmax (transposed input): worst rel err {worst:.2e}");
+}
+
+#[test]
+fn chain_of_ops() {
+    ddpm_ops::set_num_threads(3);
+    // conv -> GroupNorm+SiLU -> strided conv, with x used twice (as in a residual block).
+    let x = randn(9, &[3, 4, 6, 6], DType::F64);
+    let w1 = randn(10, &[4, 4, 3, 3], DType::F64).affine(0.3, 0.0).unwrap();
+    let g = randn(11, &[4], DType::F64).affine(0.3, 1.0).unwrap();
+    let b = randn(12, &[4], DType::F64).affine(0.3, 0.0).unwrap();
+    let w2 = randn(13, &[3, 4, 3, 3], DType::F64).affine(0.3, 0.0).unwrap();
+    let worst = gradcheck(&[x, w1, g, b, w2], |t| {
+        let h = ddpm_ops::conv2d(&t[0], &t[1], None, 1, 1)?;
+        let h = (ddpm_ops::group_norm(&h, &t[2], &t[3], 2, 1e-5, true)? + &t[0])?;
+        ddpm_ops::conv2d(&h, &t[4], None, 2, 1)
+    });
+    println!("chain: worst rel err {worst:.2e}");
+}

@@ -1,0 +1,341 @@
+//! `ddpm-sample`: generate images from a trained checkpoint, on one process or across MPI ranks.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{anyhow, bail, Context, Result};
+use candle_core::DType;
+use clap::Parser;
+use ddpm_sampler::checkpoint::RunCheckpoint;
+use ddpm_sampler::device::select_device;
+use ddpm_sampler::images::{write_grid_png, write_samples_h5};
+use ddpm_sampler::{
+    generate, ClassifierGuidance, EncoderClassifier, GenerateJob, Guidance, LabelPlan, Sampler,
+    SamplerKind, SamplerSettings, UNetDenoiser, Weights,
+};
+
+/// Generate images from a ddpm-train checkpoint.
+///
+/// Samplers: `ddpm` (ancestral; fixed-small, fixed-large or learned variance as trained), `ddim`
+/// (any --eta), `dpm-solver` (DPM-Solver++(2M)) and `heun` (probability-flow ODE, Karras et al.'s
+/// Heun in sigma space). Classifier-free guidance: eps = (1 + w) eps_cond - w eps_uncond with
+/// w = --cfg (w = 0 is the conditional model). Under `mpirun -n k` the images are split across ranks
+/// and rank 0 writes one file; the images do not depend on k.
+#[derive(Parser, Debug)]
+#[command(name = "ddpm-sample", version)]
+struct Args {
+    /// Run directory (its newest valid checkpoint) or one checkpoint directory.
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// ddpm | ddim | dpm-solver | heun.
+    #[arg(long, default_value = "ddim")]
+    sampler: String,
+    /// Steps: ddpm/ddim take improved-diffusion respacing strings ("ddim50", "250", "10,20,30") or a
+    /// number; dpm-solver and heun a number. Defaults: ddpm all T, ddim 50, dpm-solver 20, heun 18.
+    #[arg(long)]
+    steps: Option<String>,
+    /// Output HDF5 file (`images` uint8 [N,H,W,C], `labels`). Default: RUN/samples/<sampler>-<steps>.h5.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// PNG grid of (up to --grid-max of) the images. Default: the output path with .png.
+    #[arg(long)]
+    grid: Option<PathBuf>,
+    /// Write no grid.
+    #[arg(long)]
+    no_grid: bool,
+    /// Most images in the grid (per class with --per-class: the first ones of each class).
+    #[arg(long, default_value_t = 256)]
+    grid_max: usize,
+    /// Number of images. Default: 10 per class for a class-conditional model, 64 otherwise.
+    #[arg(long)]
+    num: Option<usize>,
+    /// Generate only class K.
+    #[arg(long, conflicts_with = "per_class")]
+    class: Option<u32>,
+    /// N images of every class (class k = images k*N .. (k+1)*N-1).
+    #[arg(long)]
+    per_class: Option<usize>,
+    /// Classifier-free guidance weight w: eps = (1 + w) eps_cond - w eps_uncond.
+    #[arg(long)]
+    cfg: Option<f64>,
+    /// Run directory of a noise-aware classifier (`ddpm-train --task classifier`) for classifier guidance.
+    #[arg(long)]
+    classifier: Option<PathBuf>,
+    /// Classifier guidance scale s (gradient of s * log p(y | x_t)).
+    #[arg(long, default_value_t = 1.0)]
+    classifier_scale: f64,
+    /// DDIM eta (0 = deterministic).
+    #[arg(long, default_value_t = 0.0)]
+    eta: f64,
+    /// Clip predicted x0 to [-1, 1] (ddpm, ddim).
+    #[arg(long)]
+    clip: bool,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// ema (the first EMA rate), ema:RATE, or model.
+    #[arg(long, default_value = "ema")]
+    weights: String,
+    /// Images per forward batch and rank.
+    #[arg(long, default_value_t = 64)]
+    batch: usize,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Use ddpm-diffusion's step functions instead of the fused ddpm-kernels update.
+    #[arg(long)]
+    no_fused: bool,
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let comm = match ddpm_dist::init() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::exit(1);
+        }
+    };
+    ddpm_dist::install_failure_handlers(&*comm);
+    let args = Args::parse();
+    if let Err(e) = run(&args, &*comm) {
+        ddpm_dist::fail(&*comm, e.as_ref());
+    }
+}
+
+fn grid_selection(n: usize, plan: LabelPlan, max: usize) -> (Vec<usize>, usize) {
+    match plan {
+        LabelPlan::PerClass {
+            per_class,
+            num_classes,
+        } => {
+            let cols = per_class.min((max / num_classes).max(1));
+            let idx = (0..num_classes)
+                .flat_map(|k| (0..cols).map(move |j| k * per_class + j))
+                .collect();
+            (idx, cols)
+        }
+        _ => {
+            let m = n.min(max);
+            let cols = (m as f64).sqrt().ceil() as usize;
+            ((0..m).collect(), cols)
+        }
+    }
+}
+
+fn run(args: &Args, comm: &dyn ddpm_dist::Communicator) -> Result<()> {
+    let rank0 = comm.rank() == 0;
+    let warn = |e: &ddpm_sampler::SamplerError| {
+        if rank0 {
+            eprintln!("warning: skipping checkpoint: {e}");
+        }
+    };
+    let ckpt = RunCheckpoint::resolve(&args.checkpoint, warn)?;
+    let model_cfg = ckpt.config.model.clone().ok_or_else(|| {
+        anyhow!(
+            "{}: not a diffusion-model checkpoint (task {:?})",
+            ckpt.dir.display(),
+            ckpt.task()
+        )
+    })?;
+    let device = select_device(&args.device, comm.local_rank())?;
+    let weights: Weights = args.weights.parse()?;
+    let diffusion = ckpt.diffusion()?;
+    let kind: SamplerKind = args.sampler.parse()?;
+    let mut settings = SamplerSettings::new(kind);
+    settings.steps = args.steps.clone();
+    settings.eta = args.eta;
+    settings.clip_denoised = args.clip;
+    settings.fused_update = !args.no_fused;
+    let sampler = Sampler::new(diffusion.clone(), settings)?;
+
+    // Classifier guidance.
+    let classifier = match &args.classifier {
+        None => None,
+        Some(p) => {
+            let c = RunCheckpoint::resolve(p, warn)?;
+            if c.config.diffusion.schedule != ckpt.config.diffusion.schedule
+                || c.config.diffusion.timesteps != ckpt.config.diffusion.timesteps
+            {
+                bail!(
+                    "{}: the classifier was trained on a {} schedule with {} steps, the model on {} with {}",
+                    c.dir.display(),
+                    c.config.diffusion.schedule,
+                    c.config.diffusion.timesteps,
+                    ckpt.config.diffusion.schedule,
+                    ckpt.config.diffusion.timesteps
+                );
+            }
+            let w = if c.manifest.ema_rates.is_empty() {
+                Weights::Model
+            } else {
+                Weights::Ema(None)
+            };
+            Some(EncoderClassifier::new(c.load_classifier(w, &device)?))
+        }
+    };
+    let num_classes = model_cfg
+        .num_classes
+        .or_else(|| classifier.as_ref().map(|c| c.net.config().num_classes));
+    let plan = match (num_classes, args.class, args.per_class) {
+        (None, Some(_), _) | (None, _, Some(_)) => {
+            bail!("--class / --per-class need a class-conditional model or a classifier (--classifier)")
+        }
+        (None, None, None) => LabelPlan::Unconditional,
+        (Some(k), Some(c), _) => {
+            if c as usize >= k {
+                bail!("--class {c}: the model has {k} classes (0..{})", k - 1);
+            }
+            LabelPlan::Class(c)
+        }
+        (Some(k), None, Some(m)) => LabelPlan::PerClass {
+            per_class: m,
+            num_classes: k,
+        },
+        (Some(k), None, None) => LabelPlan::RoundRobin { num_classes: k },
+    };
+    let n = match (plan, args.num) {
+        (
+            LabelPlan::PerClass {
+                per_class,
+                num_classes,
+            },
+            None,
+        ) => per_class * num_classes,
+        (
+            LabelPlan::PerClass {
+                per_class,
+                num_classes,
+            },
+            Some(n),
+        ) if n != per_class * num_classes => {
+            bail!("--num {n} disagrees with --per-class {per_class} x {num_classes} classes")
+        }
+        (_, Some(n)) => n,
+        (LabelPlan::Unconditional, None) => 64,
+        (_, None) => 10 * num_classes.unwrap_or(1),
+    };
+    if n == 0 {
+        bail!("--num must be at least 1");
+    }
+    if let Some(w) = args.cfg {
+        if model_cfg.num_classes.is_none() {
+            bail!("--cfg needs a class-conditional model");
+        }
+        if ckpt.config.diffusion.label_dropout <= 0.0 {
+            bail!(
+                "--cfg: the model was trained with diffusion.label_dropout = 0, so it never learned the null label \
+                 that classifier-free guidance needs (w = {w})"
+            );
+        }
+    }
+    let guidance = Guidance {
+        cfg_scale: args.cfg,
+        null_label: model_cfg.num_classes.map(|k| k as u32),
+        classifier: classifier.as_ref().map(|c| ClassifierGuidance {
+            classifier: c,
+            scale: args.classifier_scale,
+        }),
+    };
+    let unet = ckpt.load_unet(weights, DType::F32, &device)?;
+    let model = UNetDenoiser::new(unet);
+    let job = GenerateJob {
+        sampler: &sampler,
+        model: &model,
+        guidance,
+        n,
+        image_chw: [
+            model_cfg.in_channels,
+            model_cfg.image_size,
+            model_cfg.image_size,
+        ],
+        labels: plan.labels(n),
+        seed: args.seed,
+        batch: args.batch,
+        device,
+        progress: true,
+    };
+    let start = Instant::now();
+    let out = generate(&job, comm)?;
+    let mut local = [out.seconds];
+    comm.all_reduce_sum_f64(&mut local)?;
+    if !rank0 {
+        return Ok(());
+    }
+    let steps_label = args
+        .steps
+        .clone()
+        .unwrap_or_else(|| "default".into())
+        .replace(',', "_");
+    let out_path = args.out.clone().unwrap_or_else(|| {
+        ckpt.run_dir
+            .join("samples")
+            .join(format!("{}-{steps_label}.h5", kind.name()))
+    });
+    if let Some(parent) = out_path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
+    }
+    let labels = out
+        .labels
+        .as_deref()
+        .map(|l| (l, ckpt.class_names(num_classes.unwrap_or(0))));
+    let source = format!(
+        "ddpm-sample: checkpoint {} (step {}), sampler {} steps {:?}, weights {}, seed {}, cfg {:?}, classifier {:?} scale {}",
+        ckpt.dir.display(),
+        ckpt.step(),
+        kind,
+        args.steps,
+        args.weights,
+        args.seed,
+        args.cfg,
+        args.classifier,
+        args.classifier_scale
+    );
+    write_samples_h5(&out_path, &out.images, n, out.hwc, labels, &source)?;
+    let grid_path = if args.no_grid {
+        None
+    } else {
+        Some(
+            args.grid
+                .clone()
+                .unwrap_or_else(|| out_path.with_extension("png")),
+        )
+    };
+    if let Some(g) = &grid_path {
+        let (idx, cols) = grid_selection(n, plan, args.grid_max);
+        let per = out.hwc.iter().product::<usize>();
+        let sel: Vec<u8> = idx
+            .iter()
+            .flat_map(|&i| out.images[i * per..(i + 1) * per].iter().copied())
+            .collect();
+        write_grid_png(g, &sel, idx.len(), out.hwc, cols)?;
+    }
+    let wall = start.elapsed().as_secs_f64();
+    let summary = serde_json::json!({
+        "metric": "sample",
+        "checkpoint": ckpt.dir,
+        "step": ckpt.step(),
+        "sampler": kind.name(),
+        "steps": args.steps,
+        "model_evals_per_image": sampler.num_model_evals(),
+        "cfg": args.cfg,
+        "classifier_scale": args.classifier.as_ref().map(|_| args.classifier_scale),
+        "eta": args.eta,
+        "clip": args.clip,
+        "weights": args.weights,
+        "seed": args.seed,
+        "num_images": n,
+        "world_size": comm.world_size(),
+        "seconds": wall,
+        "images_per_second": n as f64 / wall,
+        "out": out_path,
+        "grid": grid_path,
+    });
+    println!("{summary}");
+    Ok(())
+}
