@@ -48,6 +48,14 @@ fn upload(data: &[f32], dims: &[usize], dev: &Device, misalign: bool) -> Result<
     Ok(t)
 }
 
+fn step_noise<'a>(mode: &str, key: NoiseKey, ts: &'a [Tensor; 3]) -> StepNoise<'a> {
+    match mode {
+        "none" => StepNoise::None,
+        "philox" => StepNoise::Philox(key),
+        _ => StepNoise::Given(&ts[2]),
+    }
+}
+
 const LAYOUTS: [(&str, [usize; 4], bool); 3] = [
     ("64x3x32x32", [64, 3, 32, 32], false),
     ("5x3x7x9 tail", [5, 3, 7, 9], false),
@@ -119,15 +127,8 @@ pub fn run(dev: &Device, rep: &mut Report) -> Result<()> {
         ];
         for clip in [None, Some((-1.0f32, 1.0f32))] {
             for mode in ["none", "philox", "given"] {
-                let noise = |ts: &[Tensor; 3]| -> StepNoise<'_> {
-                    match mode {
-                        "none" => StepNoise::None,
-                        "philox" => StepNoise::Philox(key),
-                        _ => StepNoise::Given(&ts[2]),
-                    }
-                };
-                let c = fused_sampler_step(&cpu[0], &cpu[1], &coefs, clip, noise(&cpu))?;
-                let g = fused_sampler_step(&gpu[0], &gpu[1], &coefs, clip, noise(&gpu))?;
+                let c = fused_sampler_step(&cpu[0], &cpu[1], &coefs, clip, step_noise(mode, key, &cpu))?;
+                let g = fused_sampler_step(&gpu[0], &gpu[1], &coefs, clip, step_noise(mode, key, &gpu))?;
                 let dp = Diff::new(&to_host(&c.x_prev)?, &to_host(&g.x_prev)?);
                 let d0 = Diff::new(&to_host(&c.x0_pred)?, &to_host(&g.x0_pred)?);
                 rep.check(

@@ -18,14 +18,23 @@ fn ctx(e: io::Error, what: &str, path: &Path) -> io::Error {
 /// A temporary name in the same directory (same file system, so `rename` is atomic). The pid keeps
 /// two processes writing the same target from clobbering each other's temporaries.
 pub fn temp_sibling(path: &Path) -> PathBuf {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     path.with_file_name(format!(".{name}.tmp.{}", std::process::id()))
 }
 
 /// Flushes a directory's entries (new names, renames) to disk.
 pub fn fsync_dir(dir: &Path) -> io::Result<()> {
-    let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
-    File::open(dir).and_then(|f| f.sync_all()).map_err(|e| ctx(e, "fsync directory", dir))
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    File::open(dir)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| ctx(e, "fsync directory", dir))
 }
 
 /// Writes `bytes` to `path` atomically: temp file, fsync, rename, fsync of the parent directory.
@@ -34,7 +43,10 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
 }
 
 /// Like [`write_atomic`] but lets the caller stream into the file.
-pub fn write_atomic_with(path: &Path, fill: impl FnOnce(&mut File) -> io::Result<()>) -> io::Result<()> {
+pub fn write_atomic_with(
+    path: &Path,
+    fill: impl FnOnce(&mut File) -> io::Result<()>,
+) -> io::Result<()> {
     let tmp = temp_sibling(path);
     let result = (|| {
         let mut f = OpenOptions::new()
@@ -96,7 +108,10 @@ mod tests {
         write_atomic(&p, b"first").unwrap();
         write_atomic(&p, b"second").unwrap();
         assert_eq!(fs::read(&p).unwrap(), b"second");
-        let names: Vec<_> = fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let names: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         assert_eq!(names.len(), 1, "left-over files: {names:?}");
     }
 
@@ -112,7 +127,10 @@ mod tests {
         .unwrap_err();
         assert!(err.to_string().contains("simulated crash"), "{err}");
         assert_eq!(fs::read(&p).unwrap(), b"good");
-        let names: Vec<_> = fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let names: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         assert_eq!(names.len(), 1, "temp file left behind: {names:?}");
     }
 

@@ -59,11 +59,17 @@ pub enum CheckpointError {
 }
 
 fn bad(path: &Path, msg: impl Into<String>) -> CheckpointError {
-    CheckpointError::Invalid { path: path.to_path_buf(), msg: msg.into() }
+    CheckpointError::Invalid {
+        path: path.to_path_buf(),
+        msg: msg.into(),
+    }
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {
-    move |source| CheckpointError::Io { path: path.to_path_buf(), source }
+    move |source| CheckpointError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -130,7 +136,10 @@ impl Manifest {
 }
 
 pub fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 fn sha256_file(path: &Path) -> Result<(u64, String), CheckpointError> {
@@ -150,9 +159,13 @@ fn sha256_file(path: &Path) -> Result<(u64, String), CheckpointError> {
 }
 
 /// Serialises named tensors (sorted by name, so equal contents give equal bytes).
-pub fn safetensors_bytes(tensors: &[(String, Tensor)], path_for_errors: &Path) -> Result<Vec<u8>, CheckpointError> {
+pub fn safetensors_bytes(
+    tensors: &[(String, Tensor)],
+    path_for_errors: &Path,
+) -> Result<Vec<u8>, CheckpointError> {
     let sorted: BTreeMap<&str, &Tensor> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
-    safetensors::tensor::serialize(sorted, None).map_err(|e| bad(path_for_errors, format!("serialise: {e}")))
+    safetensors::tensor::serialize(sorted, None)
+        .map_err(|e| bad(path_for_errors, format!("serialise: {e}")))
 }
 
 /// Accumulates the files of one checkpoint in a staging directory and publishes them.
@@ -172,17 +185,29 @@ impl CheckpointWriter {
             fs::remove_dir_all(&staging).map_err(io(&staging))?;
         }
         fs::create_dir(&staging).map_err(io(&staging))?;
-        Ok(Self { staging, final_dir: root.join(name), files: Vec::new() })
+        Ok(Self {
+            staging,
+            final_dir: root.join(name),
+            files: Vec::new(),
+        })
     }
 
     pub fn add_bytes(&mut self, name: &str, bytes: &[u8]) -> Result<(), CheckpointError> {
         let p = self.staging.join(name);
         write_synced(&p, bytes).map_err(io(&p))?;
-        self.files.push(FileEntry { name: name.into(), bytes: bytes.len() as u64, sha256: sha256_hex(bytes) });
+        self.files.push(FileEntry {
+            name: name.into(),
+            bytes: bytes.len() as u64,
+            sha256: sha256_hex(bytes),
+        });
         Ok(())
     }
 
-    pub fn add_tensors(&mut self, name: &str, tensors: &[(String, Tensor)]) -> Result<(), CheckpointError> {
+    pub fn add_tensors(
+        &mut self,
+        name: &str,
+        tensors: &[(String, Tensor)],
+    ) -> Result<(), CheckpointError> {
         let bytes = safetensors_bytes(tensors, &self.staging.join(name))?;
         self.add_bytes(name, &bytes)
     }
@@ -190,7 +215,8 @@ impl CheckpointWriter {
     /// Writes the manifest (with the file list filled in) and renames the directory into place.
     pub fn finish(self, mut manifest: Manifest) -> Result<PathBuf, CheckpointError> {
         manifest.files = self.files;
-        let text = serde_json::to_string_pretty(&manifest).map_err(|e| bad(&self.staging, e.to_string()))?;
+        let text = serde_json::to_string_pretty(&manifest)
+            .map_err(|e| bad(&self.staging, e.to_string()))?;
         let mp = self.staging.join(MANIFEST);
         write_synced(&mp, text.as_bytes()).map_err(io(&mp))?;
         publish_dir(&self.staging, &self.final_dir).map_err(io(&self.final_dir))?;
@@ -215,22 +241,31 @@ impl Checkpoint {
     pub fn open(dir: &Path) -> Result<Self, CheckpointError> {
         let mp = dir.join(MANIFEST);
         let text = fs::read_to_string(&mp).map_err(io(&mp))?;
-        let manifest: Manifest =
-            serde_json::from_str(&text).map_err(|e| bad(&mp, format!("not a checkpoint manifest: {e}")))?;
+        let manifest: Manifest = serde_json::from_str(&text)
+            .map_err(|e| bad(&mp, format!("not a checkpoint manifest: {e}")))?;
         if manifest.format != FORMAT {
-            return Err(bad(&mp, format!("format is {:?}, expected {FORMAT:?}", manifest.format)));
+            return Err(bad(
+                &mp,
+                format!("format is {:?}, expected {FORMAT:?}", manifest.format),
+            ));
         }
         if manifest.format_version != FORMAT_VERSION {
             return Err(bad(
                 &mp,
-                format!("format version {} is not supported (this build reads {FORMAT_VERSION})", manifest.format_version),
+                format!(
+                    "format version {} is not supported (this build reads {FORMAT_VERSION})",
+                    manifest.format_version
+                ),
             ));
         }
         for f in &manifest.files {
             let p = dir.join(&f.name);
             let (n, h) = sha256_file(&p)?;
             if n != f.bytes {
-                return Err(bad(&p, format!("size is {n} bytes, the manifest says {}", f.bytes)));
+                return Err(bad(
+                    &p,
+                    format!("size is {n} bytes, the manifest says {}", f.bytes),
+                ));
             }
             if h != f.sha256 {
                 return Err(bad(&p, "sha256 does not match the manifest (file damaged)"));
@@ -246,7 +281,10 @@ impl Checkpoint {
                 return Err(bad(&mp, format!("lists no {}", ema_file(*r))));
             }
         }
-        Ok(Self { dir: dir.to_path_buf(), manifest })
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            manifest,
+        })
     }
 
     /// Loads a tensor file, requiring exactly the `expected` names and shapes; the error lists every
@@ -262,7 +300,11 @@ impl Checkpoint {
     }
 
     /// Loads every tensor of a file, whatever its names (for the sampler and tools).
-    pub fn load_all(&self, file: &str, device: &Device) -> Result<HashMap<String, Tensor>, CheckpointError> {
+    pub fn load_all(
+        &self,
+        file: &str,
+        device: &Device,
+    ) -> Result<HashMap<String, Tensor>, CheckpointError> {
         let p = self.dir.join(file);
         candle_core::safetensors::load(&p, device).map_err(|e| bad(&p, e.to_string()))
     }
@@ -294,7 +336,7 @@ pub fn list_checkpoints(run_dir: &Path) -> Vec<(u64, PathBuf)> {
             e.file_type().ok()?.is_dir().then(|| (step, e.path()))
         })
         .collect();
-    out.sort_by(|a, b| b.0.cmp(&a.0));
+    out.sort_by_key(|c| std::cmp::Reverse(c.0));
     out
 }
 
@@ -312,7 +354,10 @@ pub fn find_latest(run_dir: &Path, mut warn: impl FnMut(&CheckpointError)) -> Op
 
 /// Resolves what the user pointed at: a checkpoint directory (has a manifest) or a run directory
 /// (its newest valid checkpoint).
-pub fn resolve(path: &Path, warn: impl FnMut(&CheckpointError)) -> Result<Checkpoint, CheckpointError> {
+pub fn resolve(
+    path: &Path,
+    warn: impl FnMut(&CheckpointError),
+) -> Result<Checkpoint, CheckpointError> {
     if path.join(MANIFEST).exists() {
         Checkpoint::open(path)
     } else if path.join(CHECKPOINTS_DIR).is_dir() {
@@ -365,11 +410,19 @@ mod tests {
             batch_per_rank: 1,
             global_batch: 1,
             loader_position: serde_json::json!({"epoch": 0, "batch_index": 0}),
-            optimizer: OptimizerState { kind: "adamw".into(), t: 0, lr: 0.0 },
+            optimizer: OptimizerState {
+                kind: "adamw".into(),
+                t: 0,
+                lr: 0.0,
+            },
             ema_rates: vec![0.5],
             ema_updates: 0,
             skipped_steps: 0,
-            rng: RngState { seed: 0, next_step: step, generator: "philox".into() },
+            rng: RngState {
+                seed: 0,
+                next_step: step,
+                generator: "philox".into(),
+            },
             timestep_sampler: "uniform".into(),
             num_parameters: 2,
             files: vec![],
@@ -379,7 +432,10 @@ mod tests {
     }
 
     fn write(run: &Path, step: u64) -> PathBuf {
-        let t = vec![("w".to_string(), Tensor::new(&[1f32, 2.0], &Device::Cpu).unwrap())];
+        let t = vec![(
+            "w".to_string(),
+            Tensor::new(&[1f32, 2.0], &Device::Cpu).unwrap(),
+        )];
         let mut w = CheckpointWriter::begin(run, step).unwrap();
         w.add_tensors(MODEL_FILE, &t).unwrap();
         w.add_tensors(&ema_file(0.5), &t).unwrap();
@@ -396,13 +452,23 @@ mod tests {
         }
         let c = find_latest(dir.path(), |e| panic!("{e}")).unwrap();
         assert_eq!(c.manifest.step, 15);
-        let t = c.load_tensors(MODEL_FILE, &[("w".into(), vec![2])], &Device::Cpu).unwrap();
+        let t = c
+            .load_tensors(MODEL_FILE, &[("w".into(), vec![2])], &Device::Cpu)
+            .unwrap();
         assert_eq!(t["w"].to_vec1::<f32>().unwrap(), vec![1.0, 2.0]);
-        let err = c.load_tensors(MODEL_FILE, &[("w".into(), vec![3])], &Device::Cpu).unwrap_err();
+        let err = c
+            .load_tensors(MODEL_FILE, &[("w".into(), vec![3])], &Device::Cpu)
+            .unwrap_err();
         assert!(err.to_string().contains('w'), "{err}");
         let removed = prune(dir.path(), 2).unwrap();
         assert_eq!(removed.len(), 1);
-        assert_eq!(list_checkpoints(dir.path()).iter().map(|c| c.0).collect::<Vec<_>>(), vec![15, 10]);
+        assert_eq!(
+            list_checkpoints(dir.path())
+                .iter()
+                .map(|c| c.0)
+                .collect::<Vec<_>>(),
+            vec![15, 10]
+        );
         // no staging leftovers
         let names: Vec<String> = fs::read_dir(dir.path().join(CHECKPOINTS_DIR))
             .unwrap()
@@ -441,6 +507,11 @@ mod tests {
         std::mem::forget(w);
         assert!(find_latest(dir.path(), |_| {}).is_none());
         clean_staging(dir.path());
-        assert_eq!(fs::read_dir(dir.path().join(CHECKPOINTS_DIR)).unwrap().count(), 0);
+        assert_eq!(
+            fs::read_dir(dir.path().join(CHECKPOINTS_DIR))
+                .unwrap()
+                .count(),
+            0
+        );
     }
 }

@@ -18,7 +18,13 @@ pub use ddpm_unet::{EncoderUNetConfig, UNetConfig};
 /// not the training trajectory, so a run may be resumed with different values. `data.batch` is the
 /// per-rank batch: what matters for the trajectory is the global batch (ranks x per-rank batch),
 /// which resume checks separately, so a run may continue on a different number of ranks.
-pub const HASH_EXCLUDED_KEYS: &[&str] = &["schedule", "preview", "out_dir", "data.prefetch", "data.batch"];
+pub const HASH_EXCLUDED_KEYS: &[&str] = &[
+    "schedule",
+    "preview",
+    "out_dir",
+    "data.prefetch",
+    "data.batch",
+];
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ConfigError {
@@ -32,15 +38,22 @@ pub enum ConfigError {
 /// Re-keys an error of a nested config's own validation (`num_heads ...` -> `model.num_heads ...`).
 fn prefixed(table: &str, e: ddpm_unet::UNetError) -> ConfigError {
     match e {
-        ddpm_unet::UNetError::Config { field, message } => {
-            ConfigError::Invalid { key: format!("{table}.{field}"), msg: message }
-        }
-        other => ConfigError::Invalid { key: table.to_string(), msg: format!("is invalid: {other}") },
+        ddpm_unet::UNetError::Config { field, message } => ConfigError::Invalid {
+            key: format!("{table}.{field}"),
+            msg: message,
+        },
+        other => ConfigError::Invalid {
+            key: table.to_string(),
+            msg: format!("is invalid: {other}"),
+        },
     }
 }
 
 fn invalid(key: &str, msg: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid { key: key.to_string(), msg: msg.into() }
+    ConfigError::Invalid {
+        key: key.to_string(),
+        msg: msg.into(),
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -182,7 +195,10 @@ pub struct EmaConfig {
 
 impl Default for EmaConfig {
     fn default() -> Self {
-        Self { rates: d_ema_rates(), warmup: false }
+        Self {
+            rates: d_ema_rates(),
+            warmup: false,
+        }
     }
 }
 
@@ -224,7 +240,13 @@ pub struct PreviewConfig {
 
 impl Default for PreviewConfig {
     fn default() -> Self {
-        Self { steps: d_preview_steps(), per_class: d_per_class(), eta: 0.0, guidance: 0.0, ema_rate: None }
+        Self {
+            steps: d_preview_steps(),
+            per_class: d_per_class(),
+            eta: 0.0,
+            guidance: 0.0,
+            ema_rate: None,
+        }
     }
 }
 
@@ -339,8 +361,9 @@ pub struct Overrides {
 impl TrainConfig {
     /// Reads, overrides and validates a config file.
     pub fn load(path: &Path, ov: &Overrides) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ConfigError::Parse(format!("cannot read config {}: {e}", path.display())))?;
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError::Parse(format!("cannot read config {}: {e}", path.display()))
+        })?;
         Self::from_toml_str(&text, ov).map_err(|e| match e {
             ConfigError::Parse(m) => ConfigError::Parse(format!("{}: {m}", path.display())),
             other => other,
@@ -349,15 +372,18 @@ impl TrainConfig {
 
     pub fn from_toml_str(text: &str, ov: &Overrides) -> Result<Self, ConfigError> {
         // Parse the file on its own first so its errors point at its own lines.
-        let mut cfg: TrainConfig = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        let mut cfg: TrainConfig =
+            toml::from_str(text).map_err(|e| describe_toml_error(text, &e, ""))?;
         if !ov.sets.is_empty() {
-            let mut table: toml::Table = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+            let mut table: toml::Table =
+                toml::from_str(text).map_err(|e| describe_toml_error(text, &e, ""))?;
             for s in &ov.sets {
                 apply_set(&mut table, s)?;
             }
-            cfg = toml::Value::Table(table)
-                .try_into()
-                .map_err(|e: toml::de::Error| ConfigError::Parse(format!("after --set overrides: {}", e.message())))?;
+            // Re-render so deserialisation errors carry a position, hence a key name.
+            let merged = toml::to_string(&table).map_err(|e| ConfigError::Parse(e.to_string()))?;
+            cfg = toml::from_str(&merged)
+                .map_err(|e| describe_toml_error(&merged, &e, "after --set overrides: "))?;
         }
         if let Some(s) = ov.steps {
             cfg.schedule.total_steps = s;
@@ -379,15 +405,29 @@ impl TrainConfig {
     /// Checks every value; the error names the offending key.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let num_classes = match (self.task, &self.model, &self.classifier) {
-            (Task::Diffusion, None, _) => return Err(invalid("model", "table is missing (needed for task = \"diffusion\")")),
+            (Task::Diffusion, None, _) => {
+                return Err(invalid(
+                    "model",
+                    "table is missing (needed for task = \"diffusion\")",
+                ))
+            }
             (Task::Diffusion, Some(_), Some(_)) => {
-                return Err(invalid("classifier", "table is only used with task = \"classifier\"; remove it"))
+                return Err(invalid(
+                    "classifier",
+                    "table is only used with task = \"classifier\"; remove it",
+                ))
             }
             (Task::Classifier, _, None) => {
-                return Err(invalid("classifier", "table is missing (needed for task = \"classifier\")"))
+                return Err(invalid(
+                    "classifier",
+                    "table is missing (needed for task = \"classifier\")",
+                ))
             }
             (Task::Classifier, Some(_), _) => {
-                return Err(invalid("model", "table is only used with task = \"diffusion\"; remove it"))
+                return Err(invalid(
+                    "model",
+                    "table is only used with task = \"diffusion\"; remove it",
+                ))
             }
             (Task::Diffusion, Some(m), None) => {
                 m.validate().map_err(|e| prefixed("model", e))?;
@@ -400,7 +440,10 @@ impl TrainConfig {
         };
         let d = &self.diffusion;
         if d.timesteps < 2 || d.timesteps > 100_000 {
-            return Err(invalid("diffusion.timesteps", format!("must be in 2..=100000, got {}", d.timesteps)));
+            return Err(invalid(
+                "diffusion.timesteps",
+                format!("must be in 2..=100000, got {}", d.timesteps),
+            ));
         }
         let learned = d.variance == Variance::LearnedRange;
         if let Some(m) = &self.model {
@@ -422,14 +465,23 @@ impl TrainConfig {
         }
         if let Some(g) = d.min_snr_gamma {
             if !(g.is_finite() && g > 0.0) {
-                return Err(invalid("diffusion.min_snr_gamma", format!("must be > 0, got {g}")));
+                return Err(invalid(
+                    "diffusion.min_snr_gamma",
+                    format!("must be > 0, got {g}"),
+                ));
             }
             if d.loss == Loss::Vlb {
-                return Err(invalid("diffusion.min_snr_gamma", "weights the MSE term and cannot be used with loss = \"vlb\""));
+                return Err(invalid(
+                    "diffusion.min_snr_gamma",
+                    "weights the MSE term and cannot be used with loss = \"vlb\"",
+                ));
             }
         }
         if !(0.0..1.0).contains(&d.label_dropout) {
-            return Err(invalid("diffusion.label_dropout", format!("must be in [0, 1), got {}", d.label_dropout)));
+            return Err(invalid(
+                "diffusion.label_dropout",
+                format!("must be in [0, 1), got {}", d.label_dropout),
+            ));
         }
         if d.label_dropout > 0.0 && (num_classes.is_none() || self.task == Task::Classifier) {
             return Err(invalid(
@@ -442,10 +494,16 @@ impl TrainConfig {
             return Err(invalid("data.path", "must not be empty"));
         }
         if self.data.batch == 0 || self.data.batch > 65_536 {
-            return Err(invalid("data.batch", format!("must be in 1..=65536, got {}", self.data.batch)));
+            return Err(invalid(
+                "data.batch",
+                format!("must be in 1..=65536, got {}", self.data.batch),
+            ));
         }
         if self.data.prefetch > 1024 {
-            return Err(invalid("data.prefetch", format!("must be <= 1024, got {}", self.data.prefetch)));
+            return Err(invalid(
+                "data.prefetch",
+                format!("must be <= 1024, got {}", self.data.prefetch),
+            ));
         }
 
         let o = &self.optim;
@@ -454,19 +512,28 @@ impl TrainConfig {
         }
         for (i, b) in o.betas.iter().enumerate() {
             if !(0.0..1.0).contains(b) {
-                return Err(invalid(&format!("optim.betas[{i}]"), format!("must be in [0, 1), got {b}")));
+                return Err(invalid(
+                    &format!("optim.betas[{i}]"),
+                    format!("must be in [0, 1), got {b}"),
+                ));
             }
         }
         if !(o.eps.is_finite() && o.eps > 0.0) {
             return Err(invalid("optim.eps", format!("must be > 0, got {}", o.eps)));
         }
         if !(o.weight_decay.is_finite() && o.weight_decay >= 0.0) {
-            return Err(invalid("optim.weight_decay", format!("must be >= 0, got {}", o.weight_decay)));
+            return Err(invalid(
+                "optim.weight_decay",
+                format!("must be >= 0, got {}", o.weight_decay),
+            ));
         }
         if o.lr * o.weight_decay >= 1.0 {
             return Err(invalid(
                 "optim.weight_decay",
-                format!("times optim.lr must be < 1 (decay factor 1 - lr*wd), got {}", o.lr * o.weight_decay),
+                format!(
+                    "times optim.lr must be < 1 (decay factor 1 - lr*wd), got {}",
+                    o.lr * o.weight_decay
+                ),
             ));
         }
         if let Some(c) = o.grad_clip {
@@ -480,10 +547,16 @@ impl TrainConfig {
         }
         for (i, r) in self.ema.rates.iter().enumerate() {
             if !(r.is_finite() && *r > 0.0 && *r < 1.0) {
-                return Err(invalid(&format!("ema.rates[{i}]"), format!("must be in (0, 1), got {r}")));
+                return Err(invalid(
+                    &format!("ema.rates[{i}]"),
+                    format!("must be in (0, 1), got {r}"),
+                ));
             }
             if self.ema.rates[..i].contains(r) {
-                return Err(invalid(&format!("ema.rates[{i}]"), format!("duplicates rate {r}")));
+                return Err(invalid(
+                    &format!("ema.rates[{i}]"),
+                    format!("duplicates rate {r}"),
+                ));
             }
         }
 
@@ -493,7 +566,10 @@ impl TrainConfig {
         }
         if s.total_steps > u32::MAX as u64 {
             // The RNG counter holds the step in 32 bits.
-            return Err(invalid("schedule.total_steps", format!("must be < 2^32, got {}", s.total_steps)));
+            return Err(invalid(
+                "schedule.total_steps",
+                format!("must be < 2^32, got {}", s.total_steps),
+            ));
         }
         if s.log_every == 0 {
             return Err(invalid("schedule.log_every", "must be >= 1, got 0"));
@@ -509,30 +585,55 @@ impl TrainConfig {
         if p.steps == 0 || p.steps > d.timesteps {
             return Err(invalid(
                 "preview.steps",
-                format!("must be in 1..=diffusion.timesteps ({}), got {}", d.timesteps, p.steps),
+                format!(
+                    "must be in 1..=diffusion.timesteps ({}), got {}",
+                    d.timesteps, p.steps
+                ),
             ));
         }
         if p.per_class == 0 || p.per_class > 256 {
-            return Err(invalid("preview.per_class", format!("must be in 1..=256, got {}", p.per_class)));
+            return Err(invalid(
+                "preview.per_class",
+                format!("must be in 1..=256, got {}", p.per_class),
+            ));
         }
         if !(p.eta.is_finite() && p.eta >= 0.0) {
-            return Err(invalid("preview.eta", format!("must be >= 0, got {}", p.eta)));
+            return Err(invalid(
+                "preview.eta",
+                format!("must be >= 0, got {}", p.eta),
+            ));
         }
         if !(p.guidance.is_finite() && p.guidance >= 0.0) {
-            return Err(invalid("preview.guidance", format!("must be >= 0, got {}", p.guidance)));
+            return Err(invalid(
+                "preview.guidance",
+                format!("must be >= 0, got {}", p.guidance),
+            ));
         }
         if p.guidance > 0.0 && d.label_dropout == 0.0 {
-            return Err(invalid("preview.guidance", "> 0 needs a model trained with diffusion.label_dropout > 0"));
+            return Err(invalid(
+                "preview.guidance",
+                "> 0 needs a model trained with diffusion.label_dropout > 0",
+            ));
         }
         if let Some(r) = p.ema_rate {
             if !self.ema.rates.contains(&r) {
-                return Err(invalid("preview.ema_rate", format!("{r} is not one of ema.rates {:?}", self.ema.rates)));
+                return Err(invalid(
+                    "preview.ema_rate",
+                    format!("{r} is not one of ema.rates {:?}", self.ema.rates),
+                ));
             }
         }
 
         match &self.out_dir {
-            None => return Err(invalid("out_dir", "must be set (in the config or with --out)")),
-            Some(p) if p.as_os_str().is_empty() => return Err(invalid("out_dir", "must not be empty")),
+            None => {
+                return Err(invalid(
+                    "out_dir",
+                    "must be set (in the config or with --out)",
+                ))
+            }
+            Some(p) if p.as_os_str().is_empty() => {
+                return Err(invalid("out_dir", "must not be empty"))
+            }
             _ => {}
         }
         Ok(())
@@ -555,7 +656,54 @@ impl TrainConfig {
     }
 
     pub fn to_toml(&self) -> String {
-        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render config as TOML: {e}\n"))
+        toml::to_string_pretty(self)
+            .unwrap_or_else(|e| format!("# cannot render config as TOML: {e}\n"))
+    }
+}
+
+/// Turns a TOML/serde error into `table.key: message (line N)` using the error's position: the key
+/// is read from the offending line and the table from the nearest `[header]` above it.
+fn describe_toml_error(text: &str, e: &toml::de::Error, prefix: &str) -> ConfigError {
+    let msg = e.message().trim().to_string();
+    let Some(span) = e.span() else {
+        return ConfigError::Parse(format!("{prefix}{msg}"));
+    };
+    let start = span.start.min(text.len());
+    let line_no = text[..start].matches('\n').count() + 1;
+    let line_start = text[..start].rfind('\n').map(|i| i + 1).unwrap_or(0);
+    let line = text[line_start..].lines().next().unwrap_or("").trim();
+    let table = text[..line_start]
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('[') && !l.starts_with("[["))
+        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_string())
+        .unwrap_or_default();
+    let key = if line.starts_with('[') {
+        line.trim_matches(|c| c == '[' || c == ']')
+            .trim()
+            .to_string()
+    } else {
+        let k = line
+            .split('=')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .trim_matches('"');
+        // an unknown-field error names the field; prefer it when the line is not a key line
+        let k = if k.is_empty() { "" } else { k };
+        if table.is_empty() {
+            k.to_string()
+        } else if k.is_empty() {
+            table.clone()
+        } else {
+            format!("{table}.{k}")
+        }
+    };
+    if key.is_empty() {
+        ConfigError::Parse(format!("{prefix}{msg} (line {line_no})"))
+    } else {
+        ConfigError::Parse(format!("{prefix}{key}: {msg} (line {line_no})"))
     }
 }
 
@@ -586,7 +734,10 @@ pub fn canonical(v: &serde_json::Value) -> String {
                 .collect();
             format!("{{{}}}", items.join(","))
         }
-        Value::Array(a) => format!("[{}]", a.iter().map(canonical).collect::<Vec<_>>().join(",")),
+        Value::Array(a) => format!(
+            "[{}]",
+            a.iter().map(canonical).collect::<Vec<_>>().join(",")
+        ),
         other => other.to_string(),
     }
 }
@@ -600,26 +751,42 @@ pub fn apply_set(table: &mut toml::Table, set: &str) -> Result<(), ConfigError> 
     let key = key.trim();
     let raw = raw.trim();
     if key.is_empty() || key.split('.').any(|p| p.is_empty()) {
-        return Err(ConfigError::Parse(format!("--set {set:?}: bad key {key:?}")));
+        return Err(ConfigError::Parse(format!(
+            "--set {set:?}: bad key {key:?}"
+        )));
     }
     if raw.is_empty() {
-        return Err(ConfigError::Parse(format!("--set {set:?}: missing value for {key}")));
+        return Err(ConfigError::Parse(format!(
+            "--set {set:?}: missing value for {key}"
+        )));
     }
     let value = match toml::from_str::<toml::Table>(&format!("v = {raw}")) {
         Ok(mut t) => t.remove("v").expect("parsed"),
-        Err(_) if raw.chars().all(|c| c.is_ascii_alphanumeric() || "_-./".contains(c)) => {
+        Err(_)
+            if raw
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_-./".contains(c)) =>
+        {
             toml::Value::String(raw.to_string())
         }
         Err(e) => {
-            return Err(ConfigError::Parse(format!("--set {key}: value {raw:?} is not valid TOML: {}", e.message())))
+            return Err(ConfigError::Parse(format!(
+                "--set {key}: value {raw:?} is not valid TOML: {}",
+                e.message()
+            )))
         }
     };
     let parts: Vec<&str> = key.split('.').collect();
     let mut cur = table;
     for (i, p) in parts[..parts.len() - 1].iter().enumerate() {
-        let entry = cur.entry(p.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        let entry = cur
+            .entry(p.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
         cur = entry.as_table_mut().ok_or_else(|| {
-            ConfigError::Parse(format!("--set {key}: {} is not a table", parts[..=i].join(".")))
+            ConfigError::Parse(format!(
+                "--set {key}: {} is not a table",
+                parts[..=i].join(".")
+            ))
         })?;
     }
     cur.insert(parts[parts.len() - 1].to_string(), value);

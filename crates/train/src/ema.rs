@@ -15,7 +15,13 @@ pub struct Ema {
 impl Ema {
     /// Starts from a copy of the current parameters (improved-diffusion does the same).
     pub fn new(rate: f64, vars: &[Var]) -> Result<Self> {
-        Ok(Self { rate, params: vars.iter().map(|v| v.as_tensor().copy()).collect::<Result<_>>()? })
+        Ok(Self {
+            rate,
+            params: vars
+                .iter()
+                .map(|v| v.as_tensor().copy())
+                .collect::<Result<_>>()?,
+        })
     }
 
     /// Effective decay for update number `n` (0-based). With `warmup`, `min(rate, (1+n)/(10+n))`
@@ -53,10 +59,14 @@ mod tests {
     fn update_is_the_convex_combination() {
         let v = Var::from_vec(vec![1.0f64, 2.0], 2, &Device::Cpu).unwrap();
         let mut e = Ema::new(0.9, std::slice::from_ref(&v)).unwrap();
-        v.set(&Tensor::new(&[11.0f64, 2.0], &Device::Cpu).unwrap()).unwrap();
+        v.set(&Tensor::new(&[11.0f64, 2.0], &Device::Cpu).unwrap())
+            .unwrap();
         e.update(std::slice::from_ref(&v), 0.9).unwrap();
         let got = e.params[0].to_vec1::<f64>().unwrap();
-        assert!((got[0] - 2.0).abs() < 1e-12 && (got[1] - 2.0).abs() < 1e-12, "{got:?}");
+        assert!(
+            (got[0] - 2.0).abs() < 1e-12 && (got[1] - 2.0).abs() < 1e-12,
+            "{got:?}"
+        );
     }
 
     #[test]

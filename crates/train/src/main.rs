@@ -64,12 +64,24 @@ enum Cmd {
 
 impl ConfigArgs {
     fn load(&self) -> Result<TrainConfig> {
-        let Some(path) = &self.config else { bail!("--config FILE is required") };
-        let ov = Overrides { sets: self.sets.clone(), steps: self.steps, batch: self.batch, out: self.out.clone() };
+        let Some(path) = &self.config else {
+            bail!("--config FILE is required")
+        };
+        let ov = Overrides {
+            sets: self.sets.clone(),
+            steps: self.steps,
+            batch: self.batch,
+            out: self.out.clone(),
+        };
         // inspect-model and check-config need no run directory
         let cfg = match TrainConfig::load(path, &ov) {
-            Err(ddpm_train::config::ConfigError::Invalid { key, .. }) if key == "out_dir" && ov.out.is_none() => {
-                let ov = Overrides { out: Some(PathBuf::from("runs/unnamed")), ..ov };
+            Err(ddpm_train::config::ConfigError::Invalid { key, .. })
+                if key == "out_dir" && ov.out.is_none() =>
+            {
+                let ov = Overrides {
+                    out: Some(PathBuf::from("runs/unnamed")),
+                    ..ov
+                };
                 let mut c = TrainConfig::load(path, &ov)?;
                 c.out_dir = None;
                 c
@@ -84,7 +96,11 @@ fn init_tracing(rank: usize) {
     let default = if rank == 0 { "info" } else { "warn" };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
 }
 
 fn rank_from_env() -> usize {
@@ -104,7 +120,11 @@ fn main() -> ExitCode {
         }),
         Some(Cmd::CheckConfig(a)) => a.load().map(|c| {
             print!("{}", c.to_toml());
-            println!("# config hash (excluding {}): {}", ddpm_train::config::HASH_EXCLUDED_KEYS.join(", "), c.hash());
+            println!(
+                "# config hash (excluding {}): {}",
+                ddpm_train::config::HASH_EXCLUDED_KEYS.join(", "),
+                c.hash()
+            );
             ExitCode::SUCCESS
         }),
         None => run_training(&cli),
@@ -120,9 +140,19 @@ fn main() -> ExitCode {
 
 fn run_training(cli: &Cli) -> Result<ExitCode> {
     let cfg = {
-        let Some(path) = &cli.config.config else { bail!("--config FILE is required") };
+        let Some(path) = &cli.config.config else {
+            bail!("--config FILE is required")
+        };
         let a = &cli.config;
-        TrainConfig::load(path, &Overrides { sets: a.sets.clone(), steps: a.steps, batch: a.batch, out: a.out.clone() })?
+        TrainConfig::load(
+            path,
+            &Overrides {
+                sets: a.sets.clone(),
+                steps: a.steps,
+                batch: a.batch,
+                out: a.out.clone(),
+            },
+        )?
     };
     let resume = match cli.resume.as_deref() {
         None => None,
@@ -139,11 +169,20 @@ fn run_training(cli: &Cli) -> Result<ExitCode> {
         other => bail!("--device must be cpu or cuda, got {other:?}"),
     };
     ddpm_dist::install_failure_handlers(&*comm);
-    let opts = TrainOptions { resume, stop, progress_bar: !cli.no_progress, device };
+    let opts = TrainOptions {
+        resume,
+        stop,
+        progress_bar: !cli.no_progress,
+        device,
+    };
     match train(&cfg, &*comm, opts) {
         Ok(out) => {
             if comm.rank() == 0 {
-                let ck = out.checkpoint.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
+                let ck = out
+                    .checkpoint
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default();
                 println!("step {} checkpoint {ck}", out.step);
                 if let Some(g) = &out.sample_grid {
                     println!("samples: {}", g.display());
@@ -154,11 +193,18 @@ fn run_training(cli: &Cli) -> Result<ExitCode> {
                 println!("metrics: {}", out.run_dir.join("metrics.jsonl").display());
             }
             drop(comm);
-            Ok(if out.stopped_by_signal { ExitCode::from(EXIT_PREEMPTED as u8) } else { ExitCode::SUCCESS })
+            Ok(if out.stopped_by_signal {
+                ExitCode::from(EXIT_PREEMPTED as u8)
+            } else {
+                ExitCode::SUCCESS
+            })
         }
         Err(e) => {
             if comm.world_size() > 1 {
-                ddpm_dist::fail(&*comm, &*Box::<dyn std::error::Error + Send + Sync>::from(format!("{e:#}")));
+                ddpm_dist::fail(
+                    &*comm,
+                    &*Box::<dyn std::error::Error + Send + Sync>::from(format!("{e:#}")),
+                );
             }
             Err(e)
         }

@@ -33,7 +33,14 @@ pub struct StepStats {
 
 impl StepStats {
     /// Adds one example with timestep `t` out of `num_timesteps`.
-    pub fn add(&mut self, t: usize, num_timesteps: usize, loss: f64, mse: Option<f64>, vb: Option<f64>) {
+    pub fn add(
+        &mut self,
+        t: usize,
+        num_timesteps: usize,
+        loss: f64,
+        mse: Option<f64>,
+        vb: Option<f64>,
+    ) {
         self.examples += 1.0;
         self.loss += loss;
         self.mse += mse.unwrap_or(0.0);
@@ -106,12 +113,28 @@ impl Window {
         if v.len() != 3 + STEP_STATS_LEN {
             return None;
         }
-        Some(Self { steps: v[0], applied_steps: v[1], grad_norm: v[2], stats: v[3..].to_vec() })
+        Some(Self {
+            steps: v[0],
+            applied_steps: v[1],
+            grad_norm: v[2],
+            stats: v[3..].to_vec(),
+        })
     }
 
     /// The JSON line for this window, ending at `step`.
-    pub fn line(&self, step: u64, lr: f64, images_per_sec: f64, skipped_steps: u64, extra: &Map<String, Value>) -> Value {
-        let s = StepStats::from_slice(if self.stats.is_empty() { &[0.0; STEP_STATS_LEN] } else { &self.stats });
+    pub fn line(
+        &self,
+        step: u64,
+        lr: f64,
+        images_per_sec: f64,
+        skipped_steps: u64,
+        extra: &Map<String, Value>,
+    ) -> Value {
+        let s = StepStats::from_slice(if self.stats.is_empty() {
+            &[0.0; STEP_STATS_LEN]
+        } else {
+            &self.stats
+        });
         let n = s.examples.max(1.0);
         let mut o = Map::new();
         o.insert("step".into(), json!(step));
@@ -119,12 +142,20 @@ impl Window {
         for q in 0..4 {
             o.insert(
                 format!("loss_q{q}"),
-                if s.q_count[q] > 0.0 { num(s.q_loss[q] / s.q_count[q]) } else { Value::Null },
+                if s.q_count[q] > 0.0 {
+                    num(s.q_loss[q] / s.q_count[q])
+                } else {
+                    Value::Null
+                },
             );
         }
         o.insert(
             "grad_norm".into(),
-            if self.applied_steps > 0.0 { num(self.grad_norm / self.applied_steps) } else { Value::Null },
+            if self.applied_steps > 0.0 {
+                num(self.grad_norm / self.applied_steps)
+            } else {
+                Value::Null
+            },
         );
         o.insert("lr".into(), num(lr));
         o.insert("images_per_sec".into(), num(images_per_sec));
@@ -166,7 +197,11 @@ impl MetricsLog {
             Some(step) => {
                 let kept = read_lines(&path)?
                     .into_iter()
-                    .filter(|v| v.get("step").and_then(Value::as_u64).is_some_and(|s| s <= step))
+                    .filter(|v| {
+                        v.get("step")
+                            .and_then(Value::as_u64)
+                            .is_some_and(|s| s <= step)
+                    })
                     .map(|v| v.to_string() + "\n")
                     .collect::<String>();
                 write_atomic(&path, kept.as_bytes())?;
@@ -221,7 +256,13 @@ mod tests {
         s.add(0, 1000, 1.0, Some(1.0), None);
         s.add(999, 1000, 3.0, Some(3.0), None);
         w.add(&s, Some(2.0));
-        w.add(&StepStats { nonfinite: 1.0, ..Default::default() }, None);
+        w.add(
+            &StepStats {
+                nonfinite: 1.0,
+                ..Default::default()
+            },
+            None,
+        );
         let line = w.line(2, 1e-4, 10.0, 1, &Map::new());
         assert_eq!(line["loss"], json!(2.0));
         assert_eq!(line["loss_q0"], json!(1.0));
@@ -237,7 +278,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut m = MetricsLog::open(dir.path(), None).unwrap();
         for s in 1..=5 {
-            m.write(&json!({"step": s, "loss": 1.0 / s as f64})).unwrap();
+            m.write(&json!({"step": s, "loss": 1.0 / s as f64}))
+                .unwrap();
         }
         drop(m);
         // a torn line at the end

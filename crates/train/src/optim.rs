@@ -75,7 +75,11 @@ impl AdamW {
             let denom = v.sqrt()?.affine(inv_sqrt_bc2, p.eps)?;
             let upd = (m.div(&denom)? * step_size)?;
             let w = var.as_tensor();
-            let w = if p.weight_decay != 0.0 { (w * decay)? } else { w.clone() };
+            let w = if p.weight_decay != 0.0 {
+                (w * decay)?
+            } else {
+                w.clone()
+            };
             var.set(&(w - upd)?)?;
             self.m[i] = m;
             self.v[i] = v;
@@ -89,7 +93,11 @@ impl AdamW {
 pub fn global_norm(grads: &[Tensor]) -> Result<f64> {
     let mut total = 0f64;
     for g in grads {
-        let s = g.to_dtype(DType::F32)?.sqr()?.sum_all()?.to_scalar::<f32>()?;
+        let s = g
+            .to_dtype(DType::F32)?
+            .sqr()?
+            .sum_all()?
+            .to_scalar::<f32>()?;
         total += s as f64;
     }
     Ok(total.sqrt())
@@ -97,7 +105,11 @@ pub fn global_norm(grads: &[Tensor]) -> Result<f64> {
 
 /// Scales gradients so their global norm is at most `max_norm` (PyTorch `clip_grad_norm_`).
 /// Returns the gradients unchanged when within the bound or when clipping is disabled.
-pub fn clip_by_global_norm(grads: Vec<Tensor>, norm: f64, max_norm: Option<f64>) -> Result<Vec<Tensor>> {
+pub fn clip_by_global_norm(
+    grads: Vec<Tensor>,
+    norm: f64,
+    max_norm: Option<f64>,
+) -> Result<Vec<Tensor>> {
     match max_norm {
         Some(max) if norm > max => {
             let scale = max / (norm + 1e-6);
@@ -130,13 +142,21 @@ mod tests {
 
     #[test]
     fn matches_scalar_reference() {
-        let hp = AdamWParams { lr: 0.1, beta1: 0.9, beta2: 0.99, eps: 1e-8, weight_decay: 0.05, warmup_steps: 3 };
+        let hp = AdamWParams {
+            lr: 0.1,
+            beta1: 0.9,
+            beta2: 0.99,
+            eps: 1e-8,
+            weight_decay: 0.05,
+            warmup_steps: 3,
+        };
         let var = Var::from_vec(vec![1.0f64, -2.0], 2, &Device::Cpu).unwrap();
         let mut opt = AdamW::new(std::slice::from_ref(&var), hp).unwrap();
         let gs = [[0.5, -1.0], [0.25, 3.0], [-0.1, 0.2], [1.0, 1.0]];
         for (k, g) in gs.iter().enumerate() {
             let gt = Tensor::new(&g[..], &Device::Cpu).unwrap();
-            opt.step(std::slice::from_ref(&var), &[gt], hp.lr_at(k as u64)).unwrap();
+            opt.step(std::slice::from_ref(&var), &[gt], hp.lr_at(k as u64))
+                .unwrap();
         }
         let got = var.as_tensor().to_vec1::<f64>().unwrap();
         let exp0 = reference(1.0, &gs.iter().map(|g| g[0]).collect::<Vec<_>>(), hp);
@@ -148,16 +168,33 @@ mod tests {
 
     #[test]
     fn warmup_is_linear_then_flat() {
-        let hp = AdamWParams { lr: 1.0, beta1: 0.9, beta2: 0.99, eps: 1e-8, weight_decay: 0.0, warmup_steps: 4 };
+        let hp = AdamWParams {
+            lr: 1.0,
+            beta1: 0.9,
+            beta2: 0.99,
+            eps: 1e-8,
+            weight_decay: 0.0,
+            warmup_steps: 4,
+        };
         let lrs: Vec<f64> = (0..6).map(|s| hp.lr_at(s)).collect();
         assert_eq!(lrs, vec![0.25, 0.5, 0.75, 1.0, 1.0, 1.0]);
-        assert_eq!(AdamWParams { warmup_steps: 0, ..hp }.lr_at(0), 1.0);
+        assert_eq!(
+            AdamWParams {
+                warmup_steps: 0,
+                ..hp
+            }
+            .lr_at(0),
+            1.0
+        );
     }
 
     #[test]
     fn clipping_bounds_the_global_norm() {
         let d = Device::Cpu;
-        let g = vec![Tensor::new(&[3f32, 0.0], &d).unwrap(), Tensor::new(&[4f32], &d).unwrap()];
+        let g = vec![
+            Tensor::new(&[3f32, 0.0], &d).unwrap(),
+            Tensor::new(&[4f32], &d).unwrap(),
+        ];
         let n = global_norm(&g).unwrap();
         assert!((n - 5.0).abs() < 1e-9);
         let c = clip_by_global_norm(g.clone(), n, Some(1.0)).unwrap();

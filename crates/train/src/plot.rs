@@ -21,7 +21,11 @@ impl Canvas {
         for _ in 0..width * height {
             data.extend_from_slice(&bg);
         }
-        Self { width, height, data }
+        Self {
+            width,
+            height,
+            data,
+        }
     }
 
     pub fn put(&mut self, x: i64, y: i64, c: [u8; 3]) {
@@ -64,7 +68,11 @@ impl Canvas {
                     if bits & (0b100 >> col) != 0 {
                         for dy in 0..scale {
                             for dx in 0..scale {
-                                self.put(x + (k as i64 * 4 + col) * scale + dx, y + row as i64 * scale + dy, c);
+                                self.put(
+                                    x + (k as i64 * 4 + col) * scale + dx,
+                                    y + row as i64 * scale + dy,
+                                    c,
+                                );
                             }
                         }
                     }
@@ -74,11 +82,24 @@ impl Canvas {
     }
 
     pub fn write_png(&self, path: &Path) -> io::Result<()> {
-        write_atomic(path, &encode_png(self.width as u32, self.height as u32, png::ColorType::Rgb, &self.data)?)
+        write_atomic(
+            path,
+            &encode_png(
+                self.width as u32,
+                self.height as u32,
+                png::ColorType::Rgb,
+                &self.data,
+            )?,
+        )
     }
 }
 
-pub fn encode_png(width: u32, height: u32, color: png::ColorType, data: &[u8]) -> io::Result<Vec<u8>> {
+pub fn encode_png(
+    width: u32,
+    height: u32,
+    color: png::ColorType,
+    data: &[u8],
+) -> io::Result<Vec<u8>> {
     let mut out = Vec::new();
     {
         let mut enc = png::Encoder::new(&mut out, width, height);
@@ -191,7 +212,11 @@ pub fn plot_loss_curve(path: &Path, points: &[(u64, f64)]) -> io::Result<()> {
     let mut sm = pts[0].1;
     let mut prev: Option<(i64, i64)> = None;
     for p in &pts {
-        sm = if log { (sm.ln() * (1.0 - alpha) + p.1.ln() * alpha).exp() } else { sm * (1.0 - alpha) + p.1 * alpha };
+        sm = if log {
+            (sm.ln() * (1.0 - alpha) + p.1.ln() * alpha).exp()
+        } else {
+            sm * (1.0 - alpha) + p.1 * alpha
+        };
         let q = (px(p.0 as f64), py(sm));
         if let Some(a) = prev {
             cv.line(a, q, [20, 40, 160]);
@@ -222,10 +247,18 @@ pub fn image_grid(images: &[f32], shape: [usize; 4], cols: usize, scale: usize) 
                     let v = images[((i * c + ch) * h + y) * w + x];
                     ((v.clamp(-1.0, 1.0) + 1.0) * 127.5).round() as u8
                 };
-                let rgb = if c >= 3 { [px(0), px(1), px(2)] } else { [px(0); 3] };
+                let rgb = if c >= 3 {
+                    [px(0), px(1), px(2)]
+                } else {
+                    [px(0); 3]
+                };
                 for dy in 0..scale {
                     for dx in 0..scale {
-                        cv.put((ox + x * scale + dx) as i64, (oy + y * scale + dy) as i64, rgb);
+                        cv.put(
+                            (ox + x * scale + dx) as i64,
+                            (oy + y * scale + dy) as i64,
+                            rgb,
+                        );
                     }
                 }
             }
@@ -277,6 +310,10 @@ mod tests {
         let dark_blue = data.chunks(3).filter(|c| c == &[20, 40, 160]).count();
         assert!(dark_blue > 500, "{dark_blue}");
         plot_loss_curve(&dir.path().join("empty.png"), &[]).unwrap();
-        plot_loss_curve(&dir.path().join("neg.png"), &[(0, -1.0), (1, 2.0), (2, f64::NAN)]).unwrap();
+        plot_loss_curve(
+            &dir.path().join("neg.png"),
+            &[(0, -1.0), (1, 2.0), (2, f64::NAN)],
+        )
+        .unwrap();
     }
 }

@@ -25,8 +25,13 @@ pub struct PreviewSpec {
 
 /// The respaced process for `steps` DDIM steps: improved-diffusion's `ddimN` spacing when it exists
 /// for this T, else evenly spaced sections.
-pub fn respaced(diffusion: &GaussianDiffusion, steps: usize) -> ddpm_diffusion::Result<GaussianDiffusion> {
-    diffusion.respace(&format!("ddim{steps}")).or_else(|_| diffusion.respace(&steps.to_string()))
+pub fn respaced(
+    diffusion: &GaussianDiffusion,
+    steps: usize,
+) -> ddpm_diffusion::Result<GaussianDiffusion> {
+    diffusion
+        .respace(&format!("ddim{steps}"))
+        .or_else(|_| diffusion.respace(&steps.to_string()))
 }
 
 /// Draws `per_class` images of every class (rows in class order) or `per_class` unconditional
@@ -40,10 +45,16 @@ pub fn sample_grid(
     let cfg = model.config();
     let d = respaced(diffusion, spec.steps)?;
     let labels: Vec<u32> = match cfg.num_classes {
-        Some(k) => (0..k as u32).flat_map(|c| std::iter::repeat_n(c, spec.per_class)).collect(),
+        Some(k) => (0..k as u32)
+            .flat_map(|c| std::iter::repeat_n(c, spec.per_class))
+            .collect(),
         None => Vec::new(),
     };
-    let n = if labels.is_empty() { spec.per_class } else { labels.len() };
+    let n = if labels.is_empty() {
+        spec.per_class
+    } else {
+        labels.len()
+    };
     let (c, h, w) = (cfg.in_channels, cfg.image_size, cfg.image_size);
     let per = c * h * w;
     let normal = |step: u64| -> candle_core::Result<Tensor> {
@@ -54,7 +65,9 @@ pub fn sample_grid(
         Tensor::from_vec(v, (n, c, h, w), device)
     };
     let mut x = normal(0)?;
-    let y = (!labels.is_empty()).then(|| Tensor::new(labels.as_slice(), device)).transpose()?;
+    let y = (!labels.is_empty())
+        .then(|| Tensor::new(labels.as_slice(), device))
+        .transpose()?;
     let null = match (cfg.num_classes, spec.guidance > 0.0) {
         (Some(k), true) => Some(Tensor::full(k as u32, n, device)?),
         _ => None,
@@ -70,11 +83,21 @@ pub fn sample_grid(
                 let tt = Tensor::cat(&[&tm, &tm], 0)?;
                 let yy = Tensor::cat(&[y, null], 0)?;
                 let both = model.forward(&xx, &tt, Some(&yy), &ctx)?;
-                cfg_combine_model_output(&d, &both.narrow(0, 0, n)?, &both.narrow(0, n, n)?, &x, spec.guidance)?
+                cfg_combine_model_output(
+                    &d,
+                    &both.narrow(0, 0, n)?,
+                    &both.narrow(0, n, n)?,
+                    &x,
+                    spec.guidance,
+                )?
             }
             (y, _) => model.forward(&x, &tm, y.as_ref(), &ctx)?,
         };
-        let noise = if spec.eta > 0.0 { Some(normal(k as u64 + 1)?) } else { None };
+        let noise = if spec.eta > 0.0 {
+            Some(normal(k as u64 + 1)?)
+        } else {
+            None
+        };
         x = ddim_step(&d, &out, &x, &t, true, spec.eta, noise.as_ref())?.x_prev;
     }
     Ok((x.clamp(-1f32, 1f32)?, labels))

@@ -28,7 +28,11 @@ impl StopFlag {
             // Conditional shutdown must be registered first: it fires only when the flag is already set.
             signal_hook::flag::register_conditional_shutdown(sig, 1, f.0.clone())?;
         }
-        for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGUSR1, signal_hook::consts::SIGINT] {
+        for sig in [
+            signal_hook::consts::SIGTERM,
+            signal_hook::consts::SIGUSR1,
+            signal_hook::consts::SIGINT,
+        ] {
             signal_hook::flag::register(sig, f.0.clone())?;
         }
         Ok(f)

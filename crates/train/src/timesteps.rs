@@ -31,7 +31,10 @@ pub struct LossSecondMoment {
 
 impl LossSecondMoment {
     pub fn new(num_timesteps: usize) -> Self {
-        Self { history: vec![0.0; num_timesteps * HISTORY_PER_TERM], counts: vec![0; num_timesteps] }
+        Self {
+            history: vec![0.0; num_timesteps * HISTORY_PER_TERM],
+            counts: vec![0; num_timesteps],
+        }
     }
 
     pub fn num_timesteps(&self) -> usize {
@@ -93,13 +96,19 @@ impl TimestepSampler {
 
     /// Timesteps and importance weights for local examples `first_example .. first_example + n`
     /// (global batch indices) of step `step`.
-    pub fn sample(&self, seed: u64, step: u64, first_example: u64, n: usize) -> (Vec<usize>, Vec<f32>) {
+    pub fn sample(
+        &self,
+        seed: u64,
+        step: u64,
+        first_example: u64,
+        n: usize,
+    ) -> (Vec<usize>, Vec<f32>) {
         match self {
             Self::Uniform { num_timesteps } => {
                 let ts = (0..n as u64)
                     .map(|i| {
-                        StreamKey::new(seed, Stream::Timestep, step, first_example + i).below(0, *num_timesteps as u32)
-                            as usize
+                        StreamKey::new(seed, Stream::Timestep, step, first_example + i)
+                            .below(0, *num_timesteps as u32) as usize
                     })
                     .collect();
                 (ts, vec![1.0; n])
@@ -117,8 +126,10 @@ impl TimestepSampler {
                 let mut ts = Vec::with_capacity(n);
                 let mut weights = Vec::with_capacity(n);
                 for i in 0..n as u64 {
-                    let u = StreamKey::new(seed, Stream::ImportanceTimestep, step, first_example + i).uniform(0) as f64
-                        * acc;
+                    let u =
+                        StreamKey::new(seed, Stream::ImportanceTimestep, step, first_example + i)
+                            .uniform(0) as f64
+                            * acc;
                     let t = cdf.partition_point(|&c| c <= u).min(t_len - 1);
                     ts.push(t);
                     weights.push((1.0 / (t_len as f64 * (w[t] / total))) as f32);

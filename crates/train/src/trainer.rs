@@ -56,7 +56,12 @@ pub struct TrainOptions {
 
 impl Default for TrainOptions {
     fn default() -> Self {
-        Self { resume: None, stop: StopFlag::new(), progress_bar: false, device: Device::Cpu }
+        Self {
+            resume: None,
+            stop: StopFlag::new(),
+            progress_bar: false,
+            device: Device::Cpu,
+        }
     }
 }
 
@@ -94,21 +99,37 @@ impl Net {
 fn build_net(cfg: &TrainConfig, device: &Device) -> Result<(Net, VarMap)> {
     Ok(match cfg.task {
         Task::Diffusion => {
-            let (m, vm) = UNet::init(cfg.model.as_ref().expect("validated"), cfg.seed, DType::F32, device)?;
+            let (m, vm) = UNet::init(
+                cfg.model.as_ref().expect("validated"),
+                cfg.seed,
+                DType::F32,
+                device,
+            )?;
             (Net::Diffusion(m), vm)
         }
         Task::Classifier => {
-            let (m, vm) =
-                EncoderUNet::init(cfg.classifier.as_ref().expect("validated"), cfg.seed, DType::F32, device)?;
+            let (m, vm) = EncoderUNet::init(
+                cfg.classifier.as_ref().expect("validated"),
+                cfg.seed,
+                DType::F32,
+                device,
+            )?;
             (Net::Classifier(m), vm)
         }
     })
 }
 
 /// Builds a U-Net whose parameters are the given tensors (the EMA weights for previews).
-pub fn unet_from_tensors(cfg: &ddpm_unet::UNetConfig, tensors: Vec<(String, Tensor)>, device: &Device) -> Result<UNet> {
+pub fn unet_from_tensors(
+    cfg: &ddpm_unet::UNetConfig,
+    tensors: Vec<(String, Tensor)>,
+    device: &Device,
+) -> Result<UNet> {
     let map: std::collections::HashMap<String, Tensor> = tensors.into_iter().collect();
-    Ok(UNet::new(cfg, VarBuilder::from_tensors(map, DType::F32, device))?)
+    Ok(UNet::new(
+        cfg,
+        VarBuilder::from_tensors(map, DType::F32, device),
+    )?)
 }
 
 /// Prints `parameters: N` and the per-level summary of the config's model.
@@ -134,7 +155,11 @@ fn flatten(prefix: &str, v: &serde_json::Value, out: &mut BTreeMap<String, Strin
     match v {
         serde_json::Value::Object(o) => {
             for (k, x) in o {
-                let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                let key = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
                 flatten(&key, x, out);
             }
         }
@@ -150,7 +175,11 @@ fn config_diff(old: &serde_json::Value, new: &serde_json::Value) -> Vec<String> 
     let (mut a, mut b) = (BTreeMap::new(), BTreeMap::new());
     flatten("", old, &mut a);
     flatten("", new, &mut b);
-    let excluded = |k: &str| HASH_EXCLUDED_KEYS.iter().any(|e| k == *e || k.starts_with(&format!("{e}.")));
+    let excluded = |k: &str| {
+        HASH_EXCLUDED_KEYS
+            .iter()
+            .any(|e| k == *e || k.starts_with(&format!("{e}.")))
+    };
     let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
     keys.into_iter()
         .filter(|k| !excluded(k))
@@ -201,7 +230,12 @@ struct LocalStep {
 
 impl Run<'_> {
     /// Forward and loss of this rank's part of the batch for 0-based step `step`.
-    fn forward(&self, step: u64, batch: &ddpm_data::Batch, sampler: &TimestepSampler) -> Result<LocalStep> {
+    fn forward(
+        &self,
+        step: u64,
+        batch: &ddpm_data::Batch,
+        sampler: &TimestepSampler,
+    ) -> Result<LocalStep> {
         let b = batch.shape[0];
         let first = (self.comm.rank() * b) as u64;
         let seed = self.cfg.seed;
@@ -209,7 +243,8 @@ impl Run<'_> {
         let (ts, iw) = match self.cfg.task {
             Task::Diffusion => sampler.sample(seed, step, first, b),
             // The classifier sees uniformly drawn noise levels, as guided-diffusion's classifier_train.
-            Task::Classifier => TimestepSampler::new(self.diffusion.num_timesteps(), false).sample(seed, step, first, b),
+            Task::Classifier => TimestepSampler::new(self.diffusion.num_timesteps(), false)
+                .sample(seed, step, first, b),
         };
         let ts_u32: Vec<u32> = ts.iter().map(|&t| t as u32).collect();
         let pred = match self.cfg.diffusion.prediction {
@@ -222,11 +257,21 @@ impl Run<'_> {
             &ts_u32,
             &self.sqrt_ac,
             &self.sqrt_1m_ac,
-            NoiseKey { seed, step, first_example: first },
+            NoiseKey {
+                seed,
+                step,
+                first_example: first,
+            },
             pred,
         )?;
-        let t_model = self.diffusion.model_timestep_tensor(&ts, DType::F32, &self.device)?;
-        let ctx = ForwardCtx::train(DropoutKey { seed, step, first_example: first });
+        let t_model = self
+            .diffusion
+            .model_timestep_tensor(&ts, DType::F32, &self.device)?;
+        let ctx = ForwardCtx::train(DropoutKey {
+            seed,
+            step,
+            first_example: first,
+        });
         let labels = batch.labels.as_ref();
         let tcount = self.diffusion.num_timesteps();
         let mut stats = StepStats::default();
@@ -239,7 +284,9 @@ impl Run<'_> {
                             .iter()
                             .enumerate()
                             .map(|(i, &c)| {
-                                let u = StreamKey::new(seed, Stream::LabelDrop, step, first + i as u64).uniform(0);
+                                let u =
+                                    StreamKey::new(seed, Stream::LabelDrop, step, first + i as u64)
+                                        .uniform(0);
                                 if p > 0.0 && u < p {
                                     k as u32
                                 } else {
@@ -249,23 +296,42 @@ impl Run<'_> {
                             .collect();
                         Some(Tensor::new(y.as_slice(), &self.device)?)
                     }
-                    (Some(_), None) => bail!("the model is class-conditional but the batch has no labels"),
+                    (Some(_), None) => {
+                        bail!("the model is class-conditional but the batch has no labels")
+                    }
                     _ => None,
                 };
                 let out = m.forward(&noised.x_t, &t_model, y.as_ref(), &ctx)?;
-                let l = self.diffusion.training_losses(&out, &x0, &noised.x_t, &noised.noise, &ts)?;
+                let l =
+                    self.diffusion
+                        .training_losses(&out, &x0, &noised.x_t, &noised.noise, &ts)?;
                 let per: Vec<f32> = l.loss.to_dtype(DType::F32)?.to_vec1()?;
                 let mse: Vec<f32> = l.mse.to_dtype(DType::F32)?.to_vec1()?;
-                let vb: Option<Vec<f32>> = l.vb.as_ref().map(|v| v.to_dtype(DType::F32)?.to_vec1()).transpose()?;
+                let vb: Option<Vec<f32>> =
+                    l.vb.as_ref()
+                        .map(|v| v.to_dtype(DType::F32)?.to_vec1())
+                        .transpose()?;
                 for i in 0..b {
-                    stats.add(ts[i], tcount, per[i] as f64, Some(mse[i] as f64), vb.as_ref().map(|v| v[i] as f64));
+                    stats.add(
+                        ts[i],
+                        tcount,
+                        per[i] as f64,
+                        Some(mse[i] as f64),
+                        vb.as_ref().map(|v| v[i] as f64),
+                    );
                 }
                 let w = Tensor::from_slice(&iw, b, &self.device)?;
-                ((l.loss * w)?.mean_all()?, per.iter().map(|&x| x as f64).collect::<Vec<_>>())
+                (
+                    (l.loss * w)?.mean_all()?,
+                    per.iter().map(|&x| x as f64).collect::<Vec<_>>(),
+                )
             }
             Net::Classifier(m) => {
-                let l = labels.ok_or_else(|| anyhow!("the classifier task needs a labelled dataset"))?;
-                let logits = m.forward(&noised.x_t, &t_model, &ctx)?.to_dtype(DType::F32)?;
+                let l = labels
+                    .ok_or_else(|| anyhow!("the classifier task needs a labelled dataset"))?;
+                let logits = m
+                    .forward(&noised.x_t, &t_model, &ctx)?
+                    .to_dtype(DType::F32)?;
                 // log-softmax from composite ops (candle's fused softmax has no gradient)
                 let max = logits.max_keepdim(D::Minus1)?.detach();
                 let shifted = logits.broadcast_sub(&max)?;
@@ -287,7 +353,12 @@ impl Run<'_> {
         if !per_example.iter().all(|x| x.is_finite()) {
             stats.nonfinite = 1.0;
         }
-        Ok(LocalStep { loss, ts, per_example, stats })
+        Ok(LocalStep {
+            loss,
+            ts,
+            per_example,
+            stats,
+        })
     }
 
     fn adamw_params(&self) -> AdamWParams {
@@ -306,7 +377,13 @@ impl Run<'_> {
         Ok(State {
             step: 0,
             opt: AdamW::new(&self.vars, self.adamw_params())?,
-            emas: self.cfg.ema.rates.iter().map(|&r| Ema::new(r, &self.vars)).collect::<candle_core::Result<_>>()?,
+            emas: self
+                .cfg
+                .ema
+                .rates
+                .iter()
+                .map(|&r| Ema::new(r, &self.vars))
+                .collect::<candle_core::Result<_>>()?,
             sampler: TimestepSampler::new(
                 self.diffusion.num_timesteps(),
                 self.cfg.diffusion.timestep_sampling == crate::config::TimestepSampling::LossAware,
@@ -318,7 +395,11 @@ impl Run<'_> {
     }
 
     fn expected_shapes(&self, prefix: &str) -> Vec<(String, Vec<usize>)> {
-        self.names.iter().zip(&self.vars).map(|(n, v)| (format!("{prefix}{n}"), v.dims().to_vec())).collect()
+        self.names
+            .iter()
+            .zip(&self.vars)
+            .map(|(n, v)| (format!("{prefix}{n}"), v.dims().to_vec()))
+            .collect()
     }
 
     /// Loads `ck` into the parameters and a new state, after checking it belongs to this config.
@@ -350,7 +431,11 @@ impl Run<'_> {
                 self.cfg.data.batch
             );
         }
-        let model = ck.load_tensors(checkpoint::MODEL_FILE, &self.expected_shapes(""), &self.device)?;
+        let model = ck.load_tensors(
+            checkpoint::MODEL_FILE,
+            &self.expected_shapes(""),
+            &self.device,
+        )?;
         for (n, v) in self.names.iter().zip(&self.vars) {
             v.set(&model[n].to_dtype(v.dtype())?)?;
         }
@@ -358,7 +443,11 @@ impl Run<'_> {
         for e in &mut st.emas {
             let file = checkpoint::ema_file(e.rate);
             if m.file(&file).is_none() {
-                bail!("refusing to resume from {path}: it has no {file} (ema.rates {:?} vs {:?})", m.ema_rates, self.cfg.ema.rates);
+                bail!(
+                    "refusing to resume from {path}: it has no {file} (ema.rates {:?} vs {:?})",
+                    m.ema_rates,
+                    self.cfg.ema.rates
+                );
             }
             let t = ck.load_tensors(&file, &self.expected_shapes(""), &self.device)?;
             e.params = self.names.iter().map(|n| t[n].clone()).collect();
@@ -366,15 +455,24 @@ impl Run<'_> {
         let mut expected = self.expected_shapes("exp_avg.");
         expected.extend(self.expected_shapes("exp_avg_sq."));
         let o = ck.load_tensors(checkpoint::OPTIMIZER_FILE, &expected, &self.device)?;
-        st.opt.m = self.names.iter().map(|n| o[&format!("exp_avg.{n}")].clone()).collect();
-        st.opt.v = self.names.iter().map(|n| o[&format!("exp_avg_sq.{n}")].clone()).collect();
+        st.opt.m = self
+            .names
+            .iter()
+            .map(|n| o[&format!("exp_avg.{n}")].clone())
+            .collect();
+        st.opt.v = self
+            .names
+            .iter()
+            .map(|n| o[&format!("exp_avg_sq.{n}")].clone())
+            .collect();
         st.opt.t = m.optimizer.t;
         st.step = m.step;
         st.skipped = m.skipped_steps;
         st.loader_pos = serde_json::from_value(m.loader_position.clone())
             .with_context(|| format!("{path}: bad loader_position"))?;
         if let Some(w) = ck.state_f64("metrics_window")? {
-            st.window = Window::from_slice(&w).ok_or_else(|| anyhow!("{path}: bad metrics_window"))?;
+            st.window =
+                Window::from_slice(&w).ok_or_else(|| anyhow!("{path}: bad metrics_window"))?;
         }
         if let TimestepSampler::LossAware(s) = &mut st.sampler {
             let h = ck.state_f64("loss_history")?;
@@ -397,7 +495,11 @@ impl Run<'_> {
         let mut w = CheckpointWriter::begin(&self.run_dir, st.step)?;
         let result = (|| -> Result<()> {
             let named = |ts: &[Tensor], prefix: &str| -> Vec<(String, Tensor)> {
-                self.names.iter().zip(ts).map(|(n, t)| (format!("{prefix}{n}"), t.clone())).collect()
+                self.names
+                    .iter()
+                    .zip(ts)
+                    .map(|(n, t)| (format!("{prefix}{n}"), t.clone()))
+                    .collect()
             };
             let params: Vec<Tensor> = self.vars.iter().map(|v| v.as_tensor().clone()).collect();
             w.add_tensors(checkpoint::MODEL_FILE, &named(&params, ""))?;
@@ -418,7 +520,10 @@ impl Run<'_> {
                     Tensor::from_slice(&s.history, (t, HISTORY_PER_TERM), &Device::Cpu)?,
                 ));
                 let c: Vec<f64> = s.counts.iter().map(|&c| c as f64).collect();
-                state.push(("loss_counts".into(), Tensor::from_slice(&c, t, &Device::Cpu)?));
+                state.push((
+                    "loss_counts".into(),
+                    Tensor::from_slice(&c, t, &Device::Cpu)?,
+                ));
             }
             w.add_tensors(checkpoint::STATE_FILE, &state)?;
             Ok(())
@@ -439,14 +544,20 @@ impl Run<'_> {
             batch_per_rank: self.cfg.data.batch,
             global_batch: self.comm.world_size() * self.cfg.data.batch,
             loader_position: serde_json::to_value(st.loader_pos)?,
-            optimizer: OptimizerState { kind: "adamw".into(), t: st.opt.t, lr },
+            optimizer: OptimizerState {
+                kind: "adamw".into(),
+                t: st.opt.t,
+                lr,
+            },
             ema_rates: self.cfg.ema.rates.clone(),
             ema_updates: st.opt.t,
             skipped_steps: st.skipped,
             rng: RngState {
                 seed: self.cfg.seed,
                 next_step: st.step,
-                generator: "ddpm-rng Philox4x32-10 keyed by (seed, stream, step, global example index)".into(),
+                generator:
+                    "ddpm-rng Philox4x32-10 keyed by (seed, stream, step, global example index)"
+                        .into(),
             },
             timestep_sampler: match st.sampler {
                 TimestepSampler::Uniform { .. } => "uniform".into(),
@@ -472,7 +583,11 @@ impl Run<'_> {
     }
 
     /// EMA preview grid and loss plot (rank 0). Returns (grid, plot) paths.
-    fn write_pictures(&self, st: &State, metrics: &MetricsLog) -> Result<(Option<PathBuf>, PathBuf)> {
+    fn write_pictures(
+        &self,
+        st: &State,
+        metrics: &MetricsLog,
+    ) -> Result<(Option<PathBuf>, PathBuf)> {
         let plot_path = self.run_dir.join("loss.png");
         plot::plot_loss_curve(&plot_path, &metrics.loss_points()?)?;
         let Net::Diffusion(_) = &self.net else {
@@ -482,15 +597,34 @@ impl Run<'_> {
         let t0 = Instant::now();
         let p = &self.cfg.preview;
         let rate = p.ema_rate.unwrap_or(self.cfg.ema.rates[0]);
-        let ema = st.emas.iter().find(|e| e.rate == rate).expect("validated rate");
+        let ema = st
+            .emas
+            .iter()
+            .find(|e| e.rate == rate)
+            .expect("validated rate");
         let mcfg = self.cfg.model.as_ref().expect("diffusion task");
-        let tensors = self.names.iter().cloned().zip(ema.params.iter().cloned()).collect();
+        let tensors = self
+            .names
+            .iter()
+            .cloned()
+            .zip(ema.params.iter().cloned())
+            .collect();
         let model = unet_from_tensors(mcfg, tensors, &self.device)?;
-        let spec = PreviewSpec { steps: p.steps, eta: p.eta, guidance: p.guidance, per_class: p.per_class, seed: self.cfg.seed };
+        let spec = PreviewSpec {
+            steps: p.steps,
+            eta: p.eta,
+            guidance: p.guidance,
+            per_class: p.per_class,
+            seed: self.cfg.seed,
+        };
         let (images, _) = sample_grid(&model, &self.diffusion, &spec, &self.device)?;
         let dims = images.dims4()?;
         let data: Vec<f32> = images.to_device(&Device::Cpu)?.flatten_all()?.to_vec1()?;
-        let cols = if mcfg.num_classes.is_some() { p.per_class } else { (dims.0 as f64).sqrt().ceil() as usize };
+        let cols = if mcfg.num_classes.is_some() {
+            p.per_class
+        } else {
+            (dims.0 as f64).sqrt().ceil() as usize
+        };
         let scale = (96 / mcfg.image_size).clamp(1, 4);
         let grid = plot::image_grid(&data, [dims.0, dims.1, dims.2, dims.3], cols, scale);
         let dir = self.run_dir.join("samples");
@@ -518,23 +652,41 @@ fn check_dataset(cfg: &TrainConfig, ds: &ddpm_data::Hdf5Dataset) -> Result<Optio
         }
         Task::Classifier => {
             let c = cfg.classifier.as_ref().expect("validated");
-            (c.image_size, c.in_channels, Some(c.num_classes), "classifier")
+            (
+                c.image_size,
+                c.in_channels,
+                Some(c.num_classes),
+                "classifier",
+            )
         }
     };
     let p = cfg.data.path.display();
     if ds.height() != size || ds.width() != size {
-        bail!("data.path {p} holds {}x{} images but {table}.image_size = {size}", ds.height(), ds.width());
+        bail!(
+            "data.path {p} holds {}x{} images but {table}.image_size = {size}",
+            ds.height(),
+            ds.width()
+        );
     }
     if ds.channels() != ch {
-        bail!("data.path {p} holds {}-channel images but {table}.in_channels = {ch}", ds.channels());
+        bail!(
+            "data.path {p} holds {}-channel images but {table}.in_channels = {ch}",
+            ds.channels()
+        );
     }
     if ds.len() < cfg.data.batch {
-        bail!("data.path {p} has {} images, fewer than data.batch = {}", ds.len(), cfg.data.batch);
+        bail!(
+            "data.path {p} has {} images, fewer than data.batch = {}",
+            ds.len(),
+            cfg.data.batch
+        );
     }
     if let Some(k) = classes {
         match ds.num_classes() {
             None => bail!("{table}.num_classes = {k} but data.path {p} has no labels"),
-            Some(n) if n != k => bail!("{table}.num_classes = {k} but data.path {p} has {n} classes"),
+            Some(n) if n != k => {
+                bail!("{table}.num_classes = {k} but data.path {p} has {n} classes")
+            }
             _ => {}
         }
     }
@@ -542,18 +694,34 @@ fn check_dataset(cfg: &TrainConfig, ds: &ddpm_data::Hdf5Dataset) -> Result<Optio
 }
 
 /// Runs (or continues) the training job described by `cfg` on this rank.
-pub fn train(cfg: &TrainConfig, comm: &dyn Communicator, opts: TrainOptions) -> Result<TrainOutcome> {
+pub fn train(
+    cfg: &TrainConfig,
+    comm: &dyn Communicator,
+    opts: TrainOptions,
+) -> Result<TrainOutcome> {
     cfg.validate()?;
     let run_dir = cfg.out_dir().to_path_buf();
     let hash = cfg.hash();
-    let hash_bytes: Vec<u8> = (0..32).map(|i| u8::from_str_radix(&hash[2 * i..2 * i + 2], 16).unwrap_or(0)).collect();
+    let hash_bytes: Vec<u8> = (0..32)
+        .map(|i| u8::from_str_radix(&hash[2 * i..2 * i + 2], 16).unwrap_or(0))
+        .collect();
     ddpm_dist::check_same_config(comm, &hash_bytes)?;
     let root = comm.rank() == 0;
     let device = opts.device.clone();
 
     let diffusion = cfg.diffusion.to_diffusion().build()?;
-    let sqrt_ac: Vec<f32> = diffusion.schedule.sqrt_alphas_cumprod.iter().map(|&x| x as f32).collect();
-    let sqrt_1m_ac: Vec<f32> = diffusion.schedule.sqrt_one_minus_alphas_cumprod.iter().map(|&x| x as f32).collect();
+    let sqrt_ac: Vec<f32> = diffusion
+        .schedule
+        .sqrt_alphas_cumprod
+        .iter()
+        .map(|&x| x as f32)
+        .collect();
+    let sqrt_1m_ac: Vec<f32> = diffusion
+        .schedule
+        .sqrt_one_minus_alphas_cumprod
+        .iter()
+        .map(|&x| x as f32)
+        .collect();
 
     let (net, varmap) = build_net(cfg, &device)?;
     let named = sorted_vars(&varmap);
@@ -585,7 +753,8 @@ pub fn train(cfg: &TrainConfig, comm: &dyn Communicator, opts: TrainOptions) -> 
         )
         .with_context(|| format!("data.path {}", cfg.data.path.display()))
     };
-    let ds = ddpm_data::Hdf5Dataset::open(&cfg.data.path).with_context(|| format!("data.path {}", cfg.data.path.display()))?;
+    let ds = ddpm_data::Hdf5Dataset::open(&cfg.data.path)
+        .with_context(|| format!("data.path {}", cfg.data.path.display()))?;
     let num_classes = check_dataset(cfg, &ds)?;
     drop(ds);
 
@@ -607,15 +776,20 @@ pub fn train(cfg: &TrainConfig, comm: &dyn Communicator, opts: TrainOptions) -> 
     // Rank 0 picks the checkpoint and tells the others, so every rank resumes from the same one.
     let mut chosen: Vec<u8> = Vec::new();
     if root {
-        std::fs::create_dir_all(&run_dir).with_context(|| format!("creating out_dir {}", run_dir.display()))?;
+        std::fs::create_dir_all(&run_dir)
+            .with_context(|| format!("creating out_dir {}", run_dir.display()))?;
         checkpoint::clean_staging(&run_dir);
-        let warn = |e: &checkpoint::CheckpointError| tracing::warn!("skipping damaged checkpoint: {e}");
+        let warn =
+            |e: &checkpoint::CheckpointError| tracing::warn!("skipping damaged checkpoint: {e}");
         let found = match &opts.resume {
             None => None,
             Some(ResumeFrom::Auto) => checkpoint::find_latest(&run_dir, warn),
             Some(ResumeFrom::Path(p)) => Some(checkpoint::resolve(p, warn)?),
         };
-        if found.is_none() && opts.resume.is_none() && !checkpoint::list_checkpoints(&run_dir).is_empty() {
+        if found.is_none()
+            && opts.resume.is_none()
+            && !checkpoint::list_checkpoints(&run_dir).is_empty()
+        {
             bail!(
                 "{} already has checkpoints; pass --resume auto to continue that run, or choose another --out",
                 run_dir.display()
@@ -626,7 +800,8 @@ pub fn train(cfg: &TrainConfig, comm: &dyn Communicator, opts: TrainOptions) -> 
         }
     }
     comm.broadcast_bytes(&mut chosen, 0)?;
-    let resumed_from = (!chosen.is_empty()).then(|| PathBuf::from(String::from_utf8_lossy(&chosen).into_owned()));
+    let resumed_from =
+        (!chosen.is_empty()).then(|| PathBuf::from(String::from_utf8_lossy(&chosen).into_owned()));
     let mut st = match &resumed_from {
         Some(dir) => {
             let ck = Checkpoint::open(dir)?;
@@ -638,7 +813,10 @@ pub fn train(cfg: &TrainConfig, comm: &dyn Communicator, opts: TrainOptions) -> 
         }
         None => {
             if matches!(opts.resume, Some(ResumeFrom::Auto)) && root {
-                tracing::info!("--resume auto: no checkpoint in {}, starting from scratch", run_dir.display());
+                tracing::info!(
+                    "--resume auto: no checkpoint in {}, starting from scratch",
+                    run_dir.display()
+                );
             }
             run.fresh_state()?
         }
@@ -648,7 +826,10 @@ pub fn train(cfg: &TrainConfig, comm: &dyn Communicator, opts: TrainOptions) -> 
     let mut metrics = None;
     if root {
         crate::atomic::write_atomic(&run_dir.join("config.toml"), cfg.to_toml().as_bytes())?;
-        metrics = Some(MetricsLog::open(&run_dir, resumed_from.as_ref().map(|_| st.step))?);
+        metrics = Some(MetricsLog::open(
+            &run_dir,
+            resumed_from.as_ref().map(|_| st.step),
+        )?);
         tracing::info!(
             task = %cfg.task,
             params = run.net.num_parameters(),
@@ -661,7 +842,13 @@ pub fn train(cfg: &TrainConfig, comm: &dyn Communicator, opts: TrainOptions) -> 
     }
 
     let mut loader = lcfg(st.loader_pos)?;
-    let mut sync = GradientSync::from_tensors(&run.vars.iter().map(|v| v.as_tensor().clone()).collect::<Vec<_>>(), DEFAULT_BUCKET_BYTES)?;
+    let mut sync = GradientSync::from_tensors(
+        &run.vars
+            .iter()
+            .map(|v| v.as_tensor().clone())
+            .collect::<Vec<_>>(),
+        DEFAULT_BUCKET_BYTES,
+    )?;
     if comm.world_size() > 1 {
         sync.verify_across_ranks(comm)?;
     }
@@ -669,8 +856,10 @@ pub fn train(cfg: &TrainConfig, comm: &dyn Communicator, opts: TrainOptions) -> 
     let bar = (root && opts.progress_bar && std::io::stderr().is_terminal()).then(|| {
         let pb = indicatif::ProgressBar::new(total);
         pb.set_style(
-            indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}")
-                .expect("valid template"),
+            indicatif::ProgressStyle::with_template(
+                "{bar:40} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
+            )
+            .expect("valid template"),
         );
         pb.set_position(st.step);
         pb
@@ -696,7 +885,9 @@ pub fn train(cfg: &TrainConfig, comm: &dyn Communicator, opts: TrainOptions) -> 
     while st.step < total && !stop {
         let step = st.step;
         let _span = tracing::debug_span!("step", step).entered();
-        let batch = loader.next_batch().with_context(|| format!("data.path {}", cfg.data.path.display()))?;
+        let batch = loader
+            .next_batch()
+            .with_context(|| format!("data.path {}", cfg.data.path.display()))?;
         let local = run.forward(step, &batch, &st.sampler)?;
         let gs = local.loss.backward()?;
         let grads: Vec<Tensor> = run
@@ -721,7 +912,11 @@ pub fn train(cfg: &TrainConfig, comm: &dyn Communicator, opts: TrainOptions) -> 
         lr = run.adamw_params().lr_at(step);
         if skip {
             st.skipped += 1;
-            tracing::warn!(step, grad_norm = norm, "non-finite loss or gradient: step skipped");
+            tracing::warn!(
+                step,
+                grad_norm = norm,
+                "non-finite loss or gradient: step skipped"
+            );
         } else {
             let grads = clip_by_global_norm(grads, norm, cfg.optim.grad_clip)?;
             st.opt.step(&run.vars, &grads, lr)?;
@@ -774,14 +969,23 @@ pub fn train(cfg: &TrainConfig, comm: &dyn Communicator, opts: TrainOptions) -> 
                 extra.insert("accuracy".into(), crate::metrics::num(st.window.mean(4)));
             }
             extra.insert("epoch".into(), json!(batch.epoch));
-            let line = st.window.line(st.step, lr, window_steps as f64 * global_batch / secs, st.skipped, &extra);
+            let line = st.window.line(
+                st.step,
+                lr,
+                window_steps as f64 * global_batch / secs,
+                st.skipped,
+                &extra,
+            );
             if let Some(m) = metrics.as_mut() {
                 m.write(&line)?;
             }
             match &bar {
                 Some(pb) => {
                     pb.set_position(st.step);
-                    pb.set_message(format!("loss {:.4}", line["loss"].as_f64().unwrap_or(f64::NAN)));
+                    pb.set_message(format!(
+                        "loss {:.4}",
+                        line["loss"].as_f64().unwrap_or(f64::NAN)
+                    ));
                 }
                 None => tracing::info!("{line}"),
             }
@@ -805,7 +1009,9 @@ pub fn train(cfg: &TrainConfig, comm: &dyn Communicator, opts: TrainOptions) -> 
         }
 
         // ---- previews ----
-        let sample_now = !stop && (st.step == total || (cfg.schedule.sample_every > 0 && st.step % cfg.schedule.sample_every == 0));
+        let sample_now = !stop
+            && (st.step == total
+                || (cfg.schedule.sample_every > 0 && st.step % cfg.schedule.sample_every == 0));
         if root && sample_now {
             let (grid, plot) = run.write_pictures(&st, metrics.as_ref().expect("rank 0"))?;
             outcome.sample_grid = grid;
@@ -819,7 +1025,9 @@ pub fn train(cfg: &TrainConfig, comm: &dyn Communicator, opts: TrainOptions) -> 
         if on_disk != Some(st.step) {
             outcome.checkpoint = Some(run.save(&st, lr)?);
         } else {
-            outcome.checkpoint = checkpoint::list_checkpoints(&run_dir).first().map(|c| c.1.clone());
+            outcome.checkpoint = checkpoint::list_checkpoints(&run_dir)
+                .first()
+                .map(|c| c.1.clone());
         }
         if outcome.loss_plot.is_none() {
             let (grid, plot) = run.write_pictures(&st, metrics.as_ref().expect("rank 0"))?;
@@ -836,7 +1044,10 @@ pub fn train(cfg: &TrainConfig, comm: &dyn Communicator, opts: TrainOptions) -> 
     outcome.skipped_steps = st.skipped;
     if root {
         if stop {
-            tracing::info!(step = st.step, "stopped by signal after writing a checkpoint; continue with --resume auto");
+            tracing::info!(
+                step = st.step,
+                "stopped by signal after writing a checkpoint; continue with --resume auto"
+            );
         } else {
             tracing::info!(step = st.step, skipped = st.skipped, "training finished");
         }

@@ -11,7 +11,13 @@ use ddpm_train::checkpoint::{self, Checkpoint};
 use ddpm_train::config::{Overrides, TrainConfig};
 use ddpm_train::trainer::{read_metrics, train, ResumeFrom, TrainOptions};
 
-fn config(f: &common::Fixture, out: &Path, steps: u64, extra_diffusion: &str, model_extra: &str) -> TrainConfig {
+fn config(
+    f: &common::Fixture,
+    out: &Path,
+    steps: u64,
+    extra_diffusion: &str,
+    model_extra: &str,
+) -> TrainConfig {
     let text = common::tiny_config_text(
         &f.data,
         out,
@@ -26,7 +32,10 @@ fn config(f: &common::Fixture, out: &Path, steps: u64, extra_diffusion: &str, mo
 
 fn run(cfg: &TrainConfig, resume: bool) -> ddpm_train::TrainOutcome {
     let comm = SingleProcess::new();
-    let opts = TrainOptions { resume: resume.then_some(ResumeFrom::Auto), ..Default::default() };
+    let opts = TrainOptions {
+        resume: resume.then_some(ResumeFrom::Auto),
+        ..Default::default()
+    };
     train(cfg, &comm, opts).unwrap()
 }
 
@@ -48,56 +57,111 @@ fn files_equal(a: &Path, b: &Path) {
     assert_eq!(ca.manifest.files.len(), cb.manifest.files.len());
     for f in &ca.manifest.files {
         let g = cb.manifest.file(&f.name).unwrap();
-        assert_eq!(f.sha256, g.sha256, "{} differs between {} and {}", f.name, a.display(), b.display());
+        assert_eq!(
+            f.sha256,
+            g.sha256,
+            "{} differs between {} and {}",
+            f.name,
+            a.display(),
+            b.display()
+        );
     }
     assert_eq!(ca.manifest.loader_position, cb.manifest.loader_position);
     assert_eq!(ca.manifest.optimizer, cb.manifest.optimizer);
 }
 
-fn exact_resume(extra_diffusion: &str, model_extra: &str, n: u64) {
+/// Returns the checkpoints at N and 2N of the split run, read before the temporary directory goes.
+fn exact_resume(
+    extra_diffusion: &str,
+    model_extra: &str,
+    n: u64,
+) -> (Option<Vec<f64>>, Option<Vec<f64>>) {
     let f = common::fixture(40); // 40 / 8 = 5 batches per epoch: the runs cross epoch boundaries
     let full_dir = f.dir.path().join("full");
     let split_dir = f.dir.path().join("split");
-    let full = run(&config(&f, &full_dir, 2 * n, extra_diffusion, model_extra), false);
+    let full = run(
+        &config(&f, &full_dir, 2 * n, extra_diffusion, model_extra),
+        false,
+    );
     assert_eq!(full.step, 2 * n);
-    let first = run(&config(&f, &split_dir, n, extra_diffusion, model_extra), false);
+    let first = run(
+        &config(&f, &split_dir, n, extra_diffusion, model_extra),
+        false,
+    );
     assert_eq!(first.step, n);
     let ck = first.checkpoint.clone().unwrap();
-    assert!(ck.ends_with(checkpoint::step_dir_name(n)), "{}", ck.display());
-    let second = run(&config(&f, &split_dir, 2 * n, extra_diffusion, model_extra), true);
+    assert!(
+        ck.ends_with(checkpoint::step_dir_name(n)),
+        "{}",
+        ck.display()
+    );
+    let second = run(
+        &config(&f, &split_dir, 2 * n, extra_diffusion, model_extra),
+        true,
+    );
     assert_eq!(second.step, 2 * n);
-    assert_eq!(second.step_losses.len() as u64, n, "the resumed run must run only the missing steps");
+    assert_eq!(
+        second.step_losses.len() as u64,
+        n,
+        "the resumed run must run only the missing steps"
+    );
 
     // losses: bit-identical per step
-    let joined: Vec<f64> = first.step_losses.iter().chain(&second.step_losses).copied().collect();
+    let joined: Vec<f64> = first
+        .step_losses
+        .iter()
+        .chain(&second.step_losses)
+        .copied()
+        .collect();
     assert_eq!(joined.len(), full.step_losses.len());
     for (i, (a, b)) in joined.iter().zip(&full.step_losses).enumerate() {
-        assert_eq!(a.to_bits(), b.to_bits(), "step {i}: loss {a} (resumed) vs {b} (uninterrupted)");
+        assert_eq!(
+            a.to_bits(),
+            b.to_bits(),
+            "step {i}: loss {a} (resumed) vs {b} (uninterrupted)"
+        );
     }
     assert_eq!(lines(&split_dir), lines(&full_dir), "metrics.jsonl differs");
     // weights, EMAs, moments, trainer state: byte-identical files
     files_equal(
-        &full_dir.join("checkpoints").join(checkpoint::step_dir_name(2 * n)),
-        &split_dir.join("checkpoints").join(checkpoint::step_dir_name(2 * n)),
+        &full_dir
+            .join("checkpoints")
+            .join(checkpoint::step_dir_name(2 * n)),
+        &split_dir
+            .join("checkpoints")
+            .join(checkpoint::step_dir_name(2 * n)),
     );
     // the losses moved, so the test is not comparing two untrained models
     assert!(full.step_losses.iter().any(|&l| l != full.step_losses[0]));
+    let counts = |p: &Path| {
+        Checkpoint::open(p)
+            .unwrap()
+            .state_f64("loss_counts")
+            .unwrap()
+    };
+    (counts(&ck), counts(second.checkpoint.as_ref().unwrap()))
 }
 
 #[test]
 fn resume_is_bit_exact_uniform_eps() {
-    exact_resume("", "dropout = 0.1", 4);
+    let (mid, _) = exact_resume("", "dropout = 0.1", 4);
+    assert!(mid.is_none(), "uniform sampling keeps no history");
 }
 
 #[test]
 fn resume_is_bit_exact_loss_aware_hybrid_v() {
     // T = 4: the loss-aware sampler warms up (10 losses per t) within the first run, so its
     // history must round-trip through the checkpoint.
-    exact_resume(
+    let (mid, end) = exact_resume(
         "timesteps = 4\ntimestep_sampling = \"loss_aware\"\nvariance = \"learned_range\"\nloss = \"hybrid\"\nprediction = \"v\"",
         "learn_sigma = true",
         4,
     );
+    // the history was partly filled at the stop and warm (importance sampling active) at the end
+    let (mid, end) = (mid.unwrap(), end.unwrap());
+    assert!(mid.iter().sum::<f64>() > 0.0, "{mid:?}");
+    assert!(mid.iter().any(|&c| c < 10.0), "{mid:?}");
+    assert!(end.iter().all(|&c| c == 10.0), "{end:?}");
 }
 
 #[test]
@@ -108,12 +172,21 @@ fn resume_refuses_a_different_config() {
     let mut other = config(&f, &dir, 4, "", "");
     other.optim.lr = 1e-4;
     let comm = SingleProcess::new();
-    let e = train(&other, &comm, TrainOptions { resume: Some(ResumeFrom::Auto), ..Default::default() })
-        .unwrap_err()
-        .to_string();
+    let e = train(
+        &other,
+        &comm,
+        TrainOptions {
+            resume: Some(ResumeFrom::Auto),
+            ..Default::default()
+        },
+    )
+    .unwrap_err()
+    .to_string();
     assert!(e.contains("config hash") && e.contains("optim.lr"), "{e}");
     // and a run directory with checkpoints is not silently overwritten by a fresh run
-    let e = train(&config(&f, &dir, 4, "", ""), &comm, TrainOptions::default()).unwrap_err().to_string();
+    let e = train(&config(&f, &dir, 4, "", ""), &comm, TrainOptions::default())
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("--resume auto"), "{e}");
 }
 
@@ -133,10 +206,15 @@ fn resume_refuses_mismatching_tensors_and_skips_damaged_checkpoints() {
         fs::copy(e.path(), bad.join(e.file_name())).unwrap();
     }
     let ck = Checkpoint::open(&bad).unwrap();
-    let mut tensors = ck.load_all(checkpoint::MODEL_FILE, &candle_core::Device::Cpu).unwrap();
+    let mut tensors = ck
+        .load_all(checkpoint::MODEL_FILE, &candle_core::Device::Cpu)
+        .unwrap();
     let name = "out.2.bias".to_string();
     assert!(tensors.contains_key(&name), "{:?}", tensors.keys());
-    tensors.insert(name.clone(), candle_core::Tensor::zeros(3, candle_core::DType::F32, &candle_core::Device::Cpu).unwrap());
+    tensors.insert(
+        name.clone(),
+        candle_core::Tensor::zeros(3, candle_core::DType::F32, &candle_core::Device::Cpu).unwrap(),
+    );
     let list: Vec<(String, candle_core::Tensor)> = tensors.into_iter().collect();
     let bytes = checkpoint::safetensors_bytes(&list, &bad).unwrap();
     fs::write(bad.join(checkpoint::MODEL_FILE), &bytes).unwrap();
@@ -148,17 +226,35 @@ fn resume_refuses_mismatching_tensors_and_skips_damaged_checkpoints() {
             fe.sha256 = checkpoint::sha256_hex(&bytes);
         }
     }
-    fs::write(bad.join(checkpoint::MANIFEST), serde_json::to_string(&m).unwrap()).unwrap();
+    fs::write(
+        bad.join(checkpoint::MANIFEST),
+        serde_json::to_string(&m).unwrap(),
+    )
+    .unwrap();
     let comm = SingleProcess::new();
-    let e = train(&config(&f, &dir, 4, "", ""), &comm, TrainOptions { resume: Some(ResumeFrom::Auto), ..Default::default() })
-        .unwrap_err()
-        .to_string();
+    let e = train(
+        &config(&f, &dir, 4, "", ""),
+        &comm,
+        TrainOptions {
+            resume: Some(ResumeFrom::Auto),
+            ..Default::default()
+        },
+    )
+    .unwrap_err()
+    .to_string();
     assert!(e.contains(&name) && e.contains("does not match"), "{e}");
 
     // a damaged (hash-mismatching) newest checkpoint is skipped: resume falls back to step 2
     fs::write(bad.join(checkpoint::MODEL_FILE), b"garbage").unwrap();
-    let out = train(&config(&f, &dir, 4, "", ""), &comm, TrainOptions { resume: Some(ResumeFrom::Auto), ..Default::default() })
-        .unwrap();
+    let out = train(
+        &config(&f, &dir, 4, "", ""),
+        &comm,
+        TrainOptions {
+            resume: Some(ResumeFrom::Auto),
+            ..Default::default()
+        },
+    )
+    .unwrap();
     assert_eq!(out.step, 4);
     assert_eq!(out.step_losses.len(), 2, "resumed from step 2");
 }

@@ -36,14 +36,22 @@ fn signal_stops_cleanly(sig: i32) {
     // wait until a few steps are logged
     let t0 = Instant::now();
     loop {
-        let n = ddpm_train::metrics::read_lines(&out.join("metrics.jsonl")).map(|l| l.len()).unwrap_or(0);
+        let n = ddpm_train::metrics::read_lines(&out.join("metrics.jsonl"))
+            .map(|l| l.len())
+            .unwrap_or(0);
         if n >= 3 {
             break;
         }
-        assert!(t0.elapsed() < Duration::from_secs(120), "training did not start");
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "training did not start"
+        );
         if let Some(s) = child.try_wait().unwrap() {
             let o = child.wait_with_output().unwrap();
-            panic!("exited early with {s}: {}", String::from_utf8_lossy(&o.stderr));
+            panic!(
+                "exited early with {s}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -66,7 +74,13 @@ fn signal_stops_cleanly(sig: i32) {
 
     // continue two more steps
     let o = Command::new(BIN)
-        .args(["--config", cfg.to_str().unwrap(), "--no-progress", "--resume", "auto"])
+        .args([
+            "--config",
+            cfg.to_str().unwrap(),
+            "--no-progress",
+            "--resume",
+            "auto",
+        ])
         .args(["--steps", &(step + 2).to_string()])
         .output()
         .unwrap();
@@ -88,21 +102,39 @@ fn sigusr1_checkpoints_and_exits_zero() {
 fn cli_reports_bad_config_and_inspects_models() {
     let f = common::fixture(8);
     let cfg = write_config(&f, 5);
-    let o = Command::new(BIN).args(["--config", cfg.to_str().unwrap(), "--set", "optim.lr=-1"]).output().unwrap();
+    let o = Command::new(BIN)
+        .args(["--config", cfg.to_str().unwrap(), "--set", "optim.lr=-1"])
+        .output()
+        .unwrap();
     assert!(!o.status.success());
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(e.contains("optim.lr must be > 0, got -1"), "{e}");
-    assert!(!f.dir.path().join("run").exists(), "nothing may be written for a bad config");
+    assert!(
+        !f.dir.path().join("run").exists(),
+        "nothing may be written for a bad config"
+    );
 
-    let o = Command::new(BIN).args(["inspect-model", "--config", cfg.to_str().unwrap()]).output().unwrap();
+    let o = Command::new(BIN)
+        .args(["inspect-model", "--config", cfg.to_str().unwrap()])
+        .output()
+        .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let s = String::from_utf8_lossy(&o.stdout);
-    let n: usize = s.lines().find_map(|l| l.strip_prefix("parameters: ")).unwrap().trim().parse().unwrap();
+    let n: usize = s
+        .lines()
+        .find_map(|l| l.strip_prefix("parameters: "))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
     assert!(n > 1000, "{s}");
     assert!(s.contains("middle"), "{s}");
 
     let cifar = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/cifar10.toml");
-    let o = Command::new(BIN).args(["inspect-model", "--config", cifar.to_str().unwrap()]).output().unwrap();
+    let o = Command::new(BIN)
+        .args(["inspect-model", "--config", cifar.to_str().unwrap()])
+        .output()
+        .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let s = String::from_utf8_lossy(&o.stdout);
     assert!(s.contains("parameters: 35746307"), "{s}");

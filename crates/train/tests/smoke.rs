@@ -29,39 +29,78 @@ fn loss_falls_and_outputs_exist() {
     assert_eq!(lines.len(), 6);
     for (k, l) in lines.iter().enumerate() {
         assert_eq!(l["step"], (k as u64 + 1) * 10);
-        for key in ["loss", "loss_q0", "loss_q3", "grad_norm", "lr", "images_per_sec", "skipped_steps", "mse"] {
+        for key in [
+            "loss",
+            "loss_q0",
+            "loss_q3",
+            "grad_norm",
+            "lr",
+            "images_per_sec",
+            "skipped_steps",
+            "mse",
+        ] {
             assert!(!l[key].is_null(), "{key} missing in {l}");
         }
     }
     let first = lines[0]["loss"].as_f64().unwrap();
     let last = lines[5]["loss"].as_f64().unwrap();
     eprintln!("loss: first window {first:.4}, last window {last:.4}");
-    assert!(last < 0.6 * first, "loss did not fall enough: {first} -> {last}");
+    assert!(
+        last < 0.6 * first,
+        "loss did not fall enough: {first} -> {last}"
+    );
 
     // checkpoints 25, 50 and the final 60; keep 2
-    let cks: Vec<u64> = checkpoint::list_checkpoints(&out).iter().map(|c| c.0).collect();
+    let cks: Vec<u64> = checkpoint::list_checkpoints(&out)
+        .iter()
+        .map(|c| c.0)
+        .collect();
     assert_eq!(cks, vec![60, 50]);
-    let ck = Checkpoint::open(&out.join("checkpoints").join(checkpoint::step_dir_name(60))).unwrap();
+    let ck =
+        Checkpoint::open(&out.join("checkpoints").join(checkpoint::step_dir_name(60))).unwrap();
     assert_eq!(ck.manifest.step, 60);
     assert_eq!(ck.manifest.config_hash, cfg.hash());
-    let model = ck.load_all(checkpoint::MODEL_FILE, &candle_core::Device::Cpu).unwrap();
-    assert!(model.contains_key("input_blocks.0.0.weight"), "{:?}", model.keys());
+    let model = ck
+        .load_all(checkpoint::MODEL_FILE, &candle_core::Device::Cpu)
+        .unwrap();
+    assert!(
+        model.contains_key("input_blocks.0.0.weight"),
+        "{:?}",
+        model.keys()
+    );
     assert!(model.contains_key("label_emb.weight"));
-    let opt = ck.load_all(checkpoint::OPTIMIZER_FILE, &candle_core::Device::Cpu).unwrap();
+    let opt = ck
+        .load_all(checkpoint::OPTIMIZER_FILE, &candle_core::Device::Cpu)
+        .unwrap();
     assert_eq!(opt.len(), 2 * model.len());
     assert!(opt.contains_key("exp_avg.input_blocks.0.0.weight"));
     assert!(opt.contains_key("exp_avg_sq.input_blocks.0.0.weight"));
     for r in ["0.9", "0.99"] {
-        let e = ck.load_all(&format!("ema_{r}.safetensors"), &candle_core::Device::Cpu).unwrap();
+        let e = ck
+            .load_all(&format!("ema_{r}.safetensors"), &candle_core::Device::Cpu)
+            .unwrap();
         assert_eq!(e.len(), model.len());
     }
 
     // pictures: previews at 50 and at the end, a loss plot, the resolved config
-    for p in ["samples.png", "loss.png", "config.toml", "samples/step_000000050.png", "samples/step_000000060.png"] {
+    for p in [
+        "samples.png",
+        "loss.png",
+        "config.toml",
+        "samples/step_000000050.png",
+        "samples/step_000000060.png",
+    ] {
         let path = out.join(p);
-        assert!(path.metadata().map(|m| m.len() > 0).unwrap_or(false), "{} missing", path.display());
+        assert!(
+            path.metadata().map(|m| m.len() > 0).unwrap_or(false),
+            "{} missing",
+            path.display()
+        );
     }
-    assert_eq!(res.sample_grid.as_deref(), Some(out.join("samples.png").as_path()));
+    assert_eq!(
+        res.sample_grid.as_deref(),
+        Some(out.join("samples.png").as_path())
+    );
 }
 
 #[test]
@@ -111,11 +150,20 @@ log_every = 10
     assert_eq!(res.step, 40);
     let lines = read_metrics(&out).unwrap();
     assert_eq!(lines.len(), 4);
-    assert!(lines.iter().all(|l| l["accuracy"].as_f64().is_some()), "{lines:?}");
+    assert!(
+        lines.iter().all(|l| l["accuracy"].as_f64().is_some()),
+        "{lines:?}"
+    );
     let first = lines[0]["loss"].as_f64().unwrap();
     let last = lines[3]["loss"].as_f64().unwrap();
-    eprintln!("classifier loss {first:.4} -> {last:.4}, accuracy {}", lines[3]["accuracy"]);
-    assert!(last < first, "classifier loss did not fall: {first} -> {last}");
+    eprintln!(
+        "classifier loss {first:.4} -> {last:.4}, accuracy {}",
+        lines[3]["accuracy"]
+    );
+    assert!(
+        last < first,
+        "classifier loss did not fall: {first} -> {last}"
+    );
     assert!(res.sample_grid.is_none());
     assert!(out.join("loss.png").exists());
     let ck = Checkpoint::open(res.checkpoint.as_ref().unwrap()).unwrap();
