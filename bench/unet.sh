@@ -4,7 +4,7 @@
 #   bash bench/unet.sh                 # 9M model (base 64) and Ho et al.'s 35.7M model, batch 16, 32x32
 #   MODELS=small REPS=3 bash bench/unet.sh
 #
-# Environment: MODELS (comma list of small,cifar10; default both), BATCH (16), REPS (median of N after a
+# Environment: BENCH_BIN (use this prebuilt bench_unet instead of building it), MODELS (comma list of small,cifar10; default both), BATCH (16), REPS (median of N after a
 # warm-up; 2), THREADS (both frameworks; default: all cores). PyTorch is installed into bench/.venv from
 # PyPI when missing (`pip install torch numpy`; ~5 GB with its CUDA wheels). The last line is
 #   cpu ratio candle/pytorch: train-step X, forward Y
@@ -25,9 +25,13 @@ if ! "$PY" -c "import torch, numpy" 2>/dev/null; then
   "$VENV/bin/pip" install --quiet torch numpy
 fi
 
-echo "== building the candle bench (release)"
-cargo build --release --quiet -p ddpm-unet --example bench_unet
-BIN=target/release/examples/bench_unet
+if [[ -n "${BENCH_BIN:-}" ]]; then
+  BIN=$BENCH_BIN # a bench_unet binary built earlier
+else
+  echo "== building the candle bench (release)"
+  cargo build --release --quiet -p ddpm-unet --example bench_unet
+  BIN=target/release/examples/bench_unet
+fi
 OUT=$(mktemp -d)
 trap 'rm -rf "$OUT"' EXIT
 
