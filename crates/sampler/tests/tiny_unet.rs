@@ -455,3 +455,38 @@ fn classifier_guidance_raises_the_target_class_probability() {
         );
     }
 }
+
+/// `EncoderUNet::forward_features` (the FD embedding) returns the same logits as `forward` and, for the
+/// adaptive head, features whose projection gives them.
+#[test]
+fn classifier_features_are_consistent_with_the_logits() {
+    for pool in [PoolKind::Adaptive, PoolKind::Attention] {
+        let cfg = EncoderUNetConfig {
+            pool,
+            attention_resolutions: vec![4],
+            ..classifier(0).net.config().clone()
+        };
+        let (net, vm) = EncoderUNet::init(&cfg, 21, DType::F32, &Device::Cpu).unwrap();
+        randomize(&vm, 22);
+        let x = Sampler::noise(&batch(0, 4), 0).unwrap();
+        let t = Tensor::new(&[0f32, 3.0, 10.0, 39.0], &Device::Cpu).unwrap();
+        let ctx = ddpm_unet::ForwardCtx::eval();
+        let logits = net.forward(&x, &t, &ctx).unwrap();
+        let (f, l2) = net.forward_features(&x, &t, &ctx).unwrap();
+        assert_eq!(f.dims(), &[4, 16], "{pool:?}");
+        assert_eq!(values(&logits), values(&l2), "{pool:?}");
+        if pool == PoolKind::Adaptive {
+            let w = vm.data().lock().unwrap()["out.3.weight"]
+                .as_tensor()
+                .flatten_from(1)
+                .unwrap();
+            let b = vm.data().lock().unwrap()["out.3.bias"].as_tensor().clone();
+            let via = f
+                .matmul(&w.t().unwrap())
+                .unwrap()
+                .broadcast_add(&b)
+                .unwrap();
+            assert!(max_abs_diff(&via, &logits) < 1e-5);
+        }
+    }
+}

@@ -445,6 +445,17 @@ impl TrainConfig {
                 format!("must be in 2..=100000, got {}", d.timesteps),
             ));
         }
+        if let Err(e) = d.to_diffusion().build() {
+            return Err(invalid(
+                "diffusion",
+                format!(
+                    "does not give a valid process (schedule = \"{:?}\", timesteps = {}): {e}",
+                    d.schedule, d.timesteps
+                )
+                .replace("\"Linear\"", "\"linear\"")
+                .replace("\"Cosine\"", "\"cosine\""),
+            ));
+        }
         let learned = d.variance == Variance::LearnedRange;
         if let Some(m) = &self.model {
             if learned != m.learn_sigma {
@@ -582,11 +593,11 @@ impl TrainConfig {
         }
 
         let p = &self.preview;
-        if p.steps == 0 || p.steps > d.timesteps {
+        if p.steps < 2 || p.steps > d.timesteps {
             return Err(invalid(
                 "preview.steps",
                 format!(
-                    "must be in 1..=diffusion.timesteps ({}), got {}",
+                    "must be in 2..=diffusion.timesteps ({}), got {}",
                     d.timesteps, p.steps
                 ),
             ));

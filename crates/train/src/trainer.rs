@@ -643,6 +643,17 @@ impl Run<'_> {
     }
 }
 
+/// Previews are a by-product: a failure is logged, not allowed to end a long run.
+fn pictures(run: &Run, st: &State, metrics: &MetricsLog, outcome: &mut TrainOutcome) {
+    match run.write_pictures(st, metrics) {
+        Ok((grid, plot)) => {
+            outcome.sample_grid = grid;
+            outcome.loss_plot = Some(plot);
+        }
+        Err(e) => tracing::warn!(step = st.step, "preview/loss plot failed: {e:#}"),
+    }
+}
+
 /// Checks the dataset against the model before training starts; errors name the config keys.
 fn check_dataset(cfg: &TrainConfig, ds: &ddpm_data::Hdf5Dataset) -> Result<Option<usize>> {
     let (size, ch, classes, table) = match cfg.task {
@@ -1013,9 +1024,7 @@ pub fn train(
             && (st.step == total
                 || (cfg.schedule.sample_every > 0 && st.step % cfg.schedule.sample_every == 0));
         if root && sample_now {
-            let (grid, plot) = run.write_pictures(&st, metrics.as_ref().expect("rank 0"))?;
-            outcome.sample_grid = grid;
-            outcome.loss_plot = Some(plot);
+            pictures(&run, &st, metrics.as_ref().expect("rank 0"), &mut outcome);
         }
     }
 
@@ -1030,9 +1039,7 @@ pub fn train(
                 .map(|c| c.1.clone());
         }
         if outcome.loss_plot.is_none() {
-            let (grid, plot) = run.write_pictures(&st, metrics.as_ref().expect("rank 0"))?;
-            outcome.sample_grid = grid;
-            outcome.loss_plot = Some(plot);
+            pictures(&run, &st, metrics.as_ref().expect("rank 0"), &mut outcome);
         }
     }
     if let Some(pb) = bar {

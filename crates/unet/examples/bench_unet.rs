@@ -18,11 +18,24 @@ struct Args {
 }
 
 fn parse_args() -> Args {
-    let mut a = Args { models: vec!["small".into(), "cifar10".into()], batch: 16, reps: 2, ops: true, crosscheck: None };
+    let mut a = Args {
+        models: vec!["small".into(), "cifar10".into()],
+        batch: 16,
+        reps: 2,
+        ops: true,
+        crosscheck: None,
+    };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
         match k.as_str() {
-            "--models" => a.models = it.next().expect("--models LIST").split(',').map(String::from).collect(),
+            "--models" => {
+                a.models = it
+                    .next()
+                    .expect("--models LIST")
+                    .split(',')
+                    .map(String::from)
+                    .collect()
+            }
             "--batch" => a.batch = it.next().expect("--batch N").parse().expect("batch"),
             "--reps" => a.reps = it.next().expect("--reps N").parse().expect("reps"),
             "--no-ops" => a.ops = false,
@@ -74,13 +87,24 @@ fn bench_model(name: &str, batch: usize, reps: usize) -> f64 {
         .iter()
         .map(|(n, v)| (n.clone(), v.as_tensor().detach()))
         .collect();
-    let infer = UNet::new(&cfg, candle_nn::VarBuilder::from_tensors(frozen, DType::F32, &dev)).unwrap();
+    let infer = UNet::new(
+        &cfg,
+        candle_nn::VarBuilder::from_tensors(frozen, DType::F32, &dev),
+    )
+    .unwrap();
     println!("{name}: parameters {}", model.num_parameters());
     println!("RESULT {name} params {}", model.num_parameters());
     let s = cfg.image_size;
     let x = randn(&[batch, cfg.in_channels, s, s], 1);
     let noise = randn(&[batch, cfg.in_channels, s, s], 2);
-    let t = Tensor::from_vec((0..batch).map(|i| (i * 61 % 1000) as f32).collect::<Vec<_>>(), batch, &dev).unwrap();
+    let t = Tensor::from_vec(
+        (0..batch)
+            .map(|i| (i * 61 % 1000) as f32)
+            .collect::<Vec<_>>(),
+        batch,
+        &dev,
+    )
+    .unwrap();
     let fwd = time_ms(reps, || {
         let y = infer.forward(&x, &t, None, &ForwardCtx::eval()).unwrap();
         assert_eq!(y.dims()[0], batch);
@@ -89,7 +113,11 @@ fn bench_model(name: &str, batch: usize, reps: usize) -> f64 {
     println!("RESULT {name} forward {fwd:.3}");
     let mut step = 0u64;
     let train = time_ms(reps, || {
-        let ctx = ForwardCtx::train(DropoutKey { seed: 0, step, first_example: 0 });
+        let ctx = ForwardCtx::train(DropoutKey {
+            seed: 0,
+            step,
+            first_example: 0,
+        });
         step += 1;
         let y = model.forward(&x, &t, None, &ctx).unwrap();
         let loss = (y - &noise).unwrap().sqr().unwrap().mean_all().unwrap();
@@ -155,7 +183,9 @@ fn conv_breakdown(name: &str, batch: usize, reps: usize, train_ms: Option<f64>) 
     distinct.sort();
     distinct.dedup();
     let (mut tf, mut tdx, mut tdw) = (0.0, 0.0, 0.0);
-    println!("{name}: conv breakdown at batch {batch} (ms per call: fwd / dX / dW, x count in model)");
+    println!(
+        "{name}: conv breakdown at batch {batch} (ms per call: fwd / dX / dW, x count in model)"
+    );
     for &(ci, co, k, st, r) in &distinct {
         let n = shapes.iter().filter(|&&s| s == (ci, co, k, st, r)).count() as f64;
         let x = randn(&[batch, ci, r, r], 3);
@@ -182,22 +212,35 @@ fn conv_breakdown(name: &str, batch: usize, reps: usize, train_ms: Option<f64>) 
                 .unwrap();
             assert_eq!(d.dim(0).unwrap(), co);
         });
-        println!("  {ci:>3}->{co:<3} k{k} s{st} {r:>2}x{r:<2}: {f:7.1} / {dx:7.1} / {dw:7.1}  x{n}");
+        println!(
+            "  {ci:>3}->{co:<3} k{k} s{st} {r:>2}x{r:<2}: {f:7.1} / {dx:7.1} / {dw:7.1}  x{n}"
+        );
         println!("RESULT {name} conv_{ci}_{co}_k{k}_s{st}_{r} {f:.3} {dx:.3} {dw:.3}");
         tf += f * n;
         tdx += dx * n;
         tdw += dw * n;
     }
     println!("{name}: all convs of one step: fwd {tf:.0} ms, dX {tdx:.0} ms, dW {tdw:.0} ms, total {:.0} ms", tf + tdx + tdw);
-    println!("RESULT {name} conv_total {:.3} {tf:.3} {tdx:.3} {tdw:.3}", tf + tdx + tdw);
+    println!(
+        "RESULT {name} conv_total {:.3} {tf:.3} {tdx:.3} {tdw:.3}",
+        tf + tdx + tdw
+    );
     if let Some(step) = train_ms {
-        println!("{name}: convolutions are ~{:.0}% of the forward+backward time", 100.0 * (tf + tdx + tdw) / step);
+        println!(
+            "{name}: convolutions are ~{:.0}% of the forward+backward time",
+            100.0 * (tf + tdx + tdw) / step
+        );
     }
     // The other ops at the level-0 width.
     let c = cfg.model_channels;
     let s = cfg.image_size;
     let vm = candle_nn::VarMap::new();
-    let pb = ddpm_unet::ParamBuilder::new(ddpm_unet::SeededInit::var_builder(&vm, 0, DType::F32, &Device::Cpu));
+    let pb = ddpm_unet::ParamBuilder::new(ddpm_unet::SeededInit::var_builder(
+        &vm,
+        0,
+        DType::F32,
+        &Device::Cpu,
+    ));
     let gn = ddpm_unet::layers::GroupNorm::new(&pb.pp("gn"), 32, c).unwrap();
     let xv = Var::from_tensor(&randn(&[batch, c, s, s], 6)).unwrap();
     let gn_ms = time_ms(reps, || {
@@ -210,13 +253,27 @@ fn conv_breakdown(name: &str, batch: usize, reps: usize, train_ms: Option<f64>) 
     let attn = ddpm_unet::blocks::AttentionBlock::new(&pb.pp("attn"), ac, 1, 32).unwrap();
     let xa = Var::from_tensor(&randn(&[batch, ac, s / 2, s / 2], 7)).unwrap();
     let at_ms = time_ms(reps, || {
-        attn.forward(xa.as_tensor()).unwrap().sum_all().unwrap().backward().unwrap();
+        attn.forward(xa.as_tensor())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
     });
-    println!("  AttentionBlock {ac}ch {}x{}: fwd+bwd {at_ms:.1} ms", s / 2, s / 2);
+    println!(
+        "  AttentionBlock {ac}ch {}x{}: fwd+bwd {at_ms:.1} ms",
+        s / 2,
+        s / 2
+    );
     println!("RESULT {name} attention_{ac}_{} {at_ms:.3}", s / 2);
-    let key = DropoutKey { seed: 0, step: 0, first_example: 0 };
+    let key = DropoutKey {
+        seed: 0,
+        step: 0,
+        first_example: 0,
+    };
     let dm = time_ms(reps, || {
-        ddpm_unet::ctx::dropout_mask(key, 0, 0.1, &[batch, c, s, s], DType::F32, &Device::Cpu).unwrap();
+        ddpm_unet::ctx::dropout_mask(key, 0, 0.1, &[batch, c, s, s], DType::F32, &Device::Cpu)
+            .unwrap();
     });
     println!("  dropout mask {c}ch {s}x{s}: {dm:.1} ms");
     println!("RESULT {name} dropout_mask_{c}_{s} {dm:.3}");
@@ -234,18 +291,45 @@ fn crosscheck(path: &str) {
     let (model, varmap) = UNet::init(&cfg, 0, DType::F32, &Device::Cpu).unwrap();
     let names: Vec<&String> = model.named_parameters().iter().map(|(n, _)| n).collect();
     for n in &names {
-        let src = data.get(*n).unwrap_or_else(|| panic!("torch file lacks {n}"));
+        let src = data
+            .get(*n)
+            .unwrap_or_else(|| panic!("torch file lacks {n}"));
         varmap.data().lock().unwrap()[*n].set(src).unwrap();
     }
-    let extra: Vec<&String> = data.keys().filter(|k| !k.starts_with("io.") && !names.contains(k)).collect();
-    assert!(extra.is_empty(), "torch has parameters candle lacks: {extra:?}");
+    let extra: Vec<&String> = data
+        .keys()
+        .filter(|k| !k.starts_with("io.") && !names.contains(k))
+        .collect();
+    assert!(
+        extra.is_empty(),
+        "torch has parameters candle lacks: {extra:?}"
+    );
     let y = data.get("io.y").map(|y| y.to_dtype(DType::U32).unwrap());
     let want = &data["io.out"];
-    let got = model.forward(&data["io.x"], &data["io.t"], y.as_ref(), &ForwardCtx::eval()).unwrap();
-    let max = |t: Tensor| t.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+    let got = model
+        .forward(
+            &data["io.x"],
+            &data["io.t"],
+            y.as_ref(),
+            &ForwardCtx::eval(),
+        )
+        .unwrap();
+    let max = |t: Tensor| {
+        t.abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
     let err = max((got - want).unwrap());
     let scale = max(want.clone());
-    println!("crosscheck {path}: {} tensors, max |candle - torch| = {err:.3e} (output max {scale:.3})", names.len());
+    println!(
+        "crosscheck {path}: {} tensors, max |candle - torch| = {err:.3e} (output max {scale:.3})",
+        names.len()
+    );
     println!("RESULT crosscheck max_abs_err {err:.3e}");
     assert!(err <= 1e-4 * scale.max(1.0), "candle and PyTorch disagree");
 }
@@ -256,10 +340,22 @@ fn main() {
         crosscheck(p);
         return;
     }
-    println!("candle CPU threads: {}", candle_core::utils::get_num_threads());
-    let train: Vec<f64> = args.models.iter().map(|m| bench_model(m, args.batch, args.reps)).collect();
+    println!(
+        "candle CPU threads: {}",
+        candle_core::utils::get_num_threads()
+    );
+    let train: Vec<f64> = args
+        .models
+        .iter()
+        .map(|m| bench_model(m, args.batch, args.reps))
+        .collect();
     if args.ops {
         // The breakdown is for the first model only: it is the one issue 9 targets.
-        conv_breakdown(&args.models[0], args.batch, args.reps, train.first().copied());
+        conv_breakdown(
+            &args.models[0],
+            args.batch,
+            args.reps,
+            train.first().copied(),
+        );
     }
 }

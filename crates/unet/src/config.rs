@@ -173,7 +173,7 @@ impl Trunk<'_> {
         // odd size back, so the skip connections would not line up: reject instead of padding.
         let downsamples = self.channel_mult.len() - 1;
         let factor = 1usize << downsamples.min(63);
-        if downsamples >= 63 || self.image_size % factor != 0 {
+        if downsamples >= 63 || !self.image_size.is_multiple_of(factor) {
             let sizes: Vec<String> = (0..=downsamples.min(8))
                 .map(|i| format!("{}", self.image_size as f64 / (1u64 << i) as f64))
                 .collect();
@@ -217,14 +217,14 @@ impl Trunk<'_> {
         attn_channels.push(levels.last().map(|l| l.channels).unwrap_or(0));
         for &c in &attn_channels {
             match self.num_head_channels {
-                Some(hc) if c % hc != 0 => {
+                Some(hc) if !c.is_multiple_of(hc) => {
                     return Err(config_err(
                         "num_head_channels",
                         format!("{hc} does not divide the {c} channels of an attention block"),
                     ))
                 }
                 Some(_) => {}
-                None if c % self.num_heads != 0 => {
+                None if !c.is_multiple_of(self.num_heads) => {
                     return Err(config_err(
                         "num_heads",
                         format!(
@@ -243,7 +243,7 @@ impl Trunk<'_> {
         widths.push(self.model_channels * self.channel_mult[0]);
         widths.extend_from_slice(norm_channels);
         for c in widths {
-            if c % self.num_groups != 0 {
+            if !c.is_multiple_of(self.num_groups) {
                 return Err(config_err(
                     "num_groups",
                     format!(
@@ -363,7 +363,7 @@ impl UNetConfig {
         trunk.validate(&[])?;
         // Decoder GroupNorms see the concatenation of the upsampled path and the skip.
         for block in crate::plan::unet_plan(self).decoder_norm_widths() {
-            if block % self.num_groups != 0 {
+            if !block.is_multiple_of(self.num_groups) {
                 return Err(config_err(
                     "num_groups",
                     format!(

@@ -124,7 +124,12 @@ impl EncoderUNet {
     /// Features and logits: `([B, ch]` global mean of the normalised, activated last feature map
     /// (the input of the adaptive head's projection), `[B, num_classes]` logits as [`Self::forward`]).
     /// The features are the embedding of ddpm-sampler's classifier Frechet distance (`ddpm-eval fid`).
-    pub fn forward_features(&self, x: &Tensor, t: &Tensor, ctx: &ForwardCtx) -> Result<(Tensor, Tensor)> {
+    pub fn forward_features(
+        &self,
+        x: &Tensor,
+        t: &Tensor,
+        ctx: &ForwardCtx,
+    ) -> Result<(Tensor, Tensor)> {
         check_input(x, t, self.config.in_channels, self.config.image_size)?;
         let emb = self.time_embed.forward(t)?;
         let mut h = x.to_dtype(self.dtype)?;

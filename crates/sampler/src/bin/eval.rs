@@ -204,6 +204,7 @@ fn run_bpd(cmd: &Cmd, comm: &dyn Communicator) -> Result<()> {
     } else {
         None
     };
+    let weights_arg = weights.clone();
     let weights: Weights = weights.parse()?;
     let model = UNetDenoiser::new(ckpt.load_unet(weights, DType::F32, &device)?);
     let (lo, hi) = share(n, *batch, comm);
@@ -275,7 +276,7 @@ fn run_bpd(cmd: &Cmd, comm: &dyn Communicator) -> Result<()> {
         "data": data,
         "checkpoint": ckpt.dir,
         "step": ckpt.step(),
-        "weights": format!("{weights:?}"),
+        "weights": weights_arg,
         "timesteps": big_t,
         "clip_denoised": !no_clip,
         "seed": seed,
@@ -309,8 +310,12 @@ fn sharded_features(
     let n = limit.map_or(ds.len(), |k| k.min(ds.len()));
     let (lo, hi) = share(n, batch, comm);
     let hwc = [ds.height(), ds.width(), ds.channels()];
-    let bytes = ds.read_images(lo, hi - lo).map_err(|e| anyhow!("{e}"))?;
-    let (f, dim, preds) = extract(net, &bytes, hi - lo, hwc, batch, device)?;
+    let (f, dim, preds) = if hi > lo {
+        let bytes = ds.read_images(lo, hi - lo).map_err(|e| anyhow!("{e}"))?;
+        extract(net, &bytes, hi - lo, hwc, batch, device)?
+    } else {
+        (Vec::new(), 0, Vec::new()) // more ranks than batches
+    };
     let mut mine: Vec<u8> = Vec::with_capacity(f.len() * 4 + preds.len() * 4 + 8);
     mine.extend((dim as u64).to_le_bytes());
     mine.extend((preds.len() as u64).to_le_bytes());

@@ -11,7 +11,7 @@ struct Args {
     /// A preset: cifar10 (Ho et al.), cifar10-small (9M), fashion-mnist.
     #[arg(long, conflicts_with = "config")]
     preset: Option<String>,
-    /// A training config TOML; its [model] table is read.
+    /// A training config TOML; its `[model]` table is read.
     #[arg(long)]
     config: Option<PathBuf>,
 }
