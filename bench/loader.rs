@@ -117,7 +117,14 @@ fn main() {
         );
         return;
     };
-    let ds = Hdf5Dataset::open(&file).unwrap_or_else(|e| panic!("{e}"));
+    // `cargo bench` runs this from crates/data, so relative paths are relative to that.
+    let ds = Hdf5Dataset::open(&file).unwrap_or_else(|e| {
+        eprintln!(
+            "loader bench: {e} (cwd {})",
+            std::env::current_dir().unwrap_or_default().display()
+        );
+        std::process::exit(1)
+    });
     println!(
         "file {file}: N {} images {}x{}x{}, {} per chunk; world {} batch {} per rank, flip {}, prefetch {}",
         ds.len(), ds.height(), ds.width(), ds.channels(), ds.chunk_images(), a.world, a.batch, a.flip, a.prefetch

@@ -12,7 +12,8 @@ cd "$(dirname "$0")/.."
 FM="${FASHION_MNIST_DIR:-/usr/share/datasets/fashion-mnist}"
 DATA="${BENCH_DATA_DIR:-target/bench-data}"
 mkdir -p "$DATA"
-H5="$DATA/fashion-mnist-train.h5"
+# Absolute: cargo runs benches from the package directory.
+H5="$(cd "$DATA" && pwd)/fashion-mnist-train.h5"
 cargo build --release -q -p ddpm-data --bin ddpm-data
 if [ ! -f "$H5" ]; then
   ./target/release/ddpm-data convert --from fashion-mnist "$FM" --split train --out "$H5"

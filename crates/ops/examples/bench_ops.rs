@@ -10,13 +10,28 @@ use std::time::Instant;
 
 use candle_core::{Device, Tensor, Var, D};
 
+/// Process CPU time (all threads), ms.
+fn cpu_ms() -> f64 {
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    let tv = |t: libc::timeval| t.tv_sec as f64 * 1e3 + t.tv_usec as f64 * 1e-3;
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+/// Median wall ms of `reps` runs after a warm-up; with `CPU_TIME=1`, median process CPU ms
+/// instead (steadier on a loaded machine, but counts spinning threads).
 fn time_ms(reps: usize, mut f: impl FnMut()) -> f64 {
+    let cpu = std::env::var("CPU_TIME").is_ok_and(|v| v == "1");
     f();
     let mut v: Vec<f64> = (0..reps.max(1))
         .map(|_| {
-            let s = Instant::now();
+            let (s, c) = (Instant::now(), cpu_ms());
             f();
-            s.elapsed().as_secs_f64() * 1e3
+            if cpu {
+                cpu_ms() - c
+            } else {
+                s.elapsed().as_secs_f64() * 1e3
+            }
         })
         .collect();
     v.sort_by(|a, b| a.total_cmp(b));

@@ -742,7 +742,7 @@ pub fn train(
     // guarantee (and checks every rank built the same shapes).
     let init: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
     let synced = ddpm_dist::broadcast_tensors(comm, &init, 0)?;
-    if comm.world_size() > 1 {
+    if comm.rank() != 0 {
         for (v, t) in vars.iter().zip(&synced) {
             v.set(t)?;
         }
