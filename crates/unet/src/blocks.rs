@@ -2,7 +2,7 @@
 //! `Upsample`, the timestep MLP, guided-diffusion's `AttentionPool2d`). Each takes a
 //! [`ParamBuilder`] already prefixed with its own name, so the parameter names below are relative.
 
-use candle_core::{Module, Tensor, D};
+use candle_core::{Module, Tensor};
 use candle_nn::Init;
 use ddpm_diffusion::embedding::timestep_embedding;
 
@@ -14,7 +14,7 @@ use crate::params::ParamBuilder;
 /// `silu(norm(x))`, the pre-activation used before every conv; one function so a fused kernel
 /// can replace it.
 pub fn norm_silu(norm: &GroupNorm, x: &Tensor) -> candle_core::Result<Tensor> {
-    norm.forward(x)?.silu()
+    norm.forward_silu(x)
 }
 
 /// Sinusoidal features -> Linear -> SiLU -> Linear (`0.*`, `2.*` as improved-diffusion's
@@ -190,8 +190,8 @@ pub enum QkvOrder {
     QkvFirst,
 }
 
-/// Multi-head dot-product attention over tokens: `qkv [B, T, 3C] -> [B, T, C]`. Uses the composite
-/// `candle_nn::ops::softmax` because `softmax_last_dim` has no backward in candle 0.11.
+/// Multi-head dot-product attention over tokens: `qkv [B, T, 3C] -> [B, T, C]`. Uses ddpm-ops'
+/// softmax (with backward; `candle_nn::ops::softmax_last_dim` has none in candle 0.11).
 pub fn qkv_attention(qkv: &Tensor, heads: usize, order: QkvOrder) -> candle_core::Result<Tensor> {
     let (b, t, c3) = qkv.dims3()?;
     let c = c3 / 3;
@@ -211,7 +211,7 @@ pub fn qkv_attention(qkv: &Tensor, heads: usize, order: QkvOrder) -> candle_core
     let k = part(1)?;
     let v = part(2)?;
     let w = q.matmul(&k.t()?)?;
-    let w = candle_nn::ops::softmax(&w, D::Minus1)?;
+    let w = ddpm_ops::softmax_last_dim(&w)?;
     let a = w.matmul(&v)?; // [B, H, T, d]
     a.transpose(1, 2)?.reshape((b, t, c))
 }

@@ -4,7 +4,7 @@
 //! them: weights and biases `U(-1/sqrt(fan_in), 1/sqrt(fan_in))`, GroupNorm `(1, 0)`, and zeros for
 //! the layers improved-diffusion wraps in `zero_module`.
 
-use candle_core::{Module, Tensor, D};
+use candle_core::{Module, Tensor};
 use candle_nn::Init;
 
 use crate::error::Result;
@@ -56,9 +56,10 @@ impl Conv2d {
 }
 
 impl Module for Conv2d {
+    /// ddpm-ops' GEMM conv with its own backward on CPU (candle's built-in conv elsewhere, or
+    /// with `DDPM_OPS=candle`).
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let y = x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
-        y.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)
+        ddpm_ops::conv2d(x, &self.weight, Some(&self.bias), self.stride, self.padding)
     }
 }
 
@@ -111,8 +112,9 @@ impl Module for Proj1x1 {
     }
 }
 
-/// Group normalisation over `[B, C, ...]` (statistics per example and group, affine per channel).
-/// Composite of differentiable candle ops; eps 1e-5 as PyTorch's `GroupNorm`.
+/// Group normalisation over `[B, C, ...]` (statistics per example and group, affine per channel),
+/// eps 1e-5 as PyTorch's `GroupNorm`. Runs ddpm-ops' fused kernel (its composite fallback off
+/// the CPU).
 #[derive(Debug, Clone)]
 pub struct GroupNorm {
     pub weight: Tensor,
@@ -132,24 +134,16 @@ impl GroupNorm {
             eps: 1e-5,
         })
     }
+
+    /// `silu(self.forward(x))` in one fused op (ddpm-ops; candle's composite off the CPU).
+    pub fn forward_silu(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        ddpm_ops::group_norm(x, &self.weight, &self.bias, self.groups, self.eps, true)
+    }
 }
 
 impl Module for GroupNorm {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let dims = x.dims().to_vec();
-        let (b, c) = (dims[0], dims[1]);
-        let mut affine_shape = vec![1usize; dims.len()];
-        affine_shape[1] = c;
-        let xg = x.reshape((b, self.groups, ()))?;
-        let mean = xg.mean_keepdim(D::Minus1)?;
-        let centred = xg.broadcast_sub(&mean)?;
-        let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
-        let normed = centred
-            .broadcast_div(&(var + self.eps)?.sqrt()?)?
-            .reshape(dims)?;
-        normed
-            .broadcast_mul(&self.weight.reshape(affine_shape.clone())?)?
-            .broadcast_add(&self.bias.reshape(affine_shape)?)
+        ddpm_ops::group_norm(x, &self.weight, &self.bias, self.groups, self.eps, false)
     }
 }
 

@@ -1,0 +1,186 @@
+//! The trainer on 2 MPI ranks: per-rank batch B on 2 ranks equals batch 2B on one rank (the same
+//! computation up to summation order), and resume on 2 ranks is exact. Needs `mpirun` (OpenMPI or
+//! MPICH, installed by scripts/setup.sh); the test fails, rather than skips, without it.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+const BIN: &str = env!("CARGO_BIN_EXE_ddpm-train");
+
+fn mpirun(n: usize, args: &[&str]) {
+    let mut c = Command::new("mpirun");
+    c.env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .env("RAYON_NUM_THREADS", "1");
+    c.args(["-n", &n.to_string(), "--oversubscribe", BIN])
+        .args(args);
+    let o = c
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run mpirun (install OpenMPI: scripts/setup.sh): {e}"));
+    assert!(
+        o.status.success(),
+        "mpirun -n {n} {args:?} failed: {}\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+fn single(args: &[&str]) {
+    let o = Command::new(BIN)
+        .env("RAYON_NUM_THREADS", "1")
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+fn losses(dir: &Path) -> Vec<f64> {
+    ddpm_train::metrics::read_lines(&dir.join("metrics.jsonl"))
+        .unwrap()
+        .iter()
+        .map(|l| l["loss"].as_f64().unwrap())
+        .collect()
+}
+
+fn model(dir: &Path, step: u64) -> Vec<Vec<f32>> {
+    let ck = ddpm_train::Checkpoint::open(
+        &dir.join("checkpoints")
+            .join(ddpm_train::checkpoint::step_dir_name(step)),
+    )
+    .unwrap();
+    let mut t: Vec<_> = ck
+        .load_all(
+            ddpm_train::checkpoint::MODEL_FILE,
+            &candle_core::Device::Cpu,
+        )
+        .unwrap()
+        .into_iter()
+        .collect();
+    t.sort_by(|a, b| a.0.cmp(&b.0));
+    t.into_iter()
+        .map(|(_, v)| v.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+        .collect()
+}
+
+#[test]
+fn two_ranks_match_one_rank_and_resume_exactly() {
+    let f = common::fixture(48);
+    let text = common::tiny_config_text(
+        &f.data,
+        &f.dir.path().join("unused"),
+        "dropout = 0.1",
+        "[diffusion]\nschedule = \"cosine\"\ntimesteps = 8\nlabel_dropout = 0.2\ntimestep_sampling = \"loss_aware\"\n\n\
+         [schedule]\ntotal_steps = 12\nlog_every = 1\ncheckpoint_every = 1000\n",
+    );
+    let cfg = f.dir.path().join("cfg.toml");
+    std::fs::write(&cfg, text).unwrap();
+    let cfg = cfg.to_str().unwrap();
+    let d = |n: &str| f.dir.path().join(n);
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+
+    // 2 ranks x 4 vs 1 rank x 8, 12 steps
+    mpirun(
+        2,
+        &[
+            "--config",
+            cfg,
+            "--no-progress",
+            "--batch",
+            "4",
+            "--out",
+            &s(&d("two")),
+        ],
+    );
+    single(&[
+        "--config",
+        cfg,
+        "--no-progress",
+        "--batch",
+        "8",
+        "--out",
+        &s(&d("one")),
+    ]);
+    let (a, b) = (losses(&d("two")), losses(&d("one")));
+    assert_eq!(a.len(), 12);
+    for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+        assert!(
+            (x - y).abs() <= 1e-5 * y.abs(),
+            "step {}: 2 ranks {x} vs 1 rank {y}",
+            i + 1
+        );
+    }
+    // weights: relative L2 distance per tensor (summation order differs, and Adam rescales tiny
+    // gradient differences, so element-wise comparison of near-zero weights is meaningless)
+    for (ta, tb) in model(&d("two"), 12).iter().zip(model(&d("one"), 12)) {
+        let diff: f64 = ta
+            .iter()
+            .zip(&tb)
+            .map(|(x, y)| ((x - y) as f64).powi(2))
+            .sum::<f64>()
+            .sqrt();
+        let norm: f64 = tb.iter().map(|y| (*y as f64).powi(2)).sum::<f64>().sqrt();
+        assert!(
+            diff <= 1e-5 * norm.max(1e-12) || diff == 0.0,
+            "weights differ: |a-b| {diff} vs |b| {norm}"
+        );
+    }
+
+    // resume on 2 ranks: 6 + 6 steps == 12 steps, bit for bit
+    mpirun(
+        2,
+        &[
+            "--config",
+            cfg,
+            "--no-progress",
+            "--batch",
+            "4",
+            "--steps",
+            "6",
+            "--out",
+            &s(&d("split")),
+        ],
+    );
+    mpirun(
+        2,
+        &[
+            "--config",
+            cfg,
+            "--no-progress",
+            "--batch",
+            "4",
+            "--resume",
+            "auto",
+            "--out",
+            &s(&d("split")),
+        ],
+    );
+    let c = losses(&d("split"));
+    assert_eq!(c.len(), 12);
+    for (i, (x, y)) in c.iter().zip(&a).enumerate() {
+        assert_eq!(
+            x.to_bits(),
+            y.to_bits(),
+            "step {}: resumed {x} vs uninterrupted {y}",
+            i + 1
+        );
+    }
+    assert_eq!(model(&d("split"), 12), model(&d("two"), 12));
+
+    // and the 2-rank checkpoint resumes on 1 rank with the same global batch
+    single(&[
+        "--config",
+        cfg,
+        "--no-progress",
+        "--batch",
+        "8",
+        "--steps",
+        "14",
+        "--resume",
+        "auto",
+        "--out",
+        &s(&d("split")),
+    ]);
+    assert_eq!(losses(&d("split")).len(), 14);
+}
