@@ -8,6 +8,7 @@
 #                                     unpack, put the CUDA 13 libraries on LD_LIBRARY_PATH and run
 #                                     `ddpm-gpu-selftest ARGS` (e.g. --quick). Exit status is the self-test's.
 #   scripts/gpu-check.sh all [ARGS]   both (a machine that builds and has a GPU, e.g. CI with a GPU).
+# GPU_CHECK_NO_BUILD=1 packs the binary already in target-cuda/debug without building.
 #
 # The GPU machine needs the NVIDIA driver (libcuda.so.1) and the CUDA 13 runtime libraries the binary links
 # (libcudart.so.13, libcublas.so.13, libcublasLt.so.13, libcurand.so.10, libnvrtc.so.13, libnccl.so.2),
@@ -22,10 +23,12 @@ PACK=$REPO/.gpu/pack
 BIN=ddpm-gpu-selftest
 
 pack() {
-  bash scripts/cuda-toolchain.sh
-  # shellcheck disable=SC1091
-  source .gpu/env.sh
-  cargo build --target-dir target-cuda -p ddpm-gpu-selftest --features cuda
+  if [ "${GPU_CHECK_NO_BUILD:-0}" != 1 ]; then
+    bash scripts/cuda-toolchain.sh
+    # shellcheck disable=SC1091
+    source .gpu/env.sh
+    cargo build --target-dir target-cuda -p ddpm-gpu-selftest --features cuda
+  fi
   mkdir -p "$PACK"
   local exe=target-cuda/debug/$BIN
   strip -o "$PACK/$BIN" "$exe"
@@ -67,6 +70,8 @@ run() {
   (cd "$PACK" && sha256sum -c --quiet "$BIN.xz.sha256")
   local work
   work=$(mktemp -d /tmp/ddpm-gpu-check.XXXXXX)
+  # shellcheck disable=SC2064
+  trap "rm -rf '$work'" EXIT
   xz -dc "$PACK/$BIN.xz" > "$work/$BIN"
   chmod +x "$work/$BIN"
   local dirs
@@ -93,7 +98,6 @@ run() {
   else
     "$work/$BIN" "$@" || status=$?
   fi
-  rm -rf "$work"
   echo "gpu-check: ddpm-gpu-selftest exited with $status"
   return "$status"
 }

@@ -269,9 +269,8 @@ impl GradientSync {
                 &srcs[s.tensor][s.tensor_offset..s.tensor_offset + s.len]
             } else {
                 for s in segs {
-                    self.send[s.bucket_offset..s.bucket_offset + s.len].copy_from_slice(
-                        &srcs[s.tensor][s.tensor_offset..s.tensor_offset + s.len],
-                    );
+                    self.send[s.bucket_offset..s.bucket_offset + s.len]
+                        .copy_from_slice(&srcs[s.tensor][s.tensor_offset..s.tensor_offset + s.len]);
                 }
                 &self.send[..len]
             };

@@ -2,6 +2,9 @@
 //! ratio, measured in the same run. A short run (about a second per case). `cargo bench -p ddpm-kernels`
 //! or bench/kernels.sh. Bytes counted per element: noising reads x0 and writes x_t, noise, target (16 B);
 //! the sampler step reads x_t and the model output and writes x_prev and x0_pred (16 B).
+//!
+//! Two clocks: wall time (median per call) and process CPU time (all threads, mean per call). On a
+//! shared, loaded machine the CPU time is the steadier measure of the work done.
 
 use candle_core::{Device, Tensor};
 use ddpm_kernels::{
@@ -10,19 +13,30 @@ use ddpm_kernels::{
 };
 use std::time::{Duration, Instant};
 
-/// Median time of `f` over enough calls to fill `budget` (after two warm-up calls).
-fn time(budget: Duration, mut f: impl FnMut()) -> Duration {
+/// CPU time of the whole process (all threads).
+fn cpu_time() -> Duration {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes one timespec through a valid pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+/// (median wall time, mean process CPU time) of `f` over enough calls to fill `budget`, after two
+/// warm-up calls.
+fn time(budget: Duration, mut f: impl FnMut()) -> (Duration, Duration) {
     f();
     f();
     let mut v = Vec::new();
     let start = Instant::now();
+    let c0 = cpu_time();
     while start.elapsed() < budget || v.len() < 5 {
         let t = Instant::now();
         f();
         v.push(t.elapsed());
     }
+    let cpu = (cpu_time() - c0) / v.len() as u32;
     v.sort();
-    v[v.len() / 2]
+    (v[v.len() / 2], cpu)
 }
 
 fn main() {
@@ -40,8 +54,8 @@ fn main() {
         .unzip();
     println!("threads: {} (rayon)", rayon::current_num_threads());
     println!(
-        "{:<34} {:>11} {:>11} {:>9} {:>9} {:>7}",
-        "case", "fused ms", "unfused ms", "fused GB/s", "unf GB/s", "speedup"
+        "{:<34} {:>9} {:>9} {:>8} {:>9} {:>9} {:>8} {:>10}",
+        "case", "fused ms", "unf ms", "speedup", "fused cpu", "unf cpu", "cpu ratio", "fused GB/s"
     );
     for (name, dims) in [
         ("noising fashion-mnist 128x1x28x28", [128usize, 1, 28, 28]),
@@ -84,15 +98,17 @@ fn main() {
     }
 }
 
-fn report(name: &str, elems: usize, f: Duration, u: Duration) {
-    let gbs = |d: Duration| 16.0 * elems as f64 / d.as_secs_f64() / 1e9;
+fn report(name: &str, elems: usize, f: (Duration, Duration), u: (Duration, Duration)) {
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
     println!(
-        "{:<34} {:>11.3} {:>11.3} {:>9.2} {:>9.2} {:>6.2}x",
+        "{:<34} {:>9.3} {:>9.3} {:>7.2}x {:>9.3} {:>9.3} {:>7.2}x {:>10.2}",
         name,
-        f.as_secs_f64() * 1e3,
-        u.as_secs_f64() * 1e3,
-        gbs(f),
-        gbs(u),
-        u.as_secs_f64() / f.as_secs_f64()
+        ms(f.0),
+        ms(u.0),
+        u.0.as_secs_f64() / f.0.as_secs_f64(),
+        ms(f.1),
+        ms(u.1),
+        u.1.as_secs_f64() / f.1.as_secs_f64(),
+        16.0 * elems as f64 / f.0.as_secs_f64() / 1e9,
     );
 }

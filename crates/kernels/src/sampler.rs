@@ -173,9 +173,9 @@ impl SamplerStepOp {
                     let sk = key.stream_key(Stream::Sampler, i);
                     for (blk, start) in (0..len).step_by(4).enumerate() {
                         let z = box_muller4(sk.block(((e0 / 4) + blk) as u32));
-                        for j in 0..(len - start).min(4) {
+                        for (j, &zj) in z.iter().enumerate().take(len - start) {
                             let k = start + j;
-                            (yp[k], x0p[k]) = self.elem(c, xs[k], ms[k], Some(z[j]));
+                            (yp[k], x0p[k]) = self.elem(c, xs[k], ms[k], Some(zj));
                         }
                     }
                 }

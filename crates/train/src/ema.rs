@@ -19,7 +19,7 @@ impl Ema {
             rate,
             params: vars
                 .iter()
-                .map(|v| v.as_tensor().copy())
+                .map(|v| Ok(v.as_tensor().copy()?.detach()))
                 .collect::<Result<_>>()?,
         })
     }
@@ -38,7 +38,9 @@ impl Ema {
     /// `ema <- d * ema + (1 - d) * p`.
     pub fn update(&mut self, vars: &[Var], decay: f64) -> Result<()> {
         for (e, v) in self.params.iter_mut().zip(vars) {
-            *e = ((&*e * decay)? + (v.as_tensor() * (1.0 - decay))?)?;
+            // detach: the parameter is a variable, so the result would otherwise record an op
+            // referencing the previous average, and the chain would keep every average alive
+            *e = ((&*e * decay)? + (v.as_tensor() * (1.0 - decay))?)?.detach();
         }
         Ok(())
     }

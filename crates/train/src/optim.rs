@@ -69,7 +69,8 @@ impl AdamW {
         let inv_sqrt_bc2 = 1.0 / bc2.sqrt();
         let decay = 1.0 - lr * p.weight_decay;
         for (i, (var, g)) in vars.iter().zip(grads).enumerate() {
-            let g = g.to_dtype(var.dtype())?;
+            // Detached so the moments (kept across steps) never hold a computation graph.
+            let g = g.detach().to_dtype(var.dtype())?;
             let m = ((&self.m[i] * p.beta1)? + (&g * (1.0 - p.beta1))?)?;
             let v = ((&self.v[i] * p.beta2)? + (g.sqr()? * (1.0 - p.beta2))?)?;
             let denom = v.sqrt()?.affine(inv_sqrt_bc2, p.eps)?;
@@ -81,8 +82,8 @@ impl AdamW {
                 w.clone()
             };
             var.set(&(w - upd)?)?;
-            self.m[i] = m;
-            self.v[i] = v;
+            self.m[i] = m.detach();
+            self.v[i] = v.detach();
         }
         Ok(())
     }
@@ -154,10 +155,16 @@ mod tests {
         let mut opt = AdamW::new(std::slice::from_ref(&var), hp).unwrap();
         let gs = [[0.5, -1.0], [0.25, 3.0], [-0.1, 0.2], [1.0, 1.0]];
         for (k, g) in gs.iter().enumerate() {
-            let gt = Tensor::new(&g[..], &Device::Cpu).unwrap();
+            // a gradient that records an op, as candle's backward produces
+            let gt = (Tensor::new(&g[..], &Device::Cpu).unwrap()
+                + (var.as_tensor() * 0.0).unwrap())
+            .unwrap();
+            assert!(gt.track_op());
             opt.step(std::slice::from_ref(&var), &[gt], hp.lr_at(k as u64))
                 .unwrap();
         }
+        // moments hold no computation graph, even from gradients that carry one
+        assert!(opt.m.iter().chain(&opt.v).all(|t| !t.track_op()));
         let got = var.as_tensor().to_vec1::<f64>().unwrap();
         let exp0 = reference(1.0, &gs.iter().map(|g| g[0]).collect::<Vec<_>>(), hp);
         let exp1 = reference(-2.0, &gs.iter().map(|g| g[1]).collect::<Vec<_>>(), hp);

@@ -905,7 +905,9 @@ pub fn train(
             .vars
             .iter()
             .map(|v| match gs.get(v.as_tensor()) {
-                Some(g) => Ok(g.clone()),
+                // detached: a gradient carries the backward graph (and through it the activations);
+                // anything kept across steps (moments) must not keep that alive
+                Some(g) => Ok(g.detach()),
                 None => v.as_tensor().zeros_like(),
             })
             .collect::<candle_core::Result<_>>()?;
