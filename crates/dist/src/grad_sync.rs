@@ -182,7 +182,7 @@ impl GradientSync {
         }
         let device = grads[0].device().clone();
         let same_device = grads.iter().all(|g| g.device().same_device(&device));
-        if !device.is_cpu() && same_device {
+        if same_device {
             if let Some(dc) = comm.device_collectives() {
                 if dc.supports(&device) {
                     return self.device_path(comm, dc, grads);

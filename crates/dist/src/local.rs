@@ -226,6 +226,135 @@ mod tests {
         }
     }
 
+    /// A LocalComm whose "device collectives" run on CPU tensors, so GradientSync's device path (the
+    /// one NCCL takes: concatenate, reduce in place, divide, split, reshape) runs without a GPU.
+    struct CpuDevice(LocalComm);
+
+    struct InPlaceSum<'a>(&'a LocalComm);
+
+    impl candle_core::InplaceOp1 for InPlaceSum<'_> {
+        fn name(&self) -> &'static str {
+            "test-in-place-sum"
+        }
+        fn cpu_fwd(
+            &self,
+            s: &mut candle_core::CpuStorage,
+            l: &candle_core::Layout,
+        ) -> candle_core::Result<()> {
+            let (a, b) = l.contiguous_offsets().unwrap();
+            match s {
+                candle_core::CpuStorage::F32(v) => self.0.all_reduce_sum_f32(&mut v[a..b]).unwrap(),
+                _ => candle_core::bail!("f32 only"),
+            }
+            Ok(())
+        }
+    }
+
+    impl crate::DeviceCollectives for CpuDevice {
+        fn supports(&self, d: &Device) -> bool {
+            d.is_cpu()
+        }
+        fn all_reduce_sum_in_place(&self, t: &Tensor) -> Result<()> {
+            Ok(t.inplace_op1(&InPlaceSum(&self.0))?)
+        }
+    }
+
+    impl Communicator for CpuDevice {
+        fn rank(&self) -> usize {
+            self.0.rank()
+        }
+        fn world_size(&self) -> usize {
+            self.0.world_size()
+        }
+        fn local_rank(&self) -> usize {
+            self.0.local_rank()
+        }
+        fn all_reduce_sum_f32(&self, _: &mut [f32]) -> Result<()> {
+            panic!("the device path must not use host all-reduce")
+        }
+        fn all_reduce_sum_f64(&self, b: &mut [f64]) -> Result<()> {
+            self.0.all_reduce_sum_f64(b)
+        }
+        fn all_reduce_max_u64(&self, b: &mut [u64]) -> Result<()> {
+            self.0.all_reduce_max_u64(b)
+        }
+        fn broadcast_bytes(&self, b: &mut Vec<u8>, root: usize) -> Result<()> {
+            self.0.broadcast_bytes(b, root)
+        }
+        fn all_gather_bytes(&self, m: &[u8]) -> Result<Vec<Vec<u8>>> {
+            self.0.all_gather_bytes(m)
+        }
+        fn barrier(&self) -> Result<()> {
+            self.0.barrier()
+        }
+        fn abort(&self, code: i32) -> ! {
+            self.0.abort(code)
+        }
+        fn backend(&self) -> &'static str {
+            "test-device"
+        }
+        fn all_reduce_sum_f32_into(&self, _: &[f32], _: &mut [f32]) -> Result<()> {
+            panic!("the device path must not use host all-reduce")
+        }
+        fn device_collectives(&self) -> Option<&dyn crate::DeviceCollectives> {
+            Some(self)
+        }
+    }
+
+    #[test]
+    fn device_path_matches_serial_mean_and_leaves_gradients_alone() {
+        let shapes: Vec<Vec<usize>> = vec![vec![3, 3, 7], vec![13], vec![1], vec![5, 2], vec![29]];
+        for bucket_bytes in [4usize, 20, 64, 1 << 20] {
+            let comms = LocalComm::group(2);
+            let outs: Vec<_> = std::thread::scope(|s| {
+                let hs: Vec<_> = comms
+                    .into_iter()
+                    .map(|c| {
+                        let shapes = &shapes;
+                        s.spawn(move || {
+                            let c = CpuDevice(c);
+                            let grads: Vec<Tensor> = shapes
+                                .iter()
+                                .enumerate()
+                                .map(|(ti, sh)| {
+                                    let len: usize = sh.iter().product();
+                                    let v: Vec<f32> =
+                                        (0..len).map(|i| value(c.rank(), ti, i)).collect();
+                                    Tensor::from_vec(v, sh.as_slice(), &Device::Cpu).unwrap()
+                                })
+                                .collect();
+                            let before: Vec<Vec<f32>> = grads
+                                .iter()
+                                .map(|t| t.flatten_all().unwrap().to_vec1().unwrap())
+                                .collect();
+                            let mut sync =
+                                GradientSync::from_tensors(&grads, bucket_bytes).unwrap();
+                            let out = sync.all_reduce_mean(&c, &grads).unwrap();
+                            for (g, b) in grads.iter().zip(&before) {
+                                assert_eq!(&g.flatten_all().unwrap().to_vec1::<f32>().unwrap(), b);
+                            }
+                            for (o, g) in out.iter().zip(&grads) {
+                                assert_eq!(o.dims(), g.dims());
+                            }
+                            out.iter()
+                                .map(|t| t.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+                                .collect::<Vec<_>>()
+                        })
+                    })
+                    .collect();
+                hs.into_iter().map(|h| h.join().unwrap()).collect()
+            });
+            for (ti, sh) in shapes.iter().enumerate() {
+                for i in 0..sh.iter().product::<usize>() {
+                    let want = (value(0, ti, i) + value(1, ti, i)) / 2.0;
+                    for out in &outs {
+                        assert_eq!(out[ti][i], want, "bucket={bucket_bytes} t={ti} i={i}");
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn config_mismatch_names_the_ranks_on_every_rank() {
         let res = run(3, |c| {

@@ -77,6 +77,21 @@ fn main() {
             unfused_noising(&x0, &t, &sa, &sm, key, Prediction::Epsilon).unwrap();
         });
         report(name, x0.elem_count(), f, u);
+        let n = x0.elem_count() / b;
+        let mut z = vec![0f32; b * n];
+        let r = time(budget, || {
+            for (i, ex) in z.chunks_mut(n).enumerate() {
+                ddpm_rng::StreamKey::new(1, ddpm_rng::Stream::Noise, 2, i as u64).fill_normal(ex);
+            }
+        });
+        println!(
+            "{:<34} {:>9.3} {:>9} {:>8} {:>9.3}   (the noise alone, one thread: StreamKey::fill_normal)",
+            "  rng only",
+            r.0.as_secs_f64() * 1e3,
+            "",
+            "",
+            r.1.as_secs_f64() * 1e3
+        );
     }
     {
         let dims = [128usize, 3, 32, 32];

@@ -170,13 +170,15 @@ impl SamplerStepOp {
                     }
                 }
                 (None, Some(key)) => {
+                    // The noise goes into the x_prev plane first (the RNG is most of the work), then
+                    // each element reads its z back and is overwritten with x_prev.
                     let sk = key.stream_key(Stream::Sampler, i);
-                    for (blk, start) in (0..len).step_by(4).enumerate() {
+                    for (blk, z4) in yp.chunks_mut(4).enumerate() {
                         let z = box_muller4(sk.block(((e0 / 4) + blk) as u32));
-                        for (j, &zj) in z.iter().enumerate().take(len - start) {
-                            let k = start + j;
-                            (yp[k], x0p[k]) = self.elem(c, xs[k], ms[k], Some(zj));
-                        }
+                        z4.copy_from_slice(&z[..z4.len()]);
+                    }
+                    for k in 0..len {
+                        (yp[k], x0p[k]) = self.elem(c, xs[k], ms[k], Some(yp[k]));
                     }
                 }
                 (None, None) => {

@@ -309,6 +309,69 @@ impl Checkpoint {
         candle_core::safetensors::load(&p, device).map_err(|e| bad(&p, e.to_string()))
     }
 
+    /// The training config stored in the manifest (overrides applied).
+    pub fn config(&self) -> Result<crate::config::TrainConfig, CheckpointError> {
+        serde_json::from_value(self.manifest.config.clone())
+            .map_err(|e| bad(&self.dir.join(MANIFEST), format!("config: {e}")))
+    }
+
+    /// The weights file to sample with: `ema_<rate>.safetensors` (the first EMA rate when `rate` is
+    /// None), or `model.safetensors` for the raw weights (`rate = Some(1.0)`).
+    pub fn weights_file(&self, rate: Option<f64>) -> Result<String, CheckpointError> {
+        match rate {
+            Some(r) if r == 1.0 => Ok(MODEL_FILE.to_string()),
+            Some(r) if self.manifest.ema_rates.contains(&r) => Ok(ema_file(r)),
+            Some(r) => Err(bad(
+                &self.dir,
+                format!(
+                    "has no EMA with rate {r} (rates: {:?})",
+                    self.manifest.ema_rates
+                ),
+            )),
+            None => Ok(self
+                .manifest
+                .ema_rates
+                .first()
+                .map(|&r| ema_file(r))
+                .unwrap_or_else(|| MODEL_FILE.to_string())),
+        }
+    }
+
+    /// The denoising U-Net of a diffusion checkpoint with the chosen weights (see [`Self::weights_file`]).
+    pub fn load_unet(
+        &self,
+        rate: Option<f64>,
+        device: &Device,
+    ) -> Result<ddpm_unet::UNet, CheckpointError> {
+        let cfg = self.config()?;
+        let model_cfg = cfg
+            .model
+            .ok_or_else(|| bad(&self.dir, "is not a diffusion checkpoint (no [model])"))?;
+        let file = self.weights_file(rate)?;
+        let tensors = self.load_all(&file, device)?;
+        let vb = candle_nn::VarBuilder::from_tensors(tensors, DType::F32, device);
+        ddpm_unet::UNet::new(&model_cfg, vb).map_err(|e| bad(&self.dir.join(&file), e.to_string()))
+    }
+
+    /// The classifier of a `task = "classifier"` checkpoint with the chosen weights.
+    pub fn load_classifier(
+        &self,
+        rate: Option<f64>,
+        device: &Device,
+    ) -> Result<ddpm_unet::EncoderUNet, CheckpointError> {
+        let cfg = self.config()?;
+        let c = cfg.classifier.ok_or_else(|| {
+            bad(
+                &self.dir,
+                "is not a classifier checkpoint (no [classifier])",
+            )
+        })?;
+        let file = self.weights_file(rate)?;
+        let tensors = self.load_all(&file, device)?;
+        let vb = candle_nn::VarBuilder::from_tensors(tensors, DType::F32, device);
+        ddpm_unet::EncoderUNet::new(&c, vb).map_err(|e| bad(&self.dir.join(&file), e.to_string()))
+    }
+
     /// An f64 vector from `trainer_state.safetensors` (None when absent).
     pub fn state_f64(&self, name: &str) -> Result<Option<Vec<f64>>, CheckpointError> {
         let all = self.load_all(STATE_FILE, &Device::Cpu)?;

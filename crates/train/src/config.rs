@@ -445,17 +445,6 @@ impl TrainConfig {
                 format!("must be in 2..=100000, got {}", d.timesteps),
             ));
         }
-        if let Err(e) = d.to_diffusion().build() {
-            return Err(invalid(
-                "diffusion",
-                format!(
-                    "does not give a valid process (schedule = \"{:?}\", timesteps = {}): {e}",
-                    d.schedule, d.timesteps
-                )
-                .replace("\"Linear\"", "\"linear\"")
-                .replace("\"Cosine\"", "\"cosine\""),
-            ));
-        }
         let learned = d.variance == Variance::LearnedRange;
         if let Some(m) = &self.model {
             if learned != m.learn_sigma {
@@ -487,6 +476,17 @@ impl TrainConfig {
                     "weights the MSE term and cannot be used with loss = \"vlb\"",
                 ));
             }
+        }
+        if let Err(e) = d.to_diffusion().build() {
+            return Err(invalid(
+                "diffusion",
+                format!(
+                    "does not give a valid process (schedule = \"{:?}\", timesteps = {}): {e}",
+                    d.schedule, d.timesteps
+                )
+                .replace("\"Linear\"", "\"linear\"")
+                .replace("\"Cosine\"", "\"cosine\""),
+            ));
         }
         if !(0.0..1.0).contains(&d.label_dropout) {
             return Err(invalid(
@@ -679,6 +679,12 @@ fn describe_toml_error(text: &str, e: &toml::de::Error, prefix: &str) -> ConfigE
     let Some(span) = e.span() else {
         return ConfigError::Parse(format!("{prefix}{msg}"));
     };
+    // An empty span at 0 is the top-level table (e.g. a missing top-level field).
+    if span.is_empty() && span.start == 0 {
+        return ConfigError::Parse(format!("{prefix}{msg}"));
+    }
+    // Line numbers of a re-rendered document (after --set) would not match the user's file.
+    let show_line = prefix.is_empty();
     let start = span.start.min(text.len());
     let line_no = text[..start].matches('\n').count() + 1;
     let line_start = text[..start].rfind('\n').map(|i| i + 1).unwrap_or(0);
@@ -711,10 +717,15 @@ fn describe_toml_error(text: &str, e: &toml::de::Error, prefix: &str) -> ConfigE
             format!("{table}.{k}")
         }
     };
-    if key.is_empty() {
-        ConfigError::Parse(format!("{prefix}{msg} (line {line_no})"))
+    let at = if show_line {
+        format!(" (line {line_no})")
     } else {
-        ConfigError::Parse(format!("{prefix}{key}: {msg} (line {line_no})"))
+        String::new()
+    };
+    if key.is_empty() {
+        ConfigError::Parse(format!("{prefix}{msg}{at}"))
+    } else {
+        ConfigError::Parse(format!("{prefix}{key}: {msg}{at}"))
     }
 }
 

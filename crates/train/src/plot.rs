@@ -200,6 +200,7 @@ pub fn plot_loss_curve(path: &Path, points: &[(u64, f64)]) -> io::Result<()> {
         cv.text(x - label.len() as i64 * 4, y0 + 10, &label, 2, black);
     }
     cv.text(x1 - 40, y0 + 30, "step", 2, black);
+    cv.text(x0 + 8, y1 + 4, "loss", 2, black);
     let mut prev: Option<(i64, i64)> = None;
     for p in &pts {
         let q = (px(p.0 as f64), py(p.1));

@@ -132,14 +132,15 @@ pub fn unet_from_tensors(
     )?)
 }
 
-/// Prints `parameters: N` and the per-level summary of the config's model.
+/// `parameters: N` and the per-level summary of the config's model (ddpm-unet's summary).
 pub fn inspect_model(cfg: &TrainConfig) -> Result<String> {
     let (net, _) = build_net(cfg, &Device::Cpu)?;
     let summary = match &net {
         Net::Diffusion(m) => m.summary(),
         Net::Classifier(m) => m.summary(),
     };
-    Ok(format!("parameters: {}\n{summary}", net.num_parameters()))
+    // ModelSummary's Display starts with the "parameters: N" line.
+    Ok(summary.to_string())
 }
 
 /// Parameters sorted by name: the order of gradients, moments, EMA lists and bucket plans.

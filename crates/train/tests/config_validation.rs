@@ -185,3 +185,14 @@ fn shipped_configs_are_valid() {
             .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
     }
 }
+
+#[test]
+fn missing_keys_are_named() {
+    let text = base("");
+    let e = err_with(&text.replace("lr = 2e-3\n", ""), &[]);
+    assert!(e.contains("optim: missing field `lr`"), "{e}");
+    let cut = text.find("[data]").unwrap();
+    let end = text.find("[optim]").unwrap();
+    let e = err_with(&format!("{}{}", &text[..cut], &text[end..]), &[]);
+    assert!(e.contains("missing field `data`"), "{e}");
+}

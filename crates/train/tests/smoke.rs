@@ -82,6 +82,24 @@ fn loss_falls_and_outputs_exist() {
         assert_eq!(e.len(), model.len());
     }
 
+    // the sampler's entry points: config and EMA model from the checkpoint, deterministic output
+    let unet = ck.load_unet(None, &candle_core::Device::Cpu).unwrap();
+    assert_eq!(ck.config().unwrap(), cfg);
+    assert_eq!(ck.weights_file(None).unwrap(), "ema_0.9.safetensors");
+    assert!(ck.weights_file(Some(0.5)).is_err());
+    let x = candle_core::Tensor::zeros(
+        (2, 1, 8, 8),
+        candle_core::DType::F32,
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let t = candle_core::Tensor::new(&[10f32, 500.0], &candle_core::Device::Cpu).unwrap();
+    let y = candle_core::Tensor::new(&[0u32, 2], &candle_core::Device::Cpu).unwrap();
+    let o = unet
+        .forward(&x, &t, Some(&y), &ddpm_unet::ForwardCtx::eval())
+        .unwrap();
+    assert_eq!(o.dims(), &[2, 1, 8, 8]);
+
     // pictures: previews at 50 and at the end, a loss plot, the resolved config
     for p in [
         "samples.png",

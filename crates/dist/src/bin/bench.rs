@@ -223,13 +223,15 @@ fn run(comm: &dyn Communicator) -> AnyResult<()> {
 
         for &mb in &bucket_mb {
             let mut sync = GradientSync::from_tensors(&grads, (mb * 1024.0 * 1024.0) as usize)?;
-            let mut reduce = Vec::new();
+            let mut reduce: Vec<Duration> = Vec::new();
             let t = time_steps(comm, 2, steps, || {
                 sync.all_reduce_mean(comm, &grads)?;
                 reduce.push(sync.last_stats().reduce);
                 Ok(())
             })?;
             let buckets = sync.plan().num_buckets();
+            // Timed steps only (the first two calls were warm-up).
+            let reduce = reduce.split_off(2);
             row(
                 &format!("GradientSync, {mb} MiB buckets ({buckets} buckets)"),
                 t,
