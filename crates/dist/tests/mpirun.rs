@@ -285,3 +285,29 @@ fn error_or_exit_of_one_rank_ends_the_job() {
     );
     assert_job_dies("exit", "1", None);
 }
+
+/// ddpm-train catches SIGTERM/SIGUSR1 to checkpoint at the next step boundary. When a rank dies, mpirun
+/// SIGTERMs the survivors, which are blocked in a collective and never reach that boundary: mpirun's
+/// follow-up SIGKILL must still end them.
+#[test]
+fn survivors_that_catch_sigterm_are_still_stopped() {
+    for how in ["kill", "panic"] {
+        let r = mpirun(
+            2,
+            &["fail", "--victim", "1", "--how", how, "--catch-term", "1"],
+            Duration::from_secs(90),
+        );
+        assert!(r.code.is_some(), "{how}: hang:\n{}", r.output);
+        assert_ne!(r.code, Some(0), "{how}:\n{}", r.output);
+        assert!(
+            r.elapsed < Duration::from_secs(60),
+            "{how}: {:?}",
+            r.elapsed
+        );
+        assert!(r.output.contains("failing on purpose"), "{}", r.output);
+        eprintln!(
+            "{how} with SIGTERM caught: mpirun exit {:?} after {:?}",
+            r.code, r.elapsed
+        );
+    }
+}

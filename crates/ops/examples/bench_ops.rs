@@ -99,9 +99,15 @@ fn group_norm(batch: usize, reps: usize, c: usize, r: usize) {
     let run = |fast: bool| {
         ddpm_ops::set_fast_path(fast);
         let t = time_ms(reps, || {
-            let y =
-                ddpm_ops::group_norm(x.as_tensor(), gm.as_tensor(), bt.as_tensor(), 32, 1e-5, true)
-                    .unwrap();
+            let y = ddpm_ops::group_norm(
+                x.as_tensor(),
+                gm.as_tensor(),
+                bt.as_tensor(),
+                32,
+                1e-5,
+                true,
+            )
+            .unwrap();
             y.sum_all().unwrap().backward().unwrap();
         });
         ddpm_ops::set_fast_path(true);
@@ -137,20 +143,31 @@ fn main() {
         match a.as_str() {
             "--batch" => batch = it.next().and_then(|v| v.parse().ok()).expect("--batch N"),
             "--reps" => reps = it.next().and_then(|v| v.parse().ok()).expect("--reps N"),
-            "--threads" => {
-                ddpm_ops::set_num_threads(it.next().and_then(|v| v.parse().ok()).expect("--threads N"))
-            }
+            "--threads" => ddpm_ops::set_num_threads(
+                it.next().and_then(|v| v.parse().ok()).expect("--threads N"),
+            ),
             "--only" => only = it.next(),
+            "--tile" => ddpm_ops::set_tile_bytes(
+                it.next()
+                    .and_then(|v| v.parse().ok())
+                    .expect("--tile BYTES"),
+            ),
             other => panic!("unknown argument {other}"),
         }
     }
     println!(
-        "ddpm-ops threads {}, candle threads {}, batch {batch}",
+        "ddpm-ops threads {}, tile {} B, candle threads {}, batch {batch}",
         ddpm_ops::num_threads(),
+        ddpm_ops::tile_bytes(),
         candle_core::utils::get_num_threads()
     );
     let want = |n: &str| only.as_deref().is_none_or(|o| n.contains(o));
-    for shape in [(64, 64, 3, 1, 32), (128, 128, 3, 1, 16), (64, 64, 3, 2, 32), (192, 128, 1, 1, 16)] {
+    for shape in [
+        (64, 64, 3, 1, 32),
+        (128, 128, 3, 1, 16),
+        (64, 64, 3, 2, 32),
+        (192, 128, 1, 1, 16),
+    ] {
         if want("conv") {
             conv(batch, reps, shape);
         }

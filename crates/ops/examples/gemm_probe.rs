@@ -2,12 +2,22 @@
 //! (meaningful on a loaded machine). Development probe for issue 9.
 
 fn cpu_ms() -> f64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
     ts.tv_sec as f64 * 1e3 + ts.tv_nsec as f64 * 1e-6
 }
 
 fn main() {
+    if let Some(t) = std::env::args().nth(1) {
+        gemm::set_lhs_packing_threshold_single_thread(t.parse().unwrap());
+    }
+    println!(
+        "lhs packing threshold (single thread): {}",
+        gemm::get_lhs_packing_threshold_single_thread()
+    );
     // (m, n, k, name): C[m,n] = A[m,k] B[k,n], row-major, as the conv kernels call it.
     let shapes = [
         (64, 1024, 576, "fwd 64x1024x576"),
@@ -23,10 +33,25 @@ fn main() {
         let at = name.contains("A^T");
         let run = |c: &mut [f32]| unsafe {
             gemm::gemm(
-                m, n, k, c.as_mut_ptr(), 1, n as isize, false,
-                a.as_ptr(), if at { m as isize } else { 1 }, if at { 1 } else { k as isize },
-                b.as_ptr(), if bt { k as isize } else { 1 }, if bt { 1 } else { n as isize },
-                1.0, 1.0, false, false, false, gemm::Parallelism::None,
+                m,
+                n,
+                k,
+                c.as_mut_ptr(),
+                1,
+                n as isize,
+                false,
+                a.as_ptr(),
+                if at { m as isize } else { 1 },
+                if at { 1 } else { k as isize },
+                b.as_ptr(),
+                if bt { k as isize } else { 1 },
+                if bt { 1 } else { n as isize },
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
             )
         };
         run(&mut c);
@@ -36,6 +61,9 @@ fn main() {
             run(&mut c);
         }
         let ms = (cpu_ms() - t0) / reps as f64;
-        println!("{name:>24}: {ms:7.3} ms cpu, {:6.1} GFLOP/s", 2.0 * (m * n * k) as f64 / ms / 1e6);
+        println!(
+            "{name:>24}: {ms:7.3} ms cpu, {:6.1} GFLOP/s",
+            2.0 * (m * n * k) as f64 / ms / 1e6
+        );
     }
 }

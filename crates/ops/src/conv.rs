@@ -276,27 +276,51 @@ fn plan(b: usize) -> (usize, usize) {
     }
 }
 
-/// `im2col` of one example, over channels in parallel when `par`.
-fn unfold<T: Elem>(g: &Geom, x: &[T], col: &mut [T], par: bool) {
-    let (plane, rows) = (g.h * g.w, g.kh * g.kw * g.n());
+/// Output-pixel tiles `(p0, p1)` of one example: as many columns as keep a `[k, cols]` column
+/// tile within [`crate::tile_bytes`] (so im2col writes it into L2 and the GEMM packs it from
+/// there), at least 64, all of them when tiling is off.
+fn tiles<T>(g: &Geom) -> impl Iterator<Item = (usize, usize)> {
+    let n = g.n();
+    let budget = crate::runtime::tile_bytes() / std::mem::size_of::<T>();
+    let nt = if budget == 0 {
+        n
+    } else {
+        (budget / g.k()).clamp(64, n.max(64)).min(n)
+    };
+    (0..n.div_ceil(nt)).map(move |t| (t * nt, ((t + 1) * nt).min(n)))
+}
+
+/// Columns `p0..p1` of one example's im2col, over channels in parallel when `par`.
+fn unfold<T: Elem>(g: &Geom, x: &[T], (p0, p1): (usize, usize), col: &mut [T], par: bool) {
+    let (plane, rows) = (g.h * g.w, g.kh * g.kw * (p1 - p0));
     if par {
         col.par_chunks_mut(rows)
             .zip(x.par_chunks(plane))
-            .for_each(|(c, xp)| im2col(g, xp, c));
+            .for_each(|(c, xp)| im2col(g, xp, p0, p1, c));
     } else {
-        im2col(g, x, col);
+        im2col(g, x, p0, p1, col);
     }
 }
 
-/// `col2im` of one example onto zeroed `dx`, over channels in parallel when `par`.
-fn fold<T: Elem>(g: &Geom, col: &[T], dx: &mut [T], par: bool) {
-    let (plane, rows) = (g.h * g.w, g.kh * g.kw * g.n());
+/// `col2im` of columns `p0..p1` of one example onto initialised `dx`, over channels in parallel
+/// when `par`.
+fn fold<T: Elem>(g: &Geom, col: &[T], (p0, p1): (usize, usize), dx: &mut [T], par: bool) {
+    let (plane, rows) = (g.h * g.w, g.kh * g.kw * (p1 - p0));
     if par {
         col.par_chunks(rows)
             .zip(dx.par_chunks_mut(plane))
-            .for_each(|(c, d)| col2im_add(g, c, d));
+            .for_each(|(c, d)| col2im_add(g, c, p0, p1, d));
     } else {
-        col2im_add(g, col, dx);
+        col2im_add(g, col, p0, p1, dx);
+    }
+}
+
+/// Columns `p0..` of a row-major matrix with row stride `ld`.
+fn cols<T>(data: &[T], ld: usize, p0: usize) -> Mat<T> {
+    Mat {
+        ptr: data[p0..].as_ptr(),
+        rs: ld as isize,
+        cs: 1,
     }
 }
 
@@ -311,6 +335,7 @@ fn forward<T: Elem>(
     let (k, n, in_len, out_len) = (g.k(), g.n(), g.cin * g.h * g.w, cout * g.n());
     let mut out = Uninit::<T>::new(b * out_len);
     let wm = Mat::rows(w, k);
+    let acc = bias.is_some();
     let one = |e: usize, y: &mut [MaybeUninit<T>], threads: usize| {
         if let Some(bias) = bias {
             for (row, &v) in y.chunks_exact_mut(n).zip(bias) {
@@ -319,14 +344,19 @@ fn forward<T: Elem>(
         }
         let yp = y.as_mut_ptr() as *mut T;
         let xe = &x[e * in_len..(e + 1) * in_len];
-        // SAFETY: shapes match the slices; y has cout * n slots, initialised when accumulating.
+        // SAFETY (GEMMs): shapes match the slices; y has cout * n slots, initialised when
+        // accumulating; each tile writes its own columns.
         if g.is_pointwise() {
-            unsafe { gemm(cout, n, k, yp, bias.is_some(), wm, Mat::rows(xe, n), threads) };
+            unsafe { gemm(cout, n, k, yp, n, acc, wm, Mat::rows(xe, n), threads) };
         } else {
-            T::with_scratch(k * n, |col| {
-                unfold(g, xe, col, threads > 1);
-                unsafe { gemm(cout, n, k, yp, bias.is_some(), wm, Mat::rows(col, n), threads) };
-            });
+            for t in tiles::<T>(g) {
+                let nt = t.1 - t.0;
+                T::with_scratch(k * nt, |col| {
+                    unfold(g, xe, t, col, threads > 1);
+                    let yt = unsafe { yp.add(t.0) };
+                    unsafe { gemm(cout, nt, k, yt, n, acc, wm, Mat::rows(col, nt), threads) };
+                });
+            }
         }
     };
     let (chunks, threads) = plan(b);
@@ -390,30 +420,37 @@ fn backward<T: Elem>(
                 None
             };
             let dym = Mat::rows(dye, n);
+            let dwp = dw.as_mut_ptr();
             // SAFETY (all GEMMs below): operand shapes match their slices, outputs don't alias.
             if g.is_pointwise() {
                 if need_dw {
                     let xt = Mat::rows(xe, n).t();
-                    unsafe { gemm(cout, k, n, dw.as_mut_ptr(), true, dym, xt, threads) };
+                    unsafe { gemm(cout, k, n, dwp, k, true, dym, xt, threads) };
                 }
                 if let Some(d) = dxe {
                     let dp = d.as_mut_ptr() as *mut T;
-                    unsafe { gemm(k, n, cout, dp, false, wm.t(), dym, threads) };
+                    unsafe { gemm(k, n, cout, dp, n, false, wm.t(), dym, threads) };
                 }
-            } else {
-                T::with_scratch(k * n, |col| {
+                continue;
+            }
+            let mut dxe = dxe.map(|d| {
+                fill_uninit(d, T::ZERO);
+                // SAFETY: just initialised.
+                unsafe { &mut *(d as *mut [MaybeUninit<T>] as *mut [T]) }
+            });
+            for t in tiles::<T>(g) {
+                let nt = t.1 - t.0;
+                let dyt = cols(dye, n, t.0);
+                T::with_scratch(k * nt, |col| {
                     if need_dw {
-                        unfold(g, xe, col, threads > 1);
-                        let ct = Mat::rows(col, n).t();
-                        unsafe { gemm(cout, k, n, dw.as_mut_ptr(), true, dym, ct, threads) };
+                        unfold(g, xe, t, col, threads > 1);
+                        let ct = Mat::rows(col, nt).t();
+                        unsafe { gemm(cout, k, nt, dwp, k, true, dyt, ct, threads) };
                     }
-                    if let Some(d) = dxe {
+                    if let Some(d) = dxe.as_deref_mut() {
                         let cp = col.as_mut_ptr();
-                        unsafe { gemm(k, n, cout, cp, false, wm.t(), dym, threads) };
-                        fill_uninit(d, T::ZERO);
-                        // SAFETY: just initialised.
-                        let d = unsafe { &mut *(d as *mut [MaybeUninit<T>] as *mut [T]) };
-                        fold(g, col, d, threads > 1);
+                        unsafe { gemm(k, nt, cout, cp, nt, false, wm.t(), dyt, threads) };
+                        fold(g, col, t, d, threads > 1);
                     }
                 });
             }

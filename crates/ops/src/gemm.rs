@@ -36,18 +36,19 @@ impl<T> Mat<T> {
     }
 }
 
-/// `C[m, n] = (accumulate ? C : 0) + A[m, k] . B[k, n]`, with `C` row-major at `c` (row stride
-/// `n`). Without `accumulate`, `C` is only written, so it may start uninitialised.
+/// `C[m, n] = (accumulate ? C : 0) + A[m, k] . B[k, n]`, with `C` row-major at `c` with row
+/// stride `ldc`. Without `accumulate`, `C` is only written, so it may start uninitialised.
 ///
 /// # Safety
-/// `a`, `b` must address `m x k` and `k x n` valid elements; `c` must be valid for `m * n`
-/// writes (and reads when accumulating) and not overlap `a` or `b`.
+/// `a`, `b` must address `m x k` and `k x n` valid elements; `c` must be valid for writes (and
+/// reads when accumulating) of the `m x n` block and not overlap `a` or `b`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn gemm<T: Elem>(
     m: usize,
     n: usize,
     k: usize,
     c: *mut T,
+    ldc: usize,
     accumulate: bool,
     a: Mat<T>,
     b: Mat<T>,
@@ -67,7 +68,7 @@ pub(crate) unsafe fn gemm<T: Elem>(
             k,
             c,
             1,
-            n as isize,
+            ldc as isize,
             accumulate,
             a.ptr,
             a.cs,

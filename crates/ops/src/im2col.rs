@@ -53,31 +53,38 @@ impl Geom {
     }
 }
 
-/// Writes the column rows of some consecutive input channels of one example.
-/// `x`: those channels' `[rows / (kh * kw), h, w]` planes; `col`: the rows to fill, `n()` long.
-pub(crate) fn im2col<T: Elem>(g: &Geom, x: &[T], col: &mut [T]) {
-    let n = g.n();
+/// Writes columns `p0..p1` (output pixels, row-major over `(oh, ow)`) of the column rows of
+/// some consecutive input channels of one example. `x`: those channels' `[rows / (kh * kw), h, w]`
+/// planes; `col`: the rows to fill, `p1 - p0` long each.
+pub(crate) fn im2col<T: Elem>(g: &Geom, x: &[T], p0: usize, p1: usize, col: &mut [T]) {
+    let nt = p1 - p0;
     let (s, p) = (g.stride, g.pad);
-    for (r, dst) in col.chunks_exact_mut(n).enumerate() {
+    for (r, dst) in col.chunks_exact_mut(nt).enumerate() {
         let c = r / (g.kh * g.kw);
         let i = (r / g.kw) % g.kh;
         let j = r % g.kw;
         let (lo, hi) = g.valid_cols(j);
         let plane = &x[c * g.h * g.w..(c + 1) * g.h * g.w];
-        for (oh, d) in dst.chunks_exact_mut(g.wo).enumerate() {
+        for oh in p0 / g.wo..p1.div_ceil(g.wo) {
+            // This output row's part of the tile, as ow in a..b.
+            let base = oh * g.wo;
+            let (a, b) = (p0.max(base) - base, p1.min(base + g.wo) - base);
+            let d = &mut dst[base + a - p0..base + b - p0];
             let Some(ih) = g.src_row(oh, i) else {
                 d.fill(T::ZERO);
                 continue;
             };
             let src = &plane[ih * g.w..(ih + 1) * g.w];
-            d[..lo].fill(T::ZERO);
-            d[hi..].fill(T::ZERO);
-            if lo < hi {
-                let first = lo * s + j - p;
+            let (vl, vh) = (lo.clamp(a, b), hi.clamp(a, b));
+            d[..vl - a].fill(T::ZERO);
+            d[vh - a..].fill(T::ZERO);
+            if vl < vh {
+                let first = vl * s + j - p;
+                let d = &mut d[vl - a..vh - a];
                 if s == 1 {
-                    d[lo..hi].copy_from_slice(&src[first..first + (hi - lo)]);
+                    d.copy_from_slice(&src[first..first + (vh - vl)]);
                 } else {
-                    for (k, v) in d[lo..hi].iter_mut().enumerate() {
+                    for (k, v) in d.iter_mut().enumerate() {
                         *v = src[first + k * s];
                     }
                 }
@@ -86,33 +93,36 @@ pub(crate) fn im2col<T: Elem>(g: &Geom, x: &[T], col: &mut [T]) {
     }
 }
 
-/// Adds column rows back onto their pixels: the adjoint of [`im2col`].
+/// Adds columns `p0..p1` of column rows back onto their pixels: the adjoint of [`im2col`].
 /// `dx`: the rows' channels' `[rows / (kh * kw), h, w]` planes, already initialised.
-pub(crate) fn col2im_add<T: Elem>(g: &Geom, col: &[T], dx: &mut [T]) {
-    let n = g.n();
+pub(crate) fn col2im_add<T: Elem>(g: &Geom, col: &[T], p0: usize, p1: usize, dx: &mut [T]) {
+    let nt = p1 - p0;
     let (s, p) = (g.stride, g.pad);
-    let taps = g.kh * g.kw;
-    for (r, src) in col.chunks_exact(n).enumerate() {
-        let c = r / taps;
+    for (r, src) in col.chunks_exact(nt).enumerate() {
+        let c = r / (g.kh * g.kw);
         let i = (r / g.kw) % g.kh;
         let j = r % g.kw;
         let (lo, hi) = g.valid_cols(j);
-        if lo >= hi {
-            continue;
-        }
         let plane = &mut dx[c * g.h * g.w..(c + 1) * g.h * g.w];
-        for (oh, sr) in src.chunks_exact(g.wo).enumerate() {
+        for oh in p0 / g.wo..p1.div_ceil(g.wo) {
             let Some(ih) = g.src_row(oh, i) else {
                 continue;
             };
+            let base = oh * g.wo;
+            let (a, b) = (p0.max(base) - base, p1.min(base + g.wo) - base);
+            let (vl, vh) = (lo.clamp(a, b), hi.clamp(a, b));
+            if vl >= vh {
+                continue;
+            }
+            let sr = &src[base + vl - p0..base + vh - p0];
             let dst = &mut plane[ih * g.w..(ih + 1) * g.w];
-            let first = lo * s + j - p;
+            let first = vl * s + j - p;
             if s == 1 {
-                for (d, v) in dst[first..first + (hi - lo)].iter_mut().zip(&sr[lo..hi]) {
+                for (d, v) in dst[first..first + (vh - vl)].iter_mut().zip(sr) {
                     *d += *v;
                 }
             } else {
-                for (k, v) in sr[lo..hi].iter().enumerate() {
+                for (k, v) in sr.iter().enumerate() {
                     dst[first + k * s] += *v;
                 }
             }

@@ -15,7 +15,13 @@ pub struct Conv2d {
 
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        crate::conv2d(x, &self.weight, self.bias.as_ref(), self.stride, self.padding)
+        crate::conv2d(
+            x,
+            &self.weight,
+            self.bias.as_ref(),
+            self.stride,
+            self.padding,
+        )
     }
 }
 

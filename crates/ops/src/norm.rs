@@ -7,6 +7,7 @@
 //! `dx = rstd * (gamma_c * dz - mean_g(gamma * dz) - x_hat * mean_g(gamma * dz * x_hat))`.
 //! The statistics are kept from the forward pass; the backward reads `x` and `dy` twice.
 
+use std::mem::MaybeUninit;
 use std::sync::OnceLock;
 
 use candle_core::backend::BackendStorage;
@@ -16,7 +17,7 @@ use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Sto
 use rayon::prelude::*;
 
 use crate::conv::slice;
-use crate::elem::Elem;
+use crate::elem::{lanes_sum, lanes_sum2, Elem, Uninit};
 use crate::runtime::fast_path_enabled;
 
 /// GroupNorm over `x [B, C, ...]` with per-channel affine `gamma`, `beta` (`[C]`), `groups`
@@ -128,17 +129,12 @@ fn sigmoid<T: Elem>(z: T) -> T {
     T::ONE / (T::ONE + (-z).exp())
 }
 
+/// `(mean, 1 / sqrt(var + eps))` of one group, two-pass.
 fn stats<T: Elem>(xs: &[T], eps: f64) -> (f64, f64) {
     let n = xs.len() as f64;
-    let mean = xs.iter().map(|v| v.to_f64()).sum::<f64>() / n;
-    let var = xs
-        .iter()
-        .map(|v| {
-            let d = v.to_f64() - mean;
-            d * d
-        })
-        .sum::<f64>()
-        / n;
+    let mean = lanes_sum(xs, |v| v) / n;
+    let m = T::from_f64(mean);
+    let var = lanes_sum(xs, |v| (v - m) * (v - m)) / n;
     (mean, 1.0 / (var + eps).sqrt())
 }
 
@@ -150,32 +146,41 @@ fn forward<T: Elem>(
     beta: &[T],
 ) -> (Vec<T>, Vec<(f64, f64)>) {
     let len = d.cg * d.s;
-    let mut y = vec![T::ZERO; x.len()];
+    let mut y = Uninit::<T>::new(x.len());
     let stats: Vec<(f64, f64)> = y
+        .slots()
         .par_chunks_mut(len)
         .zip(x.par_chunks(len))
         .enumerate()
         .map(|(i, (yg, xg))| {
             let (mean, rstd) = stats(xg, op.eps);
             let c0 = (i % op.groups) * d.cg;
-            for (j, (yc, xc)) in yg.chunks_exact_mut(d.s).zip(xg.chunks_exact(d.s)).enumerate() {
+            for (j, (yc, xc)) in yg
+                .chunks_exact_mut(d.s)
+                .zip(xg.chunks_exact(d.s))
+                .enumerate()
+            {
                 let a = gamma[c0 + j].to_f64() * rstd;
-                let (a, sh) = (T::from_f64(a), T::from_f64(beta[c0 + j].to_f64() - mean * a));
+                let (a, sh) = (
+                    T::from_f64(a),
+                    T::from_f64(beta[c0 + j].to_f64() - mean * a),
+                );
                 if op.silu {
                     for (o, &v) in yc.iter_mut().zip(xc) {
                         let z = v * a + sh;
-                        *o = z * sigmoid(z);
+                        o.write(z * sigmoid(z));
                     }
                 } else {
                     for (o, &v) in yc.iter_mut().zip(xc) {
-                        *o = v * a + sh;
+                        o.write(v * a + sh);
                     }
                 }
             }
             (mean, rstd)
         })
         .collect();
-    (y, stats)
+    // SAFETY: every group's values were written.
+    (unsafe { y.assume_init() }, stats)
 }
 
 type Grads<T> = (Vec<T>, Vec<T>, Vec<T>);
@@ -191,47 +196,55 @@ fn backward<T: Elem>(
 ) -> Grads<T> {
     let len = d.cg * d.s;
     let n = len as f64;
-    let mut dx = vec![T::ZERO; x.len()];
+    let mut dx = Uninit::<T>::new(x.len());
     // Per (example, group): per channel (sum dz, sum dz * x_hat).
     let sums: Vec<Vec<(f64, f64)>> = dx
+        .slots()
         .par_chunks_mut(len)
         .zip(x.par_chunks(len).zip(dy.par_chunks(len)))
         .enumerate()
         .map(|(i, (dxg, (xg, dyg)))| {
+            // Written in full by the loop below, before anything reads it.
+            for v in dxg.iter_mut() {
+                v.write(T::ZERO);
+            }
+            // SAFETY: just initialised.
+            let dxg = unsafe { &mut *(dxg as *mut [MaybeUninit<T>] as *mut [T]) };
             let (mean, rstd) = stats[i];
             let (mean_t, rstd_t) = (T::from_f64(mean), T::from_f64(rstd));
             let c0 = (i % op.groups) * d.cg;
             let mut per_c = Vec::with_capacity(d.cg);
             let (mut s1, mut s2) = (0.0f64, 0.0f64);
             // Pass 1: dz into dx, channel sums.
-            for (j, ((dxc, xc), dyc)) in dxg
+            for (j, ((dzc, xc), dyc)) in dxg
                 .chunks_exact_mut(d.s)
                 .zip(xg.chunks_exact(d.s))
                 .zip(dyg.chunks_exact(d.s))
                 .enumerate()
             {
                 let (g, bt) = (gamma[c0 + j], beta[c0 + j]);
-                let (mut sdz, mut sdzx) = (0.0f64, 0.0f64);
-                for ((o, &v), &gy) in dxc.iter_mut().zip(xc).zip(dyc) {
-                    let xh = (v - mean_t) * rstd_t;
-                    let dz = if op.silu {
-                        let z = xh * g + bt;
+                if op.silu {
+                    for ((o, &v), &gy) in dzc.iter_mut().zip(xc).zip(dyc) {
+                        let z = (v - mean_t) * rstd_t * g + bt;
                         let sg = sigmoid(z);
-                        gy * sg * (T::ONE + z * (T::ONE - sg))
-                    } else {
-                        gy
-                    };
-                    *o = dz;
-                    sdz += dz.to_f64();
-                    sdzx += (dz * xh).to_f64();
+                        *o = gy * sg * (T::ONE + z * (T::ONE - sg));
+                    }
+                } else {
+                    dzc.copy_from_slice(dyc);
                 }
+                let sdz = lanes_sum(dzc, |v| v);
+                let sdzx = lanes_sum2(dzc, xc, |dz, v| dz * ((v - mean_t) * rstd_t));
                 s1 += g.to_f64() * sdz;
                 s2 += g.to_f64() * sdzx;
                 per_c.push((sdz, sdzx));
             }
             // Pass 2: dx from dz.
             let (m1, m2) = (T::from_f64(s1 / n), T::from_f64(s2 / n));
-            for (j, (dxc, xc)) in dxg.chunks_exact_mut(d.s).zip(xg.chunks_exact(d.s)).enumerate() {
+            for (j, (dxc, xc)) in dxg
+                .chunks_exact_mut(d.s)
+                .zip(xg.chunks_exact(d.s))
+                .enumerate()
+            {
                 let g = gamma[c0 + j];
                 for (o, &v) in dxc.iter_mut().zip(xc) {
                     let xh = (v - mean_t) * rstd_t;
@@ -252,7 +265,8 @@ fn backward<T: Elem>(
     }
     debug_assert_eq!(sums.len(), d.b * op.groups);
     let cast = |v: Vec<f64>| v.into_iter().map(T::from_f64).collect();
-    (dx, cast(dgamma), cast(dbeta))
+    // SAFETY: every group's values were written.
+    (unsafe { dx.assume_init() }, cast(dgamma), cast(dbeta))
 }
 
 impl CustomOp3 for GroupNormOp {
@@ -276,7 +290,8 @@ impl CustomOp3 for GroupNormOp {
         let d = self.dims(lx.shape());
         macro_rules! run {
             ($t:ty) => {{
-                let (y, st) = forward::<$t>(self, d, slice(sx, lx)?, slice(sg, lg)?, slice(sb, lb)?);
+                let (y, st) =
+                    forward::<$t>(self, d, slice(sx, lx)?, slice(sg, lg)?, slice(sb, lb)?);
                 let _ = self.stats.set(st);
                 <$t>::to_cpu_storage_owned(y)
             }};

@@ -6,8 +6,8 @@ use candle_core::WithDType;
 use candle_core::{bail, CpuStorage, CustomOp1, DType, Layout, Result, Shape, Storage, Tensor, D};
 use rayon::prelude::*;
 
-use crate::conv::{slice, sum};
-use crate::elem::Elem;
+use crate::conv::slice;
+use crate::elem::{lanes_max, lanes_sum, lanes_sum2, Elem};
 use crate::runtime::fast_path_enabled;
 
 /// Softmax over the last dimension, differentiable (candle 0.11's `softmax_last_dim` has no
@@ -34,11 +34,11 @@ fn forward<T: Elem>(x: &[T], d: usize) -> Vec<T> {
     y.par_chunks_mut(d)
         .zip(x.par_chunks(d))
         .for_each(|(yr, xr)| {
-            let m = xr.iter().fold(xr[0], |a, &b| a.maximum(b));
+            let m = lanes_max(xr);
             for (o, &v) in yr.iter_mut().zip(xr) {
                 *o = (v - m).exp();
             }
-            let inv = T::ONE / sum(yr);
+            let inv = T::ONE / T::from_f64(lanes_sum(yr, |v| v));
             yr.iter_mut().for_each(|o| *o = *o * inv);
         });
     y
@@ -49,10 +49,7 @@ fn backward<T: Elem>(y: &[T], dy: &[T], d: usize) -> Vec<T> {
     dx.par_chunks_mut(d)
         .zip(y.par_chunks(d).zip(dy.par_chunks(d)))
         .for_each(|(o, (yr, gr))| {
-            for ((a, &yv), &gv) in o.iter_mut().zip(yr).zip(gr) {
-                *a = yv * gv;
-            }
-            let s = sum(o);
+            let s = T::from_f64(lanes_sum2(yr, gr, |a, b| a * b));
             for ((a, &yv), &gv) in o.iter_mut().zip(yr).zip(gr) {
                 *a = yv * (gv - s);
             }

@@ -10,7 +10,12 @@ const TOL: f64 = 2e-5;
 
 fn conv_vs_candle(b: usize, cin: usize, cout: usize, hw: usize, k: usize, s: usize, p: usize) {
     let x = Var::from_tensor(&randn(1, &[b, cin, hw, hw], DType::F32)).unwrap();
-    let w = Var::from_tensor(&randn(2, &[cout, cin, k, k], DType::F32).affine(0.2, 0.0).unwrap()).unwrap();
+    let w = Var::from_tensor(
+        &randn(2, &[cout, cin, k, k], DType::F32)
+            .affine(0.2, 0.0)
+            .unwrap(),
+    )
+    .unwrap();
     let bias = Var::from_tensor(&randn(3, &[cout], DType::F32)).unwrap();
     let (xt, wt, bt) = (x.as_tensor(), w.as_tensor(), bias.as_tensor());
     let ours = ddpm_ops::conv2d(xt, wt, Some(bt), s, p).unwrap();
@@ -24,7 +29,12 @@ fn conv_vs_candle(b: usize, cin: usize, cout: usize, hw: usize, k: usize, s: usi
     assert!(e < TOL, "{what}: forward differs by {e:.2e}");
     let r = randn(4, ours.dims(), DType::F32);
     let g1 = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
-    let g2 = (theirs * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    let g2 = (theirs * &r)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
     for (name, v) in [("dx", xt), ("dW", wt), ("db", bt)] {
         let e = rel_err(g1.get(v).unwrap(), g2.get(v).unwrap());
         assert!(e < TOL, "{what}: {name} differs by {e:.2e}");
@@ -100,7 +110,12 @@ fn gn_vs_candle(dims: &[usize], groups: usize, silu: bool) {
     assert!(e < TOL, "{what}: forward differs by {e:.2e}");
     let r = randn(7, dims, DType::F32);
     let g1 = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
-    let g2 = (theirs * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    let g2 = (theirs * &r)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
     for (name, v) in [("dx", x.as_tensor()), ("dgamma", &g), ("dbeta", &b)] {
         let e = rel_err(g1.get(v).unwrap(), g2.get(v).unwrap());
         assert!(e < TOL, "{what}: {name} differs by {e:.2e}");
@@ -118,13 +133,26 @@ fn group_norm_matches_candle_nn() {
 
 #[test]
 fn softmax_matches_candle_nn() {
-    let x = Var::from_tensor(&randn(8, &[4, 3, 37, 64], DType::F32).affine(4.0, 0.0).unwrap()).unwrap();
+    let x = Var::from_tensor(
+        &randn(8, &[4, 3, 37, 64], DType::F32)
+            .affine(4.0, 0.0)
+            .unwrap(),
+    )
+    .unwrap();
     let ours = ddpm_ops::softmax_last_dim(x.as_tensor()).unwrap();
     let theirs = candle_nn::ops::softmax(x.as_tensor(), candle_core::D::Minus1).unwrap();
     assert!(rel_err(&ours, &theirs) < 1e-6);
     let r = randn(9, ours.dims(), DType::F32);
     let g1 = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
-    let g2 = (theirs * &r).unwrap().sum_all().unwrap().backward().unwrap();
-    let e = rel_err(g1.get(x.as_tensor()).unwrap(), g2.get(x.as_tensor()).unwrap());
+    let g2 = (theirs * &r)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let e = rel_err(
+        g1.get(x.as_tensor()).unwrap(),
+        g2.get(x.as_tensor()).unwrap(),
+    );
     assert!(e < TOL, "softmax dx differs by {e:.2e}");
 }

@@ -46,6 +46,15 @@ fn conv_unpadded_and_strided_1x1() {
 }
 
 #[test]
+fn conv_tiled_columns() {
+    // Tiny tiles: 64-pixel column tiles that end mid-row, several per example.
+    ddpm_ops::set_tile_bytes(1);
+    conv_case(3, 2, 2, (12, 11), 3, 1, 1);
+    conv_case(3, 2, 2, (17, 17), 3, 2, 1);
+    conv_case(1, 2, 2, (12, 11), 3, 1, 1);
+}
+
+#[test]
 fn conv_single_example() {
     // One example: the threaded-GEMM path (fewer examples than threads).
     conv_case(1, 3, 4, (5, 5), 3, 1, 1);
@@ -96,9 +105,7 @@ fn softmax_last_dim() {
 #[test]
 fn softmax_of_noncontiguous_input() {
     let x = randn(8, &[3, 5, 4], DType::F64).affine(2.0, 0.0).unwrap();
-    let worst = gradcheck(&[x], |t| {
-        ddpm_ops::softmax_last_dim(&t[0].transpose(1, 2)?)
-    });
+    let worst = gradcheck(&[x], |t| ddpm_ops::softmax_last_dim(&t[0].transpose(1, 2)?));
     println!("softmax (transposed input): worst rel err {worst:.2e}");
 }
 
@@ -107,10 +114,14 @@ fn chain_of_ops() {
     ddpm_ops::set_num_threads(3);
     // conv -> GroupNorm+SiLU -> strided conv, with x used twice (as in a residual block).
     let x = randn(9, &[3, 4, 6, 6], DType::F64);
-    let w1 = randn(10, &[4, 4, 3, 3], DType::F64).affine(0.3, 0.0).unwrap();
+    let w1 = randn(10, &[4, 4, 3, 3], DType::F64)
+        .affine(0.3, 0.0)
+        .unwrap();
     let g = randn(11, &[4], DType::F64).affine(0.3, 1.0).unwrap();
     let b = randn(12, &[4], DType::F64).affine(0.3, 0.0).unwrap();
-    let w2 = randn(13, &[3, 4, 3, 3], DType::F64).affine(0.3, 0.0).unwrap();
+    let w2 = randn(13, &[3, 4, 3, 3], DType::F64)
+        .affine(0.3, 0.0)
+        .unwrap();
     let worst = gradcheck(&[x, w1, g, b, w2], |t| {
         let h = ddpm_ops::conv2d(&t[0], &t[1], None, 1, 1)?;
         let h = (ddpm_ops::group_norm(&h, &t[2], &t[3], 2, 1e-5, true)? + &t[0])?;

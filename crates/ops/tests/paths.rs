@@ -4,8 +4,13 @@
 
 mod common;
 
+use std::sync::Mutex;
+
 use candle_core::{DType, Var};
 use common::{randn, rel_err};
+
+/// The tests here flip process-wide switches: one at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
 
 fn conv_grads(threads: usize) -> Vec<candle_core::Tensor> {
     ddpm_ops::set_num_threads(threads);
@@ -33,16 +38,24 @@ fn bits(t: &candle_core::Tensor) -> Vec<u32> {
 
 #[test]
 fn thread_splits_and_fallback() {
+    let _guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let one = conv_grads(1);
     for threads in [2, 3, 8] {
         let a = conv_grads(threads);
         let b = conv_grads(threads);
         for (i, (u, v)) in a.iter().zip(&b).enumerate() {
-            assert_eq!(bits(u), bits(v), "threads {threads}: output {i} not repeatable");
+            assert_eq!(
+                bits(u),
+                bits(v),
+                "threads {threads}: output {i} not repeatable"
+            );
         }
         for (i, (u, v)) in a.iter().zip(&one).enumerate() {
             let e = rel_err(u, v);
-            assert!(e < 1e-5, "threads {threads} vs 1: output {i} differs by {e:.2e}");
+            assert!(
+                e < 1e-5,
+                "threads {threads} vs 1: output {i} differs by {e:.2e}"
+            );
         }
         // The forward and dx have no cross-example sums: identical for any split.
         assert_eq!(bits(&a[0]), bits(&one[0]));
@@ -56,6 +69,50 @@ fn thread_splits_and_fallback() {
     ddpm_ops::set_fast_path(true);
     for (i, (u, v)) in fast.iter().zip(&slow).enumerate() {
         let e = rel_err(u, v);
-        assert!(e < 2e-5, "fast vs candle path: output {i} differs by {e:.2e}");
+        assert!(
+            e < 2e-5,
+            "fast vs candle path: output {i} differs by {e:.2e}"
+        );
     }
+}
+
+#[test]
+fn tile_sizes_agree() {
+    let _guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let x = Var::from_tensor(&randn(5, &[3, 16, 20, 19], DType::F32)).unwrap();
+    let w = Var::from_tensor(
+        &randn(6, &[8, 16, 3, 3], DType::F32)
+            .affine(0.1, 0.0)
+            .unwrap(),
+    )
+    .unwrap();
+    let run = |tile: usize, stride: usize| {
+        ddpm_ops::set_tile_bytes(tile);
+        let y = ddpm_ops::conv2d(x.as_tensor(), w.as_tensor(), None, stride, 1).unwrap();
+        let g = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        [
+            y.clone(),
+            g.get(x.as_tensor()).unwrap().clone(),
+            g.get(w.as_tensor()).unwrap().clone(),
+        ]
+    };
+    for stride in [1, 2] {
+        let whole = run(0, stride);
+        for tile in [1, 40_000, ddpm_ops::DEFAULT_TILE_BYTES] {
+            for (i, (a, b)) in run(tile, stride).iter().zip(&whole).enumerate() {
+                let e = rel_err(a, b);
+                assert!(
+                    e < 1e-5,
+                    "stride {stride} tile {tile}: output {i} differs by {e:.2e}"
+                );
+            }
+        }
+    }
+    ddpm_ops::set_tile_bytes(ddpm_ops::DEFAULT_TILE_BYTES);
+}
+
+#[test]
+fn malloc_tuning_is_accepted() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    assert!(ddpm_ops::tune_malloc());
 }

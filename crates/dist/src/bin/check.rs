@@ -9,8 +9,9 @@
 //! - `config [--differ-on R]`: config-hash agreement; with `--differ-on` every rank must fail.
 //! - `broadcast [--root R] [--shape-differs-on R]`: initial-parameter broadcast.
 //! - `nonfinite [--nan-on R]`: all ranks agree to skip a step with a NaN gradient on one rank.
-//! - `fail --victim R --how kill|term|panic|thread-panic|error|exit [--after K]`: rank R dies at iteration K of a loop
-//!   of all-reduces while the others wait in the collective. The job must end, non-zero.
+//! - `fail --victim R --how kill|term|panic|thread-panic|error|exit [--after K] [--catch-term 1]`: rank R
+//!   dies at iteration K of a loop of all-reduces while the others wait in the collective. The job must
+//!   end, non-zero. `--catch-term 1` makes every rank catch SIGTERM/SIGUSR1 as ddpm-train does.
 
 use std::collections::HashMap;
 use std::process::ExitCode;
@@ -238,10 +239,25 @@ fn nonfinite(comm: &dyn Communicator, args: &Args) -> AnyResult<()> {
     Ok(())
 }
 
+static TERM_SEEN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 fn failure(comm: &dyn Communicator, args: &Args) -> AnyResult<()> {
     let victim = args.usize("victim", Some(1))?.unwrap();
     let after = args.usize("after", Some(3))?.unwrap();
     let how = args.opts.get("how").map(String::as_str).unwrap_or("kill");
+    if args.usize("catch-term", Some(0))? == Some(1) {
+        // Like ddpm-train: SIGTERM/SIGUSR1 only set a flag (checkpoint-and-stop at the next step
+        // boundary). A survivor blocked in a collective never reaches that boundary, so the launcher
+        // must still be able to end it.
+        extern "C" fn on_signal(_: libc::c_int) {
+            TERM_SEEN.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        unsafe {
+            libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+            libc::signal(libc::SIGUSR1, on_signal as *const () as libc::sighandler_t);
+        }
+    }
     let mut buf = vec![1f32; 1 << 20];
     // Far more iterations than the test waits for: the survivors must be stopped by the launcher.
     for it in 0..1_000_000usize {

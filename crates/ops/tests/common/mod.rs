@@ -49,7 +49,10 @@ pub fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
 /// Returns the worst |analytic - numeric| / max(1, |numeric|) over all coordinates.
 pub fn gradcheck(inputs: &[Tensor], f: impl Fn(&[Tensor]) -> Result<Tensor>) -> f64 {
     let h = 1e-5;
-    let vars: Vec<Var> = inputs.iter().map(|t| Var::from_tensor(t).unwrap()).collect();
+    let vars: Vec<Var> = inputs
+        .iter()
+        .map(|t| Var::from_tensor(t).unwrap())
+        .collect();
     let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
     let out = f(&ts).unwrap();
     let r = randn(99, out.dims(), DType::F64);
