@@ -57,6 +57,9 @@ impl Geom {
 /// some consecutive input channels of one example. `x`: those channels' `[rows / (kh * kw), h, w]`
 /// planes; `col`: the rows to fill, `p1 - p0` long each.
 pub(crate) fn im2col<T: Elem>(g: &Geom, x: &[T], p0: usize, p1: usize, col: &mut [T]) {
+    if g.stride == 1 && g.wo == g.w {
+        return im2col_same(g, x, p0, p1, col);
+    }
     let nt = p1 - p0;
     let (s, p) = (g.stride, g.pad);
     for (r, dst) in col.chunks_exact_mut(nt).enumerate() {
@@ -89,6 +92,50 @@ pub(crate) fn im2col<T: Elem>(g: &Geom, x: &[T], p0: usize, p1: usize, col: &mut
                     }
                 }
             }
+        }
+    }
+}
+
+/// [`im2col`] for stride 1 and "same" width (`wo == w`): output pixel `q` of row `(c, i, j)` reads
+/// input pixel `q + (i - p) * w + (j - p)` of the flattened plane, so each row is one contiguous
+/// copy, then zeros where the tap falls in the padding (whole output rows at the top/bottom, and
+/// `|j - p|` columns at the left or right edge of the others, which the copy filled from the
+/// neighbouring image row).
+fn im2col_same<T: Elem>(g: &Geom, x: &[T], p0: usize, p1: usize, col: &mut [T]) {
+    let nt = p1 - p0;
+    let (w, p) = (g.w, g.pad as isize);
+    let plane_len = (g.h * w) as isize;
+    for (r, dst) in col.chunks_exact_mut(nt).enumerate() {
+        let c = r / (g.kh * g.kw);
+        let i = ((r / g.kw) % g.kh) as isize;
+        let j = (r % g.kw) as isize;
+        let plane = &x[c * g.h * w..(c + 1) * g.h * w];
+        // Output rows whose input row oh + i - p is inside the image.
+        let oh_lo = (p - i).max(0) as usize;
+        let oh_hi = ((g.h as isize + p - i).max(0) as usize).min(g.ho);
+        let shift = (i - p) * w as isize + (j - p);
+        // Pixels q of the tile in valid rows whose source index is inside the plane.
+        let qa = (p0.max(oh_lo * w) as isize).max(-shift);
+        let qb = (p1.min(oh_hi * w) as isize).min(plane_len - shift);
+        if qa < qb {
+            let (qa, qb) = (qa as usize, qb as usize);
+            let src = (qa as isize + shift) as usize;
+            dst[..qa - p0].fill(T::ZERO);
+            dst[qa - p0..qb - p0].copy_from_slice(&plane[src..src + (qb - qa)]);
+            dst[qb - p0..].fill(T::ZERO);
+            // Edge columns of the valid rows: the tap is in the padding.
+            let (lo, hi) = g.valid_cols(j as usize);
+            for oh in (qa / w)..qb.div_ceil(w) {
+                let base = oh * w;
+                for ow in (0..lo).chain(hi..w) {
+                    let q = base + ow;
+                    if q >= qa && q < qb {
+                        dst[q - p0] = T::ZERO;
+                    }
+                }
+            }
+        } else {
+            dst.fill(T::ZERO);
         }
     }
 }

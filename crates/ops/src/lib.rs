@@ -38,4 +38,4 @@ pub use runtime::{
     fast_path_enabled, init_cpu_threads, num_threads, set_fast_path, set_num_threads,
     set_tile_bytes, tile_bytes, tune_malloc, DEFAULT_TILE_BYTES,
 };
-pub use softmax::softmax_last_dim;
+pub use softmax::{softmax_last_dim, softmax_scaled};

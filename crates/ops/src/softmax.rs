@@ -14,29 +14,46 @@ use crate::runtime::fast_path_enabled;
 /// backward; its composite `softmax` is several passes each way). Other devices and dtypes use
 /// `candle_nn`'s composite formula.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    softmax_scaled(x, 1.0)
+}
+
+/// `softmax(scale * x)` over the last dimension in one op (attention's `q.k / sqrt(d)` without
+/// a separate scaling pass), differentiable. `scale` must be positive and finite.
+pub fn softmax_scaled(x: &Tensor, scale: f64) -> Result<Tensor> {
     if x.rank() == 0 {
-        bail!("softmax_last_dim: scalar input");
+        bail!("softmax: scalar input");
+    }
+    if !(scale > 0.0 && scale.is_finite()) {
+        bail!("softmax: scale must be positive and finite, got {scale}");
     }
     let fast =
         fast_path_enabled() && matches!(x.dtype(), DType::F32 | DType::F64) && x.device().is_cpu();
     if !fast {
+        let x = if scale == 1.0 {
+            x.clone()
+        } else {
+            (x * scale)?
+        };
         let max = x.max_keepdim(D::Minus1)?;
         let e = x.broadcast_sub(&max)?.exp()?;
         return e.broadcast_div(&e.sum_keepdim(D::Minus1)?);
     }
-    x.contiguous()?.apply_op1(SoftmaxOp)
+    x.contiguous()?.apply_op1(SoftmaxOp { scale })
 }
 
-struct SoftmaxOp;
+struct SoftmaxOp {
+    scale: f64,
+}
 
-fn forward<T: Elem>(x: &[T], d: usize) -> Vec<T> {
+fn forward<T: Elem>(x: &[T], d: usize, scale: T) -> Vec<T> {
     let mut y = vec![T::ZERO; x.len()];
     y.par_chunks_mut(d)
         .zip(x.par_chunks(d))
         .for_each(|(yr, xr)| {
-            let m = lanes_max(xr);
+            // max(scale * x) = scale * max(x) for scale > 0.
+            let m = lanes_max(xr) * scale;
             for (o, &v) in yr.iter_mut().zip(xr) {
-                *o = (v - m).exp();
+                *o = (v * scale - m).exp();
             }
             let inv = T::ONE / T::from_f64(lanes_sum(yr, |v| v));
             yr.iter_mut().for_each(|o| *o = *o * inv);
@@ -44,14 +61,14 @@ fn forward<T: Elem>(x: &[T], d: usize) -> Vec<T> {
     y
 }
 
-fn backward<T: Elem>(y: &[T], dy: &[T], d: usize) -> Vec<T> {
+fn backward<T: Elem>(y: &[T], dy: &[T], d: usize, scale: T) -> Vec<T> {
     let mut dx = vec![T::ZERO; y.len()];
     dx.par_chunks_mut(d)
         .zip(y.par_chunks(d).zip(dy.par_chunks(d)))
         .for_each(|(o, (yr, gr))| {
             let s = T::from_f64(lanes_sum2(yr, gr, |a, b| a * b));
             for ((a, &yv), &gv) in o.iter_mut().zip(yr).zip(gr) {
-                *a = yv * (gv - s);
+                *a = scale * yv * (gv - s);
             }
         });
     dx
@@ -65,8 +82,13 @@ impl CustomOp1 for SoftmaxOp {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let d = l.dims()[l.dims().len() - 1];
         let out = match s.dtype() {
-            DType::F32 => f32::to_cpu_storage_owned(forward(slice::<f32>(s, l)?, d.max(1))),
-            DType::F64 => f64::to_cpu_storage_owned(forward(slice::<f64>(s, l)?, d.max(1))),
+            DType::F32 => {
+                let y = forward(slice::<f32>(s, l)?, d.max(1), self.scale as f32);
+                f32::to_cpu_storage_owned(y)
+            }
+            DType::F64 => {
+                f64::to_cpu_storage_owned(forward(slice::<f64>(s, l)?, d.max(1), self.scale))
+            }
             dt => bail!("ddpm-ops softmax: unsupported dtype {dt:?}"),
         };
         Ok((out, l.shape().clone()))
@@ -81,8 +103,14 @@ impl CustomOp1 for SoftmaxOp {
             bail!("ddpm-ops softmax backward: tensors are not on the CPU");
         };
         let dx = match sy.dtype() {
-            DType::F32 => f32::to_cpu_storage_owned(backward(slice(sy, ly)?, slice(sg, lg)?, d)),
-            DType::F64 => f64::to_cpu_storage_owned(backward(slice(sy, ly)?, slice(sg, lg)?, d)),
+            DType::F32 => {
+                let dx = backward(slice(sy, ly)?, slice(sg, lg)?, d, self.scale as f32);
+                f32::to_cpu_storage_owned(dx)
+            }
+            DType::F64 => {
+                let dx = backward(slice(sy, ly)?, slice(sg, lg)?, d, self.scale);
+                f64::to_cpu_storage_owned(dx)
+            }
             dt => bail!("ddpm-ops softmax backward: unsupported dtype {dt:?}"),
         };
         Ok(Some(Tensor::from_storage(

@@ -103,6 +103,14 @@ fn softmax_last_dim() {
 }
 
 #[test]
+fn softmax_scaled() {
+    let x = randn(7, &[2, 3, 6], DType::F64).affine(2.0, 0.0).unwrap();
+    let worst = gradcheck(&[x], |t| ddpm_ops::softmax_scaled(&t[0], 0.37));
+    println!("softmax scaled: worst rel err {worst:.2e}");
+    assert!(ddpm_ops::softmax_scaled(&randn(1, &[2, 3], DType::F64), 0.0).is_err());
+}
+
+#[test]
 fn softmax_of_noncontiguous_input() {
     let x = randn(8, &[3, 5, 4], DType::F64).affine(2.0, 0.0).unwrap();
     let worst = gradcheck(&[x], |t| ddpm_ops::softmax_last_dim(&t[0].transpose(1, 2)?));

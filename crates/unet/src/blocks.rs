@@ -236,25 +236,27 @@ impl AttentionBlock {
         })
     }
 
+    /// Channel-major, as improved-diffusion's `QKVAttentionLegacy`: q, k and v come from three
+    /// 1x1 convolutions with the matching rows of `qkv` (so the activations are never split or
+    /// transposed), the scores are `softmax(q^T k / sqrt(d))`, and `proj_out` is a 1x1
+    /// convolution. The same function as splitting one `qkv` projection `[head][q|k|v][d]`.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
-        let tokens = self
-            .norm
-            .forward(x)?
-            .reshape((b, c, h * w))?
-            .transpose(1, 2)?
-            .contiguous()?;
-        let a = qkv_attention(
-            &self.qkv.forward(&tokens)?,
-            self.heads,
-            QkvOrder::HeadsFirst,
-        )?;
-        let out = self
-            .proj_out
-            .forward(&a)?
-            .transpose(1, 2)?
-            .reshape((b, c, h, w))?;
-        x + out
+        let heads = self.heads;
+        let d = c / heads;
+        let normed = self.norm.forward(x)?;
+        let weight = self.qkv.weight.reshape((heads, 3, d, c))?;
+        let bias = self.qkv.bias.reshape((heads, 3, d))?;
+        let part = |i: usize| -> candle_core::Result<Tensor> {
+            let wi = weight.narrow(1, i, 1)?.reshape((c, c, 1, 1))?;
+            let bi = bias.narrow(1, i, 1)?.reshape(c)?;
+            ddpm_ops::conv2d(&normed, &wi, Some(&bi), 1, 0)?.reshape((b * heads, d, h * w))
+        };
+        let (q, k, v) = (part(0)?, part(1)?, part(2)?);
+        let weights = ddpm_ops::softmax_scaled(&q.t()?.matmul(&k)?, 1.0 / (d as f64).sqrt())?;
+        let a = v.matmul(&weights.t()?)?.reshape((b, c, h, w))?;
+        let proj = self.proj_out.weight.reshape((c, c, 1, 1))?;
+        x + ddpm_ops::conv2d(&a, &proj, Some(&self.proj_out.bias), 1, 0)?
     }
 }
 
