@@ -49,10 +49,11 @@ extern "C" __global__ void ddpm_fused_noising_f32(const float* __restrict__ x0, 
         const uint32_t example = first_example + i;  // wraps like `(first_example + i) as u32` on the CPU
         const size_t base = (size_t)i * n;
         for (uint32_t blk = blockIdx.x * blockDim.x + threadIdx.x; blk < nb; blk += gridDim.x * blockDim.x) {
-            const float4 z = ddpm_normal4(seed_lo, seed_hi, DDPM_STREAM_NOISE, step, example, blk);
             const size_t e = base + 4 * (size_t)blk;
             if (vec) {
+                // The load is issued before the Philox/Box-Muller arithmetic so its latency hides behind it.
                 const float4 x = *reinterpret_cast<const float4*>(x0 + e);
+                const float4 z = ddpm_normal4(seed_lo, seed_hi, DDPM_STREAM_NOISE, step, example, blk);
                 float4 xt, tg;
                 ddpm_noise_elem(x.x, z.x, a, b, pred, &xt.x, &tg.x);
                 ddpm_noise_elem(x.y, z.y, a, b, pred, &xt.y, &tg.y);
@@ -62,6 +63,7 @@ extern "C" __global__ void ddpm_fused_noising_f32(const float* __restrict__ x0, 
                 *reinterpret_cast<float4*>(out + plane + e) = z;
                 *reinterpret_cast<float4*>(out + 2 * plane + e) = tg;
             } else {
+                const float4 z = ddpm_normal4(seed_lo, seed_hi, DDPM_STREAM_NOISE, step, example, blk);
                 const uint32_t left = n - 4u * blk;
                 const int cnt = left < 4u ? (int)left : 4;
                 for (int j = 0; j < cnt; ++j) {
@@ -114,13 +116,14 @@ extern "C" __global__ void ddpm_sampler_step_f32(const float* __restrict__ xt, c
         for (uint32_t blk = blockIdx.x * blockDim.x + threadIdx.x; blk < nb; blk += gridDim.x * blockDim.x) {
             const size_t e = base + 4 * (size_t)blk;
             float4 z = make_float4(0.f, 0.f, 0.f, 0.f);
-            if (noise_mode == DDPM_NOISE_PHILOX) {
-                z = ddpm_normal4(seed_lo, seed_hi, DDPM_STREAM_SAMPLER, step, example, blk);
-            }
             if (vec) {
+                // Loads first, so their latency hides behind the Philox/Box-Muller arithmetic.
                 const float4 x = *reinterpret_cast<const float4*>(xt + e);
                 const float4 mv = *reinterpret_cast<const float4*>(m + e);
                 if (noise_mode == DDPM_NOISE_GIVEN) z = *reinterpret_cast<const float4*>(zin + e);
+                if (noise_mode == DDPM_NOISE_PHILOX) {
+                    z = ddpm_normal4(seed_lo, seed_hi, DDPM_STREAM_SAMPLER, step, example, blk);
+                }
                 float4 y, x0;
                 ddpm_step_elem(x.x, mv.x, z.x, c, noisy, clip, clip_lo, clip_hi, &y.x, &x0.x);
                 ddpm_step_elem(x.y, mv.y, z.y, c, noisy, clip, clip_lo, clip_hi, &y.y, &x0.y);
@@ -129,6 +132,9 @@ extern "C" __global__ void ddpm_sampler_step_f32(const float* __restrict__ xt, c
                 *reinterpret_cast<float4*>(out + e) = y;
                 *reinterpret_cast<float4*>(out + plane + e) = x0;
             } else {
+                if (noise_mode == DDPM_NOISE_PHILOX) {
+                    z = ddpm_normal4(seed_lo, seed_hi, DDPM_STREAM_SAMPLER, step, example, blk);
+                }
                 const uint32_t left = n - 4u * blk;
                 const int cnt = left < 4u ? (int)left : 4;
                 for (int j = 0; j < cnt; ++j) {

@@ -276,9 +276,10 @@ fn plan(b: usize) -> (usize, usize) {
     }
 }
 
-/// Output-pixel tiles `(p0, p1)` of one example: as many columns as keep a `[k, cols]` column
-/// tile within [`crate::tile_bytes`] (so im2col writes it into L2 and the GEMM packs it from
-/// there), at least 64, all of them when tiling is off.
+/// Output-pixel tiles `(p0, p1)` of one example for the weight gradient: as many columns as
+/// keep a `[k, cols]` column tile within [`crate::tile_bytes`] (so im2col writes it into L2 and
+/// the GEMM reads it from there), at least 64, all of them when tiling is off. Measured on the
+/// U-Net's convs (bench/RESULTS.md): tiling helps dW (large `k`), not the forward or dX.
 fn tiles<T>(g: &Geom) -> impl Iterator<Item = (usize, usize)> {
     let n = g.n();
     let budget = crate::runtime::tile_bytes() / std::mem::size_of::<T>();
@@ -349,14 +350,10 @@ fn forward<T: Elem>(
         if g.is_pointwise() {
             unsafe { gemm(cout, n, k, yp, n, acc, wm, Mat::rows(xe, n), threads) };
         } else {
-            for t in tiles::<T>(g) {
-                let nt = t.1 - t.0;
-                T::with_scratch(k * nt, |col| {
-                    unfold(g, xe, t, col, threads > 1);
-                    let yt = unsafe { yp.add(t.0) };
-                    unsafe { gemm(cout, nt, k, yt, n, acc, wm, Mat::rows(col, nt), threads) };
-                });
-            }
+            T::with_scratch(k * n, |col| {
+                unfold(g, xe, (0, n), col, threads > 1);
+                unsafe { gemm(cout, n, k, yp, n, acc, wm, Mat::rows(col, n), threads) };
+            });
         }
     };
     let (chunks, threads) = plan(b);
@@ -438,22 +435,30 @@ fn backward<T: Elem>(
                 // SAFETY: just initialised.
                 unsafe { &mut *(d as *mut [MaybeUninit<T>] as *mut [T]) }
             });
-            for t in tiles::<T>(g) {
-                let nt = t.1 - t.0;
-                let dyt = cols(dye, n, t.0);
-                T::with_scratch(k * nt, |col| {
-                    if need_dw {
+            // dW in column tiles that stay in L2; dX in one piece (its GEMM has k = cout, so
+            // tiling only adds calls, and col2im prefers whole rows).
+            let scratch = if need_dx {
+                k * n
+            } else {
+                k * tiles::<T>(g).map(|t| t.1 - t.0).max().unwrap_or(0)
+            };
+            T::with_scratch(scratch, |col| {
+                if need_dw {
+                    for t in tiles::<T>(g) {
+                        let nt = t.1 - t.0;
+                        let col = &mut col[..k * nt];
                         unfold(g, xe, t, col, threads > 1);
                         let ct = Mat::rows(col, nt).t();
+                        let dyt = cols(dye, n, t.0);
                         unsafe { gemm(cout, k, nt, dwp, k, true, dyt, ct, threads) };
                     }
-                    if let Some(d) = dxe.as_deref_mut() {
-                        let cp = col.as_mut_ptr();
-                        unsafe { gemm(k, nt, cout, cp, nt, false, wm.t(), dyt, threads) };
-                        fold(g, col, t, d, threads > 1);
-                    }
-                });
-            }
+                }
+                if let Some(d) = dxe.as_deref_mut() {
+                    let cp = col.as_mut_ptr();
+                    unsafe { gemm(k, n, cout, cp, n, false, wm.t(), dym, threads) };
+                    fold(g, col, (0, n), d, threads > 1);
+                }
+            });
         }
         (dw, db)
     };

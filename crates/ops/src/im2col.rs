@@ -58,8 +58,14 @@ impl Geom {
 /// planes; `col`: the rows to fill, `p1 - p0` long each.
 pub(crate) fn im2col<T: Elem>(g: &Geom, x: &[T], p0: usize, p1: usize, col: &mut [T]) {
     if g.stride == 1 && g.wo == g.w {
-        return im2col_same(g, x, p0, p1, col);
+        im2col_same(g, x, p0, p1, col)
+    } else {
+        im2col_rows(g, x, p0, p1, col)
     }
+}
+
+/// [`im2col`] one output row segment at a time (any stride and padding).
+fn im2col_rows<T: Elem>(g: &Geom, x: &[T], p0: usize, p1: usize, col: &mut [T]) {
     let nt = p1 - p0;
     let (s, p) = (g.stride, g.pad);
     for (r, dst) in col.chunks_exact_mut(nt).enumerate() {
@@ -172,6 +178,45 @@ pub(crate) fn col2im_add<T: Elem>(g: &Geom, col: &[T], p0: usize, p1: usize, dx:
                 for (k, v) in sr.iter().enumerate() {
                     dst[first + k * s] += *v;
                 }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn same_width_fast_path_matches_row_segments() {
+        for (h, w, k) in [
+            (5, 7, 3),
+            (4, 4, 5),
+            (9, 3, 3),
+            (1, 6, 3),
+            (6, 6, 1),
+            (3, 2, 5),
+        ] {
+            let p = k / 2;
+            let g = Geom {
+                cin: 2,
+                h,
+                w,
+                kh: k,
+                kw: k,
+                stride: 1,
+                pad: p,
+                ho: h,
+                wo: w,
+            };
+            let x: Vec<f32> = (0..2 * h * w).map(|v| v as f32 + 1.0).collect();
+            let n = g.n();
+            for (p0, p1) in [(0, n), (1, n - 1), (n / 3, n / 2 + 1), (0, 1)] {
+                let len = g.k() * (p1 - p0);
+                let (mut a, mut b) = (vec![f32::NAN; len], vec![f32::NAN; len]);
+                im2col_same(&g, &x, p0, p1, &mut a);
+                im2col_rows(&g, &x, p0, p1, &mut b);
+                assert_eq!(a, b, "h {h} w {w} k {k} tile {p0}..{p1}");
             }
         }
     }
