@@ -81,9 +81,12 @@ pub(crate) fn exp_f32(x: f32) -> f32 {
     const LN2_LO: f32 = -2.121_944_4e-4;
     // 1.5 * 2^23: adding and subtracting it rounds to the nearest integer.
     const ROUND: f32 = 12_582_912.0;
-    let x = x.clamp(-87.336_55, 88.0);
-    let n = (x * LOG2E + ROUND) - ROUND;
-    let r = x - n * LN2_HI - n * LN2_LO;
+    // Selects rather than `clamp`, so the loop vectorises (NaN becomes the lower bound here and
+    // is restored at the end).
+    let xc = if x > -87.336_55 { x } else { -87.336_55 };
+    let xc = if xc < 88.0 { xc } else { 88.0 };
+    let n = (xc * LOG2E + ROUND) - ROUND;
+    let r = xc - n * LN2_HI - n * LN2_LO;
     let mut p = 1.987_569_1e-4_f32;
     p = p * r + 1.398_199_9e-3;
     p = p * r + 8.333_452e-3;
@@ -91,7 +94,14 @@ pub(crate) fn exp_f32(x: f32) -> f32 {
     p = p * r + 1.666_666_5e-1;
     p = p * r + 5.000_000_1e-1;
     let e = p * r * r + r + 1.0;
-    e * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    // SAFETY: n is an integer in [-126, 127] (xc is finite and clamped).
+    let k = unsafe { n.to_int_unchecked::<i32>() };
+    let y = e * f32::from_bits(((k + 127) as u32) << 23);
+    if x.is_nan() {
+        x
+    } else {
+        y
+    }
 }
 
 /// `sum f(x)` in f64, from 8 interleaved partial sums of `T` flushed to f64 every 256 values:

@@ -5,6 +5,7 @@
 //! NCHW order with no transpose, and each column row is a handful of contiguous copies.
 
 use crate::elem::Elem;
+use crate::simd::avx2_variant;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Geom {
@@ -36,6 +37,7 @@ impl Geom {
     }
 
     /// Output columns `ow` whose input column `ow * s + j - p` lies inside `0..w`.
+    #[inline(always)]
     fn valid_cols(&self, j: usize) -> (usize, usize) {
         let (s, p) = (self.stride, self.pad);
         let lo = if j >= p { 0 } else { (p - j).div_ceil(s) };
@@ -47,6 +49,7 @@ impl Geom {
         (lo.min(hi), hi)
     }
 
+    #[inline(always)]
     fn src_row(&self, oh: usize, i: usize) -> Option<usize> {
         let ih = oh * self.stride + i;
         (ih >= self.pad && ih - self.pad < self.h).then(|| ih - self.pad)
@@ -57,6 +60,14 @@ impl Geom {
 /// some consecutive input channels of one example. `x`: those channels' `[rows / (kh * kw), h, w]`
 /// planes; `col`: the rows to fill, `p1 - p0` long each.
 pub(crate) fn im2col<T: Elem>(g: &Geom, x: &[T], p0: usize, p1: usize, col: &mut [T]) {
+    im2col_simd(g, x, p0, p1, col)
+}
+
+avx2_variant!(fn im2col_simd<T>(g: &Geom, x: &[T], p0: usize, p1: usize, col: &mut [T]) -> () = im2col_impl);
+avx2_variant!(fn col2im_simd<T>(g: &Geom, col: &[T], p0: usize, p1: usize, dx: &mut [T]) -> () = col2im_impl);
+
+#[inline(always)]
+fn im2col_impl<T: Elem>(g: &Geom, x: &[T], p0: usize, p1: usize, col: &mut [T]) {
     if g.stride == 1 && g.wo == g.w {
         im2col_same(g, x, p0, p1, col)
     } else {
@@ -65,6 +76,7 @@ pub(crate) fn im2col<T: Elem>(g: &Geom, x: &[T], p0: usize, p1: usize, col: &mut
 }
 
 /// [`im2col`] one output row segment at a time (any stride and padding).
+#[inline(always)]
 fn im2col_rows<T: Elem>(g: &Geom, x: &[T], p0: usize, p1: usize, col: &mut [T]) {
     let nt = p1 - p0;
     let (s, p) = (g.stride, g.pad);
@@ -107,6 +119,7 @@ fn im2col_rows<T: Elem>(g: &Geom, x: &[T], p0: usize, p1: usize, col: &mut [T]) 
 /// copy, then zeros where the tap falls in the padding (whole output rows at the top/bottom, and
 /// `|j - p|` columns at the left or right edge of the others, which the copy filled from the
 /// neighbouring image row).
+#[inline(always)]
 fn im2col_same<T: Elem>(g: &Geom, x: &[T], p0: usize, p1: usize, col: &mut [T]) {
     let nt = p1 - p0;
     let (w, p) = (g.w, g.pad as isize);
@@ -149,6 +162,11 @@ fn im2col_same<T: Elem>(g: &Geom, x: &[T], p0: usize, p1: usize, col: &mut [T]) 
 /// Adds columns `p0..p1` of column rows back onto their pixels: the adjoint of [`im2col`].
 /// `dx`: the rows' channels' `[rows / (kh * kw), h, w]` planes, already initialised.
 pub(crate) fn col2im_add<T: Elem>(g: &Geom, col: &[T], p0: usize, p1: usize, dx: &mut [T]) {
+    col2im_simd(g, col, p0, p1, dx)
+}
+
+#[inline(always)]
+fn col2im_impl<T: Elem>(g: &Geom, col: &[T], p0: usize, p1: usize, dx: &mut [T]) {
     let nt = p1 - p0;
     let (s, p) = (g.stride, g.pad);
     for (r, src) in col.chunks_exact(nt).enumerate() {

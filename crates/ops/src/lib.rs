@@ -29,6 +29,7 @@ mod im2col;
 mod layers;
 mod norm;
 mod runtime;
+mod simd;
 mod softmax;
 
 pub use conv::{conv2d, conv2d_grads};

@@ -19,6 +19,7 @@ use rayon::prelude::*;
 use crate::conv::slice;
 use crate::elem::{lanes_sum, lanes_sum2, Elem, Uninit};
 use crate::runtime::fast_path_enabled;
+use crate::simd::avx2_variant;
 
 /// GroupNorm over `x [B, C, ...]` with per-channel affine `gamma`, `beta` (`[C]`), `groups`
 /// groups and variance epsilon `eps` (PyTorch's definition: biased variance), followed by SiLU
@@ -130,6 +131,7 @@ fn sigmoid<T: Elem>(z: T) -> T {
 }
 
 /// `(mean, 1 / sqrt(var + eps))` of one group, two-pass.
+#[inline(always)]
 fn stats<T: Elem>(xs: &[T], eps: f64) -> (f64, f64) {
     let n = xs.len() as f64;
     let mean = lanes_sum(xs, |v| v) / n;
@@ -152,35 +154,69 @@ fn forward<T: Elem>(
         .par_chunks_mut(len)
         .zip(x.par_chunks(len))
         .enumerate()
-        .map(|(i, (yg, xg))| {
-            let (mean, rstd) = stats(xg, op.eps);
-            let c0 = (i % op.groups) * d.cg;
-            for (j, (yc, xc)) in yg
-                .chunks_exact_mut(d.s)
-                .zip(xg.chunks_exact(d.s))
-                .enumerate()
-            {
-                let a = gamma[c0 + j].to_f64() * rstd;
-                let (a, sh) = (
-                    T::from_f64(a),
-                    T::from_f64(beta[c0 + j].to_f64() - mean * a),
-                );
-                if op.silu {
-                    for (o, &v) in yc.iter_mut().zip(xc) {
-                        let z = v * a + sh;
-                        o.write(z * sigmoid(z));
-                    }
-                } else {
-                    for (o, &v) in yc.iter_mut().zip(xc) {
-                        o.write(v * a + sh);
-                    }
-                }
-            }
-            (mean, rstd)
-        })
+        .map(|(i, (yg, xg))| forward_group_simd(op, d, i, yg, xg, gamma, beta))
         .collect();
     // SAFETY: every group's values were written.
     (unsafe { y.assume_init() }, stats)
+}
+
+avx2_variant!(fn forward_group_simd<T>(
+    op: &GroupNormOp,
+    d: Dims,
+    i: usize,
+    yg: &mut [MaybeUninit<T>],
+    xg: &[T],
+    gamma: &[T],
+    beta: &[T],
+) -> (f64, f64) = forward_group);
+
+avx2_variant!(fn backward_group_simd<T>(
+    op: &GroupNormOp,
+    d: Dims,
+    i: usize,
+    dxg: &mut [MaybeUninit<T>],
+    xg: &[T],
+    dyg: &[T],
+    gamma: &[T],
+    beta: &[T],
+    stats: &[(f64, f64)],
+) -> Vec<(f64, f64)> = backward_group);
+
+/// One (example, group) of [`forward`]: writes `yg`, returns `(mean, rstd)`.
+#[inline(always)]
+fn forward_group<T: Elem>(
+    op: &GroupNormOp,
+    d: Dims,
+    i: usize,
+    yg: &mut [MaybeUninit<T>],
+    xg: &[T],
+    gamma: &[T],
+    beta: &[T],
+) -> (f64, f64) {
+    let (mean, rstd) = stats(xg, op.eps);
+    let c0 = (i % op.groups) * d.cg;
+    for (j, (yc, xc)) in yg
+        .chunks_exact_mut(d.s)
+        .zip(xg.chunks_exact(d.s))
+        .enumerate()
+    {
+        let a = gamma[c0 + j].to_f64() * rstd;
+        let (a, sh) = (
+            T::from_f64(a),
+            T::from_f64(beta[c0 + j].to_f64() - mean * a),
+        );
+        if op.silu {
+            for (o, &v) in yc.iter_mut().zip(xc) {
+                let z = v * a + sh;
+                o.write(z * sigmoid(z));
+            }
+        } else {
+            for (o, &v) in yc.iter_mut().zip(xc) {
+                o.write(v * a + sh);
+            }
+        }
+    }
+    (mean, rstd)
 }
 
 type Grads<T> = (Vec<T>, Vec<T>, Vec<T>);
@@ -195,7 +231,6 @@ fn backward<T: Elem>(
     stats: &[(f64, f64)],
 ) -> Grads<T> {
     let len = d.cg * d.s;
-    let n = len as f64;
     let mut dx = Uninit::<T>::new(x.len());
     // Per (example, group): per channel (sum dz, sum dz * x_hat).
     let sums: Vec<Vec<(f64, f64)>> = dx
@@ -204,56 +239,86 @@ fn backward<T: Elem>(
         .zip(x.par_chunks(len).zip(dy.par_chunks(len)))
         .enumerate()
         .map(|(i, (dxg, (xg, dyg)))| {
-            // Written in full by the loop below, before anything reads it.
-            for v in dxg.iter_mut() {
-                v.write(T::ZERO);
-            }
-            // SAFETY: just initialised.
-            let dxg = unsafe { &mut *(dxg as *mut [MaybeUninit<T>] as *mut [T]) };
-            let (mean, rstd) = stats[i];
-            let (mean_t, rstd_t) = (T::from_f64(mean), T::from_f64(rstd));
-            let c0 = (i % op.groups) * d.cg;
-            let mut per_c = Vec::with_capacity(d.cg);
-            let (mut s1, mut s2) = (0.0f64, 0.0f64);
-            // Pass 1: dz into dx, channel sums.
-            for (j, ((dzc, xc), dyc)) in dxg
-                .chunks_exact_mut(d.s)
-                .zip(xg.chunks_exact(d.s))
-                .zip(dyg.chunks_exact(d.s))
-                .enumerate()
-            {
-                let (g, bt) = (gamma[c0 + j], beta[c0 + j]);
-                if op.silu {
-                    for ((o, &v), &gy) in dzc.iter_mut().zip(xc).zip(dyc) {
-                        let z = (v - mean_t) * rstd_t * g + bt;
-                        let sg = sigmoid(z);
-                        *o = gy * sg * (T::ONE + z * (T::ONE - sg));
-                    }
-                } else {
-                    dzc.copy_from_slice(dyc);
-                }
-                let sdz = lanes_sum(dzc, |v| v);
-                let sdzx = lanes_sum2(dzc, xc, |dz, v| dz * ((v - mean_t) * rstd_t));
-                s1 += g.to_f64() * sdz;
-                s2 += g.to_f64() * sdzx;
-                per_c.push((sdz, sdzx));
-            }
-            // Pass 2: dx from dz.
-            let (m1, m2) = (T::from_f64(s1 / n), T::from_f64(s2 / n));
-            for (j, (dxc, xc)) in dxg
-                .chunks_exact_mut(d.s)
-                .zip(xg.chunks_exact(d.s))
-                .enumerate()
-            {
-                let g = gamma[c0 + j];
-                for (o, &v) in dxc.iter_mut().zip(xc) {
-                    let xh = (v - mean_t) * rstd_t;
-                    *o = rstd_t * (g * *o - m1 - xh * m2);
-                }
-            }
-            per_c
+            backward_group_simd(op, d, i, dxg, xg, dyg, gamma, beta, stats)
         })
         .collect();
+    let (dgamma, dbeta) = reduce_param_grads::<T>(op, d, sums);
+    // SAFETY: every group's values were written.
+    (unsafe { dx.assume_init() }, dgamma, dbeta)
+}
+
+/// One (example, group) of [`backward`]: writes `dxg`, returns per channel
+/// `(sum dz, sum dz * x_hat)`.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn backward_group<T: Elem>(
+    op: &GroupNormOp,
+    d: Dims,
+    i: usize,
+    dxg: &mut [MaybeUninit<T>],
+    xg: &[T],
+    dyg: &[T],
+    gamma: &[T],
+    beta: &[T],
+    stats: &[(f64, f64)],
+) -> Vec<(f64, f64)> {
+    let n = (d.cg * d.s) as f64;
+    // Written in full by the loop below, before anything reads it.
+    for v in dxg.iter_mut() {
+        v.write(T::ZERO);
+    }
+    // SAFETY: just initialised.
+    let dxg = unsafe { &mut *(dxg as *mut [MaybeUninit<T>] as *mut [T]) };
+    let (mean, rstd) = stats[i];
+    let (mean_t, rstd_t) = (T::from_f64(mean), T::from_f64(rstd));
+    let c0 = (i % op.groups) * d.cg;
+    let mut per_c = Vec::with_capacity(d.cg);
+    let (mut s1, mut s2) = (0.0f64, 0.0f64);
+    // Pass 1: dz into dx, channel sums.
+    for (j, ((dzc, xc), dyc)) in dxg
+        .chunks_exact_mut(d.s)
+        .zip(xg.chunks_exact(d.s))
+        .zip(dyg.chunks_exact(d.s))
+        .enumerate()
+    {
+        let (g, bt) = (gamma[c0 + j], beta[c0 + j]);
+        if op.silu {
+            for ((o, &v), &gy) in dzc.iter_mut().zip(xc).zip(dyc) {
+                let z = (v - mean_t) * rstd_t * g + bt;
+                let sg = sigmoid(z);
+                *o = gy * sg * (T::ONE + z * (T::ONE - sg));
+            }
+        } else {
+            dzc.copy_from_slice(dyc);
+        }
+        let sdz = lanes_sum(dzc, |v| v);
+        let sdzx = lanes_sum2(dzc, xc, |dz, v| dz * ((v - mean_t) * rstd_t));
+        s1 += g.to_f64() * sdz;
+        s2 += g.to_f64() * sdzx;
+        per_c.push((sdz, sdzx));
+    }
+    // Pass 2: dx from dz.
+    let (m1, m2) = (T::from_f64(s1 / n), T::from_f64(s2 / n));
+    for (j, (dxc, xc)) in dxg
+        .chunks_exact_mut(d.s)
+        .zip(xg.chunks_exact(d.s))
+        .enumerate()
+    {
+        let g = gamma[c0 + j];
+        for (o, &v) in dxc.iter_mut().zip(xc) {
+            let xh = (v - mean_t) * rstd_t;
+            *o = rstd_t * (g * *o - m1 - xh * m2);
+        }
+    }
+    per_c
+}
+
+/// Sums the per-(example, group) parameter gradients in a fixed order.
+fn reduce_param_grads<T: Elem>(
+    op: &GroupNormOp,
+    d: Dims,
+    sums: Vec<Vec<(f64, f64)>>,
+) -> (Vec<T>, Vec<T>) {
     let mut dgamma = vec![0.0f64; d.c];
     let mut dbeta = vec![0.0f64; d.c];
     for (i, per_c) in sums.iter().enumerate() {
@@ -265,8 +330,7 @@ fn backward<T: Elem>(
     }
     debug_assert_eq!(sums.len(), d.b * op.groups);
     let cast = |v: Vec<f64>| v.into_iter().map(T::from_f64).collect();
-    // SAFETY: every group's values were written.
-    (unsafe { dx.assume_init() }, cast(dgamma), cast(dbeta))
+    (cast(dgamma), cast(dbeta))
 }
 
 impl CustomOp3 for GroupNormOp {

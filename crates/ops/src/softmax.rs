@@ -9,6 +9,7 @@ use rayon::prelude::*;
 use crate::conv::slice;
 use crate::elem::{lanes_max, lanes_sum, lanes_sum2, Elem};
 use crate::runtime::fast_path_enabled;
+use crate::simd::avx2_variant;
 
 /// Softmax over the last dimension, differentiable (candle 0.11's `softmax_last_dim` has no
 /// backward; its composite `softmax` is several passes each way). Other devices and dtypes use
@@ -49,15 +50,7 @@ fn forward<T: Elem>(x: &[T], d: usize, scale: T) -> Vec<T> {
     let mut y = vec![T::ZERO; x.len()];
     y.par_chunks_mut(d)
         .zip(x.par_chunks(d))
-        .for_each(|(yr, xr)| {
-            // max(scale * x) = scale * max(x) for scale > 0.
-            let m = lanes_max(xr) * scale;
-            for (o, &v) in yr.iter_mut().zip(xr) {
-                *o = (v * scale - m).exp();
-            }
-            let inv = T::ONE / T::from_f64(lanes_sum(yr, |v| v));
-            yr.iter_mut().for_each(|o| *o = *o * inv);
-        });
+        .for_each(|(yr, xr)| forward_row_simd(yr, xr, scale));
     y
 }
 
@@ -65,13 +58,30 @@ fn backward<T: Elem>(y: &[T], dy: &[T], d: usize, scale: T) -> Vec<T> {
     let mut dx = vec![T::ZERO; y.len()];
     dx.par_chunks_mut(d)
         .zip(y.par_chunks(d).zip(dy.par_chunks(d)))
-        .for_each(|(o, (yr, gr))| {
-            let s = T::from_f64(lanes_sum2(yr, gr, |a, b| a * b));
-            for ((a, &yv), &gv) in o.iter_mut().zip(yr).zip(gr) {
-                *a = scale * yv * (gv - s);
-            }
-        });
+        .for_each(|(o, (yr, gr))| backward_row_simd(o, yr, gr, scale));
     dx
+}
+
+avx2_variant!(fn forward_row_simd<T>(yr: &mut [T], xr: &[T], scale: T) -> () = forward_row);
+avx2_variant!(fn backward_row_simd<T>(o: &mut [T], yr: &[T], gr: &[T], scale: T) -> () = backward_row);
+
+#[inline(always)]
+fn forward_row<T: Elem>(yr: &mut [T], xr: &[T], scale: T) {
+    // max(scale * x) = scale * max(x) for scale > 0.
+    let m = lanes_max(xr) * scale;
+    for (o, &v) in yr.iter_mut().zip(xr) {
+        *o = (v * scale - m).exp();
+    }
+    let inv = T::ONE / T::from_f64(lanes_sum(yr, |v| v));
+    yr.iter_mut().for_each(|o| *o = *o * inv);
+}
+
+#[inline(always)]
+fn backward_row<T: Elem>(o: &mut [T], yr: &[T], gr: &[T], scale: T) {
+    let s = T::from_f64(lanes_sum2(yr, gr, |a, b| a * b));
+    for ((a, &yv), &gv) in o.iter_mut().zip(yr).zip(gr) {
+        *a = scale * yv * (gv - s);
+    }
 }
 
 impl CustomOp1 for SoftmaxOp {

@@ -151,8 +151,8 @@ fn fmt_tick(v: f64) -> String {
 }
 
 /// Plots `points` (step, loss) with a log-scale y axis when all losses are positive; a smoothed
-/// curve (EMA over points) is drawn over the raw one so the trend is visible through the noise of
-/// per-step losses.
+/// curve (centred moving average) is drawn over the raw one so the trend is visible through the
+/// noise of per-step losses.
 pub fn plot_loss_curve(path: &Path, points: &[(u64, f64)]) -> io::Result<()> {
     let (w, h) = (800usize, 480usize);
     let (ml, mr, mt, mb) = (90i64, 20i64, 20i64, 50i64);
@@ -209,15 +209,14 @@ pub fn plot_loss_curve(path: &Path, points: &[(u64, f64)]) -> io::Result<()> {
         }
         prev = Some(q);
     }
-    let alpha = (10.0 / pts.len() as f64).clamp(0.02, 1.0);
-    let mut sm = pts[0].1;
+    // Centred moving average (in the plotted space) over ~4% of the points: no lag, unlike an EMA.
+    let half = pts.len() / 50;
+    let vals: Vec<f64> = pts.iter().map(|p| f(p.1)).collect();
     let mut prev: Option<(i64, i64)> = None;
-    for p in &pts {
-        sm = if log {
-            (sm.ln() * (1.0 - alpha) + p.1.ln() * alpha).exp()
-        } else {
-            sm * (1.0 - alpha) + p.1 * alpha
-        };
+    for (i, p) in pts.iter().enumerate() {
+        let (a, b) = (i.saturating_sub(half), (i + half + 1).min(vals.len()));
+        let m = vals[a..b].iter().sum::<f64>() / (b - a) as f64;
+        let sm = if log { 10f64.powf(m) } else { m };
         let q = (px(p.0 as f64), py(sm));
         if let Some(a) = prev {
             cv.line(a, q, [20, 40, 160]);
