@@ -5,7 +5,7 @@
 //! - [`MpiCommunicator`] (feature `mpi`, on by default): host-memory collectives over MPI (rsmpi);
 //! - `NcclCommunicator` (feature `cuda`): device-memory all-reduce over NCCL, with MPI as the host
 //!   channel that carries NCCL's unique id and everything small (config hashes, flags, parameters at
-//!   start-up).
+//!   start-up); built without `mpi` it runs at world size 1 beside a [`SingleProcess`].
 //!
 //! On top of it: [`GradientSync`] (bucketed mean of the gradient set), [`check_same_config`],
 //! [`broadcast_tensors`], [`any_non_finite`], and the failure handling ([`install_failure_handlers`],

@@ -409,6 +409,12 @@ fn main() {
     let mut reps = 5;
     let mut only: Option<String> = None;
     let mut tiles = vec![ddpm_ops::DEFAULT_TILE_BYTES];
+    let mut shapes = vec![
+        (64, 64, 3, 1, 32),
+        (128, 128, 3, 1, 16),
+        (64, 64, 3, 2, 32),
+        (192, 128, 1, 1, 16),
+    ];
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -418,6 +424,15 @@ fn main() {
                 it.next().and_then(|v| v.parse().ok()).expect("--threads N"),
             ),
             "--only" => only = it.next(),
+            "--shape" => {
+                let v: Vec<usize> = it
+                    .next()
+                    .expect("--shape cin,cout,k,stride,res")
+                    .split(',')
+                    .map(|x| x.parse().expect("number"))
+                    .collect();
+                shapes = vec![(v[0], v[1], v[2], v[3], v[4])];
+            }
             "--tiles" => {
                 tiles = it
                     .next()
@@ -441,12 +456,7 @@ fn main() {
         candle_core::utils::get_num_threads()
     );
     let want = |n: &str| only.as_deref().is_none_or(|o| n.contains(o));
-    for shape in [
-        (64, 64, 3, 1, 32),
-        (128, 128, 3, 1, 16),
-        (64, 64, 3, 2, 32),
-        (192, 128, 1, 1, 16),
-    ] {
+    for &shape in &shapes {
         if want("conv") {
             conv(batch, reps, shape);
         }

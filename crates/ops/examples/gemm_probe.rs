@@ -1,5 +1,5 @@
 //! GEMM throughput of the `gemm` crate on the conv shapes, single-threaded, by thread CPU time
-//! (meaningful on a loaded machine). Development probe for issue 9.
+//! (meaningful on a loaded machine). Development probe for issue 9: compares operand layouts.
 
 fn cpu_ms() -> f64 {
     let mut ts = libc::timespec {
@@ -10,42 +10,38 @@ fn cpu_ms() -> f64 {
     ts.tv_sec as f64 * 1e3 + ts.tv_nsec as f64 * 1e-6
 }
 
-fn main() {
-    if let Some(t) = std::env::args().nth(1) {
-        gemm::set_lhs_packing_threshold_single_thread(t.parse().unwrap());
-    }
-    println!(
-        "lhs packing threshold (single thread): {}",
-        gemm::get_lhs_packing_threshold_single_thread()
-    );
-    // (m, n, k, name): C[m,n] = A[m,k] B[k,n], row-major, as the conv kernels call it.
-    let shapes = [
-        (64, 1024, 576, "fwd 64x1024x576"),
-        (64, 576, 1024, "dW 64x576x1024 (B^T)"),
-        (576, 1024, 64, "dX 576x1024x64 (A^T)"),
-        (128, 256, 1152, "fwd 128x256x1152"),
-    ];
-    for (m, n, k, name) in shapes {
-        let a = vec![0.5f32; m * k];
-        let b = vec![0.25f32; k * n];
-        let mut c = vec![0f32; m * n];
-        let bt = name.contains("B^T");
-        let at = name.contains("A^T");
-        let run = |c: &mut [f32]| unsafe {
+/// C = A B with explicit strides (rs, cs) for each operand; returns min ms over reps.
+#[allow(clippy::too_many_arguments)]
+fn run(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: (isize, isize),
+    b: (isize, isize),
+    c: (isize, isize),
+    reps: usize,
+) -> f64 {
+    let av = vec![0.5f32; m * k];
+    let bv = vec![0.25f32; k * n];
+    let mut cv = vec![0f32; m * n];
+    let mut best = f64::INFINITY;
+    for _ in 0..reps + 1 {
+        let t0 = cpu_ms();
+        unsafe {
             gemm::gemm(
                 m,
                 n,
                 k,
-                c.as_mut_ptr(),
-                1,
-                n as isize,
+                cv.as_mut_ptr(),
+                c.1,
+                c.0,
                 false,
-                a.as_ptr(),
-                if at { m as isize } else { 1 },
-                if at { 1 } else { k as isize },
-                b.as_ptr(),
-                if bt { k as isize } else { 1 },
-                if bt { 1 } else { n as isize },
+                av.as_ptr(),
+                a.1,
+                a.0,
+                bv.as_ptr(),
+                b.1,
+                b.0,
                 1.0,
                 1.0,
                 false,
@@ -54,16 +50,49 @@ fn main() {
                 gemm::Parallelism::None,
             )
         };
-        run(&mut c);
-        let reps = 40;
-        let t0 = cpu_ms();
-        for _ in 0..reps {
-            run(&mut c);
-        }
-        let ms = (cpu_ms() - t0) / reps as f64;
+        best = best.min(cpu_ms() - t0);
+    }
+    best
+}
+
+fn main() {
+    let reps = 30;
+    // (cout, npix, k) conv shapes: forward y[cout, n] = W[cout, k] col[k, n].
+    for (co, n, k) in [
+        (64, 1024, 576),
+        (128, 256, 1152),
+        (64, 256, 64),
+        (64, 512, 64),
+        (128, 256, 128),
+        (64, 256, 192),
+        (128, 256, 256),
+        (64, 64, 4096),
+    ] {
+        let fl = 2.0 * (co * n * k) as f64 / 1e6;
+        // NCHW output (row-major [co, n]): what conv.rs does today.
+        let t1 = run(
+            co,
+            n,
+            k,
+            (k as isize, 1),
+            (n as isize, 1),
+            (n as isize, 1),
+            reps,
+        );
+        // Pixel-major output (column-major [co, n]): col read directly as the unpacked rhs.
+        let t2 = run(
+            co,
+            n,
+            k,
+            (k as isize, 1),
+            (n as isize, 1),
+            (1, co as isize),
+            reps,
+        );
         println!(
-            "{name:>24}: {ms:7.3} ms cpu, {:6.1} GFLOP/s",
-            2.0 * (m * n * k) as f64 / ms / 1e6
+            "fwd co {co:>3} n {n:>4} k {k:>4}: row-major dst {:6.1} GFLOP/s, col-major dst {:6.1} GFLOP/s",
+            fl / t1,
+            fl / t2
         );
     }
 }

@@ -23,6 +23,7 @@ use crate::elem::{fill_uninit, Elem, Uninit};
 use crate::gemm::{gemm, Mat};
 use crate::im2col::{col2im_add, im2col, Geom};
 use crate::runtime::{fast_path_enabled, num_threads};
+use crate::winograd;
 
 /// `conv2d(x [B, cin, H, W], weight [cout, cin, kh, kw]) + bias [cout]` with symmetric zero
 /// `padding`, as `Tensor::conv2d(weight, padding, stride, 1, 1)` plus a broadcast bias, and
@@ -333,6 +334,9 @@ fn forward<T: Elem>(
     w: &[T],
     bias: Option<&[T]>,
 ) -> Vec<T> {
+    if winograd::applies(g) {
+        return winograd::forward(g, b, cout, x, w, bias);
+    }
     let (k, n, in_len, out_len) = (g.k(), g.n(), g.cin * g.h * g.w, cout * g.n());
     let mut out = Uninit::<T>::new(b * out_len);
     let wm = Mat::rows(w, k);
@@ -382,6 +386,21 @@ fn backward<T: Elem>(
     dy: &[T],
     [need_dx, need_dw, need_db]: [bool; 3],
 ) -> Grads<T> {
+    if winograd::applies(g) {
+        let n = g.n();
+        let db = need_db.then(|| {
+            let mut db = vec![T::ZERO; cout];
+            for dye in dy.chunks_exact(cout * n) {
+                for (acc, row) in db.iter_mut().zip(dye.chunks_exact(n)) {
+                    *acc += sum(row);
+                }
+            }
+            db
+        });
+        let dx = need_dx.then(|| winograd::input_grad(g, b, cout, w, dy));
+        let dw = need_dw.then(|| winograd::weight_grad(g, b, cout, x, dy));
+        return (dx, dw, db);
+    }
     let (k, n, in_len, out_len) = (g.k(), g.n(), g.cin * g.h * g.w, cout * g.n());
     let (chunks, threads) = plan(b);
     let mut dx = need_dx.then(|| Uninit::<T>::new(b * in_len));

@@ -31,12 +31,13 @@ mod norm;
 mod runtime;
 mod simd;
 mod softmax;
+mod winograd;
 
 pub use conv::{conv2d, conv2d_grads};
 pub use layers::{Conv2d, GroupNorm};
 pub use norm::group_norm;
 pub use runtime::{
     fast_path_enabled, init_cpu_threads, num_threads, set_fast_path, set_num_threads,
-    set_tile_bytes, tile_bytes, tune_malloc, DEFAULT_TILE_BYTES,
+    set_tile_bytes, set_winograd, tile_bytes, tune_malloc, winograd_enabled, DEFAULT_TILE_BYTES,
 };
 pub use softmax::{softmax_last_dim, softmax_scaled};

@@ -39,6 +39,28 @@ pub fn set_tile_bytes(bytes: usize) {
     TILE_BYTES.store(bytes, Ordering::Relaxed);
 }
 
+static WINOGRAD: AtomicU8 = AtomicU8::new(UNSET);
+
+/// Whether 3x3 stride-1 padding-1 convs use Winograd F(2x2, 3x3) (default) rather than the
+/// im2col GEMM. `DDPM_OPS_WINOGRAD=0` in the environment (read on first use) or
+/// [`set_winograd`]`(false)` turns it off.
+pub fn winograd_enabled() -> bool {
+    match WINOGRAD.load(Ordering::Relaxed) {
+        ON => true,
+        OFF => false,
+        _ => {
+            let on = std::env::var("DDPM_OPS_WINOGRAD").map_or(true, |v| v != "0");
+            WINOGRAD.store(if on { ON } else { OFF }, Ordering::Relaxed);
+            on
+        }
+    }
+}
+
+/// Overrides `DDPM_OPS_WINOGRAD` for the rest of the process (benchmarks, tests).
+pub fn set_winograd(on: bool) {
+    WINOGRAD.store(if on { ON } else { OFF }, Ordering::Relaxed);
+}
+
 const UNSET: u8 = 0;
 const ON: u8 = 1;
 const OFF: u8 = 2;

@@ -111,6 +111,52 @@ fn tile_sizes_agree() {
     ddpm_ops::set_tile_bytes(ddpm_ops::DEFAULT_TILE_BYTES);
 }
 
+/// Winograd F(2x2, 3x3) against the im2col GEMM, forward and all gradients, f32 and f64, on
+/// odd and even sizes, one and several examples.
+#[test]
+fn winograd_matches_im2col() {
+    let _guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    for (dtype, tol) in [(DType::F32, 2e-5), (DType::F64, 1e-12)] {
+        for (b, cin, cout, h, w) in [
+            (3, 16, 8, 9, 7),
+            (1, 5, 6, 4, 4),
+            (2, 64, 32, 16, 16),
+            (4, 3, 5, 1, 3),
+        ] {
+            let x = Var::from_tensor(&randn(7, &[b, cin, h, w], dtype)).unwrap();
+            let wt = Var::from_tensor(
+                &randn(8, &[cout, cin, 3, 3], dtype)
+                    .affine(0.2, 0.0)
+                    .unwrap(),
+            )
+            .unwrap();
+            let bias = Var::from_tensor(&randn(9, &[cout], dtype)).unwrap();
+            let run = |on: bool| {
+                ddpm_ops::set_winograd(on);
+                let y =
+                    ddpm_ops::conv2d(x.as_tensor(), wt.as_tensor(), Some(bias.as_tensor()), 1, 1)
+                        .unwrap();
+                let r = randn(10, y.dims(), dtype);
+                let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+                let mut v = vec![y.clone()];
+                for t in [x.as_tensor(), wt.as_tensor(), bias.as_tensor()] {
+                    v.push(g.get(t).unwrap().clone());
+                }
+                v
+            };
+            let (wino, gemm) = (run(true), run(false));
+            for (i, (a, c)) in wino.iter().zip(&gemm).enumerate() {
+                let e = rel_err(a, c);
+                assert!(
+                    e < tol,
+                    "{dtype:?} b{b} {cin}->{cout} {h}x{w}: output {i} differs by {e:.2e}"
+                );
+            }
+        }
+    }
+    ddpm_ops::set_winograd(true);
+}
+
 #[test]
 fn malloc_tuning_is_accepted() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]

@@ -1,0 +1,508 @@
+//! Winograd F(2x2, 3x3) for the U-Net's 3x3, stride-1, padding-1 convolutions (Lavin & Gray,
+//! "Fast Algorithms for Convolutional Neural Networks", 2016).
+//!
+//! Each 2x2 output tile is `A^T [(G g G^T) * (B^T d B)] A` for its 4x4 input tile `d`: 16
+//! multiplications instead of 36, and summed over input channels the 16 products are 16
+//! independent GEMMs `M[k] = U[k] . V[k]` (`U[k]`: `[cout, cin]`, `V[k]`: `[cin, tiles]`). That
+//! is 2.25x fewer multiply-adds than the im2col GEMM, and the transformed input (4x the input)
+//! is smaller than the im2col matrix (9x).
+//!
+//! - forward: `V = B^T d B`, `M = U V`, `y = A^T M A (+ bias)`;
+//! - input gradient: the same convolution of `dY` with the kernel flipped and its channels
+//!   transposed (the adjoint of a "same" 3x3 correlation);
+//! - weight gradient: with `dM = A dY A^T` per tile, `dU[k] = sum over tiles dM[k] V[k]^T`
+//!   (16 GEMMs reducing over every tile of the batch) and `dg = G^T dU G`.
+//!
+//! Tiles of all examples are numbered together and processed in blocks sized to stay in L2;
+//! blocks run on different threads (forward, input gradient) or are split into one fixed range
+//! per thread whose weight-gradient sums are added in order (deterministic for a thread count).
+
+use rayon::prelude::*;
+
+use crate::elem::{Elem, Uninit};
+use crate::gemm::{gemm, Mat};
+use crate::im2col::Geom;
+use crate::runtime::num_threads;
+
+/// Whether a conv takes this path (3x3, stride 1, padding 1, and not switched off).
+pub(crate) fn applies(g: &Geom) -> bool {
+    crate::runtime::winograd_enabled() && g.kh == 3 && g.kw == 3 && g.stride == 1 && g.pad == 1
+}
+
+/// Bytes of transformed data one block aims for (its V and M planes).
+const BLOCK_BYTES: usize = 1 << 20;
+
+/// The tile grid of a batch: `th x tw` tiles of 2x2 outputs per example.
+#[derive(Clone, Copy)]
+struct Tiles {
+    h: usize,
+    w: usize,
+    tw: usize,
+    per: usize,
+    total: usize,
+}
+
+impl Tiles {
+    fn new(b: usize, h: usize, w: usize) -> Self {
+        let (th, tw) = (h.div_ceil(2), w.div_ceil(2));
+        Self {
+            h,
+            w,
+            tw,
+            per: th * tw,
+            total: b * th * tw,
+        }
+    }
+
+    /// (example, tile row, tile column) of global tile `t`.
+    #[inline(always)]
+    fn locate(&self, t: usize) -> (usize, usize, usize) {
+        let (e, r) = (t / self.per, t % self.per);
+        (e, r / self.tw, r % self.tw)
+    }
+
+    /// Tiles per block for `channels` input + output channels of transformed data.
+    fn block<T>(&self, channels: usize) -> usize {
+        let per_tile = 16 * channels * std::mem::size_of::<T>();
+        (BLOCK_BYTES / per_tile)
+            .clamp(32, 512)
+            .min(self.total)
+            .max(1)
+    }
+
+    fn blocks(&self, nb: usize) -> impl Iterator<Item = (usize, usize)> + Clone {
+        let total = self.total;
+        (0..total.div_ceil(nb)).map(move |i| (i * nb, ((i + 1) * nb).min(total)))
+    }
+}
+
+/// A raw output pointer shared by threads that write disjoint elements. Whoever creates one
+/// promises that it addresses a whole `[b, c, h, w]` output and that each pixel is written by
+/// one tile only.
+#[derive(Clone, Copy)]
+struct SharedOut<T>(*mut T);
+// SAFETY: only used for writes to disjoint elements, each by one thread.
+unsafe impl<T: Send> Send for SharedOut<T> {}
+unsafe impl<T: Send> Sync for SharedOut<T> {}
+
+/// `U[k][co][ci] = (G g G^T)[k]` for `w` `[cout, cin, 3, 3]`; 16 planes `[cout, cin]`.
+fn kernel_transform<T: Elem>(w: &[T], cout: usize, cin: usize) -> Vec<T> {
+    let half = T::from_f64(0.5);
+    let g1 = |a: T, b: T, c: T| [a, half * (a + b + c), half * (a - b + c), c];
+    let plane = cout * cin;
+    let mut u = vec![T::ZERO; 16 * plane];
+    for (o, g) in w.chunks_exact(9).enumerate() {
+        // Columns, then rows: t = G g (4x3), u = t G^T (4x4).
+        let cols: [[T; 4]; 3] = std::array::from_fn(|s| g1(g[s], g[3 + s], g[6 + s]));
+        for r in 0..4 {
+            let row = g1(cols[0][r], cols[1][r], cols[2][r]);
+            for (s, v) in row.into_iter().enumerate() {
+                u[(r * 4 + s) * plane + o] = v;
+            }
+        }
+    }
+    u
+}
+
+/// `dg = G^T dU G` for 16 planes `[cout, cin]`; returns `[cout, cin, 3, 3]`.
+fn kernel_grad_transform<T: Elem>(du: &[T], cout: usize, cin: usize) -> Vec<T> {
+    let half = T::from_f64(0.5);
+    let gt = |u: [T; 4]| {
+        [
+            u[0] + half * (u[1] + u[2]),
+            half * (u[1] - u[2]),
+            half * (u[1] + u[2]) + u[3],
+        ]
+    };
+    let plane = cout * cin;
+    let mut dg = vec![T::ZERO; 9 * plane];
+    for (o, out) in dg.chunks_exact_mut(9).enumerate() {
+        let at = |r: usize, s: usize| du[(r * 4 + s) * plane + o];
+        // Rows (over the second index) first: t[r] = G^T applied to row r of dU (4x3).
+        let t: [[T; 3]; 4] = std::array::from_fn(|r| gt([at(r, 0), at(r, 1), at(r, 2), at(r, 3)]));
+        for s in 0..3 {
+            let col = gt([t[0][s], t[1][s], t[2][s], t[3][s]]);
+            for r in 0..3 {
+                out[r * 3 + s] = col[r];
+            }
+        }
+    }
+    dg
+}
+
+/// Splits tiles `t0..t1` into runs within one tile row: `(example, tile row, first tile
+/// column, count, offset of the run in the block)`.
+fn row_runs(
+    tl: &Tiles,
+    (t0, t1): (usize, usize),
+) -> impl Iterator<Item = (usize, usize, usize, usize, usize)> + '_ {
+    let mut t = t0;
+    std::iter::from_fn(move || {
+        (t < t1).then(|| {
+            let (e, ty, tx0) = tl.locate(t);
+            let n = (tl.tw - tx0).min(t1 - t);
+            let run = (e, ty, tx0, n, t - t0);
+            t += n;
+            run
+        })
+    })
+}
+
+/// `V = B^T d B` of tiles `t0..t1` of `x` (`[b, c, h, w]`) into 16 planes `[c, ld]`.
+///
+/// Vectorised over the tiles of a row: the vertical transform combines whole input rows, the
+/// horizontal one works on the even and odd columns of the result (tile `k` spans padded
+/// columns `2k..2k+4`, i.e. even[k], odd[k], even[k+1], odd[k+1]).
+#[inline(always)]
+fn input_transform<T: Elem>(x: &[T], c: usize, tl: &Tiles, blk: (usize, usize), v: &mut [T]) {
+    let ld = blk.1 - blk.0;
+    let plane = c * ld;
+    let cap = tl.tw + 1;
+    // rows[r]: padded input row r of the tile row; ev/od[q]: even/odd columns of B^T row q.
+    let mut rows = vec![T::ZERO; 4 * 2 * cap];
+    let mut ev = vec![T::ZERO; 4 * cap];
+    let mut od = vec![T::ZERO; 4 * cap];
+    for (e, ty, tx0, n, j0) in row_runs(tl, blk) {
+        let width = 2 * n + 2;
+        let col0 = 2 * tx0 as isize - 1;
+        for ci in 0..c {
+            let img = &x[(e * c + ci) * tl.h * tl.w..(e * c + ci + 1) * tl.h * tl.w];
+            for r in 0..4 {
+                let dst = &mut rows[r * 2 * cap..r * 2 * cap + width];
+                let yy = 2 * ty as isize - 1 + r as isize;
+                if yy < 0 || yy >= tl.h as isize {
+                    dst.fill(T::ZERO);
+                    continue;
+                }
+                let src = &img[yy as usize * tl.w..(yy as usize + 1) * tl.w];
+                // Columns col0 .. col0 + width, zero outside 0..w.
+                let lo = (-col0).max(0) as usize;
+                let hi = ((tl.w as isize - col0).max(0) as usize).min(width);
+                dst[..lo].fill(T::ZERO);
+                if lo < hi {
+                    let s0 = (col0 + lo as isize) as usize;
+                    dst[lo..hi].copy_from_slice(&src[s0..s0 + hi - lo]);
+                }
+                dst[hi.max(lo)..].fill(T::ZERO);
+            }
+            let (r0, rest) = rows.split_at(2 * cap);
+            let (r1, rest) = rest.split_at(2 * cap);
+            let (r2, r3) = rest.split_at(2 * cap);
+            // Vertical B^T on even and odd columns separately.
+            for k in 0..=n {
+                let (a0, a1) = (r0[2 * k], r0[2 * k + 1]);
+                let (b0, b1) = (r1[2 * k], r1[2 * k + 1]);
+                let (c0, c1) = (r2[2 * k], r2[2 * k + 1]);
+                let (d0, d1) = (r3[2 * k], r3[2 * k + 1]);
+                ev[k] = a0 - c0;
+                od[k] = a1 - c1;
+                ev[cap + k] = b0 + c0;
+                od[cap + k] = b1 + c1;
+                ev[2 * cap + k] = c0 - b0;
+                od[2 * cap + k] = c1 - b1;
+                ev[3 * cap + k] = b0 - d0;
+                od[3 * cap + k] = b1 - d1;
+            }
+            // Horizontal B for each row q: (E[k] - E[k+1], O[k] + E[k+1], E[k+1] - O[k], O[k] - O[k+1]).
+            for q in 0..4 {
+                let (e_, o_) = (&ev[q * cap..q * cap + n + 1], &od[q * cap..q * cap + n + 1]);
+                let base = |p: usize| (q * 4 + p) * plane + ci * ld + j0;
+                let (b0, b1, b2, b3) = (base(0), base(1), base(2), base(3));
+                for k in 0..n {
+                    v[b0 + k] = e_[k] - e_[k + 1];
+                    v[b1 + k] = o_[k] + e_[k + 1];
+                    v[b2 + k] = e_[k + 1] - o_[k];
+                    v[b3 + k] = o_[k] - o_[k + 1];
+                }
+            }
+        }
+    }
+}
+
+/// `dM = A dY A^T` of tiles `t0..t1` of `dy` (`[b, c, h, w]`) into 16 planes `[c, ld]`.
+/// With the tile's outputs `p = dY[2k]`, `q = dY[2k + 1]` of a row, `A (p, q) = (p, p + q,
+/// p - q, -q)`; vectorised over the tiles of a row as [`input_transform`].
+#[inline(always)]
+fn grad_output_transform<T: Elem>(
+    dy: &[T],
+    c: usize,
+    tl: &Tiles,
+    blk: (usize, usize),
+    dm: &mut [T],
+) {
+    let ld = blk.1 - blk.0;
+    let plane = c * ld;
+    let cap = tl.tw;
+    // h4[r][p][k]: row r (0, 1) of the tile after A along the columns, entry p of 4.
+    let mut h4 = vec![T::ZERO; 2 * 4 * cap];
+    for (e, ty, tx0, n, j0) in row_runs(tl, blk) {
+        for ci in 0..c {
+            let img = &dy[(e * c + ci) * tl.h * tl.w..(e * c + ci + 1) * tl.h * tl.w];
+            for r in 0..2 {
+                let yy = 2 * ty + r;
+                let out = &mut h4[r * 4 * cap..(r + 1) * 4 * cap];
+                if yy >= tl.h {
+                    out.fill(T::ZERO);
+                    continue;
+                }
+                let row = &img[yy * tl.w..(yy + 1) * tl.w];
+                for k in 0..n {
+                    let xx = 2 * (tx0 + k);
+                    let p = row[xx];
+                    let q = if xx + 1 < tl.w { row[xx + 1] } else { T::ZERO };
+                    out[k] = p;
+                    out[cap + k] = p + q;
+                    out[2 * cap + k] = p - q;
+                    out[3 * cap + k] = -q;
+                }
+            }
+            let (top, bot) = h4.split_at(4 * cap);
+            for s in 0..4 {
+                let (p, q) = (&top[s * cap..s * cap + n], &bot[s * cap..s * cap + n]);
+                let base = |r: usize| (r * 4 + s) * plane + ci * ld + j0;
+                let (b0, b1, b2, b3) = (base(0), base(1), base(2), base(3));
+                for k in 0..n {
+                    dm[b0 + k] = p[k];
+                    dm[b1 + k] = p[k] + q[k];
+                    dm[b2 + k] = p[k] - q[k];
+                    dm[b3 + k] = -q[k];
+                }
+            }
+        }
+    }
+}
+
+/// `y = A^T M A (+ bias)` for tiles `t0..t1` from 16 planes `[c, ld]`, written into `y`
+/// (`[b, c, h, w]`, see [`SharedOut`]); vectorised over the tiles of a row.
+#[inline(always)]
+fn output_transform<T: Elem>(
+    m: &[T],
+    c: usize,
+    tl: &Tiles,
+    blk: (usize, usize),
+    y: SharedOut<T>,
+    bias: Option<&[T]>,
+) {
+    let ld = blk.1 - blk.0;
+    let plane = c * ld;
+    let cap = tl.tw;
+    // s[r][p][k]: row r of A^T M for tile k, column p.
+    let mut sv = vec![T::ZERO; 2 * 4 * cap];
+    let mut even = vec![T::ZERO; cap];
+    let mut odd = vec![T::ZERO; cap];
+    for (e, ty, tx0, n, j0) in row_runs(tl, blk) {
+        for co in 0..c {
+            let mm = |r: usize, p: usize| {
+                let o = (r * 4 + p) * plane + co * ld + j0;
+                &m[o..o + n]
+            };
+            for p in 0..4 {
+                let (m0, m1, m2, m3) = (mm(0, p), mm(1, p), mm(2, p), mm(3, p));
+                let (s0, s1) = sv.split_at_mut(4 * cap);
+                for k in 0..n {
+                    s0[p * cap + k] = m0[k] + m1[k] + m2[k];
+                    s1[p * cap + k] = m1[k] - m2[k] - m3[k];
+                }
+            }
+            let b = bias.map_or(T::ZERO, |b| b[co]);
+            let base = (e * c + co) * tl.h * tl.w;
+            for r in 0..2 {
+                let yy = 2 * ty + r;
+                if yy >= tl.h {
+                    break;
+                }
+                let s = &sv[r * 4 * cap..(r + 1) * 4 * cap];
+                for k in 0..n {
+                    even[k] = s[k] + s[cap + k] + s[2 * cap + k] + b;
+                    odd[k] = s[cap + k] - s[2 * cap + k] - s[3 * cap + k] + b;
+                }
+                let row = base + yy * tl.w + 2 * tx0;
+                for k in 0..n {
+                    // SAFETY: in bounds (row < h, column checked against w) of the `[b, c, h, w]`
+                    // buffer `y` addresses, and only this tile writes these pixels (SharedOut).
+                    unsafe {
+                        *y.0.add(row + 2 * k) = even[k];
+                        if 2 * (tx0 + k) + 1 < tl.w {
+                            *y.0.add(row + 2 * k + 1) = odd[k];
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+crate::simd::avx2_variant!(fn input_transform_simd<T>(
+    x: &[T],
+    c: usize,
+    tl: &Tiles,
+    t: (usize, usize),
+    v: &mut [T],
+) -> () = input_transform);
+crate::simd::avx2_variant!(fn output_transform_simd<T>(
+    m: &[T],
+    c: usize,
+    tl: &Tiles,
+    t: (usize, usize),
+    y: SharedOut<T>,
+    bias: Option<&[T]>,
+) -> () = output_transform);
+
+crate::simd::avx2_variant!(fn grad_output_transform_simd<T>(
+    dy: &[T],
+    c: usize,
+    tl: &Tiles,
+    t: (usize, usize),
+    dm: &mut [T],
+) -> () = grad_output_transform);
+
+/// The 16 GEMMs `out[k] (+)= lhs[k] . rhs[k]` of a block, with planes of the given shapes.
+#[allow(clippy::too_many_arguments)]
+fn plane_gemms<T: Elem>(
+    m: usize,
+    n: usize,
+    k: usize,
+    out: *mut T,
+    accumulate: bool,
+    lhs: impl Fn(usize) -> Mat<T>,
+    rhs: impl Fn(usize) -> Mat<T>,
+    threads: usize,
+) {
+    for p in 0..16 {
+        // SAFETY: the callers size `out` as 16 planes of m x n and the operands as m x k, k x n.
+        unsafe {
+            gemm(
+                m,
+                n,
+                k,
+                out.add(p * m * n),
+                n,
+                accumulate,
+                lhs(p),
+                rhs(p),
+                threads,
+            )
+        };
+    }
+}
+
+/// Convolution of `x` (`[b, cin, h, w]`) with transformed kernel `u`, into `[b, cout, h, w]`.
+fn conv_transformed<T: Elem>(
+    b: usize,
+    cin: usize,
+    cout: usize,
+    h: usize,
+    w: usize,
+    x: &[T],
+    u: &[T],
+    bias: Option<&[T]>,
+) -> Vec<T> {
+    let tl = Tiles::new(b, h, w);
+    let nb = tl.block::<T>(cin + cout);
+    let mut out = Uninit::<T>::new(b * cout * h * w);
+    // The whole output; blocks cover disjoint tiles, hence disjoint output pixels.
+    let y = SharedOut(out.slots().as_mut_ptr() as *mut T);
+    let blocks: Vec<(usize, usize)> = tl.blocks(nb).collect();
+    let gemm_threads = if blocks.len() >= num_threads() {
+        1
+    } else {
+        num_threads()
+    };
+    let run = |blk: (usize, usize)| {
+        let ld = blk.1 - blk.0;
+        T::with_scratch(16 * (cin + cout) * ld, |buf| {
+            let (v, m) = buf.split_at_mut(16 * cin * ld);
+            input_transform_simd(x, cin, &tl, blk, v);
+            plane_gemms(
+                cout,
+                ld,
+                cin,
+                m.as_mut_ptr(),
+                false,
+                |p| Mat::rows(&u[p * cout * cin..], cin),
+                |p| Mat::rows(&v[p * cin * ld..], ld),
+                gemm_threads,
+            );
+            output_transform_simd(m, cout, &tl, blk, y, bias);
+        });
+    };
+    if gemm_threads == 1 {
+        blocks.into_par_iter().for_each(run);
+    } else {
+        blocks.into_iter().for_each(run);
+    }
+    // SAFETY: every output pixel belongs to exactly one tile, and every tile was written.
+    unsafe { out.assume_init() }
+}
+
+/// Forward: `x [b, cin, h, w]`, `w [cout, cin, 3, 3]` -> `[b, cout, h, w]`.
+pub(crate) fn forward<T: Elem>(
+    g: &Geom,
+    b: usize,
+    cout: usize,
+    x: &[T],
+    w: &[T],
+    bias: Option<&[T]>,
+) -> Vec<T> {
+    let u = kernel_transform(w, cout, g.cin);
+    conv_transformed(b, g.cin, cout, g.h, g.w, x, &u, bias)
+}
+
+/// Input gradient: `dy [b, cout, h, w]` convolved with the flipped, channel-transposed kernel.
+pub(crate) fn input_grad<T: Elem>(g: &Geom, b: usize, cout: usize, w: &[T], dy: &[T]) -> Vec<T> {
+    let cin = g.cin;
+    let mut flipped = vec![T::ZERO; w.len()];
+    for co in 0..cout {
+        for ci in 0..cin {
+            for r in 0..9 {
+                flipped[(ci * cout + co) * 9 + r] = w[(co * cin + ci) * 9 + (8 - r)];
+            }
+        }
+    }
+    let u = kernel_transform(&flipped, cin, cout);
+    conv_transformed(b, cout, cin, g.h, g.w, dy, &u, None)
+}
+
+/// Weight gradient `[cout, cin, 3, 3]`: `dU = sum_tiles dM V^T`, `dg = G^T dU G`.
+pub(crate) fn weight_grad<T: Elem>(g: &Geom, b: usize, cout: usize, x: &[T], dy: &[T]) -> Vec<T> {
+    let cin = g.cin;
+    let tl = Tiles::new(b, g.h, g.w);
+    let nb = tl.block::<T>(cin + cout);
+    let blocks: Vec<(usize, usize)> = tl.blocks(nb).collect();
+    let chunks = num_threads().min(blocks.len()).max(1);
+    let gemm_threads = if chunks > 1 { 1 } else { num_threads() };
+    let bounds: Vec<usize> = (0..=chunks).map(|i| i * blocks.len() / chunks).collect();
+    let run_chunk = |i: usize| -> Vec<T> {
+        let mut du = vec![T::ZERO; 16 * cout * cin];
+        for &blk in &blocks[bounds[i]..bounds[i + 1]] {
+            let ld = blk.1 - blk.0;
+            T::with_scratch(16 * (cin + cout) * ld, |buf| {
+                let (v, dm) = buf.split_at_mut(16 * cin * ld);
+                input_transform_simd(x, cin, &tl, blk, v);
+                grad_output_transform_simd(dy, cout, &tl, blk, dm);
+                plane_gemms(
+                    cout,
+                    cin,
+                    ld,
+                    du.as_mut_ptr(),
+                    true,
+                    |p| Mat::rows(&dm[p * cout * ld..], ld),
+                    |p| Mat::rows(&v[p * cin * ld..], ld).t(),
+                    gemm_threads,
+                );
+            });
+        }
+        du
+    };
+    let partials: Vec<Vec<T>> = if chunks > 1 {
+        (0..chunks).into_par_iter().map(run_chunk).collect()
+    } else {
+        vec![run_chunk(0)]
+    };
+    let mut it = partials.into_iter();
+    let mut du = it.next().expect("at least one chunk");
+    for p in it {
+        du.iter_mut().zip(&p).for_each(|(a, v)| *a += *v);
+    }
+    kernel_grad_transform(&du, cout, cin)
+}
