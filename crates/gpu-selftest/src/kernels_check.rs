@@ -127,8 +127,20 @@ pub fn run(dev: &Device, rep: &mut Report) -> Result<()> {
         ];
         for clip in [None, Some((-1.0f32, 1.0f32))] {
             for mode in ["none", "philox", "given"] {
-                let c = fused_sampler_step(&cpu[0], &cpu[1], &coefs, clip, step_noise(mode, key, &cpu))?;
-                let g = fused_sampler_step(&gpu[0], &gpu[1], &coefs, clip, step_noise(mode, key, &gpu))?;
+                let c = fused_sampler_step(
+                    &cpu[0],
+                    &cpu[1],
+                    &coefs,
+                    clip,
+                    step_noise(mode, key, &cpu),
+                )?;
+                let g = fused_sampler_step(
+                    &gpu[0],
+                    &gpu[1],
+                    &coefs,
+                    clip,
+                    step_noise(mode, key, &gpu),
+                )?;
                 let dp = Diff::new(&to_host(&c.x_prev)?, &to_host(&g.x_prev)?);
                 let d0 = Diff::new(&to_host(&c.x0_pred)?, &to_host(&g.x0_pred)?);
                 rep.check(

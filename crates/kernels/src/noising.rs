@@ -109,7 +109,15 @@ impl NoisingOp {
     /// most of the work), then x_t and the target in plain loops the compiler vectorizes. Per element
     /// the arithmetic is the CUDA kernel's: `a*x + b*z` and `a*z - b*x` as two rounded products and a
     /// rounded sum or difference.
-    fn chunk(&self, i: usize, e0: usize, xs: &[f32], xt: &mut [f32], nz: &mut [f32], tg: &mut [f32]) {
+    fn chunk(
+        &self,
+        i: usize,
+        e0: usize,
+        xs: &[f32],
+        xt: &mut [f32],
+        nz: &mut [f32],
+        tg: &mut [f32],
+    ) {
         let key = self.key.stream_key(Stream::Noise, i);
         for (k, nz4) in nz.chunks_mut(4).enumerate() {
             let z = box_muller4(key.block(((e0 / 4) + k) as u32));

@@ -449,7 +449,7 @@ fn backward<T: Elem>(
                 }
                 continue;
             }
-            let mut dxe = dxe.map(|d| {
+            let dxe = dxe.map(|d| {
                 fill_uninit(d, T::ZERO);
                 // SAFETY: just initialised.
                 unsafe { &mut *(d as *mut [MaybeUninit<T>] as *mut [T]) }
@@ -472,7 +472,7 @@ fn backward<T: Elem>(
                         unsafe { gemm(cout, k, nt, dwp, k, true, dyt, ct, threads) };
                     }
                 }
-                if let Some(d) = dxe.as_deref_mut() {
+                if let Some(d) = dxe {
                     let cp = col.as_mut_ptr();
                     unsafe { gemm(k, n, cout, cp, n, false, wm.t(), dym, threads) };
                     fold(g, col, (0, n), d, threads > 1);

@@ -92,7 +92,7 @@ pub(crate) fn exp_f32(x: f32) -> f32 {
     p = p * r + 8.333_452e-3;
     p = p * r + 4.166_579_6e-2;
     p = p * r + 1.666_666_5e-1;
-    p = p * r + 5.000_000_1e-1;
+    p = p * r + 0.5;
     let e = p * r * r + r + 1.0;
     // SAFETY: n is an integer in [-126, 127] (xc is finite and clamped).
     let k = unsafe { n.to_int_unchecked::<i32>() };
@@ -163,6 +163,39 @@ pub(crate) fn lanes_max<T: Elem>(xs: &[T]) -> T {
     m
 }
 
+/// A vector whose elements are all written before they are read. Avoids zero-filling large
+/// outputs that a GEMM overwrites anyway; [`Uninit::assume_init`] is the caller's promise that
+/// every element was written.
+pub(crate) struct Uninit<T>(Vec<MaybeUninit<T>>);
+
+impl<T: Copy> Uninit<T> {
+    pub(crate) fn new(len: usize) -> Self {
+        let mut v = Vec::with_capacity(len);
+        // SAFETY: MaybeUninit needs no initialisation.
+        unsafe { v.set_len(len) };
+        Self(v)
+    }
+
+    pub(crate) fn slots(&mut self) -> &mut [MaybeUninit<T>] {
+        &mut self.0
+    }
+
+    /// # Safety
+    /// Every element must have been written.
+    pub(crate) unsafe fn assume_init(self) -> Vec<T> {
+        let mut v = std::mem::ManuallyDrop::new(self.0);
+        // SAFETY: MaybeUninit<T> has T's layout; the caller guarantees initialisation.
+        unsafe { Vec::from_raw_parts(v.as_mut_ptr() as *mut T, v.len(), v.capacity()) }
+    }
+}
+
+/// Writes `value` into every slot.
+pub(crate) fn fill_uninit<T: Copy>(slots: &mut [MaybeUninit<T>], value: T) {
+    for s in slots {
+        s.write(value);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -201,38 +234,5 @@ mod tests {
             lanes_max(&v[..3]),
             v[..3].iter().cloned().fold(f32::MIN, f32::max)
         );
-    }
-}
-
-/// A vector whose elements are all written before they are read. Avoids zero-filling large
-/// outputs that a GEMM overwrites anyway; [`Uninit::assume_init`] is the caller's promise that
-/// every element was written.
-pub(crate) struct Uninit<T>(Vec<MaybeUninit<T>>);
-
-impl<T: Copy> Uninit<T> {
-    pub(crate) fn new(len: usize) -> Self {
-        let mut v = Vec::with_capacity(len);
-        // SAFETY: MaybeUninit needs no initialisation.
-        unsafe { v.set_len(len) };
-        Self(v)
-    }
-
-    pub(crate) fn slots(&mut self) -> &mut [MaybeUninit<T>] {
-        &mut self.0
-    }
-
-    /// # Safety
-    /// Every element must have been written.
-    pub(crate) unsafe fn assume_init(self) -> Vec<T> {
-        let mut v = std::mem::ManuallyDrop::new(self.0);
-        // SAFETY: MaybeUninit<T> has T's layout; the caller guarantees initialisation.
-        unsafe { Vec::from_raw_parts(v.as_mut_ptr() as *mut T, v.len(), v.capacity()) }
-    }
-}
-
-/// Writes `value` into every slot.
-pub(crate) fn fill_uninit<T: Copy>(slots: &mut [MaybeUninit<T>], value: T) {
-    for s in slots {
-        s.write(value);
     }
 }

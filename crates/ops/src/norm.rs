@@ -37,7 +37,7 @@ pub fn group_norm(
         bail!("group_norm: input must be [B, C, ...], got {dims:?}");
     }
     let c = dims[1];
-    if groups == 0 || c % groups != 0 {
+    if groups == 0 || !c.is_multiple_of(groups) {
         bail!("group_norm: {c} channels do not split into {groups} groups");
     }
     if gamma.dims() != [c] || beta.dims() != [c] {

@@ -73,7 +73,7 @@ fn forward_row<T: Elem>(yr: &mut [T], xr: &[T], scale: T) {
         *o = (v * scale - m).exp();
     }
     let inv = T::ONE / T::from_f64(lanes_sum(yr, |v| v));
-    yr.iter_mut().for_each(|o| *o = *o * inv);
+    yr.iter_mut().for_each(|o| *o *= inv);
 }
 
 #[inline(always)]

@@ -387,6 +387,7 @@ fn plane_gemms<T: Elem>(
 }
 
 /// Convolution of `x` (`[b, cin, h, w]`) with transformed kernel `u`, into `[b, cout, h, w]`.
+#[allow(clippy::too_many_arguments)]
 fn conv_transformed<T: Elem>(
     b: usize,
     cin: usize,

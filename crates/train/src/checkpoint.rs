@@ -319,7 +319,7 @@ impl Checkpoint {
     /// None), or `model.safetensors` for the raw weights (`rate = Some(1.0)`).
     pub fn weights_file(&self, rate: Option<f64>) -> Result<String, CheckpointError> {
         match rate {
-            Some(r) if r == 1.0 => Ok(MODEL_FILE.to_string()),
+            Some(1.0) => Ok(MODEL_FILE.to_string()),
             Some(r) if self.manifest.ema_rates.contains(&r) => Ok(ema_file(r)),
             Some(r) => Err(bad(
                 &self.dir,

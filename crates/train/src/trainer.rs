@@ -37,10 +37,6 @@ use crate::preview::{sample_grid, PreviewSpec};
 use crate::signals::StopFlag;
 use crate::timesteps::{TimestepSampler, HISTORY_PER_TERM};
 
-pub use crate::run::{inspect_model, unet_from_tensors};
-use crate::outputs::pictures;
-use crate::run::*;
-
 /// Where to resume from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ResumeFrom {
@@ -82,6 +78,581 @@ pub struct TrainOutcome {
     pub loss_plot: Option<PathBuf>,
     /// Mean training loss of every step run in this process, in order (for tests).
     pub step_losses: Vec<f64>,
+}
+
+/// The network being trained.
+enum Net {
+    Diffusion(UNet),
+    Classifier(EncoderUNet),
+}
+
+impl Net {
+    fn num_parameters(&self) -> usize {
+        match self {
+            Net::Diffusion(m) => m.num_parameters(),
+            Net::Classifier(m) => m.num_parameters(),
+        }
+    }
+}
+
+/// Builds the model of `cfg` with freshly initialised (seeded) parameters.
+fn build_net(cfg: &TrainConfig, device: &Device) -> Result<(Net, VarMap)> {
+    Ok(match cfg.task {
+        Task::Diffusion => {
+            let (m, vm) = UNet::init(
+                cfg.model.as_ref().expect("validated"),
+                cfg.seed,
+                DType::F32,
+                device,
+            )?;
+            (Net::Diffusion(m), vm)
+        }
+        Task::Classifier => {
+            let (m, vm) = EncoderUNet::init(
+                cfg.classifier.as_ref().expect("validated"),
+                cfg.seed,
+                DType::F32,
+                device,
+            )?;
+            (Net::Classifier(m), vm)
+        }
+    })
+}
+
+/// Builds a U-Net whose parameters are the given tensors (the EMA weights for previews).
+pub fn unet_from_tensors(
+    cfg: &ddpm_unet::UNetConfig,
+    tensors: Vec<(String, Tensor)>,
+    device: &Device,
+) -> Result<UNet> {
+    let map: std::collections::HashMap<String, Tensor> = tensors.into_iter().collect();
+    Ok(UNet::new(
+        cfg,
+        VarBuilder::from_tensors(map, DType::F32, device),
+    )?)
+}
+
+/// `parameters: N` and the per-level summary of the config's model (ddpm-unet's summary).
+pub fn inspect_model(cfg: &TrainConfig) -> Result<String> {
+    let (net, _) = build_net(cfg, &Device::Cpu)?;
+    let summary = match &net {
+        Net::Diffusion(m) => m.summary(),
+        Net::Classifier(m) => m.summary(),
+    };
+    // ModelSummary's Display starts with the "parameters: N" line.
+    Ok(summary.to_string())
+}
+
+/// Parameters sorted by name: the order of gradients, moments, EMA lists and bucket plans.
+fn sorted_vars(vm: &VarMap) -> Vec<(String, Var)> {
+    let data = vm.data().lock().expect("VarMap lock");
+    let mut v: Vec<(String, Var)> = data.iter().map(|(n, v)| (n.clone(), v.clone())).collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+/// Flattens a JSON value into `dotted.key -> value text` for config diffs.
+fn flatten(prefix: &str, v: &serde_json::Value, out: &mut BTreeMap<String, String>) {
+    match v {
+        serde_json::Value::Object(o) => {
+            for (k, x) in o {
+                let key = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                flatten(&key, x, out);
+            }
+        }
+        other => {
+            out.insert(prefix.to_string(), other.to_string());
+        }
+    }
+}
+
+/// Keys whose values differ between a checkpoint's config and the current one (excluded keys
+/// left out), formatted for an error message.
+fn config_diff(old: &serde_json::Value, new: &serde_json::Value) -> Vec<String> {
+    let (mut a, mut b) = (BTreeMap::new(), BTreeMap::new());
+    flatten("", old, &mut a);
+    flatten("", new, &mut b);
+    let excluded = |k: &str| {
+        HASH_EXCLUDED_KEYS
+            .iter()
+            .any(|e| k == *e || k.starts_with(&format!("{e}.")))
+    };
+    let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+    keys.into_iter()
+        .filter(|k| !excluded(k))
+        .filter(|k| a.get(*k) != b.get(*k))
+        .map(|k| {
+            format!(
+                "{k}: checkpoint {} vs now {}",
+                a.get(k).map(String::as_str).unwrap_or("(absent)"),
+                b.get(k).map(String::as_str).unwrap_or("(absent)")
+            )
+        })
+        .collect()
+}
+
+/// All the mutable state of a run.
+struct State {
+    step: u64,
+    opt: AdamW,
+    emas: Vec<Ema>,
+    sampler: TimestepSampler,
+    window: Window,
+    skipped: u64,
+    loader_pos: LoaderPosition,
+}
+
+struct Run<'a> {
+    cfg: &'a TrainConfig,
+    comm: &'a dyn Communicator,
+    device: Device,
+    net: Net,
+    names: Vec<String>,
+    vars: Vec<Var>,
+    diffusion: GaussianDiffusion,
+    sqrt_ac: Vec<f32>,
+    sqrt_1m_ac: Vec<f32>,
+    num_classes: Option<usize>,
+    run_dir: PathBuf,
+    hash: String,
+}
+
+/// Result of the local part of one step.
+struct LocalStep {
+    loss: Tensor,
+    ts: Vec<usize>,
+    per_example: Vec<f64>,
+    stats: StepStats,
+}
+
+impl Run<'_> {
+    /// Forward and loss of this rank's part of the batch for 0-based step `step`.
+    fn forward(
+        &self,
+        step: u64,
+        batch: &ddpm_data::Batch,
+        sampler: &TimestepSampler,
+    ) -> Result<LocalStep> {
+        let b = batch.shape[0];
+        let first = (self.comm.rank() * b) as u64;
+        let seed = self.cfg.seed;
+        let x0 = Tensor::from_slice(&batch.images, batch.shape.to_vec(), &self.device)?;
+        let (ts, iw) = match self.cfg.task {
+            Task::Diffusion => sampler.sample(seed, step, first, b),
+            // The classifier sees uniformly drawn noise levels, as guided-diffusion's classifier_train.
+            Task::Classifier => TimestepSampler::new(self.diffusion.num_timesteps(), false)
+                .sample(seed, step, first, b),
+        };
+        let ts_u32: Vec<u32> = ts.iter().map(|&t| t as u32).collect();
+        let pred = match self.cfg.diffusion.prediction {
+            Prediction::Eps => KPrediction::Epsilon,
+            Prediction::V => KPrediction::V,
+            Prediction::X0 => KPrediction::StartX,
+        };
+        let noised = fused_noising(
+            &x0,
+            &ts_u32,
+            &self.sqrt_ac,
+            &self.sqrt_1m_ac,
+            NoiseKey {
+                seed,
+                step,
+                first_example: first,
+            },
+            pred,
+        )?;
+        let t_model = self
+            .diffusion
+            .model_timestep_tensor(&ts, DType::F32, &self.device)?;
+        let ctx = ForwardCtx::train(DropoutKey {
+            seed,
+            step,
+            first_example: first,
+        });
+        let labels = batch.labels.as_ref();
+        let tcount = self.diffusion.num_timesteps();
+        let mut stats = StepStats::default();
+        let (loss, per_example) = match &self.net {
+            Net::Diffusion(m) => {
+                let y = match (self.num_classes, labels) {
+                    (Some(k), Some(l)) => {
+                        let p = self.cfg.diffusion.label_dropout as f32;
+                        let y: Vec<u32> = l
+                            .iter()
+                            .enumerate()
+                            .map(|(i, &c)| {
+                                let u =
+                                    StreamKey::new(seed, Stream::LabelDrop, step, first + i as u64)
+                                        .uniform(0);
+                                if p > 0.0 && u < p {
+                                    k as u32
+                                } else {
+                                    c
+                                }
+                            })
+                            .collect();
+                        Some(Tensor::new(y.as_slice(), &self.device)?)
+                    }
+                    (Some(_), None) => {
+                        bail!("the model is class-conditional but the batch has no labels")
+                    }
+                    _ => None,
+                };
+                let out = m.forward(&noised.x_t, &t_model, y.as_ref(), &ctx)?;
+                let l =
+                    self.diffusion
+                        .training_losses(&out, &x0, &noised.x_t, &noised.noise, &ts)?;
+                let per: Vec<f32> = l.loss.to_dtype(DType::F32)?.to_vec1()?;
+                let mse: Vec<f32> = l.mse.to_dtype(DType::F32)?.to_vec1()?;
+                let vb: Option<Vec<f32>> =
+                    l.vb.as_ref()
+                        .map(|v| v.to_dtype(DType::F32)?.to_vec1())
+                        .transpose()?;
+                for i in 0..b {
+                    stats.add(
+                        ts[i],
+                        tcount,
+                        per[i] as f64,
+                        Some(mse[i] as f64),
+                        vb.as_ref().map(|v| v[i] as f64),
+                    );
+                }
+                let w = Tensor::from_slice(&iw, b, &self.device)?;
+                (
+                    (l.loss * w)?.mean_all()?,
+                    per.iter().map(|&x| x as f64).collect::<Vec<_>>(),
+                )
+            }
+            Net::Classifier(m) => {
+                let l = labels
+                    .ok_or_else(|| anyhow!("the classifier task needs a labelled dataset"))?;
+                let logits = m
+                    .forward(&noised.x_t, &t_model, &ctx)?
+                    .to_dtype(DType::F32)?;
+                // log-softmax from composite ops (candle's fused softmax has no gradient)
+                let max = logits.max_keepdim(D::Minus1)?.detach();
+                let shifted = logits.broadcast_sub(&max)?;
+                let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+                let logp = shifted.broadcast_sub(&lse)?;
+                let y = Tensor::new(l.as_slice(), &self.device)?;
+                let nll = logp.gather(&y.unsqueeze(1)?, 1)?.squeeze(1)?.neg()?;
+                let per: Vec<f32> = nll.to_vec1()?;
+                let pred: Vec<u32> = logits.argmax(D::Minus1)?.to_vec1()?;
+                for i in 0..b {
+                    stats.add(ts[i], tcount, per[i] as f64, None, None);
+                    if pred[i] == l[i] {
+                        stats.correct += 1.0;
+                    }
+                }
+                (nll.mean_all()?, per.iter().map(|&x| x as f64).collect())
+            }
+        };
+        if !per_example.iter().all(|x| x.is_finite()) {
+            stats.nonfinite = 1.0;
+        }
+        Ok(LocalStep {
+            loss,
+            ts,
+            per_example,
+            stats,
+        })
+    }
+
+    fn adamw_params(&self) -> AdamWParams {
+        let o = &self.cfg.optim;
+        AdamWParams {
+            lr: o.lr,
+            beta1: o.betas[0],
+            beta2: o.betas[1],
+            eps: o.eps,
+            weight_decay: o.weight_decay,
+            warmup_steps: o.warmup_steps,
+        }
+    }
+
+    fn fresh_state(&self) -> Result<State> {
+        Ok(State {
+            step: 0,
+            opt: AdamW::new(&self.vars, self.adamw_params())?,
+            emas: self
+                .cfg
+                .ema
+                .rates
+                .iter()
+                .map(|&r| Ema::new(r, &self.vars))
+                .collect::<candle_core::Result<_>>()?,
+            sampler: TimestepSampler::new(
+                self.diffusion.num_timesteps(),
+                self.cfg.diffusion.timestep_sampling == crate::config::TimestepSampling::LossAware,
+            ),
+            window: Window::default(),
+            skipped: 0,
+            loader_pos: LoaderPosition::default(),
+        })
+    }
+
+    fn expected_shapes(&self, prefix: &str) -> Vec<(String, Vec<usize>)> {
+        self.names
+            .iter()
+            .zip(&self.vars)
+            .map(|(n, v)| (format!("{prefix}{n}"), v.dims().to_vec()))
+            .collect()
+    }
+
+    /// Loads `ck` into the parameters and a new state, after checking it belongs to this config.
+    fn restore(&self, ck: &Checkpoint) -> Result<State> {
+        let m = &ck.manifest;
+        let path = ck.dir.display();
+        if m.config_hash != self.hash {
+            let now = serde_json::to_value(self.cfg)?;
+            let diff = config_diff(&m.config, &now);
+            bail!(
+                "refusing to resume from {path}: its config hash {} differs from this run's {} \
+                 (keys excluded from the hash: {}).\nDiffering keys:\n  {}\nStart a new run directory \
+                 (--out) or restore the original settings.",
+                &m.config_hash[..12.min(m.config_hash.len())],
+                &self.hash[..12],
+                HASH_EXCLUDED_KEYS.join(", "),
+                if diff.is_empty() { "(none found; the hash scheme differs)".to_string() } else { diff.join("\n  ") }
+            );
+        }
+        let global = self.comm.world_size() * self.cfg.data.batch;
+        if m.global_batch != global {
+            bail!(
+                "refusing to resume from {path}: it was written with a global batch of {} ({} ranks x {}), \
+                 this run has {global} ({} ranks x {}); the data order and step randomness depend on it",
+                m.global_batch,
+                m.world_size,
+                m.batch_per_rank,
+                self.comm.world_size(),
+                self.cfg.data.batch
+            );
+        }
+        let model = ck.load_tensors(
+            checkpoint::MODEL_FILE,
+            &self.expected_shapes(""),
+            &self.device,
+        )?;
+        for (n, v) in self.names.iter().zip(&self.vars) {
+            v.set(&model[n].to_dtype(v.dtype())?)?;
+        }
+        let mut st = self.fresh_state()?;
+        for e in &mut st.emas {
+            let file = checkpoint::ema_file(e.rate);
+            if m.file(&file).is_none() {
+                bail!(
+                    "refusing to resume from {path}: it has no {file} (ema.rates {:?} vs {:?})",
+                    m.ema_rates,
+                    self.cfg.ema.rates
+                );
+            }
+            let t = ck.load_tensors(&file, &self.expected_shapes(""), &self.device)?;
+            e.params = self.names.iter().map(|n| t[n].clone()).collect();
+        }
+        let mut expected = self.expected_shapes("exp_avg.");
+        expected.extend(self.expected_shapes("exp_avg_sq."));
+        let o = ck.load_tensors(checkpoint::OPTIMIZER_FILE, &expected, &self.device)?;
+        st.opt.m = self
+            .names
+            .iter()
+            .map(|n| o[&format!("exp_avg.{n}")].clone())
+            .collect();
+        st.opt.v = self
+            .names
+            .iter()
+            .map(|n| o[&format!("exp_avg_sq.{n}")].clone())
+            .collect();
+        st.opt.t = m.optimizer.t;
+        st.step = m.step;
+        st.skipped = m.skipped_steps;
+        st.loader_pos = serde_json::from_value(m.loader_position.clone())
+            .with_context(|| format!("{path}: bad loader_position"))?;
+        if let Some(w) = ck.state_f64("metrics_window")? {
+            st.window =
+                Window::from_slice(&w).ok_or_else(|| anyhow!("{path}: bad metrics_window"))?;
+        }
+        if let TimestepSampler::LossAware(s) = &mut st.sampler {
+            let h = ck.state_f64("loss_history")?;
+            let c = ck.state_f64("loss_counts")?;
+            match (h, c) {
+                (Some(h), Some(c)) if h.len() == s.history.len() && c.len() == s.counts.len() => {
+                    s.history = h;
+                    s.counts = c.iter().map(|&x| x as u64).collect();
+                }
+                _ => bail!("{path}: loss-aware sampler state missing or of the wrong size"),
+            }
+        }
+        Ok(st)
+    }
+
+    /// Writes a checkpoint of `st` (rank 0), keeps the newest K. Returns its directory.
+    fn save(&self, st: &State, lr: f64) -> Result<PathBuf> {
+        let _span = tracing::info_span!("checkpoint", step = st.step).entered();
+        let t0 = Instant::now();
+        let mut w = CheckpointWriter::begin(&self.run_dir, st.step)?;
+        let result = (|| -> Result<()> {
+            let named = |ts: &[Tensor], prefix: &str| -> Vec<(String, Tensor)> {
+                self.names
+                    .iter()
+                    .zip(ts)
+                    .map(|(n, t)| (format!("{prefix}{n}"), t.clone()))
+                    .collect()
+            };
+            let params: Vec<Tensor> = self.vars.iter().map(|v| v.as_tensor().clone()).collect();
+            w.add_tensors(checkpoint::MODEL_FILE, &named(&params, ""))?;
+            for e in &st.emas {
+                w.add_tensors(&checkpoint::ema_file(e.rate), &named(&e.params, ""))?;
+            }
+            let mut moments = named(&st.opt.m, "exp_avg.");
+            moments.extend(named(&st.opt.v, "exp_avg_sq."));
+            w.add_tensors(checkpoint::OPTIMIZER_FILE, &moments)?;
+            let mut state = vec![(
+                "metrics_window".to_string(),
+                Tensor::new(st.window.to_vec().as_slice(), &Device::Cpu)?,
+            )];
+            if let TimestepSampler::LossAware(s) = &st.sampler {
+                let t = s.num_timesteps();
+                state.push((
+                    "loss_history".into(),
+                    Tensor::from_slice(&s.history, (t, HISTORY_PER_TERM), &Device::Cpu)?,
+                ));
+                let c: Vec<f64> = s.counts.iter().map(|&c| c as f64).collect();
+                state.push((
+                    "loss_counts".into(),
+                    Tensor::from_slice(&c, t, &Device::Cpu)?,
+                ));
+            }
+            w.add_tensors(checkpoint::STATE_FILE, &state)?;
+            Ok(())
+        })();
+        if let Err(e) = result {
+            w.abort();
+            return Err(e);
+        }
+        let manifest = Manifest {
+            format: checkpoint::FORMAT.into(),
+            format_version: checkpoint::FORMAT_VERSION,
+            step: st.step,
+            task: self.cfg.task.to_string(),
+            config: serde_json::to_value(self.cfg)?,
+            config_hash: self.hash.clone(),
+            hash_excluded_keys: HASH_EXCLUDED_KEYS.iter().map(|s| s.to_string()).collect(),
+            world_size: self.comm.world_size(),
+            batch_per_rank: self.cfg.data.batch,
+            global_batch: self.comm.world_size() * self.cfg.data.batch,
+            loader_position: serde_json::to_value(st.loader_pos)?,
+            optimizer: OptimizerState {
+                kind: "adamw".into(),
+                t: st.opt.t,
+                lr,
+            },
+            ema_rates: self.cfg.ema.rates.clone(),
+            ema_updates: st.opt.t,
+            skipped_steps: st.skipped,
+            rng: RngState {
+                seed: self.cfg.seed,
+                next_step: st.step,
+                generator:
+                    "ddpm-rng Philox4x32-10 keyed by (seed, stream, step, global example index)"
+                        .into(),
+            },
+            timestep_sampler: match st.sampler {
+                TimestepSampler::Uniform { .. } => "uniform".into(),
+                TimestepSampler::LossAware(_) => "loss_aware".into(),
+            },
+            num_parameters: self.net.num_parameters(),
+            files: vec![],
+            created_unix: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+            writer: format!("ddpm-train {}", env!("CARGO_PKG_VERSION")),
+        };
+        let dir = w.finish(manifest)?;
+        let removed = checkpoint::prune(&self.run_dir, self.cfg.schedule.keep_checkpoints)?;
+        tracing::info!(
+            dir = %dir.display(),
+            secs = format!("{:.2}", t0.elapsed().as_secs_f64()),
+            pruned = removed.len(),
+            "checkpoint written"
+        );
+        Ok(dir)
+    }
+
+    /// EMA preview grid and loss plot (rank 0). Returns (grid, plot) paths.
+    fn write_pictures(
+        &self,
+        st: &State,
+        metrics: &MetricsLog,
+    ) -> Result<(Option<PathBuf>, PathBuf)> {
+        let plot_path = self.run_dir.join("loss.png");
+        plot::plot_loss_curve(&plot_path, &metrics.loss_points()?)?;
+        let Net::Diffusion(_) = &self.net else {
+            return Ok((None, plot_path));
+        };
+        let _span = tracing::info_span!("preview", step = st.step).entered();
+        let t0 = Instant::now();
+        let p = &self.cfg.preview;
+        let rate = p.ema_rate.unwrap_or(self.cfg.ema.rates[0]);
+        let ema = st
+            .emas
+            .iter()
+            .find(|e| e.rate == rate)
+            .expect("validated rate");
+        let mcfg = self.cfg.model.as_ref().expect("diffusion task");
+        let tensors = self
+            .names
+            .iter()
+            .cloned()
+            .zip(ema.params.iter().cloned())
+            .collect();
+        let model = unet_from_tensors(mcfg, tensors, &self.device)?;
+        let spec = PreviewSpec {
+            steps: p.steps,
+            eta: p.eta,
+            guidance: p.guidance,
+            per_class: p.per_class,
+            seed: self.cfg.seed,
+        };
+        let (images, _) = sample_grid(&model, &self.diffusion, &spec, &self.device)?;
+        let dims = images.dims4()?;
+        let data: Vec<f32> = images.to_device(&Device::Cpu)?.flatten_all()?.to_vec1()?;
+        let cols = if mcfg.num_classes.is_some() {
+            p.per_class
+        } else {
+            (dims.0 as f64).sqrt().ceil() as usize
+        };
+        let scale = (96 / mcfg.image_size).clamp(1, 4);
+        let grid = plot::image_grid(&data, [dims.0, dims.1, dims.2, dims.3], cols, scale);
+        let dir = self.run_dir.join("samples");
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let step_path = dir.join(format!("step_{:09}.png", st.step));
+        grid.write_png(&step_path)?;
+        let latest = self.run_dir.join("samples.png");
+        grid.write_png(&latest)?;
+        tracing::info!(
+            path = %latest.display(),
+            secs = format!("{:.1}", t0.elapsed().as_secs_f64()),
+            "preview samples (EMA {rate}, DDIM {} steps, rows = classes)",
+            p.steps
+        );
+        Ok((Some(latest), plot_path))
+    }
+}
+
+/// Previews are a by-product: a failure is logged, not allowed to end a long run.
+fn pictures(run: &Run, st: &State, metrics: &MetricsLog, outcome: &mut TrainOutcome) {
+    match run.write_pictures(st, metrics) {
+        Ok((grid, plot)) => {
+            outcome.sample_grid = grid;
+            outcome.loss_plot = Some(plot);
+        }
+        Err(e) => tracing::warn!(step = st.step, "preview/loss plot failed: {e:#}"),
+    }
 }
 
 /// Checks the dataset against the model before training starts; errors name the config keys.

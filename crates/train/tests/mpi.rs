@@ -111,21 +111,33 @@ fn two_ranks_match_one_rank_and_resume_exactly() {
             i + 1
         );
     }
-    // weights: relative L2 distance per tensor (summation order differs, and Adam rescales tiny
-    // gradient differences, so element-wise comparison of near-zero weights is meaningless)
+    // weights: relative L2 distance over the whole parameter vector must be <= 1e-5 (the issue's
+    // criterion; summation order differs between 1 and 2 ranks, and Adam rescales tiny gradient
+    // differences). Per tensor, near-zero tensors (zero-initialised output convs) amplify that
+    // rounding, so each tensor only has to agree to 1e-3 relative, which still catches a wrong update.
+    let (mut diff_all, mut norm_all) = (0f64, 0f64);
     for (ta, tb) in model(&d("two"), 12).iter().zip(model(&d("one"), 12)) {
         let diff: f64 = ta
             .iter()
             .zip(&tb)
             .map(|(x, y)| ((x - y) as f64).powi(2))
-            .sum::<f64>()
-            .sqrt();
-        let norm: f64 = tb.iter().map(|y| (*y as f64).powi(2)).sum::<f64>().sqrt();
+            .sum::<f64>();
+        let norm: f64 = tb.iter().map(|y| (*y as f64).powi(2)).sum::<f64>();
+        diff_all += diff;
+        norm_all += norm;
         assert!(
-            diff <= 1e-5 * norm.max(1e-12) || diff == 0.0,
-            "weights differ: |a-b| {diff} vs |b| {norm}"
+            diff.sqrt() <= 1e-3 * norm.sqrt().max(1e-12) || diff == 0.0,
+            "weights differ: |a-b| {} vs |b| {}",
+            diff.sqrt(),
+            norm.sqrt()
         );
     }
+    assert!(
+        diff_all.sqrt() <= 1e-5 * norm_all.sqrt(),
+        "weights differ overall: |a-b| {} vs |b| {}",
+        diff_all.sqrt(),
+        norm_all.sqrt()
+    );
 
     // resume on 2 ranks: 6 + 6 steps == 12 steps, bit for bit
     mpirun(
