@@ -10,9 +10,13 @@ pub mod config;
 pub mod ema;
 pub mod metrics;
 pub mod optim;
+mod outputs;
+mod persist;
 pub mod plot;
 pub mod preview;
+mod run;
 pub mod signals;
+mod step;
 pub mod timesteps;
 pub mod trainer;
 

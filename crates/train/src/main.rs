@@ -92,6 +92,12 @@ impl ConfigArgs {
     }
 }
 
+/// Prints a line to stdout; a closed pipe (`| head`) is not an error worth a panic.
+fn say(text: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stdout().lock(), "{text}");
+}
+
 fn init_tracing(rank: usize) {
     let default = if rank == 0 { "info" } else { "warn" };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -115,16 +121,16 @@ fn main() -> ExitCode {
     init_tracing(rank_from_env());
     let result = match &cli.cmd {
         Some(Cmd::InspectModel(a)) => a.load().and_then(|c| {
-            println!("{}", ddpm_train::inspect_model(&c)?);
+            say(&ddpm_train::inspect_model(&c)?);
             Ok(ExitCode::SUCCESS)
         }),
         Some(Cmd::CheckConfig(a)) => a.load().map(|c| {
-            print!("{}", c.to_toml());
-            println!(
+            say(c.to_toml().trim_end());
+            say(&format!(
                 "# config hash (excluding {}): {}",
                 ddpm_train::config::HASH_EXCLUDED_KEYS.join(", "),
                 c.hash()
-            );
+            ));
             ExitCode::SUCCESS
         }),
         None => run_training(&cli),
@@ -183,14 +189,17 @@ fn run_training(cli: &Cli) -> Result<ExitCode> {
                     .as_ref()
                     .map(|p| p.display().to_string())
                     .unwrap_or_default();
-                println!("step {} checkpoint {ck}", out.step);
+                say(&format!("step {} checkpoint {ck}", out.step));
                 if let Some(g) = &out.sample_grid {
-                    println!("samples: {}", g.display());
+                    say(&format!("samples: {}", g.display()));
                 }
                 if let Some(p) = &out.loss_plot {
-                    println!("loss plot: {}", p.display());
+                    say(&format!("loss plot: {}", p.display()));
                 }
-                println!("metrics: {}", out.run_dir.join("metrics.jsonl").display());
+                say(&format!(
+                    "metrics: {}",
+                    out.run_dir.join("metrics.jsonl").display()
+                ));
             }
             drop(comm);
             Ok(if out.stopped_by_signal {

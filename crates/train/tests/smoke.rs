@@ -187,3 +187,60 @@ log_every = 10
     let ck = Checkpoint::open(res.checkpoint.as_ref().unwrap()).unwrap();
     assert_eq!(ck.manifest.task, "classifier");
 }
+
+#[test]
+fn non_finite_steps_are_skipped_and_counted() {
+    // An absurd learning rate blows the weights up after the first update; from then on the
+    // forward pass overflows, every step must be skipped (not applied), and the weights, EMA and
+    // moments must stay finite.
+    let f = common::fixture(16);
+    let out = f.dir.path().join("nan");
+    let text = common::tiny_config_text(
+        &f.data,
+        &out,
+        "",
+        "[schedule]\ntotal_steps = 6\nlog_every = 1\n",
+    );
+    let mut cfg = common::load(&text, &Overrides::default());
+    cfg.optim.lr = 1e30;
+    cfg.optim.weight_decay = 0.0;
+    cfg.optim.warmup_steps = 0;
+    let comm = SingleProcess::new();
+    let res = train(&cfg, &comm, TrainOptions::default()).unwrap();
+    assert_eq!(res.step, 6);
+    assert!(
+        res.skipped_steps >= 1,
+        "nothing was skipped: losses {:?}",
+        res.step_losses
+    );
+    assert!(
+        res.step_losses.iter().any(|l| !l.is_finite()),
+        "{:?}",
+        res.step_losses
+    );
+    let lines = read_metrics(&out).unwrap();
+    assert_eq!(
+        lines.last().unwrap()["skipped_steps"].as_u64(),
+        Some(res.skipped_steps)
+    );
+    let ck = Checkpoint::open(res.checkpoint.as_ref().unwrap()).unwrap();
+    assert_eq!(ck.manifest.skipped_steps, res.skipped_steps);
+    assert_eq!(
+        ck.manifest.optimizer.t,
+        6 - res.skipped_steps,
+        "skipped steps must not advance AdamW"
+    );
+    for file in [
+        checkpoint::MODEL_FILE,
+        checkpoint::OPTIMIZER_FILE,
+        "ema_0.9.safetensors",
+    ] {
+        for (name, t) in ck.load_all(file, &candle_core::Device::Cpu).unwrap() {
+            let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert!(
+                v.iter().all(|x| x.is_finite()),
+                "{file}: {name} has non-finite values"
+            );
+        }
+    }
+}

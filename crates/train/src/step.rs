@@ -1,0 +1,155 @@
+//! The local part of one training step on one rank: batch -> timesteps, label dropout, fused
+//! noising -> forward -> per-example losses (diffusion or classifier).
+
+use anyhow::{anyhow, bail, Result};
+use candle_core::{DType, Tensor, D};
+use ddpm_kernels::{fused_noising, NoiseKey, Prediction as KPrediction};
+use ddpm_rng::{Stream, StreamKey};
+use ddpm_unet::{DropoutKey, ForwardCtx};
+
+use crate::config::{Prediction, Task};
+use crate::metrics::StepStats;
+use crate::run::{Net, Run};
+use crate::timesteps::TimestepSampler;
+
+/// Result of the local part of one step.
+pub(crate) struct LocalStep {
+    pub(crate) loss: Tensor,
+    pub(crate) ts: Vec<usize>,
+    pub(crate) per_example: Vec<f64>,
+    pub(crate) stats: StepStats,
+}
+
+impl Run<'_> {
+    /// Forward and loss of this rank's part of the batch for 0-based step `step`.
+    pub(crate) fn forward(
+        &self,
+        step: u64,
+        batch: &ddpm_data::Batch,
+        sampler: &TimestepSampler,
+    ) -> Result<LocalStep> {
+        let b = batch.shape[0];
+        let first = (self.comm.rank() * b) as u64;
+        let seed = self.cfg.seed;
+        let x0 = Tensor::from_slice(&batch.images, batch.shape.to_vec(), &self.device)?;
+        let (ts, iw) = match self.cfg.task {
+            Task::Diffusion => sampler.sample(seed, step, first, b),
+            // The classifier sees uniformly drawn noise levels, as guided-diffusion's classifier_train.
+            Task::Classifier => TimestepSampler::new(self.diffusion.num_timesteps(), false)
+                .sample(seed, step, first, b),
+        };
+        let ts_u32: Vec<u32> = ts.iter().map(|&t| t as u32).collect();
+        let pred = match self.cfg.diffusion.prediction {
+            Prediction::Eps => KPrediction::Epsilon,
+            Prediction::V => KPrediction::V,
+            Prediction::X0 => KPrediction::StartX,
+        };
+        let noised = fused_noising(
+            &x0,
+            &ts_u32,
+            &self.sqrt_ac,
+            &self.sqrt_1m_ac,
+            NoiseKey {
+                seed,
+                step,
+                first_example: first,
+            },
+            pred,
+        )?;
+        let t_model = self
+            .diffusion
+            .model_timestep_tensor(&ts, DType::F32, &self.device)?;
+        let ctx = ForwardCtx::train(DropoutKey {
+            seed,
+            step,
+            first_example: first,
+        });
+        let labels = batch.labels.as_ref();
+        let tcount = self.diffusion.num_timesteps();
+        let mut stats = StepStats::default();
+        let (loss, per_example) = match &self.net {
+            Net::Diffusion(m) => {
+                let y = match (self.num_classes, labels) {
+                    (Some(k), Some(l)) => {
+                        let p = self.cfg.diffusion.label_dropout as f32;
+                        let y: Vec<u32> = l
+                            .iter()
+                            .enumerate()
+                            .map(|(i, &c)| {
+                                let u =
+                                    StreamKey::new(seed, Stream::LabelDrop, step, first + i as u64)
+                                        .uniform(0);
+                                if p > 0.0 && u < p {
+                                    k as u32
+                                } else {
+                                    c
+                                }
+                            })
+                            .collect();
+                        Some(Tensor::new(y.as_slice(), &self.device)?)
+                    }
+                    (Some(_), None) => {
+                        bail!("the model is class-conditional but the batch has no labels")
+                    }
+                    _ => None,
+                };
+                let out = m.forward(&noised.x_t, &t_model, y.as_ref(), &ctx)?;
+                let l =
+                    self.diffusion
+                        .training_losses(&out, &x0, &noised.x_t, &noised.noise, &ts)?;
+                let per: Vec<f32> = l.loss.to_dtype(DType::F32)?.to_vec1()?;
+                let mse: Vec<f32> = l.mse.to_dtype(DType::F32)?.to_vec1()?;
+                let vb: Option<Vec<f32>> =
+                    l.vb.as_ref()
+                        .map(|v| v.to_dtype(DType::F32)?.to_vec1())
+                        .transpose()?;
+                for i in 0..b {
+                    stats.add(
+                        ts[i],
+                        tcount,
+                        per[i] as f64,
+                        Some(mse[i] as f64),
+                        vb.as_ref().map(|v| v[i] as f64),
+                    );
+                }
+                let w = Tensor::from_slice(&iw, b, &self.device)?;
+                (
+                    (l.loss * w)?.mean_all()?,
+                    per.iter().map(|&x| x as f64).collect::<Vec<_>>(),
+                )
+            }
+            Net::Classifier(m) => {
+                let l = labels
+                    .ok_or_else(|| anyhow!("the classifier task needs a labelled dataset"))?;
+                let logits = m
+                    .forward(&noised.x_t, &t_model, &ctx)?
+                    .to_dtype(DType::F32)?;
+                // log-softmax from composite ops (candle's fused softmax has no gradient)
+                let max = logits.max_keepdim(D::Minus1)?.detach();
+                let shifted = logits.broadcast_sub(&max)?;
+                let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+                let logp = shifted.broadcast_sub(&lse)?;
+                let y = Tensor::new(l.as_slice(), &self.device)?;
+                let nll = logp.gather(&y.unsqueeze(1)?, 1)?.squeeze(1)?.neg()?;
+                let per: Vec<f32> = nll.to_vec1()?;
+                let pred: Vec<u32> = logits.argmax(D::Minus1)?.to_vec1()?;
+                for i in 0..b {
+                    stats.add(ts[i], tcount, per[i] as f64, None, None);
+                    if pred[i] == l[i] {
+                        stats.correct += 1.0;
+                    }
+                }
+                (nll.mean_all()?, per.iter().map(|&x| x as f64).collect())
+            }
+        };
+        if !per_example.iter().all(|x| x.is_finite()) {
+            stats.nonfinite = 1.0;
+        }
+        Ok(LocalStep {
+            loss,
+            ts,
+            per_example,
+            stats,
+        })
+    }
+}
