@@ -65,9 +65,10 @@ fn dims_bn(l: &Layout) -> candle_core::Result<(usize, usize)> {
     if !l.is_contiguous() {
         candle_core::bail!("ddpm-kernels: CUDA input must be contiguous");
     }
-    let dims = l.shape().dims();
-    let b = dims[0];
-    Ok((b, dims[1..].iter().product()))
+    match l.shape().dims() {
+        [] => candle_core::bail!("ddpm-kernels: input needs a batch dimension"),
+        [b, rest @ ..] => Ok((*b, rest.iter().product())),
+    }
 }
 
 // Outputs are allocated with at least one element: a zero-byte cuMemAllocAsync is an error, and an empty

@@ -147,7 +147,9 @@ impl CustomOp1 for NoisingOp {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = cpu_f32(OP, s, l)?;
         let dims = l.shape().dims();
-        let b = dims[0];
+        let Some(&b) = dims.first() else {
+            candle_core::bail!("{OP}: x0 needs a batch dimension")
+        };
         let n = x.len() / b.max(1);
         if self.coefs.len() != b {
             candle_core::bail!("{OP}: {} coefficients for a batch of {b}", self.coefs.len());

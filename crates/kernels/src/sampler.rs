@@ -147,8 +147,13 @@ impl SamplerStepOp {
         given: Option<&[f32]>,
         dims: &[usize],
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let b = dims[0];
+        let Some(&b) = dims.first() else {
+            candle_core::bail!("{OP}: x_t needs a batch dimension")
+        };
         let n = xt.len() / b.max(1);
+        if m.len() != xt.len() || given.is_some_and(|z| z.len() != xt.len()) {
+            candle_core::bail!("{OP}: inputs differ in size");
+        }
         if self.coefs.len() != b {
             candle_core::bail!(
                 "{OP}: {} coefficient sets for a batch of {b}",
