@@ -5,7 +5,10 @@
 #   MODELS=small REPS=3 bash bench/unet.sh
 #
 # Environment: BENCH_BIN (use this prebuilt bench_unet instead of building it), MODELS (comma list of small,cifar10; default both), BATCH (16), REPS (median of N after a
-# warm-up; 2), THREADS (both frameworks; default: all cores). PyTorch is installed into bench/.venv from
+# warm-up; 2), ROUNDS (3), THREADS (both frameworks; default: all cores). Candle and PyTorch run in
+# ROUNDS alternating rounds and each figure is the best round's median: other load on a shared
+# machine only ever adds time, and alternating exposes both frameworks to it alike. The per-op
+# breakdowns run in the first round only. PyTorch is installed into bench/.venv from
 # PyPI when missing (`pip install torch numpy`; ~5 GB with its CUDA wheels). The last line is
 #   cpu ratio candle/pytorch: train-step X, forward Y
 # for the first model. Before timing, a cross-check runs both implementations on the same weights and
@@ -15,6 +18,7 @@ cd "$(dirname "$0")/.."
 MODELS=${MODELS:-small,cifar10}
 BATCH=${BATCH:-16}
 REPS=${REPS:-2}
+ROUNDS=${ROUNDS:-3}
 THREADS=${THREADS:-$(nproc)}
 VENV=bench/.venv
 PY=$VENV/bin/python
@@ -39,21 +43,29 @@ echo "== cross-check: same weights, same input, same output"
 "$PY" bench/pytorch/unet_bench.py --export "$OUT/xc.safetensors" --export-model small
 "$BIN" --crosscheck "$OUT/xc.safetensors" | grep -v '^RESULT'
 
-echo "== candle ($THREADS threads)"
-RAYON_NUM_THREADS=$THREADS "$BIN" --models "$MODELS" --batch "$BATCH" --reps "$REPS" | tee "$OUT/candle.txt" | grep -v '^RESULT'
-echo "== pytorch ($THREADS threads)"
-"$PY" bench/pytorch/unet_bench.py --models "$MODELS" --batch "$BATCH" --reps "$REPS" --threads "$THREADS" \
-  | tee "$OUT/torch.txt" | grep -v '^RESULT'
+for round in $(seq "$ROUNDS"); do
+  ops=()
+  [[ $round -gt 1 ]] && ops=(--no-ops)
+  echo "== round $round/$ROUNDS: candle ($THREADS threads)"
+  RAYON_NUM_THREADS=$THREADS "$BIN" --models "$MODELS" --batch "$BATCH" --reps "$REPS" "${ops[@]}" \
+    | tee -a "$OUT/candle.txt" | grep -v '^RESULT'
+  echo "== round $round/$ROUNDS: pytorch ($THREADS threads)"
+  "$PY" bench/pytorch/unet_bench.py --models "$MODELS" --batch "$BATCH" --reps "$REPS" --threads "$THREADS" \
+    "${ops[@]}" | tee -a "$OUT/torch.txt" | grep -v '^RESULT'
+done
 
-echo "== ratios (candle / pytorch, batch $BATCH; load on the machine affects both)"
+echo "== ratios (candle / pytorch, batch $BATCH, best of $ROUNDS rounds; load on the machine affects both)"
 python3 - "$OUT/candle.txt" "$OUT/torch.txt" "$MODELS" <<'PYEOF'
 import sys
 def parse(path):
+    # Best (smallest) value over the rounds, per entry.
     r = {}
     for line in open(path):
         p = line.split()
         if p and p[0] == "RESULT":
-            r[(p[1], p[2])] = [float(v) for v in p[3:]]
+            v = [float(x) for x in p[3:]]
+            old = r.get((p[1], p[2]))
+            r[(p[1], p[2])] = v if old is None else [min(a, b) for a, b in zip(old, v)]
     return r
 c, t = parse(sys.argv[1]), parse(sys.argv[2])
 models = sys.argv[3].split(",")

@@ -251,7 +251,7 @@ fn group_norm(batch: usize, reps: usize, c: usize, r: usize) {
 /// The U-Net's attention block (1 head, GroupNorm 32) two ways, forward + backward:
 /// token-major as ddpm-unet had it (`[B, T, C]` with transposes to `[B, H, T, d]`), and
 /// channel-major as improved-diffusion (`[B, C, T]`, no copies).
-fn attention(batch: usize, reps: usize, c: usize, r: usize) {
+fn attention(batch: usize, reps: usize, c: usize, r: usize, fused_only: bool) {
     let t = r * r;
     let x = Var::from_tensor(&randn(&[batch, c, r, r], 9)).unwrap();
     let gm = Var::from_tensor(&randn(&[c], 10).affine(0.1, 1.0).unwrap()).unwrap();
@@ -323,7 +323,7 @@ fn attention(batch: usize, reps: usize, c: usize, r: usize) {
         x.as_tensor() + out
     };
     // Channel-major with ddpm-ops: q, k, v as three 1x1 convs (weights split, not activations),
-    // softmax with the scale folded in, the output projection a 1x1 conv with its bias.
+    // the attention one op, the output projection a 1x1 conv with its bias.
     let fused = || {
         let h = ddpm_ops::group_norm(
             x.as_tensor(),
@@ -340,11 +340,20 @@ fn attention(batch: usize, reps: usize, c: usize, r: usize) {
             ddpm_ops::conv2d(&h, &w, Some(&b), 1, 0)?.reshape((batch, c, t))
         };
         let (q, k, v) = (proj(0)?, proj(1)?, proj(2)?);
-        let w = ddpm_ops::softmax_scaled(&q.t()?.matmul(&k)?, scale)?;
-        let a = v.matmul(&w.t()?)?.reshape((batch, c, r, r))?;
+        let a = ddpm_ops::attention(&q, &k, &v, scale)?.reshape((batch, c, r, r))?;
         let wo4 = wo.as_tensor().reshape((c, c, 1, 1))?;
         x.as_tensor() + ddpm_ops::conv2d(&a, &wo4, Some(bo.as_tensor()), 1, 0)?
     };
+    if fused_only {
+        let fm = time_ms(reps, || {
+            fused().unwrap().sum_all().unwrap().backward().unwrap();
+        });
+        println!(
+            "{:>24}: ddpm-ops convs {fm:6.1} ms (fwd+bwd)",
+            format!("attention_{c}_{r}x{r}")
+        );
+        return;
+    }
     let e2 = (token_major().unwrap() - fused().unwrap())
         .unwrap()
         .abs()
@@ -455,7 +464,10 @@ fn main() {
         ddpm_ops::tile_bytes(),
         candle_core::utils::get_num_threads()
     );
-    let want = |n: &str| only.as_deref().is_none_or(|o| n.contains(o));
+    let want = |n: &str| {
+        only.as_deref()
+            .is_none_or(|o| n.contains(o) || o.starts_with(n))
+    };
     for &shape in &shapes {
         if want("conv") {
             conv(batch, reps, shape);
@@ -468,7 +480,13 @@ fn main() {
         group_norm(batch, reps, 64, 32);
     }
     if want("attention") {
-        attention(batch, reps, 128, 16);
+        attention(
+            batch,
+            reps,
+            128,
+            16,
+            only.as_deref() == Some("attention-fused"),
+        );
     }
     if want("softmax") {
         softmax(batch * 2, reps, 256);

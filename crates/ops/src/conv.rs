@@ -25,9 +25,10 @@ use crate::im2col::{col2im_add, im2col, Geom};
 use crate::runtime::{fast_path_enabled, num_threads};
 use crate::winograd;
 
-/// `conv2d(x [B, cin, H, W], weight [cout, cin, kh, kw]) + bias [cout]` with symmetric zero
-/// `padding`, as `Tensor::conv2d(weight, padding, stride, 1, 1)` plus a broadcast bias, and
-/// differentiable in all three arguments.
+/// `conv2d(x [B, cin, H, W], weight [cout, cin, kh, kw]) + bias` with symmetric zero `padding`,
+/// as `Tensor::conv2d(weight, padding, stride, 1, 1)` plus a broadcast bias, and differentiable
+/// in all three arguments. `bias` is `[cout]`, or `[B, cout]` for a per-example bias (a ResBlock's
+/// conv bias plus its timestep embedding, added without another pass over the output).
 pub fn conv2d(
     x: &Tensor,
     weight: &Tensor,
@@ -46,9 +47,13 @@ pub fn conv2d(
     if h + 2 * padding < kh || w + 2 * padding < kw {
         bail!("conv2d: kernel {kh}x{kw} larger than padded input {h}x{w} (padding {padding})");
     }
+    let batch = x.dim(0)?;
     if let Some(b) = bias {
-        if b.dims() != [cout] {
-            bail!("conv2d: bias shape {:?}, expected [{cout}]", b.dims());
+        if b.dims() != [cout] && b.dims() != [batch, cout] {
+            bail!(
+                "conv2d: bias shape {:?}, expected [{cout}] or [{batch}, {cout}]",
+                b.dims()
+            );
         }
     }
     let dtypes_ok = matches!(x.dtype(), DType::F32 | DType::F64)
@@ -58,6 +63,7 @@ pub fn conv2d(
     if !(fast_path_enabled() && dtypes_ok && on_cpu) {
         let y = x.conv2d(weight, padding, stride, 1, 1)?;
         return match bias {
+            Some(b) if b.rank() == 2 => y.broadcast_add(&b.reshape((batch, cout, 1, 1))?),
             Some(b) => y.broadcast_add(&b.reshape((1, cout, 1, 1))?),
             None => Ok(y),
         };
@@ -82,7 +88,7 @@ pub fn conv2d_grads(
     padding: usize,
     need: [bool; 3],
 ) -> Result<[Option<Tensor>; 3]> {
-    ConvOp { stride, padding }.backward(x, weight, grad, need)
+    ConvOp { stride, padding }.backward(x, weight, grad, need, false)
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -125,7 +131,10 @@ impl ConvOp {
                 let x = slice::<$t>(sx, lx)?;
                 let w = slice::<$t>(sw, lw)?;
                 let bias = match bias {
-                    Some((s, l)) => Some(slice::<$t>(s, l)?),
+                    Some((s, l)) => {
+                        let stride = if l.shape().rank() == 2 { cout } else { 0 };
+                        Some((slice::<$t>(s, l)?, stride))
+                    }
                     None => None,
                 };
                 <$t>::to_cpu_storage_owned(forward(&g, b, cout, x, w, bias))
@@ -139,13 +148,15 @@ impl ConvOp {
         Ok((out, shape))
     }
 
-    /// Gradients for `(x, weight, bias)`; each computed only when `need` says so.
+    /// Gradients for `(x, weight, bias)`; each computed only when `need` says so. The bias
+    /// gradient is `[B, cout]` when `per_example_bias`, else `[cout]`.
     fn backward(
         &self,
         x: &Tensor,
         weight: &Tensor,
         grad: &Tensor,
         need: [bool; 3],
+        per_example_bias: bool,
     ) -> Result<[Option<Tensor>; 3]> {
         let (b, cout, g) = self.geom(x.shape(), weight.shape())?;
         if grad.dims() != [b, cout, g.ho, g.wo] {
@@ -172,6 +183,7 @@ impl ConvOp {
                     slice(sw, lw)?,
                     slice(sg, lg)?,
                     need,
+                    per_example_bias,
                 );
                 let wrap = |v: Option<Vec<$t>>, s: &Shape| {
                     v.map(|v| {
@@ -186,7 +198,14 @@ impl ConvOp {
                 [
                     wrap(r.0, x.shape()),
                     wrap(r.1, weight.shape()),
-                    wrap(r.2, &Shape::from(cout)),
+                    wrap(
+                        r.2,
+                        &if per_example_bias {
+                            Shape::from((b, cout))
+                        } else {
+                            Shape::from(cout)
+                        },
+                    ),
                 ]
             }};
         }
@@ -220,8 +239,13 @@ impl CustomOp2 for ConvOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let [dx, dw, _] =
-            self.backward(x, weight, grad, [x.track_op(), weight.track_op(), false])?;
+        let [dx, dw, _] = self.backward(
+            x,
+            weight,
+            grad,
+            [x.track_op(), weight.track_op(), false],
+            false,
+        )?;
         Ok((dx, dw))
     }
 }
@@ -252,7 +276,7 @@ impl CustomOp3 for ConvOp {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let need = [x.track_op(), weight.track_op(), bias.track_op()];
-        let [dx, dw, db] = self.backward(x, weight, grad, need)?;
+        let [dx, dw, db] = self.backward(x, weight, grad, need, bias.rank() == 2)?;
         Ok((dx, dw, db))
     }
 }
@@ -326,13 +350,14 @@ fn cols<T>(data: &[T], ld: usize, p0: usize) -> Mat<T> {
     }
 }
 
+/// `bias`: values and example stride (0: one `[cout]` bias for all; `cout`: `[B, cout]`).
 fn forward<T: Elem>(
     g: &Geom,
     b: usize,
     cout: usize,
     x: &[T],
     w: &[T],
-    bias: Option<&[T]>,
+    bias: Option<(&[T], usize)>,
 ) -> Vec<T> {
     if winograd::applies(g) {
         return winograd::forward(g, b, cout, x, w, bias);
@@ -342,8 +367,8 @@ fn forward<T: Elem>(
     let wm = Mat::rows(w, k);
     let acc = bias.is_some();
     let one = |e: usize, y: &mut [MaybeUninit<T>], threads: usize| {
-        if let Some(bias) = bias {
-            for (row, &v) in y.chunks_exact_mut(n).zip(bias) {
+        if let Some((bias, stride)) = bias {
+            for (row, &v) in y.chunks_exact_mut(n).zip(&bias[e * stride..]) {
                 fill_uninit(row, v);
             }
         }
@@ -377,6 +402,7 @@ fn forward<T: Elem>(
 
 type Grads<T> = (Option<Vec<T>>, Option<Vec<T>>, Option<Vec<T>>);
 
+#[allow(clippy::too_many_arguments)]
 fn backward<T: Elem>(
     g: &Geom,
     b: usize,
@@ -385,18 +411,27 @@ fn backward<T: Elem>(
     w: &[T],
     dy: &[T],
     [need_dx, need_dw, need_db]: [bool; 3],
+    per_example_bias: bool,
 ) -> Grads<T> {
-    if winograd::applies(g) {
+    if per_example_bias || winograd::applies(g) {
         let n = g.n();
+        // Per example and channel, then (unless per example) over the batch in order.
         let db = need_db.then(|| {
-            let mut db = vec![T::ZERO; cout];
-            for dye in dy.chunks_exact(cout * n) {
-                for (acc, row) in db.iter_mut().zip(dye.chunks_exact(n)) {
-                    *acc += sum(row);
+            let per: Vec<T> = dy.chunks_exact(n).map(sum).collect();
+            if per_example_bias {
+                per
+            } else {
+                let mut db = vec![T::ZERO; cout];
+                for pe in per.chunks_exact(cout) {
+                    db.iter_mut().zip(pe).for_each(|(a, v)| *a += *v);
                 }
+                db
             }
-            db
         });
+        if !winograd::applies(g) {
+            let (dx, dw, _) = backward(g, b, cout, x, w, dy, [need_dx, need_dw, false], false);
+            return (dx, dw, db);
+        }
         let dx = need_dx.then(|| winograd::input_grad(g, b, cout, w, dy));
         let dw = need_dw.then(|| winograd::weight_grad(g, b, cout, x, dy));
         return (dx, dw, db);

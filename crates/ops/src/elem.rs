@@ -2,7 +2,7 @@
 
 use std::cell::RefCell;
 use std::mem::MaybeUninit;
-use std::ops::{Add, AddAssign, Div, Mul, Neg, Sub};
+use std::ops::{Add, AddAssign, Div, Mul, MulAssign, Neg, Sub};
 
 use candle_core::WithDType;
 
@@ -21,6 +21,7 @@ pub(crate) trait Elem:
     + Div<Output = Self>
     + Neg<Output = Self>
     + AddAssign
+    + MulAssign
 {
     const ZERO: Self;
     const ONE: Self;

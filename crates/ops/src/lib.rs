@@ -5,23 +5,30 @@
 //! channels swapped, a badly shaped product; GroupNorm and softmax are multi-pass composites
 //! whose backward walks the graph op by op. Here each of these is one op:
 //!
-//! - [`conv2d`]: forward, input gradient and weight gradient are each one GEMM per example
-//!   (`W . im2col(x)`, `col2im(W^T . dY)`, `dY . im2col(x)^T`), computed with the `gemm` crate
-//!   candle itself uses, examples spread over threads, im2col scratch reused per thread.
+//! - [`conv2d`]: 3x3 stride-1 "same" convolutions (nearly all of the U-Net's work) use Winograd
+//!   F(2x2, 3x3) in all three directions: 16 GEMMs over transformed tiles, 2.25x fewer
+//!   multiply-adds than direct convolution. Other shapes (stride 2, 1x1) are one GEMM per
+//!   example and direction (`W . im2col(x)`, `col2im(W^T . dY)`, `dY . im2col(x)^T`). GEMMs use
+//!   the `gemm` crate candle itself uses; work is spread over threads, scratch reused per thread.
 //! - [`group_norm`]: GroupNorm with an optional fused SiLU, statistics accumulated in f64, and a
 //!   two-pass backward.
-//! - [`softmax_last_dim`]: softmax over the last dimension with backward
+//! - [`softmax_last_dim`] / [`softmax_scaled`]: softmax over the last dimension with backward
 //!   (`candle_nn::ops::softmax_last_dim` has none).
+//! - [`attention`]: `v softmax(scale q^T k)^T` over channel-major q, k, v in one op, its backward
+//!   four GEMMs on strided views.
 //!
 //! All ops work in f32 and f64 on the CPU (f64 so that finite-difference gradient checks are
-//! meaningful). Other devices and dtypes, or `DDPM_OPS=candle` in the environment, take candle's
-//! built-in ops, so a CUDA build behaves as before.
+//! meaningful; the f64 path is the same code). Other devices and dtypes, or `DDPM_OPS=candle` in
+//! the environment, take candle's built-in ops, so a CUDA build behaves as before;
+//! `DDPM_OPS_WINOGRAD=0` keeps the im2col path for 3x3 convs. Binaries call [`init_cpu`] first
+//! (thread count, candle's spin limit, malloc tuning). Measurements: bench/RESULTS.md.
 //!
 //! # Determinism
 //! Results are bitwise reproducible for a given thread count. Weight and bias gradients are sums
 //! over the batch that are split into one fixed, contiguous chunk per thread and then added in
 //! chunk order, so a different thread count can change them in the last bits.
 
+mod attention;
 mod conv;
 mod elem;
 mod gemm;
@@ -33,11 +40,12 @@ mod simd;
 mod softmax;
 mod winograd;
 
+pub use attention::attention;
 pub use conv::{conv2d, conv2d_grads};
 pub use layers::{Conv2d, GroupNorm};
 pub use norm::group_norm;
 pub use runtime::{
-    fast_path_enabled, init_cpu_threads, num_threads, set_fast_path, set_num_threads,
-    set_tile_bytes, set_winograd, tile_bytes, tune_malloc, winograd_enabled, DEFAULT_TILE_BYTES,
+    fast_path_enabled, init_cpu, num_threads, set_fast_path, set_num_threads, set_tile_bytes,
+    set_winograd, tile_bytes, tune_malloc, winograd_enabled, DEFAULT_TILE_BYTES,
 };
 pub use softmax::{softmax_last_dim, softmax_scaled};

@@ -6,7 +6,7 @@ static THREADS: AtomicUsize = AtomicUsize::new(0);
 
 /// Threads the kernels split work over: candle's own count (`RAYON_NUM_THREADS`, else the
 /// physical cores), read once. candle's `get_num_threads` re-reads `/proc/cpuinfo` on every call
-/// when `RAYON_NUM_THREADS` is unset; see [`init_cpu_threads`].
+/// when `RAYON_NUM_THREADS` is unset; see [`init_cpu`].
 pub fn num_threads() -> usize {
     match THREADS.load(Ordering::Relaxed) {
         0 => {
@@ -86,13 +86,28 @@ pub fn set_fast_path(on: bool) {
     FAST.store(if on { ON } else { OFF }, Ordering::Relaxed);
 }
 
-/// Pins candle's thread count by setting `RAYON_NUM_THREADS` to it when unset, so that candle's
-/// matmul stops re-reading `/proc/cpuinfo` on every call (about 2% of a CPU training step).
-/// Call at the start of `main`, before any thread is spawned (it sets an environment variable).
-pub fn init_cpu_threads() -> usize {
+/// Process setup for CPU training and sampling; call first thing in `main`, before any thread
+/// is spawned (it sets environment variables, which is only sound while single-threaded).
+/// Each setting is left alone when the environment already has it:
+/// - `RAYON_NUM_THREADS` = candle's thread count, so candle's matmul stops re-reading
+///   `/proc/cpuinfo` on every call (about 2% of a CPU training step);
+/// - `CANDLE_BARRIER_POOL_SPIN_LIMIT` = 1000 (candle's default 25000): candle's elementwise
+///   worker threads otherwise spin after every op on cores the conv threads need; at 2 threads
+///   this took the U-Net step from ~2.8 s to ~2.0 s on the development machine
+///   (bench/RESULTS.md);
+/// - glibc malloc tuning, [`tune_malloc`].
+///
+/// Returns the thread count the kernels use.
+pub fn init_cpu() -> usize {
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
         let n = candle_core::utils::get_num_threads().max(1);
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
+    if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
+        std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "1000");
+    }
+    if std::env::var_os("MALLOC_MMAP_THRESHOLD_").is_none() {
+        tune_malloc();
     }
     num_threads()
 }

@@ -148,71 +148,96 @@ fn row_runs(
     })
 }
 
+/// Four disjoint `len`-long windows of `v` at increasing offsets `o[0] < o[1] < o[2] < o[3]`.
+#[inline(always)]
+fn four_mut<T>(v: &mut [T], o: [usize; 4], len: usize) -> [&mut [T]; 4] {
+    let (a, rest) = v[o[0]..].split_at_mut(o[1] - o[0]);
+    let (b, rest) = rest.split_at_mut(o[2] - o[1]);
+    let (c, d) = rest.split_at_mut(o[3] - o[2]);
+    [&mut a[..len], &mut b[..len], &mut c[..len], &mut d[..len]]
+}
+
 /// `V = B^T d B` of tiles `t0..t1` of `x` (`[b, c, h, w]`) into 16 planes `[c, ld]`.
 ///
-/// Vectorised over the tiles of a row: the vertical transform combines whole input rows, the
-/// horizontal one works on the even and odd columns of the result (tile `k` spans padded
-/// columns `2k..2k+4`, i.e. even[k], odd[k], even[k+1], odd[k+1]).
+/// Vectorised over the tiles of a row: each of the 4 input rows is split into its even and odd
+/// (padded) columns, the vertical transform combines those rows, and tile `k` of the horizontal
+/// one reads even[k], odd[k], even[k+1], odd[k+1].
 #[inline(always)]
 fn input_transform<T: Elem>(x: &[T], c: usize, tl: &Tiles, blk: (usize, usize), v: &mut [T]) {
     let ld = blk.1 - blk.0;
     let plane = c * ld;
-    let cap = tl.tw + 1;
-    // rows[r]: padded input row r of the tile row; ev/od[q]: even/odd columns of B^T row q.
-    let mut rows = vec![T::ZERO; 4 * 2 * cap];
+    // Rows padded to whole 8-lane vectors: the vertical step runs over all of them (entries
+    // past n + 1 are never read back), so it has no scalar remainder.
+    let cap = (tl.tw + 1).next_multiple_of(8);
+    // Even / odd padded columns of the 4 input rows, then of the 4 rows of B^T d.
+    let mut re = vec![T::ZERO; 4 * cap];
+    let mut ro = vec![T::ZERO; 4 * cap];
     let mut ev = vec![T::ZERO; 4 * cap];
     let mut od = vec![T::ZERO; 4 * cap];
     for (e, ty, tx0, n, j0) in row_runs(tl, blk) {
-        let width = 2 * n + 2;
-        let col0 = 2 * tx0 as isize - 1;
+        // Padded column 2k + i of the run is image column 2 * tx0 - 1 + 2k + i, so image
+        // columns (2(tx0 + k), 2(tx0 + k) + 1) are (odd[k], even[k + 1]).
+        let x0 = 2 * tx0;
+        let avail = (tl.w - x0).min(2 * n + 1);
         for ci in 0..c {
             let img = &x[(e * c + ci) * tl.h * tl.w..(e * c + ci + 1) * tl.h * tl.w];
             for r in 0..4 {
-                let dst = &mut rows[r * 2 * cap..r * 2 * cap + width];
+                let (re_r, ro_r) = (
+                    &mut re[r * cap..r * cap + n + 1],
+                    &mut ro[r * cap..r * cap + n + 1],
+                );
                 let yy = 2 * ty as isize - 1 + r as isize;
                 if yy < 0 || yy >= tl.h as isize {
-                    dst.fill(T::ZERO);
+                    re_r.fill(T::ZERO);
+                    ro_r.fill(T::ZERO);
                     continue;
                 }
                 let src = &img[yy as usize * tl.w..(yy as usize + 1) * tl.w];
-                // Columns col0 .. col0 + width, zero outside 0..w.
-                let lo = (-col0).max(0) as usize;
-                let hi = ((tl.w as isize - col0).max(0) as usize).min(width);
-                dst[..lo].fill(T::ZERO);
-                if lo < hi {
-                    let s0 = (col0 + lo as isize) as usize;
-                    dst[lo..hi].copy_from_slice(&src[s0..s0 + hi - lo]);
+                re_r[0] = if tx0 > 0 { src[x0 - 1] } else { T::ZERO };
+                let run = &src[x0..x0 + avail];
+                let pairs = run.chunks_exact(2);
+                let tail = pairs.remainder();
+                let full = avail / 2;
+                for ((o, e1), pair) in ro_r.iter_mut().zip(re_r[1..].iter_mut()).zip(pairs) {
+                    *o = pair[0];
+                    *e1 = pair[1];
                 }
-                dst[hi.max(lo)..].fill(T::ZERO);
+                // The rest: one image column (odd[full]) or none, then zeros.
+                if let Some(&last) = tail.first() {
+                    ro_r[full] = last;
+                    re_r[full + 1..].fill(T::ZERO);
+                    ro_r[full + 1..].fill(T::ZERO);
+                } else {
+                    re_r[full + 1..].fill(T::ZERO);
+                    ro_r[full..].fill(T::ZERO);
+                }
             }
-            let (r0, rest) = rows.split_at(2 * cap);
-            let (r1, rest) = rest.split_at(2 * cap);
-            let (r2, r3) = rest.split_at(2 * cap);
-            // Vertical B^T on even and odd columns separately.
-            for k in 0..=n {
-                let (a0, a1) = (r0[2 * k], r0[2 * k + 1]);
-                let (b0, b1) = (r1[2 * k], r1[2 * k + 1]);
-                let (c0, c1) = (r2[2 * k], r2[2 * k + 1]);
-                let (d0, d1) = (r3[2 * k], r3[2 * k + 1]);
-                ev[k] = a0 - c0;
-                od[k] = a1 - c1;
-                ev[cap + k] = b0 + c0;
-                od[cap + k] = b1 + c1;
-                ev[2 * cap + k] = c0 - b0;
-                od[2 * cap + k] = c1 - b1;
-                ev[3 * cap + k] = b0 - d0;
-                od[3 * cap + k] = b1 - d1;
+            // Vertical B^T: (d0 - d2, d1 + d2, d2 - d1, d1 - d3) on even and odd columns.
+            for (src, dst) in [(&re, &mut ev), (&ro, &mut od)] {
+                let (d0, rest) = src.split_at(cap);
+                let (d1, rest) = rest.split_at(cap);
+                let (d2, d3) = rest.split_at(cap);
+                let len = (n + 1).next_multiple_of(8);
+                let [q0, q1, q2, q3] = four_mut(dst, [0, cap, 2 * cap, 3 * cap], len);
+                let (d0, d1, d2, d3) = (&d0[..len], &d1[..len], &d2[..len], &d3[..len]);
+                for k in 0..len {
+                    q0[k] = d0[k] - d2[k];
+                    q1[k] = d1[k] + d2[k];
+                    q2[k] = d2[k] - d1[k];
+                    q3[k] = d1[k] - d3[k];
+                }
             }
-            // Horizontal B for each row q: (E[k] - E[k+1], O[k] + E[k+1], E[k+1] - O[k], O[k] - O[k+1]).
+            // Horizontal B per row q: (E[k] - E[k+1], O[k] + E[k+1], E[k+1] - O[k], O[k] - O[k+1]).
             for q in 0..4 {
-                let (e_, o_) = (&ev[q * cap..q * cap + n + 1], &od[q * cap..q * cap + n + 1]);
-                let base = |p: usize| (q * 4 + p) * plane + ci * ld + j0;
-                let (b0, b1, b2, b3) = (base(0), base(1), base(2), base(3));
+                let (e0, e1) = (&ev[q * cap..q * cap + n], &ev[q * cap + 1..q * cap + n + 1]);
+                let (o0, o1) = (&od[q * cap..q * cap + n], &od[q * cap + 1..q * cap + n + 1]);
+                let at = |p: usize| (q * 4 + p) * plane + ci * ld + j0;
+                let [v0, v1, v2, v3] = four_mut(v, [at(0), at(1), at(2), at(3)], n);
                 for k in 0..n {
-                    v[b0 + k] = e_[k] - e_[k + 1];
-                    v[b1 + k] = o_[k] + e_[k + 1];
-                    v[b2 + k] = e_[k + 1] - o_[k];
-                    v[b3 + k] = o_[k] - o_[k + 1];
+                    v0[k] = e0[k] - e1[k];
+                    v1[k] = o0[k] + e1[k];
+                    v2[k] = e1[k] - o0[k];
+                    v3[k] = o0[k] - o1[k];
                 }
             }
         }
@@ -220,7 +245,7 @@ fn input_transform<T: Elem>(x: &[T], c: usize, tl: &Tiles, blk: (usize, usize), 
 }
 
 /// `dM = A dY A^T` of tiles `t0..t1` of `dy` (`[b, c, h, w]`) into 16 planes `[c, ld]`.
-/// With the tile's outputs `p = dY[2k]`, `q = dY[2k + 1]` of a row, `A (p, q) = (p, p + q,
+/// With a tile's outputs `p = dY[2k]`, `q = dY[2k + 1]` in a row, `A (p, q) = (p, p + q,
 /// p - q, -q)`; vectorised over the tiles of a row as [`input_transform`].
 #[inline(always)]
 fn grad_output_transform<T: Elem>(
@@ -233,39 +258,53 @@ fn grad_output_transform<T: Elem>(
     let ld = blk.1 - blk.0;
     let plane = c * ld;
     let cap = tl.tw;
-    // h4[r][p][k]: row r (0, 1) of the tile after A along the columns, entry p of 4.
-    let mut h4 = vec![T::ZERO; 2 * 4 * cap];
+    // Even / odd columns of the tile's two output rows (zero beyond the image).
+    let mut pe = vec![T::ZERO; 2 * cap];
+    let mut po = vec![T::ZERO; 2 * cap];
     for (e, ty, tx0, n, j0) in row_runs(tl, blk) {
         for ci in 0..c {
             let img = &dy[(e * c + ci) * tl.h * tl.w..(e * c + ci + 1) * tl.h * tl.w];
             for r in 0..2 {
+                let (er, or) = (&mut pe[r * cap..r * cap + n], &mut po[r * cap..r * cap + n]);
                 let yy = 2 * ty + r;
-                let out = &mut h4[r * 4 * cap..(r + 1) * 4 * cap];
                 if yy >= tl.h {
-                    out.fill(T::ZERO);
+                    er.fill(T::ZERO);
+                    or.fill(T::ZERO);
                     continue;
                 }
-                let row = &img[yy * tl.w..(yy + 1) * tl.w];
-                for k in 0..n {
-                    let xx = 2 * (tx0 + k);
-                    let p = row[xx];
-                    let q = if xx + 1 < tl.w { row[xx + 1] } else { T::ZERO };
-                    out[k] = p;
-                    out[cap + k] = p + q;
-                    out[2 * cap + k] = p - q;
-                    out[3 * cap + k] = -q;
+                let x0 = 2 * tx0;
+                let avail = (tl.w - x0).min(2 * n);
+                let row = &img[yy * tl.w + x0..yy * tl.w + x0 + avail];
+                let pairs = avail / 2;
+                for ((a, b), pair) in er.iter_mut().zip(or.iter_mut()).zip(row.chunks_exact(2)) {
+                    *a = pair[0];
+                    *b = pair[1];
+                }
+                if pairs < n {
+                    // Odd width: the last tile has one column inside.
+                    er[pairs] = row[2 * pairs];
+                    or[pairs] = T::ZERO;
                 }
             }
-            let (top, bot) = h4.split_at(4 * cap);
+            // Along the columns: (p, p + q, p - q, -q) per row, then the same down the 2 rows.
             for s in 0..4 {
-                let (p, q) = (&top[s * cap..s * cap + n], &bot[s * cap..s * cap + n]);
-                let base = |r: usize| (r * 4 + s) * plane + ci * ld + j0;
-                let (b0, b1, b2, b3) = (base(0), base(1), base(2), base(3));
+                let col = |r: usize, k: usize| {
+                    let (p, q) = (pe[r * cap + k], po[r * cap + k]);
+                    match s {
+                        0 => p,
+                        1 => p + q,
+                        2 => p - q,
+                        _ => -q,
+                    }
+                };
+                let at = |r: usize| (r * 4 + s) * plane + ci * ld + j0;
+                let [d0, d1, d2, d3] = four_mut(dm, [at(0), at(1), at(2), at(3)], n);
                 for k in 0..n {
-                    dm[b0 + k] = p[k];
-                    dm[b1 + k] = p[k] + q[k];
-                    dm[b2 + k] = p[k] - q[k];
-                    dm[b3 + k] = -q[k];
+                    let (top, bot) = (col(0, k), col(1, k));
+                    d0[k] = top;
+                    d1[k] = top + bot;
+                    d2[k] = top - bot;
+                    d3[k] = -bot;
                 }
             }
         }
@@ -281,7 +320,7 @@ fn output_transform<T: Elem>(
     tl: &Tiles,
     blk: (usize, usize),
     y: SharedOut<T>,
-    bias: Option<&[T]>,
+    bias: Option<(&[T], usize)>,
 ) {
     let ld = blk.1 - blk.0;
     let plane = c * ld;
@@ -299,12 +338,13 @@ fn output_transform<T: Elem>(
             for p in 0..4 {
                 let (m0, m1, m2, m3) = (mm(0, p), mm(1, p), mm(2, p), mm(3, p));
                 let (s0, s1) = sv.split_at_mut(4 * cap);
+                let (s0, s1) = (&mut s0[p * cap..p * cap + n], &mut s1[p * cap..p * cap + n]);
                 for k in 0..n {
-                    s0[p * cap + k] = m0[k] + m1[k] + m2[k];
-                    s1[p * cap + k] = m1[k] - m2[k] - m3[k];
+                    s0[k] = m0[k] + m1[k] + m2[k];
+                    s1[k] = m1[k] - m2[k] - m3[k];
                 }
             }
-            let b = bias.map_or(T::ZERO, |b| b[co]);
+            let b = bias.map_or(T::ZERO, |(b, stride)| b[e * stride + co]);
             let base = (e * c + co) * tl.h * tl.w;
             for r in 0..2 {
                 let yy = 2 * ty + r;
@@ -312,20 +352,30 @@ fn output_transform<T: Elem>(
                     break;
                 }
                 let s = &sv[r * 4 * cap..(r + 1) * 4 * cap];
+                let (s0, s1, s2, s3) = (
+                    &s[..n],
+                    &s[cap..cap + n],
+                    &s[2 * cap..2 * cap + n],
+                    &s[3 * cap..3 * cap + n],
+                );
+                let (ev, ov) = (&mut even[..n], &mut odd[..n]);
                 for k in 0..n {
-                    even[k] = s[k] + s[cap + k] + s[2 * cap + k] + b;
-                    odd[k] = s[cap + k] - s[2 * cap + k] - s[3 * cap + k] + b;
+                    ev[k] = s0[k] + s1[k] + s2[k] + b;
+                    ov[k] = s1[k] - s2[k] - s3[k] + b;
                 }
-                let row = base + yy * tl.w + 2 * tx0;
-                for k in 0..n {
-                    // SAFETY: in bounds (row < h, column checked against w) of the `[b, c, h, w]`
-                    // buffer `y` addresses, and only this tile writes these pixels (SharedOut).
-                    unsafe {
-                        *y.0.add(row + 2 * k) = even[k];
-                        if 2 * (tx0 + k) + 1 < tl.w {
-                            *y.0.add(row + 2 * k + 1) = odd[k];
-                        }
-                    }
+                let x0 = 2 * tx0;
+                let len = (tl.w - x0).min(2 * n);
+                // SAFETY: row yy < h and columns x0..x0 + len <= w of the `[b, c, h, w]` buffer
+                // `y` addresses; only this tile row's run writes them (SharedOut).
+                let out =
+                    unsafe { std::slice::from_raw_parts_mut(y.0.add(base + yy * tl.w + x0), len) };
+                let pairs = len / 2;
+                for ((pair, &a), &b2) in out.chunks_exact_mut(2).zip(ev.iter()).zip(ov.iter()) {
+                    pair[0] = a;
+                    pair[1] = b2;
+                }
+                if pairs < n {
+                    out[2 * pairs] = ev[pairs];
                 }
             }
         }
@@ -345,7 +395,7 @@ crate::simd::avx2_variant!(fn output_transform_simd<T>(
     tl: &Tiles,
     t: (usize, usize),
     y: SharedOut<T>,
-    bias: Option<&[T]>,
+    bias: Option<(&[T], usize)>,
 ) -> () = output_transform);
 
 crate::simd::avx2_variant!(fn grad_output_transform_simd<T>(
@@ -396,7 +446,7 @@ fn conv_transformed<T: Elem>(
     w: usize,
     x: &[T],
     u: &[T],
-    bias: Option<&[T]>,
+    bias: Option<(&[T], usize)>,
 ) -> Vec<T> {
     let tl = Tiles::new(b, h, w);
     let nb = tl.block::<T>(cin + cout);
@@ -443,7 +493,7 @@ pub(crate) fn forward<T: Elem>(
     cout: usize,
     x: &[T],
     w: &[T],
-    bias: Option<&[T]>,
+    bias: Option<(&[T], usize)>,
 ) -> Vec<T> {
     let u = kernel_transform(w, cout, g.cin);
     conv_transformed(b, g.cin, cout, g.h, g.w, x, &u, bias)

@@ -54,6 +54,47 @@ fn conv_matches_candle() {
 }
 
 #[test]
+fn conv_per_example_bias_matches_candle() {
+    for (k, s, p) in [(3, 1, 1), (3, 2, 1), (1, 1, 0)] {
+        let x = Var::from_tensor(&randn(1, &[4, 8, 10, 10], DType::F32)).unwrap();
+        let w = Var::from_tensor(
+            &randn(2, &[6, 8, k, k], DType::F32)
+                .affine(0.2, 0.0)
+                .unwrap(),
+        )
+        .unwrap();
+        let b = Var::from_tensor(&randn(3, &[4, 6], DType::F32)).unwrap();
+        let ours =
+            ddpm_ops::conv2d(x.as_tensor(), w.as_tensor(), Some(b.as_tensor()), s, p).unwrap();
+        let theirs = x
+            .as_tensor()
+            .conv2d(w.as_tensor(), p, s, 1, 1)
+            .unwrap()
+            .broadcast_add(&b.as_tensor().reshape((4, 6, 1, 1)).unwrap())
+            .unwrap();
+        assert!(rel_err(&ours, &theirs) < TOL);
+        let r = randn(4, ours.dims(), DType::F32);
+        let g1 = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (theirs * &r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for v in [&x, &w, &b] {
+            let e = rel_err(
+                g1.get(v.as_tensor()).unwrap(),
+                g2.get(v.as_tensor()).unwrap(),
+            );
+            assert!(e < TOL, "k{k} s{s}: gradient differs by {e:.2e}");
+        }
+    }
+    let x = randn(1, &[4, 8, 10, 10], DType::F32);
+    let w = randn(2, &[6, 8, 3, 3], DType::F32);
+    assert!(ddpm_ops::conv2d(&x, &w, Some(&randn(3, &[3, 6], DType::F32)), 1, 1).is_err());
+}
+
+#[test]
 fn conv_f64_matches_candle() {
     let x = randn(1, &[3, 4, 7, 7], DType::F64);
     let w = randn(2, &[5, 4, 3, 3], DType::F64);
@@ -155,4 +196,34 @@ fn softmax_matches_candle_nn() {
         g2.get(x.as_tensor()).unwrap(),
     );
     assert!(e < TOL, "softmax dx differs by {e:.2e}");
+}
+
+#[test]
+fn attention_matches_composite() {
+    // The op against candle's own matmuls and candle_nn's softmax, forward and gradients.
+    let (n, d, t) = (6, 32, 64);
+    let mk = |seed| Var::from_tensor(&randn(seed, &[n, d, t], DType::F32)).unwrap();
+    let (q, k, v) = (mk(30), mk(31), mk(32));
+    let scale = 1.0 / (d as f64).sqrt();
+    let ours = ddpm_ops::attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), scale).unwrap();
+    let s = (q.as_tensor().t().unwrap().matmul(k.as_tensor()).unwrap() * scale).unwrap();
+    let w = candle_nn::ops::softmax(&s, candle_core::D::Minus1).unwrap();
+    let theirs = v.as_tensor().matmul(&w.t().unwrap()).unwrap();
+    let e = rel_err(&ours, &theirs);
+    assert!(e < TOL, "attention forward differs by {e:.2e}");
+    let r = randn(33, &[n, d, t], DType::F32);
+    let g1 = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    let g2 = (theirs * &r)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    for (name, x) in [("dq", &q), ("dk", &k), ("dv", &v)] {
+        let e = rel_err(
+            g1.get(x.as_tensor()).unwrap(),
+            g2.get(x.as_tensor()).unwrap(),
+        );
+        assert!(e < TOL, "attention {name} differs by {e:.2e}");
+    }
 }

@@ -61,6 +61,21 @@ fn conv_single_example() {
 }
 
 #[test]
+fn conv_per_example_bias() {
+    ddpm_ops::set_num_threads(3);
+    // [B, cout] bias (a ResBlock's conv bias plus its embedding): Winograd and im2col paths.
+    for (k, s, p, hw) in [(3, 1, 1, (5, 6)), (3, 2, 1, (6, 5)), (1, 1, 0, (4, 3))] {
+        let x = randn(1, &[3, 2, hw.0, hw.1], DType::F64);
+        let w = randn(2, &[4, 2, k, k], DType::F64);
+        let b = randn(3, &[3, 4], DType::F64);
+        let worst = gradcheck(&[x, w, b], |t| {
+            ddpm_ops::conv2d(&t[0], &t[1], Some(&t[2]), s, p)
+        });
+        println!("conv per-example bias k{k} s{s}: worst rel err {worst:.2e}");
+    }
+}
+
+#[test]
 fn conv_input_without_gradient() {
     // x a plain tensor (not a variable): only weight and bias get gradients.
     let x = randn(1, &[2, 3, 5, 5], DType::F64);
@@ -115,6 +130,20 @@ fn softmax_of_noncontiguous_input() {
     let x = randn(8, &[3, 5, 4], DType::F64).affine(2.0, 0.0).unwrap();
     let worst = gradcheck(&[x], |t| ddpm_ops::softmax_last_dim(&t[0].transpose(1, 2)?));
     println!("softmax (transposed input): worst rel err {worst:.2e}");
+}
+
+#[test]
+fn attention_op() {
+    // n = batch x heads items of [d, t]; several items (threaded items) and one (threaded GEMMs).
+    for (n, d, t) in [(3, 4, 5), (1, 3, 6)] {
+        let q = randn(20, &[n, d, t], DType::F64);
+        let k = randn(21, &[n, d, t], DType::F64);
+        let v = randn(22, &[n, d, t], DType::F64);
+        let worst = gradcheck(&[q, k, v], |x| {
+            ddpm_ops::attention(&x[0], &x[1], &x[2], 0.6)
+        });
+        println!("attention n{n} d{d} t{t}: worst rel err {worst:.2e}");
+    }
 }
 
 #[test]

@@ -173,9 +173,10 @@ fn conv_shapes(cfg: &UNetConfig) -> Vec<(usize, usize, usize, usize, usize)> {
     v
 }
 
-/// Times conv forward, input gradient and weight gradient exactly as candle's backward computes
-/// them (conv_transpose2d for dX, a conv with batch and channels swapped for dW), per distinct
-/// shape, and sums over the model's convolutions.
+/// Times conv forward, input gradient and weight gradient exactly as the model computes them
+/// (ddpm-ops' kernels; with `DDPM_OPS=candle`, candle's own: conv_transpose2d for dX, a conv
+/// with batch and channels swapped for dW), per distinct shape, and sums over the model's
+/// convolutions.
 fn conv_breakdown(name: &str, batch: usize, reps: usize, train_ms: Option<f64>) {
     let cfg = config(name);
     let shapes = conv_shapes(&cfg);
@@ -193,23 +194,40 @@ fn conv_breakdown(name: &str, batch: usize, reps: usize, train_ms: Option<f64>) 
         let pad = k / 2;
         let y = x.conv2d(&w, pad, st, 1, 1).unwrap();
         let g = randn(y.dims(), 5);
+        // What the model runs: ddpm-ops' kernels, or candle's own with DDPM_OPS=candle.
+        let fast = ddpm_ops::fast_path_enabled();
         let f = time_ms(reps, || {
-            x.conv2d(&w, pad, st, 1, 1).unwrap();
+            if fast {
+                ddpm_ops::conv2d(&x, &w, None, st, pad).unwrap();
+            } else {
+                x.conv2d(&w, pad, st, 1, 1).unwrap();
+            }
         });
         let out_size = (g.dim(2).unwrap() - 1) * st + (k - 1) + 1 - 2 * pad;
         let out_pad = r - out_size;
         let dx = time_ms(reps, || {
-            let d = g.conv_transpose2d(&w, pad, out_pad, st, 1).unwrap();
+            let d = if fast {
+                let [d, _, _] =
+                    ddpm_ops::conv2d_grads(&x, &w, &g, st, pad, [true, false, false]).unwrap();
+                d.unwrap()
+            } else {
+                g.conv_transpose2d(&w, pad, out_pad, st, 1).unwrap()
+            };
             assert_eq!(d.dims(), x.dims());
         });
         let dw = time_ms(reps, || {
-            let d = x
-                .transpose(0, 1)
-                .unwrap()
-                .conv2d(&g.transpose(0, 1).unwrap(), pad, 1, st, 1)
-                .unwrap()
-                .transpose(0, 1)
-                .unwrap();
+            let d = if fast {
+                let [_, d, _] =
+                    ddpm_ops::conv2d_grads(&x, &w, &g, st, pad, [false, true, false]).unwrap();
+                d.unwrap()
+            } else {
+                x.transpose(0, 1)
+                    .unwrap()
+                    .conv2d(&g.transpose(0, 1).unwrap(), pad, 1, st, 1)
+                    .unwrap()
+                    .transpose(0, 1)
+                    .unwrap()
+            };
             assert_eq!(d.dim(0).unwrap(), co);
         });
         println!(
@@ -335,6 +353,8 @@ fn crosscheck(path: &str) {
 }
 
 fn main() {
+    // Thread count, candle's spin limit and malloc tuning, as ddpm-train and ddpm-sample set them.
+    ddpm_ops::init_cpu();
     let args = parse_args();
     if let Some(p) = &args.crosscheck {
         crosscheck(p);

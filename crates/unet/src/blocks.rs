@@ -146,10 +146,11 @@ impl ResBlock {
 
     /// `x [B, cin, H, W]`, `emb [B, emb_dim]` -> `[B, cout, H, W]`.
     pub fn forward(&self, x: &Tensor, emb: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
-        let h = self.in_conv.forward(&norm_silu(&self.in_norm, x)?)?;
-        let (b, c) = (h.dim(0)?, self.out_channels);
+        let pre = norm_silu(&self.in_norm, x)?;
+        let (b, c) = (x.dim(0)?, self.out_channels);
         let e = self.emb_proj.forward(&emb.silu()?)?;
         let h = if self.scale_shift {
+            let h = self.in_conv.forward(&pre)?;
             let e = e.reshape((b, 2 * c, 1, 1))?;
             let scale = e.narrow(1, 0, c)?;
             let shift = e.narrow(1, c, c)?;
@@ -158,7 +159,11 @@ impl ResBlock {
                 .broadcast_add(&shift)?
                 .silu()?
         } else {
-            let h = h.broadcast_add(&e.reshape((b, c, 1, 1))?)?;
+            // conv(pre) + bias + embedding, the embedding folded into a per-example conv bias
+            // so the sum costs no pass over the activations.
+            let conv = &self.in_conv;
+            let bias = e.broadcast_add(&conv.bias)?;
+            let h = ddpm_ops::conv2d(&pre, &conv.weight, Some(&bias), conv.stride, conv.padding)?;
             norm_silu(&self.out_norm, &h)?
         };
         let h = match ctx.dropout_mask(
@@ -238,7 +243,7 @@ impl AttentionBlock {
 
     /// Channel-major, as improved-diffusion's `QKVAttentionLegacy`: q, k and v come from three
     /// 1x1 convolutions with the matching rows of `qkv` (so the activations are never split or
-    /// transposed), the scores are `softmax(q^T k / sqrt(d))`, and `proj_out` is a 1x1
+    /// transposed), `v softmax(q^T k / sqrt(d))^T` is one ddpm-ops op, and `proj_out` is a 1x1
     /// convolution. The same function as splitting one `qkv` projection `[head][q|k|v][d]`.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
@@ -253,8 +258,7 @@ impl AttentionBlock {
             ddpm_ops::conv2d(&normed, &wi, Some(&bi), 1, 0)?.reshape((b * heads, d, h * w))
         };
         let (q, k, v) = (part(0)?, part(1)?, part(2)?);
-        let weights = ddpm_ops::softmax_scaled(&q.t()?.matmul(&k)?, 1.0 / (d as f64).sqrt())?;
-        let a = v.matmul(&weights.t()?)?.reshape((b, c, h, w))?;
+        let a = ddpm_ops::attention(&q, &k, &v, 1.0 / (d as f64).sqrt())?.reshape((b, c, h, w))?;
         let proj = self.proj_out.weight.reshape((c, c, 1, 1))?;
         x + ddpm_ops::conv2d(&a, &proj, Some(&self.proj_out.bias), 1, 0)?
     }
