@@ -1,110 +1,52 @@
-//! The binaries end to end on a tiny randomly initialised model written in the trainer's checkpoint
-//! format: every sampler and guidance kind from the command line, 2 MPI ranks giving the same images
+//! The binaries end to end on tiny models trained for a few steps by the trainer library (the
+//! diffusion U-Net and the noise-aware classifier): every sampler and guidance kind from the command line, 2 MPI ranks giving the same images
 //! as one, bits/dim on 1 and 2 ranks, and the classifier Frechet distance of a set with itself.
-
-mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use candle_core::{DType, Device, Tensor};
-use common::randomize;
-use ddpm_unet::{EncoderUNet, EncoderUNetConfig, PoolKind, UNet, UNetConfig};
-use sha2::{Digest, Sha256};
-
 const T: usize = 30;
 
-fn unet_config() -> UNetConfig {
-    UNetConfig {
-        image_size: 8,
-        in_channels: 1,
-        model_channels: 8,
-        num_res_blocks: 1,
-        attention_resolutions: vec![4],
-        dropout: 0.0,
-        channel_mult: vec![1, 2],
-        num_classes: Some(3),
-        num_heads: 2,
-        num_head_channels: None,
-        use_scale_shift_norm: true,
-        learn_sigma: false,
-        num_groups: 4,
-    }
-}
-
-fn classifier_config() -> EncoderUNetConfig {
-    EncoderUNetConfig {
-        image_size: 8,
-        in_channels: 1,
-        model_channels: 8,
-        num_res_blocks: 1,
-        attention_resolutions: vec![],
-        dropout: 0.0,
-        channel_mult: vec![1, 2],
-        num_classes: 3,
-        num_heads: 1,
-        num_head_channels: None,
-        use_scale_shift_norm: true,
-        num_groups: 4,
-        pool: PoolKind::Adaptive,
-    }
-}
-
-fn save(dir: &Path, name: &str, tensors: &[(String, Tensor)]) -> serde_json::Value {
-    let map: std::collections::BTreeMap<&str, &Tensor> =
-        tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
-    let bytes = safetensors::tensor::serialize(map, None).unwrap();
-    std::fs::write(dir.join(name), &bytes).unwrap();
-    let sha: String = Sha256::digest(&bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    serde_json::json!({"name": name, "bytes": bytes.len(), "sha256": sha})
-}
-
-/// A run directory in the trainer's checkpoint layout (manifest + safetensors, ema rate 0.999).
+/// A run directory written by the real trainer (`ddpm_train::train`, the library behind
+/// `ddpm-train`): a few optimisation steps of a tiny class-conditional U-Net (or of the noise-aware
+/// classifier) on `data`, so every test below samples and evaluates a trained checkpoint in exactly
+/// the format the trainer writes, not a hand-made copy of it.
 fn write_run(root: &Path, name: &str, task: &str, data: &Path) -> PathBuf {
     let run = root.join(name);
-    let dir = run.join("checkpoints").join("step_000000007");
-    std::fs::create_dir_all(&dir).unwrap();
-    let (params, model_key, model_val) = if task == "diffusion" {
-        let (net, vm) = UNet::init(&unet_config(), 1, DType::F32, &Device::Cpu).unwrap();
-        randomize(&vm, 2);
-        (
-            net.named_parameters().to_vec(),
-            "model",
-            serde_json::to_value(unet_config()).unwrap(),
-        )
+    let net = if task == "diffusion" {
+        "[model]\nimage_size = 8\nin_channels = 1\nmodel_channels = 8\nnum_res_blocks = 1\n\
+         attention_resolutions = [4]\nchannel_mult = [1, 2]\nnum_classes = 3\nnum_heads = 2\n\
+         use_scale_shift_norm = true\nnum_groups = 4\n"
     } else {
-        let (net, vm) =
-            EncoderUNet::init(&classifier_config(), 3, DType::F32, &Device::Cpu).unwrap();
-        randomize(&vm, 4);
-        (
-            net.named_parameters().to_vec(),
-            "classifier",
-            serde_json::to_value(classifier_config()).unwrap(),
-        )
+        "[classifier]\nimage_size = 8\nin_channels = 1\nmodel_channels = 8\nnum_res_blocks = 1\n\
+         channel_mult = [1, 2]\nnum_classes = 3\nuse_scale_shift_norm = true\nnum_groups = 4\n\
+         pool = \"adaptive\"\n"
     };
-    let files = vec![
-        save(&dir, "model.safetensors", &params),
-        save(&dir, "ema_0.999.safetensors", &params),
-    ];
-    let mut config = serde_json::json!({
-        "task": task,
-        "seed": 0,
-        "diffusion": {"schedule": "cosine", "timesteps": T, "prediction": "eps", "variance": "fixed_large", "label_dropout": 0.1},
-        "data": {"path": data, "batch": 4},
-    });
-    config[model_key] = model_val;
-    let manifest = serde_json::json!({
-        "format": "ddpm-rs-checkpoint", "format_version": 1, "step": 7, "task": task,
-        "config": config, "ema_rates": [0.999], "files": files,
-    });
-    std::fs::write(
-        dir.join("manifest.json"),
-        serde_json::to_string_pretty(&manifest).unwrap(),
+    let dropout = if task == "diffusion" {
+        "label_dropout = 0.1\n"
+    } else {
+        ""
+    };
+    let text = format!(
+        "task = \"{task}\"\nseed = 0\nout_dir = \"{out}\"\n\n{net}\n\
+         [diffusion]\nschedule = \"cosine\"\ntimesteps = {T}\nprediction = \"eps\"\n\
+         variance = \"fixed_large\"\n{dropout}\n\
+         [data]\npath = \"{data}\"\nbatch = 4\n\n\
+         [optim]\nlr = 2e-3\n\n[ema]\nrates = [0.999]\n\n\
+         [schedule]\ntotal_steps = 7\nlog_every = 7\nsample_every = 0\n\n\
+         [preview]\nsteps = 2\nper_class = 1\n",
+        out = run.display(),
+        data = data.display()
+    );
+    let cfg = ddpm_train::TrainConfig::from_toml_str(&text, &ddpm_train::Overrides::default())
+        .unwrap_or_else(|e| panic!("{e}\n{text}"));
+    let res = ddpm_train::train(
+        &cfg,
+        &ddpm_dist::SingleProcess::new(),
+        ddpm_train::TrainOptions::default(),
     )
     .unwrap();
+    assert_eq!(res.step, 7);
     run
 }
 

@@ -317,6 +317,9 @@ pub fn train(
     let global_batch = (comm.world_size() * cfg.data.batch) as f64;
     let mut window_start = Instant::now();
     let mut window_steps = 0u64;
+    // Wall time of this rank in the gradient all-reduce, and of whole steps, since the last log
+    // line: `sync_ms` / `step_ms` in metrics.jsonl, the synchronisation overhead of data parallelism.
+    let (mut window_sync, mut window_step) = (0.0f64, 0.0f64);
     let mut lr = run.adamw_params().lr_at(st.step);
     let mut last_ckpt_step = None;
     let mut stop = false;
@@ -324,6 +327,7 @@ pub fn train(
     while st.step < total && !stop {
         let step = st.step;
         let _span = tracing::debug_span!("step", step).entered();
+        let step_start = Instant::now();
         let batch = loader
             .next_batch()
             .with_context(|| format!("data.path {}", cfg.data.path.display()))?;
@@ -340,7 +344,9 @@ pub fn train(
             })
             .collect::<candle_core::Result<_>>()?;
         drop(gs);
+        let sync_start = Instant::now();
         let grads = sync.all_reduce_mean(comm, &grads)?;
+        window_sync += sync_start.elapsed().as_secs_f64();
         let norm = global_norm(&grads)?;
 
         let mut red = local.stats.to_vec();
@@ -388,6 +394,7 @@ pub fn train(
         st.step += 1;
         st.loader_pos = loader.position();
         window_steps += 1;
+        window_step += step_start.elapsed().as_secs_f64();
         let step_loss = global.loss / global.examples.max(1.0);
         outcome.step_losses.push(step_loss);
 
@@ -410,6 +417,15 @@ pub fn train(
                 extra.insert("accuracy".into(), crate::metrics::num(st.window.mean(4)));
             }
             extra.insert("epoch".into(), json!(batch.epoch));
+            let per_step = 1e3 / window_steps.max(1) as f64;
+            extra.insert(
+                "sync_ms".into(),
+                crate::metrics::num(window_sync * per_step),
+            );
+            extra.insert(
+                "step_ms".into(),
+                crate::metrics::num(window_step * per_step),
+            );
             let line = st.window.line(
                 st.step,
                 lr,
@@ -439,6 +455,7 @@ pub fn train(
             st.window = Window::default();
             window_start = Instant::now();
             window_steps = 0;
+            (window_sync, window_step) = (0.0, 0.0);
         }
 
         // ---- checkpoint ----

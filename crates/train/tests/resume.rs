@@ -45,7 +45,9 @@ fn lines(dir: &Path) -> Vec<serde_json::Value> {
         .unwrap()
         .into_iter()
         .map(|mut v| {
-            v.as_object_mut().unwrap().remove("images_per_sec");
+            for k in ["images_per_sec", "sync_ms", "step_ms"] {
+                v.as_object_mut().unwrap().remove(k);
+            }
             v
         })
         .collect()

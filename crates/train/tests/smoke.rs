@@ -36,6 +36,8 @@ fn loss_falls_and_outputs_exist() {
             "grad_norm",
             "lr",
             "images_per_sec",
+            "sync_ms",
+            "step_ms",
             "skipped_steps",
             "mse",
         ] {
