@@ -1,70 +1,33 @@
-//! Reading the trainer's checkpoints (format `ddpm-rs-checkpoint` version 1, written by
-//! `crates/train/src/checkpoint.rs` and documented in `crates/train/README.md`).
+//! Reading the trainer's checkpoints for sampling and evaluation.
 //!
-//! Why a reader here instead of using ddpm-train's: the trainer draws its preview samples with this
-//! crate, so depending on ddpm-train would make a cycle. The reader needs only the manifest's file
-//! list, EMA rates, task and the `model` / `classifier` / `diffusion` tables of the resolved config,
-//! which it parses with its own small serde structs (ignoring every other key), and it verifies the
-//! size and sha256 of each file it loads, as the trainer does.
-//!
-//! ```text
-//! RUN_DIR/checkpoints/step_000001000/
-//!     manifest.json            format, format_version, step, task, config, ema_rates, files[{name, bytes, sha256}]
-//!     model.safetensors        the trained parameters (U-Net names of crates/unet)
-//!     ema_<rate>.safetensors   one per EMA rate, same names
-//! ```
+//! The format (names, manifest, format/version checks, file verification) is `ddpm-checkpoint`'s,
+//! shared with the writer in ddpm-train. This crate cannot depend on ddpm-train itself (the trainer
+//! draws its preview samples with sampler code, so that would be a cycle), hence its own typed view
+//! of the stored config: small serde structs for the `model` / `classifier` / `diffusion` / `data`
+//! tables that ignore every other key. Files are verified when loaded rather than all at open, so
+//! sampling from one EMA does not hash every other weight file of the checkpoint.
 
 use std::collections::HashMap;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
+use ddpm_checkpoint::CheckpointError;
 use ddpm_diffusion::{
     BetaSchedule, GaussianDiffusion, LossType, ModelMeanType, ModelVarType, NoiseSchedule,
 };
 use ddpm_unet::{EncoderUNet, EncoderUNetConfig, UNet, UNetConfig};
 use serde::Deserialize;
-use sha2::{Digest, Sha256};
 
 use crate::error::{Result, SamplerError};
 
-pub const FORMAT: &str = "ddpm-rs-checkpoint";
-pub const FORMAT_VERSION: u32 = 1;
-pub const MANIFEST: &str = "manifest.json";
-pub const MODEL_FILE: &str = "model.safetensors";
-pub const CHECKPOINTS_DIR: &str = "checkpoints";
-
-/// The EMA file name for `rate` (the trainer formats the rate with Rust's `{}`).
-pub fn ema_file(rate: f64) -> String {
-    format!("ema_{rate}.safetensors")
-}
+// Re-exported so that the sampler's callers keep one import path for checkpoint names.
+pub use ddpm_checkpoint::{
+    ema_file, FileEntry, Manifest, CHECKPOINTS_DIR, FORMAT, FORMAT_VERSION, MANIFEST, MODEL_FILE,
+};
 
 fn bad(path: &Path, message: impl Into<String>) -> SamplerError {
-    SamplerError::Checkpoint {
-        path: path.to_path_buf(),
-        message: message.into(),
-    }
-}
-
-#[derive(Debug, Clone, Deserialize)]
-pub struct FileEntry {
-    pub name: String,
-    pub bytes: u64,
-    pub sha256: String,
-}
-
-/// The manifest fields the sampler uses.
-#[derive(Debug, Clone, Deserialize)]
-pub struct Manifest {
-    pub format: String,
-    pub format_version: u32,
-    pub step: u64,
-    pub task: String,
-    pub config: serde_json::Value,
-    #[serde(default)]
-    pub ema_rates: Vec<f64>,
-    pub files: Vec<FileEntry>,
+    CheckpointError::invalid(path, message).into()
 }
 
 /// The `[diffusion]` table of the training config (only what sampling needs).
@@ -186,64 +149,13 @@ pub struct RunCheckpoint {
     pub config: RunConfig,
 }
 
-fn sha256_file(path: &Path) -> Result<(u64, String)> {
-    let io = |e: std::io::Error| bad(path, e.to_string());
-    let mut f = std::fs::File::open(path).map_err(io)?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut n = 0u64;
-    loop {
-        let k = f.read(&mut buf).map_err(io)?;
-        if k == 0 {
-            break;
-        }
-        h.update(&buf[..k]);
-        n += k as u64;
-    }
-    Ok((n, h.finalize().iter().map(|b| format!("{b:02x}")).collect()))
-}
-
-/// Checkpoint directories of a run, newest first.
-fn list_checkpoints(run_dir: &Path) -> Vec<(u64, PathBuf)> {
-    let mut out: Vec<(u64, PathBuf)> = std::fs::read_dir(run_dir.join(CHECKPOINTS_DIR))
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| {
-            let name = e.file_name().to_string_lossy().into_owned();
-            let step = name.strip_prefix("step_")?.parse::<u64>().ok()?;
-            e.file_type().ok()?.is_dir().then(|| (step, e.path()))
-        })
-        .collect();
-    out.sort_by_key(|c| std::cmp::Reverse(c.0));
-    out
-}
-
 impl RunCheckpoint {
     /// Opens a checkpoint directory (with `manifest.json`) and checks its format. File hashes are
     /// checked when a file is loaded.
     pub fn open(dir: &Path) -> Result<Self> {
-        let mp = dir.join(MANIFEST);
-        let text = std::fs::read_to_string(&mp).map_err(|e| bad(&mp, e.to_string()))?;
-        let manifest: Manifest = serde_json::from_str(&text)
-            .map_err(|e| bad(&mp, format!("not a checkpoint manifest: {e}")))?;
-        if manifest.format != FORMAT {
-            return Err(bad(
-                &mp,
-                format!("format is {:?}, expected {FORMAT:?}", manifest.format),
-            ));
-        }
-        if manifest.format_version != FORMAT_VERSION {
-            return Err(bad(
-                &mp,
-                format!(
-                    "format version {} is not supported (this build reads {FORMAT_VERSION})",
-                    manifest.format_version
-                ),
-            ));
-        }
+        let manifest = ddpm_checkpoint::open_manifest(dir)?;
         let config: RunConfig = serde_json::from_value(manifest.config.clone())
-            .map_err(|e| bad(&mp, format!("config: {e}")))?;
+            .map_err(|e| bad(&dir.join(MANIFEST), format!("config: {e}")))?;
         let run_dir = dir
             .parent()
             .filter(|p| p.file_name().is_some_and(|n| n == CHECKPOINTS_DIR))
@@ -258,25 +170,11 @@ impl RunCheckpoint {
         })
     }
 
-    /// A checkpoint directory, or a run directory (its newest checkpoint whose manifest reads;
-    /// unreadable ones are reported through `warn` and skipped).
-    pub fn resolve(path: &Path, mut warn: impl FnMut(&SamplerError)) -> Result<Self> {
-        if path.join(MANIFEST).is_file() {
-            return Self::open(path);
-        }
-        if !path.join(CHECKPOINTS_DIR).is_dir() {
-            return Err(bad(
-                path,
-                "neither a checkpoint directory (no manifest.json) nor a run directory (no checkpoints/)",
-            ));
-        }
-        for (_, dir) in list_checkpoints(path) {
-            match Self::open(&dir).and_then(|c| c.verify(MODEL_FILE).map(|_| c)) {
-                Ok(c) => return Ok(c),
-                Err(e) => warn(&e),
-            }
-        }
-        Err(bad(path, "run directory has no valid checkpoint"))
+    /// A checkpoint directory, or a run directory (its newest checkpoint whose manifest reads and
+    /// whose model file verifies; rejected ones are reported through `warn` and skipped).
+    pub fn resolve(path: &Path, warn: impl FnMut(&SamplerError)) -> Result<Self> {
+        let usable = |dir: &Path| Self::open(dir).and_then(|c| c.verify(MODEL_FILE).map(|_| c));
+        ddpm_checkpoint::resolve(path, usable, warn)
     }
 
     pub fn step(&self) -> u64 {
@@ -289,24 +187,11 @@ impl RunCheckpoint {
 
     /// Checks a listed file's size and sha256; returns its path.
     pub fn verify(&self, name: &str) -> Result<PathBuf> {
-        let entry = self
-            .manifest
-            .files
-            .iter()
-            .find(|f| f.name == name)
-            .ok_or_else(|| bad(&self.dir.join(MANIFEST), format!("lists no {name}")))?;
-        let p = self.dir.join(name);
-        let (n, h) = sha256_file(&p)?;
-        if n != entry.bytes {
-            return Err(bad(
-                &p,
-                format!("size is {n} bytes, the manifest says {}", entry.bytes),
-            ));
-        }
-        if h != entry.sha256 {
-            return Err(bad(&p, "sha256 does not match the manifest (file damaged)"));
-        }
-        Ok(p)
+        Ok(ddpm_checkpoint::verify_file(
+            &self.dir,
+            &self.manifest,
+            name,
+        )?)
     }
 
     /// The file holding the requested weights.

@@ -1,16 +1,14 @@
 //! One error type for the sampler library, so the binaries can tell bad settings from a bad
 //! checkpoint from a numerical failure.
 
-use std::path::PathBuf;
-
 #[derive(Debug, thiserror::Error)]
 pub enum SamplerError {
     /// A sampler setting that cannot be honoured (bad step spec, option that does not apply, ...).
     #[error("invalid sampler setting: {0}")]
     Config(String),
-    /// A checkpoint or run directory that cannot be used; `path` names the file.
-    #[error("{path}: {message}")]
-    Checkpoint { path: PathBuf, message: String },
+    /// A checkpoint or run directory that cannot be used; the error names the file.
+    #[error(transparent)]
+    Checkpoint(#[from] ddpm_checkpoint::CheckpointError),
     /// The model or classifier failed or returned something unusable.
     #[error("model: {0}")]
     Model(String),

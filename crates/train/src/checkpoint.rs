@@ -1,15 +1,10 @@
-//! Checkpoints: what a training run saves, how it is published atomically, and how a run (or the
-//! sampler) finds and validates one.
+//! Checkpoints: what a training run saves, how it is published atomically, and how a run finds
+//! and validates one to resume from. The format (names, manifest, format checks) is
+//! `ddpm-checkpoint`'s, shared with the sampler; this module adds writing and the trainer's own
+//! requirements (every file verified up front, the optimizer and state files present).
 //!
-//! # Layout (format version 1)
-//! ```text
-//! RUN_DIR/checkpoints/step_000001000/
-//!     manifest.json               written last; lists every file with its size and sha256
-//!     model.safetensors           the trained parameters
-//!     ema_0.9999.safetensors      one file per EMA rate, same tensor names as the model
-//!     optimizer.safetensors       AdamW moments: exp_avg.<param>, exp_avg_sq.<param>
-//!     trainer_state.safetensors   f64/i64 state that must round-trip bit-exactly
-//! ```
+//! The layout is in `ddpm-checkpoint` and `crates/train/README.md`.
+//!
 //! A checkpoint directory is assembled under a hidden temporary name, every file fsynced, then
 //! renamed into place and the parent directory fsynced: a checkpoint exists completely or not at
 //! all. Readers still verify sizes and hashes, so a damaged copy is skipped with a warning rather
@@ -19,143 +14,26 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use crate::atomic::{fsync_dir, publish_dir, write_synced};
 
-pub const FORMAT: &str = "ddpm-rs-checkpoint";
-pub const FORMAT_VERSION: u32 = 1;
-pub const MANIFEST: &str = "manifest.json";
-pub const MODEL_FILE: &str = "model.safetensors";
-pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
-pub const STATE_FILE: &str = "trainer_state.safetensors";
-pub const CHECKPOINTS_DIR: &str = "checkpoints";
-
-/// Name of the EMA file for `rate`.
-pub fn ema_file(rate: f64) -> String {
-    format!("ema_{}.safetensors", crate::ema::rate_label(rate))
-}
-
-/// Directory name for a step; zero-padded so names sort by step.
-pub fn step_dir_name(step: u64) -> String {
-    format!("step_{step:09}")
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum CheckpointError {
-    #[error("{path}: {msg}")]
-    Invalid { path: PathBuf, msg: String },
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-}
+// The format itself lives in ddpm-checkpoint so that the sampler reads exactly what is written here;
+// re-exported because callers and tests know these names as `ddpm_train::checkpoint::*`.
+pub use ddpm_checkpoint::{
+    ema_file, list_checkpoints, sha256_hex, step_dir_name, CheckpointError, FileEntry, Manifest,
+    OptimizerState, RngState, CHECKPOINTS_DIR, FORMAT, FORMAT_VERSION, MANIFEST, MODEL_FILE,
+    OPTIMIZER_FILE, STATE_FILE,
+};
 
 fn bad(path: &Path, msg: impl Into<String>) -> CheckpointError {
-    CheckpointError::Invalid {
-        path: path.to_path_buf(),
-        msg: msg.into(),
-    }
+    CheckpointError::invalid(path, msg)
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {
-    move |source| CheckpointError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct FileEntry {
-    pub name: String,
-    pub bytes: u64,
-    pub sha256: String,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct OptimizerState {
-    pub kind: String,
-    /// AdamW updates applied (bias-correction exponent).
-    pub t: u64,
-    /// Learning rate of the last step.
-    pub lr: f64,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct RngState {
-    /// All randomness is counter-based (ddpm-rng Philox keyed by seed, stream, step, global example
-    /// index), so the seed and the next step are the whole generator state.
-    pub seed: u64,
-    pub next_step: u64,
-    pub generator: String,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Manifest {
-    pub format: String,
-    pub format_version: u32,
-    /// Steps completed; training continues with step index `step`.
-    pub step: u64,
-    pub task: String,
-    /// The resolved config (all overrides applied), as JSON.
-    pub config: serde_json::Value,
-    /// sha256 of the canonical config JSON without `hash_excluded_keys`.
-    pub config_hash: String,
-    pub hash_excluded_keys: Vec<String>,
-    pub world_size: usize,
-    pub batch_per_rank: usize,
-    pub global_batch: usize,
-    /// Position of the next batch (ddpm-data `LoaderPosition`).
-    pub loader_position: serde_json::Value,
-    pub optimizer: OptimizerState,
-    pub ema_rates: Vec<f64>,
-    /// EMA updates applied (the EMA warm-up counter).
-    pub ema_updates: u64,
-    pub skipped_steps: u64,
-    pub rng: RngState,
-    /// `uniform` or `loss_aware`; the loss-aware history is in `trainer_state.safetensors`.
-    pub timestep_sampler: String,
-    /// Number of model parameters.
-    pub num_parameters: usize,
-    pub files: Vec<FileEntry>,
-    pub created_unix: u64,
-    pub writer: String,
-}
-
-impl Manifest {
-    pub fn file(&self, name: &str) -> Option<&FileEntry> {
-        self.files.iter().find(|f| f.name == name)
-    }
-}
-
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
-fn sha256_file(path: &Path) -> Result<(u64, String), CheckpointError> {
-    let mut f = fs::File::open(path).map_err(io(path))?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut n = 0u64;
-    loop {
-        let k = f.read(&mut buf).map_err(io(path))?;
-        if k == 0 {
-            break;
-        }
-        h.update(&buf[..k]);
-        n += k as u64;
-    }
-    Ok((n, h.finalize().iter().map(|b| format!("{b:02x}")).collect()))
+    CheckpointError::io(path)
 }
 
 /// Serialises named tensors (sorted by name, so equal contents give equal bytes).
@@ -237,48 +115,21 @@ pub struct Checkpoint {
 }
 
 impl Checkpoint {
-    /// Reads the manifest and checks every listed file's size and sha256.
+    /// Reads the manifest and checks every listed file's size and sha256: resuming from a damaged
+    /// file would silently corrupt the run, so nothing is trusted before it is all checked.
     pub fn open(dir: &Path) -> Result<Self, CheckpointError> {
-        let mp = dir.join(MANIFEST);
-        let text = fs::read_to_string(&mp).map_err(io(&mp))?;
-        let manifest: Manifest = serde_json::from_str(&text)
-            .map_err(|e| bad(&mp, format!("not a checkpoint manifest: {e}")))?;
-        if manifest.format != FORMAT {
-            return Err(bad(
-                &mp,
-                format!("format is {:?}, expected {FORMAT:?}", manifest.format),
-            ));
-        }
-        if manifest.format_version != FORMAT_VERSION {
-            return Err(bad(
-                &mp,
-                format!(
-                    "format version {} is not supported (this build reads {FORMAT_VERSION})",
-                    manifest.format_version
-                ),
-            ));
-        }
+        let manifest = ddpm_checkpoint::open_manifest(dir)?;
         for f in &manifest.files {
-            let p = dir.join(&f.name);
-            let (n, h) = sha256_file(&p)?;
-            if n != f.bytes {
-                return Err(bad(
-                    &p,
-                    format!("size is {n} bytes, the manifest says {}", f.bytes),
-                ));
-            }
-            if h != f.sha256 {
-                return Err(bad(&p, "sha256 does not match the manifest (file damaged)"));
-            }
+            ddpm_checkpoint::verify_file(dir, &manifest, &f.name)?;
         }
-        for required in [MODEL_FILE, OPTIMIZER_FILE, STATE_FILE] {
-            if manifest.file(required).is_none() {
-                return Err(bad(&mp, format!("lists no {required}")));
-            }
-        }
-        for r in &manifest.ema_rates {
-            if manifest.file(&ema_file(*r)).is_none() {
-                return Err(bad(&mp, format!("lists no {}", ema_file(*r))));
+        let required = [MODEL_FILE, OPTIMIZER_FILE, STATE_FILE].map(String::from);
+        let emas = manifest.ema_rates.iter().map(|&r| ema_file(r));
+        for name in required.into_iter().chain(emas) {
+            if manifest.file(&name).is_none() {
+                return Err(CheckpointError::NotListed {
+                    path: dir.join(MANIFEST),
+                    name,
+                });
             }
         }
         Ok(Self {
@@ -386,33 +237,10 @@ impl Checkpoint {
     }
 }
 
-/// Checkpoint directories of a run, newest first: `(step, path)`.
-pub fn list_checkpoints(run_dir: &Path) -> Vec<(u64, PathBuf)> {
-    let root = run_dir.join(CHECKPOINTS_DIR);
-    let mut out: Vec<(u64, PathBuf)> = fs::read_dir(&root)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| {
-            let name = e.file_name().to_string_lossy().into_owned();
-            let step = name.strip_prefix("step_")?.parse::<u64>().ok()?;
-            e.file_type().ok()?.is_dir().then(|| (step, e.path()))
-        })
-        .collect();
-    out.sort_by_key(|c| std::cmp::Reverse(c.0));
-    out
-}
-
 /// The newest checkpoint of `run_dir` that validates; damaged ones are reported through `warn` and
 /// skipped. `None` when the run has no usable checkpoint.
-pub fn find_latest(run_dir: &Path, mut warn: impl FnMut(&CheckpointError)) -> Option<Checkpoint> {
-    for (_, dir) in list_checkpoints(run_dir) {
-        match Checkpoint::open(&dir) {
-            Ok(c) => return Some(c),
-            Err(e) => warn(&e),
-        }
-    }
-    None
+pub fn find_latest(run_dir: &Path, warn: impl FnMut(&CheckpointError)) -> Option<Checkpoint> {
+    ddpm_checkpoint::find_newest(run_dir, Checkpoint::open, warn)
 }
 
 /// Resolves what the user pointed at: a checkpoint directory (has a manifest) or a run directory
@@ -421,13 +249,7 @@ pub fn resolve(
     path: &Path,
     warn: impl FnMut(&CheckpointError),
 ) -> Result<Checkpoint, CheckpointError> {
-    if path.join(MANIFEST).exists() {
-        Checkpoint::open(path)
-    } else if path.join(CHECKPOINTS_DIR).is_dir() {
-        find_latest(path, warn).ok_or_else(|| bad(path, "run directory has no valid checkpoint"))
-    } else {
-        Err(bad(path, "neither a checkpoint directory (no manifest.json) nor a run directory (no checkpoints/)"))
-    }
+    ddpm_checkpoint::resolve(path, Checkpoint::open, warn)
 }
 
 /// Deletes all but the newest `keep` checkpoints, and staging directories left by dead processes.
@@ -460,40 +282,6 @@ pub fn clean_staging(run_dir: &Path) {
 mod tests {
     use super::*;
 
-    fn manifest(step: u64) -> Manifest {
-        Manifest {
-            format: FORMAT.into(),
-            format_version: FORMAT_VERSION,
-            step,
-            task: "diffusion".into(),
-            config: serde_json::json!({}),
-            config_hash: "h".into(),
-            hash_excluded_keys: vec![],
-            world_size: 1,
-            batch_per_rank: 1,
-            global_batch: 1,
-            loader_position: serde_json::json!({"epoch": 0, "batch_index": 0}),
-            optimizer: OptimizerState {
-                kind: "adamw".into(),
-                t: 0,
-                lr: 0.0,
-            },
-            ema_rates: vec![0.5],
-            ema_updates: 0,
-            skipped_steps: 0,
-            rng: RngState {
-                seed: 0,
-                next_step: step,
-                generator: "philox".into(),
-            },
-            timestep_sampler: "uniform".into(),
-            num_parameters: 2,
-            files: vec![],
-            created_unix: 0,
-            writer: "test".into(),
-        }
-    }
-
     fn write(run: &Path, step: u64) -> PathBuf {
         let t = vec![(
             "w".to_string(),
@@ -504,7 +292,7 @@ mod tests {
         w.add_tensors(&ema_file(0.5), &t).unwrap();
         w.add_tensors(OPTIMIZER_FILE, &t).unwrap();
         w.add_tensors(STATE_FILE, &t).unwrap();
-        w.finish(manifest(step)).unwrap()
+        w.finish(ddpm_checkpoint::fixture_manifest(step)).unwrap()
     }
 
     #[test]

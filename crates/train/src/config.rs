@@ -134,6 +134,20 @@ pub struct DiffusionConfig {
     /// Probability of replacing a label by the null class (classifier-free guidance training).
     #[serde(default)]
     pub label_dropout: f64,
+    /// task = "classifier" only: `false` trains on clean images (t = 0 for every example), as
+    /// guided-diffusion's `--noised False`: the classifier that evaluates samples (`ddpm-eval fid`
+    /// runs it at t = 0) is more accurate when it spends no capacity on noise. Guidance needs the
+    /// default, a noise-aware classifier. Not serialised when true, so older configs hash the same.
+    #[serde(default = "d_true", skip_serializing_if = "is_true")]
+    pub classifier_noised: bool,
+}
+
+fn d_true() -> bool {
+    true
+}
+
+fn is_true(b: &bool) -> bool {
+    *b
 }
 
 impl Default for DiffusionConfig {
@@ -147,6 +161,7 @@ impl Default for DiffusionConfig {
             timestep_sampling: TimestepSampling::Uniform,
             min_snr_gamma: None,
             label_dropout: 0.0,
+            classifier_noised: true,
         }
     }
 }
@@ -492,6 +507,12 @@ impl TrainConfig {
             return Err(invalid(
                 "diffusion.label_dropout",
                 format!("must be in [0, 1), got {}", d.label_dropout),
+            ));
+        }
+        if !d.classifier_noised && self.task != Task::Classifier {
+            return Err(invalid(
+                "diffusion.classifier_noised",
+                "= false is only meaningful with task = \"classifier\"",
             ));
         }
         if d.label_dropout > 0.0 && (num_classes.is_none() || self.task == Task::Classifier) {

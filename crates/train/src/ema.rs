@@ -46,11 +46,8 @@ impl Ema {
     }
 }
 
-/// File-name form of a rate: `0.9999` -> `0.9999` (shortest round-trip decimal, so two rates that
-/// differ map to different files and a name parses back to its rate).
-pub fn rate_label(rate: f64) -> String {
-    format!("{rate}")
-}
+// Part of the file names of the checkpoint format, so it is defined with the format.
+pub use ddpm_checkpoint::rate_label;
 
 #[cfg(test)]
 mod tests {

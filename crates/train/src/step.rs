@@ -34,9 +34,14 @@ impl Run<'_> {
         let x0 = Tensor::from_slice(&batch.images, batch.shape.to_vec(), &self.device)?;
         let (ts, iw) = match self.cfg.task {
             Task::Diffusion => sampler.sample(seed, step, first, b),
-            // The classifier sees uniformly drawn noise levels, as guided-diffusion's classifier_train.
-            Task::Classifier => TimestepSampler::new(self.diffusion.num_timesteps(), false)
-                .sample(seed, step, first, b),
+            // The classifier sees uniformly drawn noise levels, as guided-diffusion's classifier_train
+            // (or, with classifier_noised = false, t = 0 only: x_t is then x0 up to a noise of
+            // std sqrt(1 - alpha_bar_0), close to the clean images `ddpm-eval` feeds it at t = 0).
+            Task::Classifier if self.cfg.diffusion.classifier_noised => {
+                TimestepSampler::new(self.diffusion.num_timesteps(), false)
+                    .sample(seed, step, first, b)
+            }
+            Task::Classifier => (vec![0; b], vec![1.0; b]),
         };
         let ts_u32: Vec<u32> = ts.iter().map(|&t| t as u32).collect();
         let pred = match self.cfg.diffusion.prediction {
