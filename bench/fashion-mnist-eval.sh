@@ -14,7 +14,7 @@
 # Sizes (environment): SWEEP_PER_CLASS (20) images per class for the guidance sweep with DDIM-50 at
 # CFG weights WS ("0 1 3"); CMP_PER_CLASS (10) per class for DDPM-1000 vs DDIM-50 vs DPM-Solver-20 at
 # CFG weight W (1) — DDPM-1000 costs 2000 model evaluations per image; BPD_NUM (100) test images for
-# bits/dim (1000 evaluations each). Accuracy = fraction of class-k samples the clean classifier calls k;
+# bits/dim (1000 evaluations each); FD_REAL (10000) real test images for the FD statistics. Accuracy = fraction of class-k samples the clean classifier calls k;
 # "FD" = Frechet distance between the classifier's pooled features of the samples and of the test set
 # (a classifier-feature FD, not Inception FID: compare it only within this table, and note it is biased
 # upwards for small sample counts).
@@ -29,6 +29,7 @@ WS=${WS:-0 1 3}
 CMP_PER_CLASS=${CMP_PER_CLASS:-10}
 W=${W:-1}
 BPD_NUM=${BPD_NUM:-100}
+FD_REAL=${FD_REAL:-10000}
 export RAYON_NUM_THREADS=${RAYON_NUM_THREADS:-$(nproc)}
 
 cargo build --release -q -p ddpm-sampler -p ddpm-data
@@ -48,7 +49,7 @@ sample() {
   echo "== $name: ddpm-sample $*"
   target/release/ddpm-sample --checkpoint "$RUN" --out "$OUT/$name.h5" "$@" | tee -a "$LOG"
   target/release/ddpm-eval fid --classifier "$EVAL_CLF" --data "$TEST" --samples "$OUT/$name.h5" \
-    --checkpoint "$OUT" --name fashion-mnist-test 2>/dev/null \
+    --num "$FD_REAL" --checkpoint "$OUT" --name fashion-mnist-test 2>/dev/null \
     | python3 -c "import json,sys
 for l in sys.stdin:
     d = json.loads(l); d['run'] = '$name'; print(json.dumps(d))" | tee -a "$LOG" | cut -c1-160

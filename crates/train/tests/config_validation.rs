@@ -56,7 +56,10 @@ fn bad_values_name_their_key() {
             "diffusion does not give a valid process (schedule = \"linear\", timesteps = 10)",
         ),
         ("diffusion.label_dropout=1.0", "diffusion.label_dropout"),
-        ("diffusion.classifier_noised=false", "diffusion.classifier_noised"),
+        (
+            "diffusion.classifier_noised=false",
+            "diffusion.classifier_noised",
+        ),
         ("diffusion.min_snr_gamma=-5", "diffusion.min_snr_gamma"),
         ("diffusion.loss=\"hybrid\"", "diffusion.loss"),
         ("diffusion.variance=\"learned_range\"", "model.learn_sigma"),
