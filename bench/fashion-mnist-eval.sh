@@ -90,6 +90,8 @@ for name, s in samples.items():
     g = f"CFG w={s['cfg']}" if s.get("cfg") is not None else ""
     if s.get("classifier_scale") is not None:
         g = f"classifier s={s['classifier_scale']}"
+    if s.get("clip"):
+        g += ", x0 clipped"
     a = acc.get(name, {}).get("value")
     f = fd.get(name, {}).get("value")
     print(f"| {name} | {s['sampler']} | {s['steps'] or 'all'} | {g or 'none'} | {s['num_images']} | {s['model_evals_per_image']} "

@@ -257,6 +257,23 @@ fn every_sampler_and_guidance_from_the_command_line() {
         // not a constant image: the sampler produced something
         assert!(images.iter().any(|&p| p != images[0]), "{case:?}");
     }
+    // x0 clipping: on by default for ddpm/ddim (improved-diffusion's clip_denoised), off with
+    // --no-clip, off by default for dpm-solver (which rejects an explicit --clip, below)
+    for (args, want) in [
+        (&["--sampler", "ddpm"][..], true),
+        (&["--sampler", "ddim", "--no-clip"][..], false),
+        (&["--sampler", "dpm-solver"][..], false),
+    ] {
+        let mut c = bin("ddpm-sample");
+        c.arg("--checkpoint")
+            .arg(&f.run)
+            .arg("--out")
+            .arg(f.root.join("clip.h5"))
+            .args(["--steps", "3", "--num", "2", "--no-grid"])
+            .args(args);
+        let summary: serde_json::Value = serde_json::from_str(run_ok(c).trim()).unwrap();
+        assert_eq!(summary["clip"], want, "{args:?}");
+    }
     // bad input is a clear error, not a panic
     let mut c = bin("ddpm-sample");
     c.arg("--checkpoint")

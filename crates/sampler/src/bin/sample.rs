@@ -67,9 +67,15 @@ struct Args {
     /// DDIM eta (0 = deterministic).
     #[arg(long, default_value_t = 0.0)]
     eta: f64,
-    /// Clip predicted x0 to [-1, 1] (ddpm, ddim).
-    #[arg(long)]
+    /// Clip predicted x0 to [-1, 1] (ddpm, ddim). The default for ddpm and ddim, as
+    /// improved-diffusion's `clip_denoised=True`: with the cosine schedule alpha_bar at t = T-1 is
+    /// ~2e-9, so an unclipped x0 estimate there magnifies the model's eps error ~30x into the next
+    /// step, and samplers that start at T-1 (DDPM-1000, `--steps N` sections) turn to speckle noise.
+    #[arg(long, overrides_with = "no_clip")]
     clip: bool,
+    /// Do not clip the predicted x0 (the default for dpm-solver and heun, which do not clip).
+    #[arg(long, overrides_with = "clip")]
+    no_clip: bool,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// ema (the first EMA rate), ema:RATE, or model.
@@ -149,8 +155,12 @@ fn run(args: &Args, comm: &dyn ddpm_dist::Communicator) -> Result<()> {
     let mut settings = SamplerSettings::new(kind);
     settings.steps = args.steps.clone();
     settings.eta = args.eta;
-    settings.clip_denoised = args.clip;
+    settings.clip_denoised = match kind {
+        SamplerKind::Ddpm | SamplerKind::Ddim => !args.no_clip,
+        _ => args.clip,
+    };
     settings.fused_update = !args.no_fused;
+    let settings_clip = settings.clip_denoised;
     let sampler = Sampler::new(diffusion.clone(), settings)?;
 
     // Classifier guidance.
@@ -326,7 +336,7 @@ fn run(args: &Args, comm: &dyn ddpm_dist::Communicator) -> Result<()> {
         "cfg": args.cfg,
         "classifier_scale": args.classifier.as_ref().map(|_| args.classifier_scale),
         "eta": args.eta,
-        "clip": args.clip,
+        "clip": settings_clip,
         "weights": args.weights,
         "seed": args.seed,
         "num_images": n,
