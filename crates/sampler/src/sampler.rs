@@ -40,6 +40,11 @@ use crate::steps::{
     ancestral_step, ddim_step, fused_step, guided_eps, DdimOptions, FusedUpdate, ScaledGrad,
 };
 
+/// DPM-Solver++ starts where the half-log-SNR is at least this (diffusers' `lambda_min_clipped`):
+/// no effect on the linear schedule, skips the last ~1% of the cosine one, where alpha_bar ~ 2e-9
+/// makes the first data prediction explode (measured: speckle-noise samples without it).
+pub const DPM_LAMBDA_MIN: f64 = -5.1;
+
 /// Which sampler.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SamplerKind {
@@ -271,11 +276,9 @@ impl Sampler {
                 settings.kind
             )));
         }
-        if settings.clip_denoised
-            && matches!(settings.kind, SamplerKind::DpmSolver | SamplerKind::Heun)
-        {
+        if settings.clip_denoised && matches!(settings.kind, SamplerKind::Heun) {
             return Err(SamplerError::Config(format!(
-                "x0 clipping applies to ddpm and ddim only, not {}",
+                "x0 clipping applies to ddpm, ddim and dpm-solver, not {}",
                 settings.kind
             )));
         }
@@ -302,7 +305,7 @@ impl Sampler {
             )),
             SamplerKind::DpmSolver => {
                 let n = count(20)?;
-                DpmSolverPp2m::new(&full.schedule, n)?; // validates n
+                DpmSolverPp2m::with_lambda_min(&full.schedule, n, DPM_LAMBDA_MIN)?; // validates n
                 Plan::DpmSolver(n)
             }
             SamplerKind::Heun => {
@@ -329,9 +332,11 @@ impl Sampler {
     pub fn model_timesteps(&self) -> Vec<usize> {
         match &self.plan {
             Plan::Respaced(d) => d.timestep_map.iter().rev().copied().collect(),
-            Plan::DpmSolver(n) => DpmSolverPp2m::new(&self.full.schedule, *n)
-                .map(|s| s.timesteps)
-                .unwrap_or_default(),
+            Plan::DpmSolver(n) => {
+                DpmSolverPp2m::with_lambda_min(&self.full.schedule, *n, DPM_LAMBDA_MIN)
+                    .map(|s| s.timesteps)
+                    .unwrap_or_default()
+            }
             Plan::Heun { timesteps, sigmas } => {
                 let mut v = Vec::new();
                 for i in 0..timesteps.len() {
@@ -555,7 +560,8 @@ impl Sampler {
         let b = x.dim(0)?;
         // The solver always receives eps (converted from v / x0 predictions, and guided), so
         // classifier guidance applies the same way whatever the model predicts.
-        let mut solver = DpmSolverPp2m::new(&full.schedule, n)?;
+        let mut solver = DpmSolverPp2m::with_lambda_min(&full.schedule, n, DPM_LAMBDA_MIN)?
+            .with_clip(self.settings.clip_denoised);
         for i in 0..n {
             let t = solver.current_timestep().expect("n steps");
             let t_model = vec![t; b];

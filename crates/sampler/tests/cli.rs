@@ -258,11 +258,12 @@ fn every_sampler_and_guidance_from_the_command_line() {
         assert!(images.iter().any(|&p| p != images[0]), "{case:?}");
     }
     // x0 clipping: on by default for ddpm/ddim (improved-diffusion's clip_denoised), off with
-    // --no-clip, off by default for dpm-solver (which rejects an explicit --clip, below)
+    // --no-clip; heun never clips (and rejects an explicit --clip, below)
     for (args, want) in [
         (&["--sampler", "ddpm"][..], true),
         (&["--sampler", "ddim", "--no-clip"][..], false),
-        (&["--sampler", "dpm-solver"][..], false),
+        (&["--sampler", "dpm-solver"][..], true),
+        (&["--sampler", "heun"][..], false),
     ] {
         let mut c = bin("ddpm-sample");
         c.arg("--checkpoint")
@@ -278,7 +279,7 @@ fn every_sampler_and_guidance_from_the_command_line() {
     let mut c = bin("ddpm-sample");
     c.arg("--checkpoint")
         .arg(&f.run)
-        .args(["--sampler", "dpm-solver", "--clip"]);
+        .args(["--sampler", "heun", "--clip"]);
     let o = c.output().unwrap();
     assert!(!o.status.success());
     assert!(

@@ -56,12 +56,40 @@ pub struct DpmSolverPp2m {
     pub mean_type: ModelMeanType,
     step_index: usize,
     prev_x0: Option<Tensor>,
+    clip_x0: bool,
 }
 
 impl DpmSolverPp2m {
     /// A solver for `n` steps on the full training schedule, for an eps-predicting model.
     pub fn new(schedule: &NoiseSchedule, n: usize) -> Result<Self> {
-        let timesteps = linspace_timesteps(schedule.num_timesteps(), n)?;
+        Self::from_timesteps(schedule, linspace_timesteps(schedule.num_timesteps(), n)?)
+    }
+
+    /// As [`Self::new`], but the steps span only the training timesteps whose half-log-SNR
+    /// `lambda(t) = ln(alpha_t / sigma_t)` is at least `lambda_min` (diffusers'
+    /// `lambda_min_clipped`, which it calls critical for the cosine schedule): there alpha_bar at
+    /// t = T-1 is ~2e-9, the first data prediction divides the model's eps error by ~5e-5 and the
+    /// samples turn to speckle noise. -5.1 (diffusers' value) leaves the linear schedule untouched
+    /// (its lambda(T-1) is about -5.07).
+    pub fn with_lambda_min(schedule: &NoiseSchedule, n: usize, lambda_min: f64) -> Result<Self> {
+        let big_t = schedule.num_timesteps();
+        let clipped = schedule
+            .alphas_cumprod
+            .iter()
+            .filter(|&&a| 0.5 * (a / (1.0 - a)).ln() < lambda_min)
+            .count();
+        let last = big_t - clipped;
+        if last < 2 {
+            return Err(DiffusionError::InvalidUse(format!(
+                "lambda_min {lambda_min} leaves {last} of {big_t} timesteps"
+            )));
+        }
+        // linspace over [0, last - 1], as diffusers; the timesteps stay training indices.
+        Self::from_timesteps(schedule, linspace_timesteps(last, n)?)
+    }
+
+    fn from_timesteps(schedule: &NoiseSchedule, timesteps: Vec<usize>) -> Result<Self> {
+        let n = timesteps.len();
         let ac = &schedule.alphas_cumprod;
         let mut sigmas: Vec<f64> = timesteps
             .iter()
@@ -84,7 +112,16 @@ impl DpmSolverPp2m {
             mean_type: ModelMeanType::Epsilon,
             step_index: 0,
             prev_x0: None,
+            clip_x0: false,
         })
+    }
+
+    /// Clamps every data prediction to [-1, 1] before it enters the update (static thresholding,
+    /// which DPM-Solver++ is designed to take): for pixel models on the cosine schedule the early
+    /// x0 estimates are far outside the data range and, unclamped, end up as speckle noise.
+    pub fn with_clip(mut self, clip: bool) -> Self {
+        self.clip_x0 = clip;
+        self
     }
 
     /// Interprets the model output as `mean_type` (eps by default).
@@ -136,7 +173,10 @@ impl DpmSolverPp2m {
                 "all {n} solver steps were already taken"
             )));
         }
-        let x0 = self.x0_from_output(i, model_output, x)?;
+        let mut x0 = self.x0_from_output(i, model_output, x)?;
+        if self.clip_x0 {
+            x0 = x0.clamp(-1.0, 1.0)?;
+        }
         let order = self.order(i);
         let x_next = if i + 1 == n {
             // sigma_{n} = 0: lambda = +inf, exp(-h) = 0, alpha = 1 and the update is exactly x0.
@@ -172,6 +212,26 @@ impl DpmSolverPp2m {
 mod tests {
     use super::*;
     use crate::schedule::BetaSchedule;
+
+    #[test]
+    fn lambda_min_clips_the_cosine_end_only() {
+        let lin = NoiseSchedule::new(&BetaSchedule::Linear, 1000).unwrap();
+        let a = DpmSolverPp2m::new(&lin, 20).unwrap();
+        let b = DpmSolverPp2m::with_lambda_min(&lin, 20, -5.1).unwrap();
+        assert_eq!(
+            a.timesteps, b.timesteps,
+            "the linear schedule must be unchanged"
+        );
+        let cos = NoiseSchedule::new(&BetaSchedule::Cosine, 1000).unwrap();
+        let c = DpmSolverPp2m::with_lambda_min(&cos, 20, -5.1).unwrap();
+        let first = c.timesteps[0];
+        assert!((990..999).contains(&first), "first timestep {first}");
+        let ac = cos.alphas_cumprod[first];
+        assert!(0.5 * (ac / (1.0 - ac)).ln() >= -5.1);
+        let ac = cos.alphas_cumprod[first + 1];
+        assert!(0.5 * (ac / (1.0 - ac)).ln() < -5.1);
+        assert!(DpmSolverPp2m::with_lambda_min(&cos, 20, 50.0).is_err());
+    }
 
     #[test]
     fn linspace_spacing_matches_diffusers() {

@@ -67,13 +67,14 @@ struct Args {
     /// DDIM eta (0 = deterministic).
     #[arg(long, default_value_t = 0.0)]
     eta: f64,
-    /// Clip predicted x0 to [-1, 1] (ddpm, ddim). The default for ddpm and ddim, as
+    /// Clip predicted x0 to [-1, 1] (ddpm, ddim, dpm-solver). The default for those, as
     /// improved-diffusion's `clip_denoised=True`: with the cosine schedule alpha_bar at t = T-1 is
     /// ~2e-9, so an unclipped x0 estimate there magnifies the model's eps error ~30x into the next
-    /// step, and samplers that start at T-1 (DDPM-1000, `--steps N` sections) turn to speckle noise.
+    /// step, and samplers that start near T-1 (DDPM-1000, `--steps N` sections, DPM-Solver++)
+    /// turn to speckle noise.
     #[arg(long, overrides_with = "no_clip")]
     clip: bool,
-    /// Do not clip the predicted x0 (the default for dpm-solver and heun, which do not clip).
+    /// Do not clip the predicted x0 (heun never clips).
     #[arg(long, overrides_with = "clip")]
     no_clip: bool,
     #[arg(long, default_value_t = 0)]
@@ -156,7 +157,7 @@ fn run(args: &Args, comm: &dyn ddpm_dist::Communicator) -> Result<()> {
     settings.steps = args.steps.clone();
     settings.eta = args.eta;
     settings.clip_denoised = match kind {
-        SamplerKind::Ddpm | SamplerKind::Ddim => !args.no_clip,
+        SamplerKind::Ddpm | SamplerKind::Ddim | SamplerKind::DpmSolver => !args.no_clip,
         _ => args.clip,
     };
     settings.fused_update = !args.no_fused;
