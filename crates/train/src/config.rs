@@ -290,6 +290,43 @@ pub struct TrainConfig {
     pub schedule: ScheduleConfig,
     #[serde(default)]
     pub preview: PreviewConfig,
+    /// Data-parallel settings; absent = defaults (not serialised then, so older configs hash the same).
+    #[serde(default, skip_serializing_if = "DistConfig::is_default")]
+    pub dist: DistConfig,
+}
+
+/// How gradients travel between ranks.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DistConfig {
+    /// Gradient bucket size in MiB: each step all-reduces the gradients packed into buckets of
+    /// at most this size. Large buckets amortise per-call latency (NCCL, networks); on one host
+    /// OpenMPI was faster with smaller ones (bench/RESULTS.md).
+    #[serde(default = "d_bucket_mb")]
+    pub bucket_mb: f64,
+}
+
+fn d_bucket_mb() -> f64 {
+    25.0
+}
+
+impl Default for DistConfig {
+    fn default() -> Self {
+        Self {
+            bucket_mb: d_bucket_mb(),
+        }
+    }
+}
+
+impl DistConfig {
+    fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+
+    /// The bucket size in bytes.
+    pub fn bucket_bytes(&self) -> usize {
+        (self.bucket_mb * 1024.0 * 1024.0) as usize
+    }
 }
 
 fn d_timesteps() -> usize {
@@ -524,6 +561,12 @@ impl TrainConfig {
 
         if self.data.path.as_os_str().is_empty() {
             return Err(invalid("data.path", "must not be empty"));
+        }
+        if !(self.dist.bucket_mb.is_finite() && self.dist.bucket_mb >= 0.001) {
+            return Err(invalid(
+                "dist.bucket_mb",
+                format!("must be at least 0.001 MiB, got {}", self.dist.bucket_mb),
+            ));
         }
         if self.data.batch == 0 || self.data.batch > 65_536 {
             return Err(invalid(

@@ -18,7 +18,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor, Var};
 use ddpm_data::{Loader, LoaderConfig};
-use ddpm_dist::{Communicator, GradientSync, DEFAULT_BUCKET_BYTES};
+use ddpm_dist::{Communicator, GradientSync};
 use serde_json::{json, Map};
 
 use crate::checkpoint::{self, Checkpoint};
@@ -286,7 +286,7 @@ pub fn train(
             .iter()
             .map(|v| v.as_tensor().clone())
             .collect::<Vec<_>>(),
-        DEFAULT_BUCKET_BYTES,
+        cfg.dist.bucket_bytes(),
     )?;
     if comm.world_size() > 1 {
         sync.verify_across_ranks(comm)?;

@@ -61,6 +61,7 @@ fn bad_values_name_their_key() {
             "diffusion.classifier_noised",
         ),
         ("diffusion.min_snr_gamma=-5", "diffusion.min_snr_gamma"),
+        ("dist.bucket_mb=0", "dist.bucket_mb"),
         ("diffusion.loss=\"hybrid\"", "diffusion.loss"),
         ("diffusion.variance=\"learned_range\"", "model.learn_sigma"),
         ("preview.steps=1", "preview.steps"),
