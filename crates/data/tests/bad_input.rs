@@ -33,7 +33,13 @@ fn raw_file(
     classes: Option<usize>,
 ) -> PathBuf {
     let path = dir.join(name);
-    let f = hdf5::File::create(&path).unwrap();
+    // Strong close: H5Fclose closes every object of the file at once, so its write lock is gone
+    // before the reader opens it (with the default weak degree a still-referenced object kept the
+    // file open and the reader's lock failed with EAGAIN, seen once in a full test run).
+    let f = hdf5::FileBuilder::new()
+        .with_fapl(|p| p.fclose_degree(hdf5::file::FileCloseDegree::Strong))
+        .create(&path)
+        .unwrap();
     make(&f);
     add_valid_attrs(&f, classes);
     f.close().unwrap();
