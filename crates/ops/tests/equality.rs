@@ -2,11 +2,34 @@
 
 mod common;
 
-use candle_core::{DType, Module, Var};
+use candle_core::{DType, Module, Tensor, Var};
 use common::{randn, rel_err};
 
 /// Rounding of f32 sums of a few hundred products, relative to the output's scale.
 const TOL: f64 = 2e-5;
+
+/// Backpropagates the same random cotangent (drawn with `seed`) through both results and requires
+/// every listed input's gradient to agree to `TOL`.
+fn assert_same_grads(
+    what: &str,
+    ours: Tensor,
+    theirs: Tensor,
+    seed: u64,
+    inputs: &[(&str, &Tensor)],
+) {
+    let r = randn(seed, ours.dims(), DType::F32);
+    let g1 = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    let g2 = (theirs * &r)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    for (name, v) in inputs {
+        let e = rel_err(g1.get(v).unwrap(), g2.get(v).unwrap());
+        assert!(e < TOL, "{what}: {name} differs by {e:.2e}");
+    }
+}
 
 fn conv_vs_candle(b: usize, cin: usize, cout: usize, hw: usize, k: usize, s: usize, p: usize) {
     let x = Var::from_tensor(&randn(1, &[b, cin, hw, hw], DType::F32)).unwrap();
@@ -27,18 +50,13 @@ fn conv_vs_candle(b: usize, cin: usize, cout: usize, hw: usize, k: usize, s: usi
     let what = format!("conv b{b} {cin}->{cout} {hw}x{hw} k{k} s{s} p{p}");
     let e = rel_err(&ours, &theirs);
     assert!(e < TOL, "{what}: forward differs by {e:.2e}");
-    let r = randn(4, ours.dims(), DType::F32);
-    let g1 = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
-    let g2 = (theirs * &r)
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .backward()
-        .unwrap();
-    for (name, v) in [("dx", xt), ("dW", wt), ("db", bt)] {
-        let e = rel_err(g1.get(v).unwrap(), g2.get(v).unwrap());
-        assert!(e < TOL, "{what}: {name} differs by {e:.2e}");
-    }
+    assert_same_grads(
+        &what,
+        ours,
+        theirs,
+        4,
+        &[("dx", xt), ("dW", wt), ("db", bt)],
+    );
     println!("{what}: ok");
 }
 
@@ -73,21 +91,12 @@ fn conv_per_example_bias_matches_candle() {
             .broadcast_add(&b.as_tensor().reshape((4, 6, 1, 1)).unwrap())
             .unwrap();
         assert!(rel_err(&ours, &theirs) < TOL);
-        let r = randn(4, ours.dims(), DType::F32);
-        let g1 = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
-        let g2 = (theirs * &r)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        for v in [&x, &w, &b] {
-            let e = rel_err(
-                g1.get(v.as_tensor()).unwrap(),
-                g2.get(v.as_tensor()).unwrap(),
-            );
-            assert!(e < TOL, "k{k} s{s}: gradient differs by {e:.2e}");
-        }
+        let inputs = [
+            ("dx", x.as_tensor()),
+            ("dW", w.as_tensor()),
+            ("db", b.as_tensor()),
+        ];
+        assert_same_grads(&format!("k{k} s{s}"), ours, theirs, 4, &inputs);
     }
     let x = randn(1, &[4, 8, 10, 10], DType::F32);
     let w = randn(2, &[6, 8, 3, 3], DType::F32);
@@ -149,18 +158,8 @@ fn gn_vs_candle(dims: &[usize], groups: usize, silu: bool) {
     let what = format!("group_norm {dims:?} groups {groups} silu {silu}");
     let e = rel_err(&ours, &theirs);
     assert!(e < TOL, "{what}: forward differs by {e:.2e}");
-    let r = randn(7, dims, DType::F32);
-    let g1 = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
-    let g2 = (theirs * &r)
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .backward()
-        .unwrap();
-    for (name, v) in [("dx", x.as_tensor()), ("dgamma", &g), ("dbeta", &b)] {
-        let e = rel_err(g1.get(v).unwrap(), g2.get(v).unwrap());
-        assert!(e < TOL, "{what}: {name} differs by {e:.2e}");
-    }
+    let inputs = [("dx", x.as_tensor()), ("dgamma", &g), ("dbeta", &b)];
+    assert_same_grads(&what, ours, theirs, 7, &inputs);
     println!("{what}: ok");
 }
 
@@ -183,19 +182,7 @@ fn softmax_matches_candle_nn() {
     let ours = ddpm_ops::softmax_last_dim(x.as_tensor()).unwrap();
     let theirs = candle_nn::ops::softmax(x.as_tensor(), candle_core::D::Minus1).unwrap();
     assert!(rel_err(&ours, &theirs) < 1e-6);
-    let r = randn(9, ours.dims(), DType::F32);
-    let g1 = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
-    let g2 = (theirs * &r)
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .backward()
-        .unwrap();
-    let e = rel_err(
-        g1.get(x.as_tensor()).unwrap(),
-        g2.get(x.as_tensor()).unwrap(),
-    );
-    assert!(e < TOL, "softmax dx differs by {e:.2e}");
+    assert_same_grads("softmax", ours, theirs, 9, &[("dx", x.as_tensor())]);
 }
 
 #[test]
@@ -211,19 +198,10 @@ fn attention_matches_composite() {
     let theirs = v.as_tensor().matmul(&w.t().unwrap()).unwrap();
     let e = rel_err(&ours, &theirs);
     assert!(e < TOL, "attention forward differs by {e:.2e}");
-    let r = randn(33, &[n, d, t], DType::F32);
-    let g1 = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
-    let g2 = (theirs * &r)
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .backward()
-        .unwrap();
-    for (name, x) in [("dq", &q), ("dk", &k), ("dv", &v)] {
-        let e = rel_err(
-            g1.get(x.as_tensor()).unwrap(),
-            g2.get(x.as_tensor()).unwrap(),
-        );
-        assert!(e < TOL, "attention {name} differs by {e:.2e}");
-    }
+    let inputs = [
+        ("dq", q.as_tensor()),
+        ("dk", k.as_tensor()),
+        ("dv", v.as_tensor()),
+    ];
+    assert_same_grads("attention", ours, theirs, 33, &inputs);
 }
