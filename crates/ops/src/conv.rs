@@ -417,7 +417,7 @@ fn backward<T: Elem>(
         let n = g.n();
         // Per example and channel, then (unless per example) over the batch in order.
         let db = need_db.then(|| {
-            let per: Vec<T> = dy.chunks_exact(n).map(sum).collect();
+            let per: Vec<T> = dy.par_chunks_exact(n).map(sum).collect();
             if per_example_bias {
                 per
             } else {

@@ -14,6 +14,7 @@
 //!   two-pass backward.
 //! - [`softmax_last_dim`] / [`softmax_scaled`]: softmax over the last dimension with backward
 //!   (`candle_nn::ops::softmax_last_dim` has none).
+//! - [`cat_channels`]: the decoder's skip concatenation, copied on all threads.
 //! - [`attention`]: `v softmax(scale q^T k)^T` over channel-major q, k, v in one op, its backward
 //!   four GEMMs on strided views.
 //!
@@ -29,6 +30,7 @@
 //! chunk order, so a different thread count can change them in the last bits.
 
 mod attention;
+mod cat;
 mod conv;
 mod elem;
 mod gemm;
@@ -41,9 +43,10 @@ mod softmax;
 mod winograd;
 
 pub use attention::attention;
+pub use cat::cat_channels;
 pub use conv::{conv2d, conv2d_grads};
 pub use layers::{Conv2d, GroupNorm};
-pub use norm::group_norm;
+pub use norm::{group_norm, group_norm_masked};
 pub use runtime::{
     fast_path_enabled, init_cpu, num_threads, set_fast_path, set_num_threads, set_tile_bytes,
     set_winograd, tile_bytes, tune_malloc, winograd_enabled, DEFAULT_TILE_BYTES,

@@ -6,6 +6,11 @@
 //! `d_beta_c = sum dz`, `d_gamma_c = sum dz * x_hat`,
 //! `dx = rstd * (gamma_c * dz - mean_g(gamma * dz) - x_hat * mean_g(gamma * dz * x_hat))`.
 //! The statistics are kept from the forward pass; the backward reads `x` and `dy` twice.
+//!
+//! [`group_norm_masked`] multiplies the output by a fixed mask (the ResBlock's dropout, which
+//! follows GroupNorm+SiLU) inside the same pass, and `dy` by it in the backward. As a separate
+//! `h * mask` node, dropout cost candle a forward pass, two backward multiplications (one of
+//! them the unused gradient of the mask) and two zero-filled gradient accumulators.
 
 use std::mem::MaybeUninit;
 use std::sync::OnceLock;
@@ -32,6 +37,20 @@ pub fn group_norm(
     eps: f64,
     silu: bool,
 ) -> Result<Tensor> {
+    group_norm_masked(x, gamma, beta, groups, eps, silu, None)
+}
+
+/// [`group_norm`] followed by `* mask` (same shape as `x`, not differentiated: a dropout mask
+/// of zeros and `1 / (1 - p)`), fused into the op.
+pub fn group_norm_masked(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    groups: usize,
+    eps: f64,
+    silu: bool,
+    mask: Option<&Tensor>,
+) -> Result<Tensor> {
     let dims = x.dims();
     if dims.len() < 2 {
         bail!("group_norm: input must be [B, C, ...], got {dims:?}");
@@ -47,20 +66,34 @@ pub fn group_norm(
             beta.dims()
         );
     }
+    if let Some(m) = mask {
+        if m.dims() != dims {
+            bail!(
+                "group_norm: mask shape {:?} differs from input {dims:?}",
+                m.dims()
+            );
+        }
+    }
     let fast = fast_path_enabled()
         && matches!(x.dtype(), DType::F32 | DType::F64)
         && gamma.dtype() == x.dtype()
         && beta.dtype() == x.dtype()
+        && mask.is_none_or(|m| m.dtype() == x.dtype() && m.device().is_cpu())
         && x.device().is_cpu()
         && gamma.device().is_cpu()
         && beta.device().is_cpu();
     if !fast {
-        return composite(x, gamma, beta, groups, eps, silu);
+        let y = composite(x, gamma, beta, groups, eps, silu)?;
+        return match mask {
+            Some(m) => y * m.detach(),
+            None => Ok(y),
+        };
     }
     let op = GroupNormOp {
         groups,
         eps,
         silu,
+        mask: mask.map(|m| m.detach().contiguous()).transpose()?,
         stats: OnceLock::new(),
     };
     x.contiguous()?
@@ -100,6 +133,8 @@ struct GroupNormOp {
     groups: usize,
     eps: f64,
     silu: bool,
+    /// Multiplies the output (and `dy` in the backward); contiguous, shaped as `x`.
+    mask: Option<Tensor>,
     /// `(mean, rstd)` per (example, group), from the forward pass.
     stats: OnceLock<Vec<(f64, f64)>>,
 }
@@ -140,12 +175,19 @@ fn stats<T: Elem>(xs: &[T], eps: f64) -> (f64, f64) {
     (mean, 1.0 / (var + eps).sqrt())
 }
 
+/// The group of `mask` (if any) that goes with group `i` of `len` values.
+#[inline(always)]
+fn mask_group<T>(mask: Option<&[T]>, i: usize, len: usize) -> Option<&[T]> {
+    mask.map(|m| &m[i * len..(i + 1) * len])
+}
+
 fn forward<T: Elem>(
     op: &GroupNormOp,
     d: Dims,
     x: &[T],
     gamma: &[T],
     beta: &[T],
+    mask: Option<&[T]>,
 ) -> (Vec<T>, Vec<(f64, f64)>) {
     let len = d.cg * d.s;
     let mut y = Uninit::<T>::new(x.len());
@@ -154,7 +196,10 @@ fn forward<T: Elem>(
         .par_chunks_mut(len)
         .zip(x.par_chunks(len))
         .enumerate()
-        .map(|(i, (yg, xg))| forward_group_simd(op, d, i, yg, xg, gamma, beta))
+        .map(|(i, (yg, xg))| {
+            let mg = mask_group(mask, i, len);
+            forward_group_simd(op, d, i, yg, xg, gamma, beta, mg)
+        })
         .collect();
     // SAFETY: every group's values were written.
     (unsafe { y.assume_init() }, stats)
@@ -168,6 +213,7 @@ avx2_variant!(fn forward_group_simd<T>(
     xg: &[T],
     gamma: &[T],
     beta: &[T],
+    mg: Option<&[T]>,
 ) -> (f64, f64) = forward_group);
 
 avx2_variant!(fn backward_group_simd<T>(
@@ -180,9 +226,11 @@ avx2_variant!(fn backward_group_simd<T>(
     gamma: &[T],
     beta: &[T],
     stats: &[(f64, f64)],
+    mg: Option<&[T]>,
 ) -> Vec<(f64, f64)> = backward_group);
 
 /// One (example, group) of [`forward`]: writes `yg`, returns `(mean, rstd)`.
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn forward_group<T: Elem>(
     op: &GroupNormOp,
@@ -192,6 +240,7 @@ fn forward_group<T: Elem>(
     xg: &[T],
     gamma: &[T],
     beta: &[T],
+    mg: Option<&[T]>,
 ) -> (f64, f64) {
     let (mean, rstd) = stats(xg, op.eps);
     let c0 = (i % op.groups) * d.cg;
@@ -205,14 +254,24 @@ fn forward_group<T: Elem>(
             T::from_f64(a),
             T::from_f64(beta[c0 + j].to_f64() - mean * a),
         );
-        if op.silu {
-            for (o, &v) in yc.iter_mut().zip(xc) {
-                let z = v * a + sh;
-                o.write(z * sigmoid(z));
+        match (op.silu, mg) {
+            (true, None) => {
+                for (o, &v) in yc.iter_mut().zip(xc) {
+                    let z = v * a + sh;
+                    o.write(z * sigmoid(z));
+                }
             }
-        } else {
-            for (o, &v) in yc.iter_mut().zip(xc) {
-                o.write(v * a + sh);
+            (false, None) => {
+                for (o, &v) in yc.iter_mut().zip(xc) {
+                    o.write(v * a + sh);
+                }
+            }
+            (silu, Some(mg)) => {
+                let mc = &mg[j * d.s..(j + 1) * d.s];
+                for ((o, &v), &m) in yc.iter_mut().zip(xc).zip(mc) {
+                    let z = v * a + sh;
+                    o.write(if silu { z * sigmoid(z) } else { z } * m);
+                }
             }
         }
     }
@@ -221,6 +280,7 @@ fn forward_group<T: Elem>(
 
 type Grads<T> = (Vec<T>, Vec<T>, Vec<T>);
 
+#[allow(clippy::too_many_arguments)]
 fn backward<T: Elem>(
     op: &GroupNormOp,
     d: Dims,
@@ -229,6 +289,7 @@ fn backward<T: Elem>(
     beta: &[T],
     dy: &[T],
     stats: &[(f64, f64)],
+    mask: Option<&[T]>,
 ) -> Grads<T> {
     let len = d.cg * d.s;
     let mut dx = Uninit::<T>::new(x.len());
@@ -239,7 +300,8 @@ fn backward<T: Elem>(
         .zip(x.par_chunks(len).zip(dy.par_chunks(len)))
         .enumerate()
         .map(|(i, (dxg, (xg, dyg)))| {
-            backward_group_simd(op, d, i, dxg, xg, dyg, gamma, beta, stats)
+            let mg = mask_group(mask, i, len);
+            backward_group_simd(op, d, i, dxg, xg, dyg, gamma, beta, stats, mg)
         })
         .collect();
     let (dgamma, dbeta) = reduce_param_grads::<T>(op, d, sums);
@@ -261,6 +323,7 @@ fn backward_group<T: Elem>(
     gamma: &[T],
     beta: &[T],
     stats: &[(f64, f64)],
+    mg: Option<&[T]>,
 ) -> Vec<(f64, f64)> {
     let n = (d.cg * d.s) as f64;
     // Written in full by the loop below, before anything reads it.
@@ -282,14 +345,29 @@ fn backward_group<T: Elem>(
         .enumerate()
     {
         let (g, bt) = (gamma[c0 + j], beta[c0 + j]);
-        if op.silu {
-            for ((o, &v), &gy) in dzc.iter_mut().zip(xc).zip(dyc) {
-                let z = (v - mean_t) * rstd_t * g + bt;
-                let sg = sigmoid(z);
-                *o = gy * sg * (T::ONE + z * (T::ONE - sg));
+        match (op.silu, mg) {
+            (true, None) => {
+                for ((o, &v), &gy) in dzc.iter_mut().zip(xc).zip(dyc) {
+                    let z = (v - mean_t) * rstd_t * g + bt;
+                    let sg = sigmoid(z);
+                    *o = gy * sg * (T::ONE + z * (T::ONE - sg));
+                }
             }
-        } else {
-            dzc.copy_from_slice(dyc);
+            (true, Some(mg)) => {
+                let mc = &mg[j * d.s..(j + 1) * d.s];
+                for (((o, &v), &gy), &m) in dzc.iter_mut().zip(xc).zip(dyc).zip(mc) {
+                    let z = (v - mean_t) * rstd_t * g + bt;
+                    let sg = sigmoid(z);
+                    *o = gy * m * sg * (T::ONE + z * (T::ONE - sg));
+                }
+            }
+            (false, None) => dzc.copy_from_slice(dyc),
+            (false, Some(mg)) => {
+                let mc = &mg[j * d.s..(j + 1) * d.s];
+                for ((o, &gy), &m) in dzc.iter_mut().zip(dyc).zip(mc) {
+                    *o = gy * m;
+                }
+            }
         }
         let sdz = lanes_sum(dzc, |v| v);
         let sdzx = lanes_sum2(dzc, xc, |dz, v| dz * ((v - mean_t) * rstd_t));
@@ -352,10 +430,19 @@ impl CustomOp3 for GroupNormOp {
         lb: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let d = self.dims(lx.shape());
+        let mask = self.mask.as_ref().map(|m| m.storage_and_layout());
+        let mask = match &mask {
+            Some((s, l)) => match &**s {
+                Storage::Cpu(s) => Some((s, *l)),
+                _ => bail!("ddpm-ops group_norm: mask is not on the CPU"),
+            },
+            None => None,
+        };
         macro_rules! run {
             ($t:ty) => {{
+                let m = mask.map(|(s, l)| slice::<$t>(s, l)).transpose()?;
                 let (y, st) =
-                    forward::<$t>(self, d, slice(sx, lx)?, slice(sg, lg)?, slice(sb, lb)?);
+                    forward::<$t>(self, d, slice(sx, lx)?, slice(sg, lg)?, slice(sb, lb)?, m);
                 let _ = self.stats.set(st);
                 <$t>::to_cpu_storage_owned(y)
             }};
@@ -392,6 +479,14 @@ impl CustomOp3 for GroupNormOp {
         else {
             bail!("ddpm-ops group_norm backward: tensors are not on the CPU");
         };
+        let mask = self.mask.as_ref().map(|m| m.storage_and_layout());
+        let mask = match &mask {
+            Some((s, l)) => match &**s {
+                Storage::Cpu(s) => Some((s, *l)),
+                _ => bail!("ddpm-ops group_norm backward: mask is not on the CPU"),
+            },
+            None => None,
+        };
         macro_rules! run {
             ($t:ty) => {{
                 let xs = slice::<$t>(sx, lx)?;
@@ -414,6 +509,7 @@ impl CustomOp3 for GroupNormOp {
                     slice(sb, lb)?,
                     slice(sd, ld)?,
                     st,
+                    mask.map(|(s, l)| slice::<$t>(s, l)).transpose()?,
                 );
                 let wrap = |v: Vec<$t>, s: &Shape| {
                     Tensor::from_storage(

@@ -111,6 +111,37 @@ fn group_norm_plain() {
 }
 
 #[test]
+fn group_norm_masked() {
+    // A dropout-like mask (zeros and 1/(1-p)) folded into the op; the mask gets no gradient.
+    for (dims, groups, silu) in [([3usize, 6, 4, 5], 3, true), ([2, 4, 3, 3], 2, false)] {
+        let c = dims[1];
+        let x = randn(4, &dims, DType::F64).affine(2.0, 0.5).unwrap();
+        let g = randn(5, &[c], DType::F64).affine(0.5, 1.0).unwrap();
+        let b = randn(6, &[c], DType::F64).affine(0.5, 0.0).unwrap();
+        let mask = randn(7, &dims, DType::F64)
+            .ge(-0.5)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .affine(1.25, 0.0)
+            .unwrap();
+        let worst = gradcheck(&[x, g, b], |t| {
+            ddpm_ops::group_norm_masked(&t[0], &t[1], &t[2], groups, 1e-5, silu, Some(&mask))
+        });
+        println!("group_norm_masked {dims:?} silu {silu}: worst rel err {worst:.2e}");
+    }
+}
+
+#[test]
+fn cat_channels() {
+    let a = randn(8, &[3, 2, 4, 5], DType::F64);
+    let b = randn(9, &[3, 3, 4, 5], DType::F64);
+    // Squared so the gradient reaching each input depends on its values, not just ones.
+    let worst = gradcheck(&[a, b], |t| ddpm_ops::cat_channels(&t[0], &t[1])?.sqr());
+    println!("cat_channels: worst rel err {worst:.2e}");
+}
+
+#[test]
 fn softmax_last_dim() {
     let x = randn(7, &[3, 4, 7], DType::F64).affine(2.0, 0.0).unwrap();
     let worst = gradcheck(&[x], |t| ddpm_ops::softmax_last_dim(&t[0]));

@@ -149,32 +149,35 @@ impl ResBlock {
         let pre = norm_silu(&self.in_norm, x)?;
         let (b, c) = (x.dim(0)?, self.out_channels);
         let e = self.emb_proj.forward(&emb.silu()?)?;
+        let (_, _, hh, ww) = x.dims4()?;
+        let mask = ctx.dropout_mask(
+            self.dropout_layer,
+            self.dropout,
+            &[b, c, hh, ww],
+            x.dtype(),
+            x.device(),
+        )?;
         let h = if self.scale_shift {
             let h = self.in_conv.forward(&pre)?;
             let e = e.reshape((b, 2 * c, 1, 1))?;
             let scale = e.narrow(1, 0, c)?;
             let shift = e.narrow(1, c, c)?;
             let n = self.out_norm.forward(&h)?;
-            n.broadcast_mul(&(scale + 1.0)?)?
+            let h = n
+                .broadcast_mul(&(scale + 1.0)?)?
                 .broadcast_add(&shift)?
-                .silu()?
+                .silu()?;
+            match &mask {
+                Some(mask) => (h * mask)?,
+                None => h,
+            }
         } else {
             // conv(pre) + bias + embedding, the embedding folded into a per-example conv bias
-            // so the sum costs no pass over the activations.
+            // so the sum costs no pass over the activations; dropout fused into GroupNorm+SiLU.
             let conv = &self.in_conv;
             let bias = e.broadcast_add(&conv.bias)?;
             let h = ddpm_ops::conv2d(&pre, &conv.weight, Some(&bias), conv.stride, conv.padding)?;
-            norm_silu(&self.out_norm, &h)?
-        };
-        let h = match ctx.dropout_mask(
-            self.dropout_layer,
-            self.dropout,
-            h.dims(),
-            h.dtype(),
-            h.device(),
-        )? {
-            Some(mask) => (h * mask)?,
-            None => h,
+            self.out_norm.forward_silu_masked(&h, mask.as_ref())?
         };
         let h = self.out_conv.forward(&h)?;
         let skip = match &self.skip {

@@ -7,6 +7,7 @@
 
 use candle_core::{DType, Device, Tensor};
 use ddpm_rng::StreamKey;
+use rayon::prelude::*;
 
 use crate::error::{Result, UNetError};
 
@@ -83,12 +84,16 @@ pub fn dropout_mask(
     let scale = (1.0 / (1.0 - p)) as f32;
     let p = p as f32;
     let mut mask = vec![0f32; b * per_example];
-    for (i, chunk) in mask.chunks_mut(per_example.max(1)).enumerate().take(b) {
-        let sk = StreamKey::dropout(key.seed, layer, key.step, key.first_example + i as u64);
-        sk.fill_uniform(chunk);
-        for m in chunk.iter_mut() {
-            *m = if *m >= p { scale } else { 0.0 };
-        }
-    }
+    // One stream per example, so the examples can be drawn on any threads in any order.
+    mask.par_chunks_mut(per_example.max(1))
+        .enumerate()
+        .take(b)
+        .for_each(|(i, chunk)| {
+            let sk = StreamKey::dropout(key.seed, layer, key.step, key.first_example + i as u64);
+            sk.fill_uniform(chunk);
+            for m in chunk.iter_mut() {
+                *m = if *m >= p { scale } else { 0.0 };
+            }
+        });
     Ok(Tensor::from_vec(mask, dims, device)?.to_dtype(dtype)?)
 }

@@ -139,6 +139,23 @@ impl GroupNorm {
     pub fn forward_silu(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         ddpm_ops::group_norm(x, &self.weight, &self.bias, self.groups, self.eps, true)
     }
+
+    /// `silu(self.forward(x)) * mask` (a dropout mask, or none) in one fused op.
+    pub fn forward_silu_masked(
+        &self,
+        x: &Tensor,
+        mask: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
+        ddpm_ops::group_norm_masked(
+            x,
+            &self.weight,
+            &self.bias,
+            self.groups,
+            self.eps,
+            true,
+            mask,
+        )
+    }
 }
 
 impl Module for GroupNorm {

@@ -243,7 +243,7 @@ impl UNet {
             let skip = skips
                 .pop()
                 .ok_or_else(|| UNetError::Input("internal: skip stack empty".into()))?;
-            h = s.forward(&Tensor::cat(&[&h, &skip], 1)?, &emb, ctx)?;
+            h = s.forward(&ddpm_ops::cat_channels(&h, &skip)?, &emb, ctx)?;
         }
         Ok(self.out_conv.forward(&norm_silu(&self.out_norm, &h)?)?)
     }
