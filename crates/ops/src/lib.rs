@@ -41,6 +41,7 @@ mod runtime;
 mod simd;
 mod softmax;
 mod winograd;
+mod winograd4;
 
 pub use attention::attention;
 pub use cat::cat_channels;
@@ -49,6 +50,7 @@ pub use layers::{Conv2d, GroupNorm};
 pub use norm::{group_norm, group_norm_masked};
 pub use runtime::{
     fast_path_enabled, init_cpu, num_threads, set_fast_path, set_num_threads, set_tile_bytes,
-    set_winograd, tile_bytes, tune_malloc, winograd_enabled, DEFAULT_TILE_BYTES,
+    set_winograd, set_winograd4, tile_bytes, tune_malloc, winograd4_enabled, winograd_enabled,
+    DEFAULT_TILE_BYTES,
 };
 pub use softmax::{softmax_last_dim, softmax_scaled};

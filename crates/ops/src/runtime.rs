@@ -61,6 +61,28 @@ pub fn set_winograd(on: bool) {
     WINOGRAD.store(if on { ON } else { OFF }, Ordering::Relaxed);
 }
 
+static WINOGRAD4: AtomicU8 = AtomicU8::new(UNSET);
+
+/// Whether Winograd convs on feature maps of 8+ pixels a side use F(4x4, 3x3) (default) rather
+/// than F(2x2, 3x3). `DDPM_OPS_WINOGRAD4=0` (read on first use) or [`set_winograd4`]`(false)`
+/// turns it off.
+pub fn winograd4_enabled() -> bool {
+    match WINOGRAD4.load(Ordering::Relaxed) {
+        ON => true,
+        OFF => false,
+        _ => {
+            let on = std::env::var("DDPM_OPS_WINOGRAD4").map_or(true, |v| v != "0");
+            WINOGRAD4.store(if on { ON } else { OFF }, Ordering::Relaxed);
+            on
+        }
+    }
+}
+
+/// Overrides `DDPM_OPS_WINOGRAD4` for the rest of the process (benchmarks, tests).
+pub fn set_winograd4(on: bool) {
+    WINOGRAD4.store(if on { ON } else { OFF }, Ordering::Relaxed);
+}
+
 const UNSET: u8 = 0;
 const ON: u8 = 1;
 const OFF: u8 = 2;

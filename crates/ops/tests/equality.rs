@@ -69,6 +69,9 @@ fn conv_matches_candle() {
     conv_vs_candle(1, 5, 7, 6, 3, 1, 1);
     conv_vs_candle(16, 64, 64, 16, 3, 1, 1);
     conv_vs_candle(2, 3, 64, 32, 3, 1, 1);
+    // Wide reductions through F(4x4, 3x3)'s larger transform constants.
+    conv_vs_candle(2, 256, 16, 8, 3, 1, 1);
+    conv_vs_candle(2, 192, 32, 12, 3, 1, 1);
 }
 
 #[test]

@@ -55,6 +55,16 @@ fn conv_tiled_columns() {
 }
 
 #[test]
+fn conv3x3_winograd4_sizes() {
+    // Feature maps of 8+ pixels a side with 16+ channels in and out take F(4x4, 3x3) (others
+    // F(2x2, 3x3)): whole tiles, partial tiles at the right and bottom edges, one example
+    // (threaded GEMMs) and several.
+    conv_case(2, 16, 16, (8, 8), 3, 1, 1);
+    conv_case(2, 16, 17, (9, 10), 3, 1, 1);
+    conv_case(1, 17, 16, (13, 11), 3, 1, 1);
+}
+
+#[test]
 fn conv_single_example() {
     // One example: the threaded-GEMM path (fewer examples than threads).
     conv_case(1, 3, 4, (5, 5), 3, 1, 1);
