@@ -72,6 +72,10 @@ fn conv_matches_candle() {
     // Wide reductions through F(4x4, 3x3)'s larger transform constants.
     conv_vs_candle(2, 256, 16, 8, 3, 1, 1);
     conv_vs_candle(2, 192, 32, 12, 3, 1, 1);
+    // Blocks of F(4x4) tiles that start and end mid tile-row (56 and 91 tiles per block against
+    // 5 and 8 tiles per row).
+    conv_vs_candle(3, 64, 64, 20, 3, 1, 1);
+    conv_vs_candle(2, 32, 48, 30, 3, 1, 1);
 }
 
 #[test]
