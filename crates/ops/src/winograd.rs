@@ -61,13 +61,21 @@ impl Tiles {
         (e, r / self.tw, r % self.tw)
     }
 
-    /// Tiles per block for `channels` input + output channels of transformed data.
+    /// Tiles per block for `channels` input + output channels of transformed data: about
+    /// `BLOCK_BYTES` of it, in a number of blocks that is a multiple of the thread count (when
+    /// there are more blocks than threads), so that no thread runs one block more than another.
     fn block<T>(&self, channels: usize) -> usize {
         let per_tile = 16 * channels * std::mem::size_of::<T>();
-        (BLOCK_BYTES / per_tile)
+        let target = (BLOCK_BYTES / per_tile)
             .clamp(32, 512)
             .min(self.total)
-            .max(1)
+            .max(1);
+        let threads = num_threads();
+        let mut count = self.total.div_ceil(target);
+        if count > threads {
+            count = count.next_multiple_of(threads).min(self.total);
+        }
+        self.total.div_ceil(count).max(1)
     }
 
     fn blocks(&self, nb: usize) -> impl Iterator<Item = (usize, usize)> + Clone {

@@ -40,8 +40,10 @@ const MIN_CHANNELS: usize = 16;
 /// Planes of transformed data: 6x6 per tile.
 const P: usize = 36;
 
-/// Bytes of transformed data one block aims for (its V and M planes).
-const BLOCK_BYTES: usize = 1 << 20;
+/// Bytes of transformed data one block aims for (its V and M planes). Larger than L2: the
+/// GEMMs pack their operands anyway, and fewer, longer GEMMs measured ~10% faster over the
+/// U-Net's convolutions at 1 thread than 1 MiB blocks (bench/RESULTS.md).
+const BLOCK_BYTES: usize = 1 << 22;
 
 /// The tile grid of a batch: `th x tw` tiles of 4x4 outputs per example.
 #[derive(Clone, Copy)]
@@ -67,13 +69,21 @@ impl Grid {
         }
     }
 
-    /// Tiles per block for `channels` input + output channels of transformed data.
+    /// Tiles per block for `channels` input + output channels of transformed data: about
+    /// `BLOCK_BYTES` of it, in a number of blocks that is a multiple of the thread count (when
+    /// there are more blocks than threads), so that no thread runs one block more than another.
     fn block<T>(&self, channels: usize) -> usize {
         let per_tile = P * channels * std::mem::size_of::<T>();
-        (BLOCK_BYTES / per_tile)
+        let target = (BLOCK_BYTES / per_tile)
             .clamp(16, 512)
             .min(self.total)
-            .max(1)
+            .max(1);
+        let threads = num_threads();
+        let mut count = self.total.div_ceil(target);
+        if count > threads {
+            count = count.next_multiple_of(threads).min(self.total);
+        }
+        self.total.div_ceil(count).max(1)
     }
 
     fn blocks(&self, nb: usize) -> Vec<(usize, usize)> {
