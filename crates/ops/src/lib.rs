@@ -50,7 +50,7 @@ pub use layers::{Conv2d, GroupNorm};
 pub use norm::{group_norm, group_norm_masked};
 pub use runtime::{
     fast_path_enabled, init_cpu, num_threads, set_fast_path, set_num_threads, set_tile_bytes,
-    set_winograd, set_winograd4, tile_bytes, tune_malloc, winograd4_enabled, winograd_enabled,
-    DEFAULT_TILE_BYTES,
+    set_winograd, set_winograd4, set_winograd_block_bytes, tile_bytes, tune_malloc,
+    winograd4_enabled, winograd_enabled, DEFAULT_TILE_BYTES,
 };
 pub use softmax::{softmax_last_dim, softmax_scaled};

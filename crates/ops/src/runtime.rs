@@ -61,6 +61,22 @@ pub fn set_winograd(on: bool) {
     WINOGRAD.store(if on { ON } else { OFF }, Ordering::Relaxed);
 }
 
+static WINOGRAD_BLOCK_BYTES: AtomicUsize = AtomicUsize::new(0);
+
+/// Bytes of transformed data per Winograd block, overriding each variant's default (0: the
+/// defaults). Any size gives correct results; tests use tiny blocks to split tile rows.
+pub fn set_winograd_block_bytes(bytes: usize) {
+    WINOGRAD_BLOCK_BYTES.store(bytes, Ordering::Relaxed);
+}
+
+/// The override set by [`set_winograd_block_bytes`], or `default`.
+pub(crate) fn winograd_block_bytes(default: usize) -> usize {
+    match WINOGRAD_BLOCK_BYTES.load(Ordering::Relaxed) {
+        0 => default,
+        n => n,
+    }
+}
+
 static WINOGRAD4: AtomicU8 = AtomicU8::new(UNSET);
 
 /// Whether Winograd convs on feature maps of 8+ pixels a side use F(4x4, 3x3) (default) rather

@@ -74,7 +74,7 @@ impl Grid {
     /// there are more blocks than threads), so that no thread runs one block more than another.
     fn block<T>(&self, channels: usize) -> usize {
         let per_tile = P * channels * std::mem::size_of::<T>();
-        let target = (BLOCK_BYTES / per_tile)
+        let target = (crate::runtime::winograd_block_bytes(BLOCK_BYTES) / per_tile)
             .clamp(16, 512)
             .min(self.total)
             .max(1);

@@ -65,6 +65,15 @@ fn conv3x3_winograd4_sizes() {
 }
 
 #[test]
+fn conv3x3_winograd_small_blocks() {
+    // Blocks that end mid tile-row (27 F(4x4) tiles of 3 per row in blocks of ~14; 3 F(2x2) tiles
+    // per row in blocks of 32 of 75). The block size only changes speed for the other tests.
+    ddpm_ops::set_winograd_block_bytes(1);
+    conv_case(3, 16, 16, (10, 10), 3, 1, 1);
+    conv_case(3, 2, 2, (5, 6), 3, 1, 1);
+}
+
+#[test]
 fn conv_single_example() {
     // One example: the threaded-GEMM path (fewer examples than threads).
     conv_case(1, 3, 4, (5, 5), 3, 1, 1);
