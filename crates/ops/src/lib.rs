@@ -6,12 +6,13 @@
 //! whose backward walks the graph op by op. Here each of these is one op:
 //!
 //! - [`conv2d`]: 3x3 stride-1 "same" convolutions (nearly all of the U-Net's work) use Winograd
-//!   F(2x2, 3x3) in all three directions: 16 GEMMs over transformed tiles, 2.25x fewer
-//!   multiply-adds than direct convolution. Other shapes (stride 2, 1x1) are one GEMM per
+//!   in all three directions: F(4x4, 3x3) (36 GEMMs over transformed tiles, 4x fewer
+//!   multiply-adds than direct convolution) on maps of 8+ pixels a side with 16+ channels,
+//!   F(2x2, 3x3) (16 GEMMs, 2.25x fewer) on the others. Other shapes (stride 2, 1x1) are one GEMM per
 //!   example and direction (`W . im2col(x)`, `col2im(W^T . dY)`, `dY . im2col(x)^T`). GEMMs use
 //!   the `gemm` crate candle itself uses; work is spread over threads, scratch reused per thread.
 //! - [`group_norm`]: GroupNorm with an optional fused SiLU, statistics accumulated in f64, and a
-//!   two-pass backward.
+//!   two-pass backward; [`group_norm_masked`] also multiplies by a dropout mask in the same pass.
 //! - [`softmax_last_dim`] / [`softmax_scaled`]: softmax over the last dimension with backward
 //!   (`candle_nn::ops::softmax_last_dim` has none).
 //! - [`cat_channels`]: the decoder's skip concatenation, copied on all threads.
@@ -21,8 +22,9 @@
 //! All ops work in f32 and f64 on the CPU (f64 so that finite-difference gradient checks are
 //! meaningful; the f64 path is the same code). Other devices and dtypes, or `DDPM_OPS=candle` in
 //! the environment, take candle's built-in ops, so a CUDA build behaves as before;
-//! `DDPM_OPS_WINOGRAD=0` keeps the im2col path for 3x3 convs. Binaries call [`init_cpu`] first
-//! (thread count, candle's spin limit, malloc tuning). Measurements: bench/RESULTS.md.
+//! `DDPM_OPS_WINOGRAD=0` keeps the im2col path for 3x3 convs and `DDPM_OPS_WINOGRAD4=0` uses
+//! F(2x2) only. Binaries call [`init_cpu`] first (thread count, candle's spin limit, malloc
+//! tuning). Measurements: bench/RESULTS.md.
 //!
 //! # Determinism
 //! Results are bitwise reproducible for a given thread count. Weight and bias gradients are sums
