@@ -23,7 +23,7 @@ use crate::elem::{fill_uninit, Elem, Uninit};
 use crate::gemm::{gemm, Mat};
 use crate::im2col::{col2im_add, im2col, Geom};
 use crate::runtime::{fast_path_enabled, num_threads};
-use crate::{winograd, winograd4};
+use crate::winograd::{self, F2, F4};
 
 /// `conv2d(x [B, cin, H, W], weight [cout, cin, kh, kw]) + bias` with symmetric zero `padding`,
 /// as `Tensor::conv2d(weight, padding, stride, 1, 1)` plus a broadcast bias, and differentiable
@@ -359,11 +359,12 @@ fn forward<T: Elem>(
     w: &[T],
     bias: Option<(&[T], usize)>,
 ) -> Vec<T> {
-    if winograd4::applies(g, cout) {
-        return winograd4::forward(b, g.cin, cout, (g.h, g.w), x, w, bias);
-    }
     if winograd::applies(g) {
-        return winograd::forward(g, b, cout, x, w, bias);
+        let hw = (g.h, g.w);
+        if winograd::use_f4(g, cout) {
+            return winograd::forward::<F4, T>(b, g.cin, cout, hw, x, w, bias);
+        }
+        return winograd::forward::<F2, T>(b, g.cin, cout, hw, x, w, bias);
     }
     let (k, n, in_len, out_len) = (g.k(), g.n(), g.cin * g.h * g.w, cout * g.n());
     let mut out = Uninit::<T>::new(b * out_len);
@@ -435,14 +436,18 @@ fn backward<T: Elem>(
             let (dx, dw, _) = backward(g, b, cout, x, w, dy, [need_dx, need_dw, false], false);
             return (dx, dw, db);
         }
-        if winograd4::applies(g, cout) {
-            let hw = (g.h, g.w);
-            let dx = need_dx.then(|| winograd4::input_grad(b, g.cin, cout, hw, w, dy));
-            let dw = need_dw.then(|| winograd4::weight_grad(b, g.cin, cout, hw, x, dy));
-            return (dx, dw, db);
-        }
-        let dx = need_dx.then(|| winograd::input_grad(g, b, cout, w, dy));
-        let dw = need_dw.then(|| winograd::weight_grad(g, b, cout, x, dy));
+        let (hw, cin) = ((g.h, g.w), g.cin);
+        let (dx, dw) = if winograd::use_f4(g, cout) {
+            (
+                need_dx.then(|| winograd::input_grad::<F4, T>(b, cin, cout, hw, w, dy)),
+                need_dw.then(|| winograd::weight_grad::<F4, T>(b, cin, cout, hw, x, dy)),
+            )
+        } else {
+            (
+                need_dx.then(|| winograd::input_grad::<F2, T>(b, cin, cout, hw, w, dy)),
+                need_dw.then(|| winograd::weight_grad::<F2, T>(b, cin, cout, hw, x, dy)),
+            )
+        };
         return (dx, dw, db);
     }
     let (k, n, in_len, out_len) = (g.k(), g.n(), g.cin * g.h * g.w, cout * g.n());

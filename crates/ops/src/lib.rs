@@ -43,7 +43,6 @@ mod runtime;
 mod simd;
 mod softmax;
 mod winograd;
-mod winograd4;
 
 pub use attention::attention;
 pub use cat::cat_channels;

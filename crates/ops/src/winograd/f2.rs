@@ -1,132 +1,38 @@
-//! Winograd F(2x2, 3x3) for the U-Net's 3x3, stride-1, padding-1 convolutions (Lavin & Gray,
-//! "Fast Algorithms for Convolutional Neural Networks", 2016).
+//! Winograd F(2x2, 3x3): 4x4 input tiles, 16 planes. Per output pixel and input channel 4
+//! multiply-adds instead of 9 (direct); the transformed input is 4x the input.
 //!
-//! Each 2x2 output tile is `A^T [(G g G^T) * (B^T d B)] A` for its 4x4 input tile `d`: 16
-//! multiplications instead of 36, and summed over input channels the 16 products are 16
-//! independent GEMMs `M[k] = U[k] . V[k]` (`U[k]`: `[cout, cin]`, `V[k]`: `[cin, tiles]`). That
-//! is 2.25x fewer multiply-adds than the im2col GEMM, and the transformed input (4x the input)
-//! is smaller than the im2col matrix (9x).
-//!
-//! - forward: `V = B^T d B`, `M = U V`, `y = A^T M A (+ bias)`;
-//! - input gradient: the same convolution of `dY` with the kernel flipped and its channels
-//!   transposed (the adjoint of a "same" 3x3 correlation);
-//! - weight gradient: with `dM = A dY A^T` per tile, `dU[k] = sum over tiles dM[k] V[k]^T`
-//!   (16 GEMMs reducing over every tile of the batch) and `dg = G^T dU G`.
-//!
-//! Tiles of all examples are numbered together and processed in blocks sized to stay in L2;
-//! blocks run on different threads (forward, input gradient) or are split into one fixed range
-//! per thread whose weight-gradient sums are added in order (deterministic for a thread count).
+//! The transforms are vectorised over the tiles of a tile row: each input row is split into its
+//! even and odd (padded) columns, so that tile `k` reads columns `2k .. 2k + 3` as `even[k],
+//! odd[k], even[k + 1], odd[k + 1]`.
 
 use rayon::prelude::*;
 
-use crate::elem::{Elem, Uninit};
-use crate::gemm::{gemm, Mat};
-use crate::im2col::Geom;
-use crate::runtime::num_threads;
+use super::{kernel_planes, SharedOut, Tiles, KERNEL_CHUNK};
+use crate::elem::Elem;
 
-/// Whether a conv takes this path (3x3, stride 1, padding 1, and not switched off).
-pub(crate) fn applies(g: &Geom) -> bool {
-    crate::runtime::winograd_enabled() && g.kh == 3 && g.kw == 3 && g.stride == 1 && g.pad == 1
-}
+/// F(2x2, 3x3).
+pub(crate) struct F2;
 
-/// Bytes of transformed data one block aims for (its V and M planes).
-const BLOCK_BYTES: usize = 1 << 20;
-
-/// The tile grid of a batch: `th x tw` tiles of 2x2 outputs per example.
-#[derive(Clone, Copy)]
-struct Tiles {
-    h: usize,
-    w: usize,
-    tw: usize,
-    per: usize,
-    total: usize,
-}
-
-impl Tiles {
-    fn new(b: usize, h: usize, w: usize) -> Self {
-        let (th, tw) = (h.div_ceil(2), w.div_ceil(2));
-        Self {
-            h,
-            w,
-            tw,
-            per: th * tw,
-            total: b * th * tw,
-        }
-    }
-
-    /// (example, tile row, tile column) of global tile `t`.
-    #[inline(always)]
-    fn locate(&self, t: usize) -> (usize, usize, usize) {
-        let (e, r) = (t / self.per, t % self.per);
-        (e, r / self.tw, r % self.tw)
-    }
-
-    /// Tiles per block for `channels` input + output channels of transformed data: about
-    /// `BLOCK_BYTES` of it, in a number of blocks that is a multiple of the thread count (when
-    /// there are more blocks than threads), so that no thread runs one block more than another.
-    fn block<T>(&self, channels: usize) -> usize {
-        let per_tile = 16 * channels * std::mem::size_of::<T>();
-        let target = (crate::runtime::winograd_block_bytes(BLOCK_BYTES) / per_tile)
-            .clamp(32, 512)
-            .min(self.total)
-            .max(1);
-        let threads = num_threads();
-        let mut count = self.total.div_ceil(target);
-        if count > threads {
-            count = count.next_multiple_of(threads).min(self.total);
-        }
-        self.total.div_ceil(count).max(1)
-    }
-
-    fn blocks(&self, nb: usize) -> impl Iterator<Item = (usize, usize)> + Clone {
-        let total = self.total;
-        (0..total.div_ceil(nb)).map(move |i| (i * nb, ((i + 1) * nb).min(total)))
-    }
-}
-
-/// A raw output pointer shared by threads that write disjoint elements. Whoever creates one
-/// promises that it addresses a whole `[b, c, h, w]` output and that each pixel is written by
-/// one tile only.
-#[derive(Clone, Copy)]
-struct SharedOut<T>(*mut T);
-// SAFETY: only used for writes to disjoint elements, each by one thread.
-unsafe impl<T: Send> Send for SharedOut<T> {}
-unsafe impl<T: Send> Sync for SharedOut<T> {}
-
-/// Kernels per parallel task of the kernel transforms: they run once per conv and direction,
-/// and done serially they were ~2% of a 2-thread training step, on one core.
-const KERNEL_CHUNK: usize = 1024;
+impl_variant!(F2 {
+    M: 2,
+    PLANES: 16,
+    BLOCK_BYTES: 1 << 20,
+    MIN_BLOCK: 32
+});
 
 /// `U[k][co][ci] = (G g G^T)[k]` for `w` `[cout, cin, 3, 3]`; 16 planes `[cout, cin]`.
 fn kernel_transform<T: Elem>(w: &[T], cout: usize, cin: usize) -> Vec<T> {
     let half = T::from_f64(0.5);
     let g1 = |a: T, b: T, c: T| [a, half * (a + b + c), half * (a - b + c), c];
-    let plane = cout * cin;
-    // Per kernel in parallel, then scattered into the 16 planes, each plane its own task.
-    let per_kernel: Vec<[T; 16]> = w
-        .par_chunks_exact(9)
-        .with_min_len(KERNEL_CHUNK)
-        .map(|g| {
-            // Columns, then rows: t = G g (4x3), u = t G^T (4x4).
-            let cols: [[T; 4]; 3] = std::array::from_fn(|s| g1(g[s], g[3 + s], g[6 + s]));
-            let mut u = [T::ZERO; 16];
-            for r in 0..4 {
-                u[r * 4..r * 4 + 4].copy_from_slice(&g1(cols[0][r], cols[1][r], cols[2][r]));
-            }
-            u
-        })
-        .collect();
-    let mut u = Uninit::<T>::new(16 * plane);
-    u.slots()
-        .par_chunks_mut(plane)
-        .enumerate()
-        .for_each(|(k, dst)| {
-            for (d, src) in dst.iter_mut().zip(&per_kernel) {
-                d.write(src[k]);
-            }
-        });
-    // SAFETY: 16 planes of `plane` values, each written by its task.
-    unsafe { u.assume_init() }
+    kernel_planes::<T, 16>(w, cout * cin, |g| {
+        // Columns, then rows: t = G g (4x3), u = t G^T (4x4).
+        let cols: [[T; 4]; 3] = std::array::from_fn(|s| g1(g[s], g[3 + s], g[6 + s]));
+        let mut u = [T::ZERO; 16];
+        for r in 0..4 {
+            u[r * 4..r * 4 + 4].copy_from_slice(&g1(cols[0][r], cols[1][r], cols[2][r]));
+        }
+        u
+    })
 }
 
 /// `dg = G^T dU G` for 16 planes `[cout, cin]`; returns `[cout, cin, 3, 3]`.
@@ -409,191 +315,4 @@ fn output_transform<T: Elem>(
             }
         }
     }
-}
-
-crate::simd::avx2_variant!(fn input_transform_simd<T>(
-    x: &[T],
-    c: usize,
-    tl: &Tiles,
-    t: (usize, usize),
-    v: &mut [T],
-) -> () = input_transform);
-crate::simd::avx2_variant!(fn output_transform_simd<T>(
-    m: &[T],
-    c: usize,
-    tl: &Tiles,
-    t: (usize, usize),
-    y: SharedOut<T>,
-    bias: Option<(&[T], usize)>,
-) -> () = output_transform);
-
-crate::simd::avx2_variant!(fn grad_output_transform_simd<T>(
-    dy: &[T],
-    c: usize,
-    tl: &Tiles,
-    t: (usize, usize),
-    dm: &mut [T],
-) -> () = grad_output_transform);
-
-/// The 16 GEMMs `out[k] (+)= lhs[k] . rhs[k]` of a block, with planes of the given shapes.
-#[allow(clippy::too_many_arguments)]
-fn plane_gemms<T: Elem>(
-    m: usize,
-    n: usize,
-    k: usize,
-    out: *mut T,
-    accumulate: bool,
-    lhs: impl Fn(usize) -> Mat<T>,
-    rhs: impl Fn(usize) -> Mat<T>,
-    threads: usize,
-) {
-    for p in 0..16 {
-        // SAFETY: the callers size `out` as 16 planes of m x n and the operands as m x k, k x n.
-        unsafe {
-            gemm(
-                m,
-                n,
-                k,
-                out.add(p * m * n),
-                n,
-                accumulate,
-                lhs(p),
-                rhs(p),
-                threads,
-            )
-        };
-    }
-}
-
-/// Convolution of `x` (`[b, cin, h, w]`) with transformed kernel `u`, into `[b, cout, h, w]`.
-#[allow(clippy::too_many_arguments)]
-fn conv_transformed<T: Elem>(
-    b: usize,
-    cin: usize,
-    cout: usize,
-    h: usize,
-    w: usize,
-    x: &[T],
-    u: &[T],
-    bias: Option<(&[T], usize)>,
-) -> Vec<T> {
-    let tl = Tiles::new(b, h, w);
-    let nb = tl.block::<T>(cin + cout);
-    let mut out = Uninit::<T>::new(b * cout * h * w);
-    // The whole output; blocks cover disjoint tiles, hence disjoint output pixels.
-    let y = SharedOut(out.slots().as_mut_ptr() as *mut T);
-    let blocks: Vec<(usize, usize)> = tl.blocks(nb).collect();
-    let gemm_threads = if blocks.len() >= num_threads() {
-        1
-    } else {
-        num_threads()
-    };
-    let run = |blk: (usize, usize)| {
-        let ld = blk.1 - blk.0;
-        T::with_scratch(16 * (cin + cout) * ld, |buf| {
-            let (v, m) = buf.split_at_mut(16 * cin * ld);
-            input_transform_simd(x, cin, &tl, blk, v);
-            plane_gemms(
-                cout,
-                ld,
-                cin,
-                m.as_mut_ptr(),
-                false,
-                |p| Mat::rows(&u[p * cout * cin..], cin),
-                |p| Mat::rows(&v[p * cin * ld..], ld),
-                gemm_threads,
-            );
-            output_transform_simd(m, cout, &tl, blk, y, bias);
-        });
-    };
-    if gemm_threads == 1 {
-        blocks.into_par_iter().for_each(run);
-    } else {
-        blocks.into_iter().for_each(run);
-    }
-    // SAFETY: every output pixel belongs to exactly one tile, and every tile was written.
-    unsafe { out.assume_init() }
-}
-
-/// Forward: `x [b, cin, h, w]`, `w [cout, cin, 3, 3]` -> `[b, cout, h, w]`.
-pub(crate) fn forward<T: Elem>(
-    g: &Geom,
-    b: usize,
-    cout: usize,
-    x: &[T],
-    w: &[T],
-    bias: Option<(&[T], usize)>,
-) -> Vec<T> {
-    let u = kernel_transform(w, cout, g.cin);
-    conv_transformed(b, g.cin, cout, g.h, g.w, x, &u, bias)
-}
-
-/// Input gradient: `dy [b, cout, h, w]` convolved with the flipped, channel-transposed kernel.
-pub(crate) fn input_grad<T: Elem>(g: &Geom, b: usize, cout: usize, w: &[T], dy: &[T]) -> Vec<T> {
-    let cin = g.cin;
-    let mut flipped = vec![T::ZERO; w.len()];
-    flipped
-        .par_chunks_exact_mut(cout * 9)
-        .enumerate()
-        .for_each(|(ci, row)| {
-            for co in 0..cout {
-                for r in 0..9 {
-                    row[co * 9 + r] = w[(co * cin + ci) * 9 + (8 - r)];
-                }
-            }
-        });
-    let u = kernel_transform(&flipped, cin, cout);
-    conv_transformed(b, cout, cin, g.h, g.w, dy, &u, None)
-}
-
-/// Weight gradient `[cout, cin, 3, 3]`: `dU = sum_tiles dM V^T`, `dg = G^T dU G`.
-pub(crate) fn weight_grad<T: Elem>(g: &Geom, b: usize, cout: usize, x: &[T], dy: &[T]) -> Vec<T> {
-    let cin = g.cin;
-    let tl = Tiles::new(b, g.h, g.w);
-    let nb = tl.block::<T>(cin + cout);
-    let blocks: Vec<(usize, usize)> = tl.blocks(nb).collect();
-    let chunks = num_threads().min(blocks.len()).max(1);
-    let gemm_threads = if chunks > 1 { 1 } else { num_threads() };
-    let bounds: Vec<usize> = (0..=chunks).map(|i| i * blocks.len() / chunks).collect();
-    let run_chunk = |i: usize| -> Vec<T> {
-        let mut du = vec![T::ZERO; 16 * cout * cin];
-        for &blk in &blocks[bounds[i]..bounds[i + 1]] {
-            let ld = blk.1 - blk.0;
-            T::with_scratch(16 * (cin + cout) * ld, |buf| {
-                let (v, dm) = buf.split_at_mut(16 * cin * ld);
-                input_transform_simd(x, cin, &tl, blk, v);
-                grad_output_transform_simd(dy, cout, &tl, blk, dm);
-                plane_gemms(
-                    cout,
-                    cin,
-                    ld,
-                    du.as_mut_ptr(),
-                    true,
-                    |p| Mat::rows(&dm[p * cout * ld..], ld),
-                    |p| Mat::rows(&v[p * cin * ld..], ld).t(),
-                    gemm_threads,
-                );
-            });
-        }
-        du
-    };
-    let partials: Vec<Vec<T>> = if chunks > 1 {
-        (0..chunks).into_par_iter().map(run_chunk).collect()
-    } else {
-        vec![run_chunk(0)]
-    };
-    let mut it = partials.into_iter();
-    let mut du = it.next().expect("at least one chunk");
-    let rest: Vec<Vec<T>> = it.collect();
-    // Added in chunk order for every element (deterministic), elements split over threads.
-    du.par_chunks_mut(4096).enumerate().for_each(|(j, dst)| {
-        let at = j * 4096;
-        let len = dst.len();
-        for p in &rest {
-            dst.iter_mut()
-                .zip(&p[at..at + len])
-                .for_each(|(a, v)| *a += *v);
-        }
-    });
-    kernel_grad_transform(&du, cout, cin)
 }

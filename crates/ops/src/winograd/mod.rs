@@ -1,0 +1,434 @@
+//! Winograd convolution for the U-Net's 3x3, stride-1, padding-1 convolutions (Lavin & Gray,
+//! "Fast Algorithms for Convolutional Neural Networks", 2016), in two variants:
+//! [`F2`] = F(2x2, 3x3) (4x4 input tiles, 16 planes) and [`F4`] = F(4x4, 3x3) (6x6 input tiles,
+//! 36 planes).
+//!
+//! Each `m x m` output tile is `A^T [(G g G^T) * (B^T d B)] A` for its input tile `d`; summed
+//! over input channels the per-plane products are independent GEMMs `M[k] = U[k] . V[k]`
+//! (`U[k]`: `[cout, cin]`, `V[k]`: `[cin, tiles]`). This module is the part both variants share:
+//!
+//! - forward: `V = B^T d B`, `M = U V`, `y = A^T M A (+ bias)`;
+//! - input gradient: the same convolution of `dY` with the kernel flipped and its channels
+//!   transposed (the adjoint of a "same" 3x3 correlation);
+//! - weight gradient: with `dM = A dY A^T` per tile, `dU[k] = sum over tiles dM[k] V[k]^T`
+//!   (GEMMs reducing over every tile of the batch) and `dg = G^T dU G`.
+//!
+//! Tiles of all examples are numbered together and processed in blocks of a few MiB of
+//! transformed data; blocks run on different threads (forward, input gradient) or are split
+//! into one fixed range per thread whose weight-gradient sums are added in order (deterministic
+//! for a thread count). The variants supply the transforms.
+
+use rayon::prelude::*;
+
+use crate::elem::{Elem, Uninit};
+use crate::gemm::{gemm, Mat};
+use crate::im2col::Geom;
+use crate::runtime::num_threads;
+
+pub(crate) use f2::F2;
+pub(crate) use f4::F4;
+
+/// Whether a conv takes a Winograd path (3x3, stride 1, padding 1, and not switched off).
+pub(crate) fn applies(g: &Geom) -> bool {
+    crate::runtime::winograd_enabled() && g.kh == 3 && g.kw == 3 && g.stride == 1 && g.pad == 1
+}
+
+/// Whether a Winograd conv with `cout` outputs takes [`F4`]: F(4x4) not switched off, a feature
+/// map of at least 8 pixels a side (below that most of a 4x4 tile is padding) and 16+ channels
+/// in and out (with fewer, the 36 GEMMs are too thin to pay for the larger transforms: the
+/// U-Net's 3->64 and 64->3 convs were ~20% slower than with F(2x2), bench/RESULTS.md).
+pub(crate) fn use_f4(g: &Geom, cout: usize) -> bool {
+    crate::runtime::winograd4_enabled() && g.h.min(g.w) >= 8 && g.cin.min(cout) >= 16
+}
+
+/// One Winograd variant: its tile size and its transforms.
+pub(crate) trait Variant {
+    /// Output tile side.
+    const M: usize;
+    /// Transformed planes, `(M + 2)^2`.
+    const PLANES: usize;
+    /// Bytes of transformed data one block aims for (its V and M planes).
+    const BLOCK_BYTES: usize;
+    /// Fewest tiles in a block.
+    const MIN_BLOCK: usize;
+    /// `U = G g G^T` for `w` `[cout, cin, 3, 3]`: `PLANES` planes `[cout, cin]`.
+    fn kernel_transform<T: Elem>(w: &[T], cout: usize, cin: usize) -> Vec<T>;
+    /// `dg = G^T dU G` for `PLANES` planes `[cout, cin]`; returns `[cout, cin, 3, 3]`.
+    fn kernel_grad_transform<T: Elem>(du: &[T], cout: usize, cin: usize) -> Vec<T>;
+    /// `V = B^T d B` of the block's tiles of `x` (`[b, c, h, w]`) into planes `[c, ld]`.
+    fn input_transform<T: Elem>(x: &[T], c: usize, tl: &Tiles, blk: (usize, usize), v: &mut [T]);
+    /// `y = A^T M A (+ bias)` of the block's tiles from planes `[c, ld]`, into `y`.
+    fn output_transform<T: Elem>(
+        m: &[T],
+        c: usize,
+        tl: &Tiles,
+        blk: (usize, usize),
+        y: SharedOut<T>,
+        bias: Option<(&[T], usize)>,
+    );
+    /// `dM = A dY A^T` of the block's tiles of `dy` (`[b, c, h, w]`) into planes `[c, ld]`.
+    fn grad_output_transform<T: Elem>(
+        dy: &[T],
+        c: usize,
+        tl: &Tiles,
+        blk: (usize, usize),
+        dm: &mut [T],
+    );
+}
+
+/// `impl Variant for $ty` from the invoking module's transform functions, which both variants
+/// name alike (`kernel_transform`, `kernel_grad_transform`, `input_transform`,
+/// `output_transform`, `grad_output_transform`); the last three are called through AVX2+FMA
+/// builds of themselves where the CPU has them.
+macro_rules! impl_variant {
+    ($ty:ident { M: $m:expr, PLANES: $planes:expr, BLOCK_BYTES: $bytes:expr, MIN_BLOCK: $min:expr }) => {
+        $crate::simd::avx2_variant!(fn input_transform_simd<T>(
+            x: &[T],
+            c: usize,
+            tl: &Tiles,
+            t: (usize, usize),
+            v: &mut [T],
+        ) -> () = input_transform);
+        $crate::simd::avx2_variant!(fn output_transform_simd<T>(
+            m: &[T],
+            c: usize,
+            tl: &Tiles,
+            t: (usize, usize),
+            y: SharedOut<T>,
+            bias: Option<(&[T], usize)>,
+        ) -> () = output_transform);
+        $crate::simd::avx2_variant!(fn grad_output_transform_simd<T>(
+            dy: &[T],
+            c: usize,
+            tl: &Tiles,
+            t: (usize, usize),
+            dm: &mut [T],
+        ) -> () = grad_output_transform);
+
+        impl $crate::winograd::Variant for $ty {
+            const M: usize = $m;
+            const PLANES: usize = $planes;
+            const BLOCK_BYTES: usize = $bytes;
+            const MIN_BLOCK: usize = $min;
+
+            fn kernel_transform<T: Elem>(w: &[T], cout: usize, cin: usize) -> Vec<T> {
+                kernel_transform(w, cout, cin)
+            }
+            fn kernel_grad_transform<T: Elem>(du: &[T], cout: usize, cin: usize) -> Vec<T> {
+                kernel_grad_transform(du, cout, cin)
+            }
+            fn input_transform<T: Elem>(
+                x: &[T],
+                c: usize,
+                tl: &Tiles,
+                blk: (usize, usize),
+                v: &mut [T],
+            ) {
+                input_transform_simd(x, c, tl, blk, v)
+            }
+            fn output_transform<T: Elem>(
+                m: &[T],
+                c: usize,
+                tl: &Tiles,
+                blk: (usize, usize),
+                y: SharedOut<T>,
+                bias: Option<(&[T], usize)>,
+            ) {
+                output_transform_simd(m, c, tl, blk, y, bias)
+            }
+            fn grad_output_transform<T: Elem>(
+                dy: &[T],
+                c: usize,
+                tl: &Tiles,
+                blk: (usize, usize),
+                dm: &mut [T],
+            ) {
+                grad_output_transform_simd(dy, c, tl, blk, dm)
+            }
+        }
+    };
+}
+
+/// The tile grid of a batch: `th x tw` tiles of `m x m` outputs per example.
+#[derive(Clone, Copy)]
+pub(crate) struct Tiles {
+    pub h: usize,
+    pub w: usize,
+    pub th: usize,
+    pub tw: usize,
+    pub per: usize,
+    pub total: usize,
+}
+
+impl Tiles {
+    fn new(b: usize, h: usize, w: usize, m: usize) -> Self {
+        let (th, tw) = (h.div_ceil(m), w.div_ceil(m));
+        Self {
+            h,
+            w,
+            th,
+            tw,
+            per: th * tw,
+            total: b * th * tw,
+        }
+    }
+
+    /// (example, tile row, tile column) of global tile `t`.
+    #[inline(always)]
+    pub fn locate(&self, t: usize) -> (usize, usize, usize) {
+        let (e, r) = (t / self.per, t % self.per);
+        (e, r / self.tw, r % self.tw)
+    }
+
+    /// The blocks of `V`: about `V::BLOCK_BYTES` of transformed data for `channels` input +
+    /// output channels each, in a number of blocks that is a multiple of the thread count (when
+    /// there are more blocks than threads), so that no thread runs one block more than another.
+    fn blocks<V: Variant, T>(&self, channels: usize) -> Vec<(usize, usize)> {
+        let per_tile = V::PLANES * channels * std::mem::size_of::<T>();
+        let target = (crate::runtime::winograd_block_bytes(V::BLOCK_BYTES) / per_tile)
+            .clamp(V::MIN_BLOCK, 512)
+            .min(self.total)
+            .max(1);
+        let threads = num_threads();
+        let mut count = self.total.div_ceil(target);
+        if count > threads {
+            count = count.next_multiple_of(threads).min(self.total);
+        }
+        let nb = self.total.div_ceil(count).max(1);
+        let total = self.total;
+        (0..total.div_ceil(nb))
+            .map(|i| (i * nb, ((i + 1) * nb).min(total)))
+            .collect()
+    }
+
+    /// The block's tiles split by example: `(example, first tile, end tile)` (global indices).
+    pub fn example_runs(&self, (t0, t1): (usize, usize)) -> Vec<(usize, usize, usize)> {
+        let mut runs = Vec::new();
+        let mut t = t0;
+        while t < t1 {
+            let e = t / self.per;
+            let end = ((e + 1) * self.per).min(t1);
+            runs.push((e, t, end));
+            t = end;
+        }
+        runs
+    }
+}
+
+/// A raw output pointer shared by threads that write disjoint elements. Whoever creates one
+/// promises that it addresses a whole `[b, c, h, w]` output and that each pixel is written by
+/// one tile only.
+#[derive(Clone, Copy)]
+pub(crate) struct SharedOut<T>(pub *mut T);
+// SAFETY: only used for writes to disjoint elements, each by one thread.
+unsafe impl<T: Send> Send for SharedOut<T> {}
+unsafe impl<T: Send> Sync for SharedOut<T> {}
+
+/// Kernels per parallel task of the kernel transforms: they run once per conv and direction,
+/// and done serially they were ~2% of a 2-thread training step, on one core.
+pub(crate) const KERNEL_CHUNK: usize = 1024;
+
+/// `U` as `PLANES` planes from per-kernel `t(g)` (each kernel's `PLANES` values), kernels in
+/// parallel, then scattered into the planes, each plane its own task.
+pub(crate) fn kernel_planes<T: Elem, const P: usize>(
+    w: &[T],
+    plane: usize,
+    t: impl Fn(&[T]) -> [T; P] + Sync + Send,
+) -> Vec<T> {
+    let per_kernel: Vec<[T; P]> = w
+        .par_chunks_exact(9)
+        .with_min_len(KERNEL_CHUNK)
+        .map(t)
+        .collect();
+    let mut u = Uninit::<T>::new(P * plane);
+    u.slots()
+        .par_chunks_mut(plane)
+        .enumerate()
+        .for_each(|(k, dst)| {
+            for (d, src) in dst.iter_mut().zip(&per_kernel) {
+                d.write(src[k]);
+            }
+        });
+    // SAFETY: P planes of `plane` values, each written by its task.
+    unsafe { u.assume_init() }
+}
+
+/// The `PLANES` GEMMs `out[k] (+)= lhs[k] . rhs[k]` of a block, with planes of the given shapes.
+#[allow(clippy::too_many_arguments)]
+fn plane_gemms<T: Elem>(
+    planes: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+    out: *mut T,
+    accumulate: bool,
+    lhs: impl Fn(usize) -> Mat<T>,
+    rhs: impl Fn(usize) -> Mat<T>,
+    threads: usize,
+) {
+    for p in 0..planes {
+        // SAFETY: the callers size `out` as `planes` planes of m x n and the operands as m x k,
+        // k x n.
+        unsafe {
+            gemm(
+                m,
+                n,
+                k,
+                out.add(p * m * n),
+                n,
+                accumulate,
+                lhs(p),
+                rhs(p),
+                threads,
+            )
+        };
+    }
+}
+
+/// Convolution of `x` (`[b, cin, h, w]`) with transformed kernel `u`, into `[b, cout, h, w]`.
+#[allow(clippy::too_many_arguments)]
+fn conv_transformed<V: Variant, T: Elem>(
+    b: usize,
+    cin: usize,
+    cout: usize,
+    (h, w): (usize, usize),
+    x: &[T],
+    u: &[T],
+    bias: Option<(&[T], usize)>,
+) -> Vec<T> {
+    let p = V::PLANES;
+    let tl = Tiles::new(b, h, w, V::M);
+    let blocks = tl.blocks::<V, T>(cin + cout);
+    let mut out = Uninit::<T>::new(b * cout * h * w);
+    // The whole output; blocks cover disjoint tiles, hence disjoint output pixels.
+    let y = SharedOut(out.slots().as_mut_ptr() as *mut T);
+    let gemm_threads = if blocks.len() >= num_threads() {
+        1
+    } else {
+        num_threads()
+    };
+    let run = |blk: (usize, usize)| {
+        let ld = blk.1 - blk.0;
+        T::with_scratch(p * (cin + cout) * ld, |buf| {
+            let (v, m) = buf.split_at_mut(p * cin * ld);
+            V::input_transform(x, cin, &tl, blk, v);
+            plane_gemms(
+                p,
+                cout,
+                ld,
+                cin,
+                m.as_mut_ptr(),
+                false,
+                |k| Mat::rows(&u[k * cout * cin..], cin),
+                |k| Mat::rows(&v[k * cin * ld..], ld),
+                gemm_threads,
+            );
+            V::output_transform(m, cout, &tl, blk, y, bias);
+        });
+    };
+    if gemm_threads == 1 {
+        blocks.into_par_iter().for_each(run);
+    } else {
+        blocks.into_iter().for_each(run);
+    }
+    // SAFETY: every output pixel belongs to exactly one tile, and every tile was written.
+    unsafe { out.assume_init() }
+}
+
+/// Forward: `x [b, cin, h, w]`, `w [cout, cin, 3, 3]` -> `[b, cout, h, w]`.
+pub(crate) fn forward<V: Variant, T: Elem>(
+    b: usize,
+    cin: usize,
+    cout: usize,
+    hw: (usize, usize),
+    x: &[T],
+    w: &[T],
+    bias: Option<(&[T], usize)>,
+) -> Vec<T> {
+    let u = V::kernel_transform(w, cout, cin);
+    conv_transformed::<V, T>(b, cin, cout, hw, x, &u, bias)
+}
+
+/// Input gradient: `dy [b, cout, h, w]` convolved with the flipped, channel-transposed kernel.
+pub(crate) fn input_grad<V: Variant, T: Elem>(
+    b: usize,
+    cin: usize,
+    cout: usize,
+    hw: (usize, usize),
+    w: &[T],
+    dy: &[T],
+) -> Vec<T> {
+    let mut flipped = vec![T::ZERO; w.len()];
+    flipped
+        .par_chunks_exact_mut(cout * 9)
+        .enumerate()
+        .for_each(|(ci, row)| {
+            for co in 0..cout {
+                for r in 0..9 {
+                    row[co * 9 + r] = w[(co * cin + ci) * 9 + (8 - r)];
+                }
+            }
+        });
+    let u = V::kernel_transform(&flipped, cin, cout);
+    conv_transformed::<V, T>(b, cout, cin, hw, dy, &u, None)
+}
+
+/// Weight gradient `[cout, cin, 3, 3]`: `dU = sum_tiles dM V^T`, `dg = G^T dU G`.
+pub(crate) fn weight_grad<V: Variant, T: Elem>(
+    b: usize,
+    cin: usize,
+    cout: usize,
+    (h, w): (usize, usize),
+    x: &[T],
+    dy: &[T],
+) -> Vec<T> {
+    let p = V::PLANES;
+    let tl = Tiles::new(b, h, w, V::M);
+    let blocks = tl.blocks::<V, T>(cin + cout);
+    let chunks = num_threads().min(blocks.len()).max(1);
+    let gemm_threads = if chunks > 1 { 1 } else { num_threads() };
+    let bounds: Vec<usize> = (0..=chunks).map(|i| i * blocks.len() / chunks).collect();
+    let run_chunk = |i: usize| -> Vec<T> {
+        let mut du = vec![T::ZERO; p * cout * cin];
+        for &blk in &blocks[bounds[i]..bounds[i + 1]] {
+            let ld = blk.1 - blk.0;
+            T::with_scratch(p * (cin + cout) * ld, |buf| {
+                let (v, dm) = buf.split_at_mut(p * cin * ld);
+                V::input_transform(x, cin, &tl, blk, v);
+                V::grad_output_transform(dy, cout, &tl, blk, dm);
+                plane_gemms(
+                    p,
+                    cout,
+                    cin,
+                    ld,
+                    du.as_mut_ptr(),
+                    true,
+                    |k| Mat::rows(&dm[k * cout * ld..], ld),
+                    |k| Mat::rows(&v[k * cin * ld..], ld).t(),
+                    gemm_threads,
+                );
+            });
+        }
+        du
+    };
+    let mut partials: Vec<Vec<T>> = if chunks > 1 {
+        (0..chunks).into_par_iter().map(run_chunk).collect()
+    } else {
+        vec![run_chunk(0)]
+    };
+    let rest = partials.split_off(1);
+    let mut du = partials.pop().expect("at least one chunk");
+    // Added in chunk order for every element (deterministic), elements split over threads.
+    du.par_chunks_mut(4096).enumerate().for_each(|(j, dst)| {
+        let (at, len) = (j * 4096, dst.len());
+        for part in &rest {
+            dst.iter_mut()
+                .zip(&part[at..at + len])
+                .for_each(|(a, v)| *a += *v);
+        }
+    });
+    V::kernel_grad_transform(&du, cout, cin)
+}
+
+mod f2;
+mod f4;
