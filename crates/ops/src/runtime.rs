@@ -133,6 +133,10 @@ pub fn set_fast_path(on: bool) {
 ///   worker threads otherwise spin after every op on cores the conv threads need; at 2 threads
 ///   this took the U-Net step from ~2.8 s to ~2.0 s on the development machine
 ///   (bench/RESULTS.md);
+/// - `CANDLE_NUM_THREADS` = 1 when there are at most 2 threads: candle's elementwise ops (the
+///   adds of autograd's gradient accumulation, mostly) then run on the calling thread instead of
+///   candle's own worker pool, which competed for the same two cores with rayon's pool; the
+///   U-Net training step at 2 threads went from 870-985 to 839-886 ms (bench/RESULTS.md);
 /// - glibc malloc tuning, [`tune_malloc`].
 ///
 /// Returns the thread count the kernels use.
@@ -140,6 +144,13 @@ pub fn init_cpu() -> usize {
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
         let n = candle_core::utils::get_num_threads().max(1);
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
+    let threads = std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(1);
+    if threads <= 2 && std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
     }
     if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
         std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "1000");
