@@ -149,6 +149,16 @@ struct Dims {
 }
 
 impl GroupNormOp {
+    /// Runs `f` on the mask's values (`None` without a mask).
+    fn with_mask<T: Elem, R>(&self, f: impl FnOnce(Option<&[T]>) -> Result<R>) -> Result<R> {
+        let Some(m) = &self.mask else { return f(None) };
+        let (s, l) = m.storage_and_layout();
+        let Storage::Cpu(s) = &*s else {
+            bail!("ddpm-ops group_norm: the mask is not on the CPU")
+        };
+        f(Some(slice::<T>(s, l)?))
+    }
+
     fn dims(&self, shape: &Shape) -> Dims {
         let d = shape.dims();
         Dims {
@@ -430,19 +440,18 @@ impl CustomOp3 for GroupNormOp {
         lb: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let d = self.dims(lx.shape());
-        let mask = self.mask.as_ref().map(|m| m.storage_and_layout());
-        let mask = match &mask {
-            Some((s, l)) => match &**s {
-                Storage::Cpu(s) => Some((s, *l)),
-                _ => bail!("ddpm-ops group_norm: mask is not on the CPU"),
-            },
-            None => None,
-        };
         macro_rules! run {
             ($t:ty) => {{
-                let m = mask.map(|(s, l)| slice::<$t>(s, l)).transpose()?;
-                let (y, st) =
-                    forward::<$t>(self, d, slice(sx, lx)?, slice(sg, lg)?, slice(sb, lb)?, m);
+                let (y, st) = self.with_mask::<$t, _>(|m| {
+                    Ok(forward::<$t>(
+                        self,
+                        d,
+                        slice(sx, lx)?,
+                        slice(sg, lg)?,
+                        slice(sb, lb)?,
+                        m,
+                    ))
+                })?;
                 let _ = self.stats.set(st);
                 <$t>::to_cpu_storage_owned(y)
             }};
@@ -479,14 +488,6 @@ impl CustomOp3 for GroupNormOp {
         else {
             bail!("ddpm-ops group_norm backward: tensors are not on the CPU");
         };
-        let mask = self.mask.as_ref().map(|m| m.storage_and_layout());
-        let mask = match &mask {
-            Some((s, l)) => match &**s {
-                Storage::Cpu(s) => Some((s, *l)),
-                _ => bail!("ddpm-ops group_norm backward: mask is not on the CPU"),
-            },
-            None => None,
-        };
         macro_rules! run {
             ($t:ty) => {{
                 let xs = slice::<$t>(sx, lx)?;
@@ -501,16 +502,10 @@ impl CustomOp3 for GroupNormOp {
                         fresh.as_slice()
                     }
                 };
-                let (dx, dg, db) = backward::<$t>(
-                    self,
-                    d,
-                    xs,
-                    slice(sg, lg)?,
-                    slice(sb, lb)?,
-                    slice(sd, ld)?,
-                    st,
-                    mask.map(|(s, l)| slice::<$t>(s, l)).transpose()?,
-                );
+                let (dx, dg, db) = self.with_mask::<$t, _>(|m| {
+                    let (g, b, dy) = (slice(sg, lg)?, slice(sb, lb)?, slice(sd, ld)?);
+                    Ok(backward::<$t>(self, d, xs, g, b, dy, st, m))
+                })?;
                 let wrap = |v: Vec<$t>, s: &Shape| {
                     Tensor::from_storage(
                         Storage::Cpu(<$t>::to_cpu_storage_owned(v)),
