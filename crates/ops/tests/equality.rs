@@ -3,7 +3,7 @@
 mod common;
 
 use candle_core::{DType, Module, Tensor, Var};
-use common::{randn, rel_err};
+use common::{max_abs, randn, rel_err};
 
 /// Rounding of f32 sums of a few hundred products, relative to the output's scale.
 const TOL: f64 = 2e-5;
@@ -205,14 +205,7 @@ fn group_norm_masked_matches_composite() {
         ddpm_ops::group_norm_masked(x.as_tensor(), &g, &b, 32, 1e-5, true, Some(&mask)).unwrap();
     let unfused =
         (ddpm_ops::group_norm(x.as_tensor(), &g, &b, 32, 1e-5, true).unwrap() * &mask).unwrap();
-    let diff = (&ours - &unfused)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let diff = max_abs(&(&ours - &unfused).unwrap());
     assert_eq!(diff, 0.0, "fused mask differs from group_norm * mask");
     let gn = candle_nn::GroupNorm::new(g.clone(), b.clone(), 64, 32, 1e-5).unwrap();
     let theirs = (gn.forward(x.as_tensor()).unwrap().silu().unwrap() * &mask).unwrap();
