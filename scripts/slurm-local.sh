@@ -33,9 +33,17 @@ say() { echo "slurm-local: $*" >&2; }
 
 # Runs "$@" as host I (1 or 2) of the --hosts 2 cluster: in its network namespace, with its own
 # hostname (a fresh UTS namespace per call, so OpenMPI and SLURM see two different hosts).
+# nsenter rather than `ip netns exec`, which remounts /sys and so hides /sys/fs/cgroup from slurmd
+# ("No filesystem mounted on /sys/fs/cgroup ... slurmd initialization failed").
+# Each host also gets its own /tmp (a bind mount of .slurm/tmp/hI in a private mount namespace): the
+# SLURM PMIx plugin keeps per-step files under /tmp named by job and step only, and two slurmd on one
+# /tmp collide ("Cannot create directory /tmp/spmix_appdir_0_10.0: File exists").
 on_host() {
   local i=$1; shift
-  ip netns exec "${ns[$((i - 1))]}" unshare --uts sh -c 'hostname "$0"; exec "$@"' "h$i" "$@"
+  mkdir -p "$state/tmp/h$i"
+  chmod 1777 "$state/tmp/h$i"
+  nsenter --net="/run/netns/${ns[$((i - 1))]}" unshare --uts --mount --propagation private \
+    sh -c 'hostname "$0" && mount --bind "$1" /tmp && shift && exec "$@"' "h$i" "$state/tmp/h$i" "$@"
 }
 
 install_packages() {
