@@ -41,6 +41,8 @@ case " $* " in *" --device "* | *" --device="*) ;; *) extra+=(--device "$DEVICE"
 
 # One compute thread pool per rank, sized to its cores.
 export RAYON_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1} OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}
+# The job log is a file: no terminal colour codes in ddpm-train's log lines.
+export NO_COLOR=${NO_COLOR:-1}
 # NCCL: warnings only (INFO prints the chosen transports: useful when bringing up a machine).
 export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
 

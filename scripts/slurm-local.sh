@@ -12,6 +12,8 @@
 #   scripts/slurm-local.sh exec CMD...   run a client command (sbatch, srun, squeue, ...) against the
 #                                        cluster: with SLURM_CONF set, and inside ddpm-h1 for --hosts 2
 #   scripts/slurm-local.sh net up|down   only the two namespaces and their veth pair (no SLURM)
+#   scripts/slurm-local.sh rsh HOST CMD  run CMD on h1 or h2 like ssh would; `slurm-local.sh HOST CMD`
+#                                        does the same, for OpenMPI's `--mca plm_rsh_agent`
 #
 # With one node, `up` also links /etc/slurm/slurm.conf to the generated config when that file does
 # not exist, so plain `sbatch`/`squeue` work; otherwise use `exec` or export SLURM_CONF as printed.
@@ -119,7 +121,9 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket=$state/munge/munge.socket
+# cred_expire: a requeued job may start only after its old credential expired (default 120 s, plus
+# up to a scheduler pass); 10 s lets a requeued job restart promptly on this one-user cluster.
+AuthInfo=socket=$state/munge/munge.socket,cred_expire=10
 StateSaveLocation=$state/ctld
 SlurmdSpoolDir=$state/spool/%n
 SlurmctldPidFile=$state/slurmctld.pid
@@ -135,6 +139,7 @@ MpiDefault=pmix
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 SchedulerType=sched/backfill
+SchedulerParameters=sched_interval=5,bf_interval=5
 AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
@@ -226,6 +231,17 @@ check_foreign_daemons() {
   done
 }
 
+rsh() {
+  local host
+  case "${1:-}" in
+    h1 | "$net.1") host=1 ;;
+    h2 | "$net.2") host=2 ;;
+    *) die "rsh: unknown host '${1:-}' (expected h1, h2, $net.1 or $net.2)" ;;
+  esac
+  shift
+  on_host "$host" sh -c "$*"
+}
+
 cmd_up() {
   local hosts=1
   case "${1:-}" in
@@ -308,11 +324,15 @@ case "${1:-}" in
   down) cmd_down ;;
   status) cmd_status ;;
   exec) shift; client "$@" ;;
+  # `rsh HOST CMD`, or `HOST CMD` as OpenMPI's remote-launch agent (plm_rsh_agent, in place of
+  # ssh; OpenMPI passes no arguments of its own before the host): runs the command line on h1/h2.
+  rsh) shift; rsh "$@" ;;
+  h1 | h2 | "$net.1" | "$net.2") rsh "$@" ;;
   net)
     case "${2:-}" in
       up) net_up ;;
       down) net_down ;;
       *) die "usage: $0 net up|down" ;;
     esac ;;
-  *) echo "usage: $0 up [--hosts 2] | down | status | exec CMD... | net up|down" >&2; exit 2 ;;
+  *) echo "usage: $0 up [--hosts 2] | down | status | exec CMD... | net up|down | rsh HOST CMD..." >&2; exit 2 ;;
 esac
