@@ -35,7 +35,7 @@ TCP_STEPS=${TCP_STEPS:-10}
 NET=${NET_PREFIX:-10.77.0}
 BIN=$repo/target/debug/ddpm-train
 slurm_local=$repo/scripts/slurm-local.sh
-export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 NO_COLOR=1
 # Small batches, a loss line every step, no periodic checkpoints (the only ones are the stop and the
 # end), a tiny preview so the end of a run is quick.
 TRAIN_ARGS=(--config configs/quickstart.toml --no-progress --set schedule.log_every=1
@@ -151,6 +151,11 @@ wait_for() {
 
 metric_lines() { [ -f "$1/metrics.jsonl" ] && wc -l <"$1/metrics.jsonl" || echo 0; }
 has_lines() { [ "$(metric_lines "$1")" -ge "$2" ]; }
+# True once run dir $2 has a loss line; fails the test at once if process $1 (log $3) has ended.
+running_with_lines() {
+  kill -0 "$1" 2>/dev/null || { cat "$3"; fail "the run ended before training"; }
+  has_lines "$2" 1
+}
 job_field() { "$slurm_local" exec scontrol show job "$1" -o | tr ' ' '\n' | sed -n "s/^$2=//p"; }
 job_ended() { case "$(job_field "$1" JobState)" in COMPLETED | FAILED | CANCELLED | TIMEOUT | NODE_FAIL | OUT_OF_MEMORY) return 0 ;; esac; return 1; }
 # The pid of rank $2's ddpm-train, found by $1 (SLURM_PROCID or OMPI_COMM_WORLD_RANK) in its environment.
@@ -218,7 +223,7 @@ preempt_test() {
 # mpirun on h1 with one rank on each host, TCP over the veth pair only.
 mpirun_two_hosts() {
   printf '%s slots=1\n%s slots=1\n' "$NET.1" "$NET.2" >"$W/hostfile"
-  "$slurm_local" rsh h1 "cd $repo && RAYON_NUM_THREADS=1 mpirun -n 2 --hostfile $W/hostfile --display-map \
+  "$slurm_local" rsh h1 "cd $repo && RAYON_NUM_THREADS=1 mpirun -n 2 --hostfile $W/hostfile --display-map --bind-to none \
     --mca plm_rsh_agent $slurm_local --mca btl tcp,self --mca btl_tcp_if_include $NET.0/24 \
     --mca oob_tcp_if_include $NET.0/24 -x RAYON_NUM_THREADS $BIN $*"
 }
@@ -226,9 +231,12 @@ mpirun_two_hosts() {
 two_hosts_test() {
   "$slurm_local" net up
   log "two hosts: 2 ranks x batch 4 (h1 + h2 over tcp) vs 1 rank x batch 8, $TCP_STEPS steps"
-  local args="${TRAIN_ARGS[*]} --steps $TCP_STEPS"
-  mpirun_two_hosts "$args --batch 4 --out $W/tcp2" >"$W/tcp2.out" 2>&1 || { cat "$W/tcp2.out"; fail "2-rank run over tcp failed"; }
-  grep -q "h1" "$W/tcp2.out" && grep -q "h2" "$W/tcp2.out" || { cat "$W/tcp2.out"; fail "ranks were not on h1 and h2"; }
+  local args="${TRAIN_ARGS[*]} --batch 4"
+  mpirun_two_hosts "$args --steps $TCP_STEPS --out $W/tcp2" >"$W/tcp2.out" 2>&1 || { cat "$W/tcp2.out"; fail "2-rank run over tcp failed"; }
+  # mpirun's --display-map: one rank on each of the two hosts.
+  grep -qE "Data for node: (h1|$NET.1)\s.*Num procs: 1" "$W/tcp2.out" &&
+    grep -qE "Data for node: (h2|$NET.2)\s.*Num procs: 1" "$W/tcp2.out" ||
+    { cat "$W/tcp2.out"; fail "the ranks were not one on h1 and one on h2"; }
   RAYON_NUM_THREADS=1 "$BIN" "${TRAIN_ARGS[@]}" --steps "$TCP_STEPS" --batch 8 --out "$W/one" >"$W/one.out" 2>&1 ||
     { cat "$W/one.out"; fail "1-rank run failed"; }
   local diff
@@ -236,9 +244,9 @@ two_hosts_test() {
   echo "two hosts over tcp: max rel diff $diff vs 1 rank"
 
   log "two hosts: SIGKILL to the rank on h2 (mpirun must end the job)"
-  mpirun_two_hosts "$args --steps 100000 --batch 4 --out $W/tcp-kill" >"$W/tcp-kill.out" 2>&1 &
+  mpirun_two_hosts "$args --steps 100000 --out $W/tcp-kill" >"$W/tcp-kill.out" 2>&1 &
   local mpid=$! pid t0 rc secs
-  wait_for "2-rank run training" 300 has_lines "$W/tcp-kill" 1
+  wait_for "2-rank run training" 300 running_with_lines "$mpid" "$W/tcp-kill" "$W/tcp-kill.out"
   pid=$(rank_pid OMPI_COMM_WORLD_RANK 1) || fail "no process of rank 1"
   [ "$(stat -L -c %i "/proc/$pid/ns/net")" = "$(stat -L -c %i /run/netns/ddpm-h2)" ] ||
     fail "rank 1 (pid $pid) is not in h2's network namespace"
