@@ -167,19 +167,23 @@ rank_pid() {
   return 1
 }
 
+# sbatch on the one-node cluster: CPU mode, 2 ranks of 1 core each.
+submit_cpu() {
+  DEVICE=cpu DDPM_TRAIN="$BIN" "$slurm_local" exec sbatch --parsable --gpus-per-task=0 --ntasks-per-node=2 \
+    --cpus-per-task=1 --mem=2G "$@"
+}
+
+# Needs the one-node cluster (scripts/slurm-local.sh up).
 preempt_test() {
-  "$slurm_local" up
-  local sub=(env DEVICE=cpu DDPM_TRAIN="$BIN" "$slurm_local" exec sbatch --parsable --gpus-per-task=0
-    --ntasks-per-node=2 --cpus-per-task=1 --mem=2G)
   local script=launch/slurm-1node-8gpu.sbatch args=("${TRAIN_ARGS[@]}" --batch 4 --steps "$STEPS")
 
   log "preempt: uninterrupted 2-rank run of $STEPS steps (sbatch $script)"
-  "${sub[@]}" --wait --job-name=ct-ref --output="$W/ref.out" "$script" "${args[@]}" --out "$W/ref" >/dev/null ||
+  submit_cpu --wait --job-name=ct-ref --output="$W/ref.out" "$script" "${args[@]}" --out "$W/ref" >/dev/null ||
     { cat "$W/ref.out"; fail "uninterrupted sbatch run failed"; }
 
   log "preempt: the same run, SIGUSR1 to the batch shell after $((STEPS / 3)) steps"
   local jid
-  jid=$("${sub[@]}" --job-name=ct-pre --output="$W/pre.out" "$script" "${args[@]}" --out "$W/pre")
+  jid=$(submit_cpu --job-name=ct-pre --output="$W/pre.out" "$script" "${args[@]}" --out "$W/pre")
   wait_for "job $jid reaching step $((STEPS / 3))" 300 has_lines "$W/pre" $((STEPS / 3))
   "$slurm_local" exec scancel --signal=USR1 --batch "$jid"
   wait_for "job $jid ending after its requeue" 600 job_ended "$jid"
@@ -203,9 +207,13 @@ preempt_test() {
   same=$(compare exact "$W/ref" "$W/pre" "$STEPS" "$stop_step" 2>&1) || fail "interrupted run differs from the uninterrupted one: $same"
   log "preempt: $same"
   echo "slurm: requeued ${restarts}x, resumed at step $resume_step, weights bit-identical"
+}
 
+# A task killed under SLURM (here: SIGKILL to rank 1, as the OOM killer would) must end the job.
+slurm_kill_test() {
+  local script=launch/slurm-1node-8gpu.sbatch jid state code
   log "preempt: SIGKILL to rank 1 of a running job (srun --kill-on-bad-exit=1 must end it)"
-  jid=$("${sub[@]}" --job-name=ct-kill --output="$W/kill.out" "$script" "${TRAIN_ARGS[@]}" --batch 4 \
+  jid=$(submit_cpu --job-name=ct-kill --output="$W/kill.out" "$script" "${TRAIN_ARGS[@]}" --batch 4 \
     --steps 100000 --out "$W/kill")
   wait_for "job $jid training" 300 has_lines "$W/kill" 1
   local pid t0 secs
@@ -217,7 +225,6 @@ preempt_test() {
   state=$(job_field "$jid" JobState) code=$(job_field "$jid" ExitCode)
   [ "$state" = FAILED ] && [ "$code" != 0:0 ] || { cat "$W/kill.out"; fail "job $jid ended $state, exit $code"; }
   echo "slurm: rank 1 killed -> job $state (exit $code) within ${secs} s (limit 60)"
-  "$slurm_local" down
 }
 
 # mpirun on h1 with one rank on each host, TCP over the veth pair only.
@@ -277,8 +284,8 @@ multinode_test() {
 
 prepare
 case "$what" in
-  preempt) preempt_test ;;
+  preempt) "$slurm_local" up && preempt_test && slurm_kill_test ;;
   two-hosts) two_hosts_test ;;
   multinode) two_hosts_test && multinode_test ;;
-  all) preempt_test && two_hosts_test && multinode_test ;;
+  all) "$slurm_local" up && preempt_test && slurm_kill_test && "$slurm_local" down && two_hosts_test && multinode_test ;;
 esac
