@@ -238,8 +238,8 @@ mpirun_two_hosts() {
 two_hosts_test() {
   "$slurm_local" net up
   log "two hosts: 2 ranks x batch 4 (h1 + h2 over tcp) vs 1 rank x batch 8, $TCP_STEPS steps"
-  local args="${TRAIN_ARGS[*]} --batch 4"
-  mpirun_two_hosts "$args --steps $TCP_STEPS --out $W/tcp2" >"$W/tcp2.out" 2>&1 || { cat "$W/tcp2.out"; fail "2-rank run over tcp failed"; }
+  local targs="${TRAIN_ARGS[*]} --batch 4"
+  mpirun_two_hosts "$targs --steps $TCP_STEPS --out $W/tcp2" >"$W/tcp2.out" 2>&1 || { cat "$W/tcp2.out"; fail "2-rank run over tcp failed"; }
   # mpirun's --display-map: one rank on each of the two hosts.
   grep -qE "Data for node: (h1|$NET.1)\s.*Num procs: 1" "$W/tcp2.out" &&
     grep -qE "Data for node: (h2|$NET.2)\s.*Num procs: 1" "$W/tcp2.out" ||
@@ -251,7 +251,7 @@ two_hosts_test() {
   echo "two hosts over tcp: max rel diff $diff vs 1 rank"
 
   log "two hosts: SIGKILL to the rank on h2 (mpirun must end the job)"
-  mpirun_two_hosts "$args --steps 100000 --out $W/tcp-kill" >"$W/tcp-kill.out" 2>&1 &
+  mpirun_two_hosts "$targs --steps 100000 --out $W/tcp-kill" >"$W/tcp-kill.out" 2>&1 &
   local mpid=$! pid t0 rc secs
   wait_for "2-rank run training" 300 running_with_lines "$mpid" "$W/tcp-kill" "$W/tcp-kill.out"
   pid=$(rank_pid OMPI_COMM_WORLD_RANK 1) || fail "no process of rank 1"
