@@ -56,6 +56,7 @@ install_packages() {
   command -v munged >/dev/null || missing+=(munge)
   command -v ip >/dev/null || missing+=(iproute2)
   command -v unshare >/dev/null || missing+=(util-linux)
+  command -v pgrep >/dev/null || missing+=(procps)
   [ ${#missing[@]} = 0 ] && return
   [ "$(id -u)" = 0 ] || die "missing ${missing[*]}; run as root or: sudo apt-get install ${missing[*]}"
   say "installing ${missing[*]} (apt-get)"
