@@ -165,42 +165,51 @@ start_munge() {
     die "munged did not start; see $state/log/munged.log"
 }
 
+# The daemons of a HOSTS-host cluster, one per line: program, host (0: this machine; 1, 2: h1, h2),
+# pid/log file name, TCP port.
+daemons() {
+  if [ "$1" = 1 ]; then
+    echo "slurmctld 0 slurmctld $ctld_port"
+    echo "slurmd 0 slurmd-$(hostname -s) $slurmd_port"
+  else
+    echo "slurmctld 1 slurmctld $ctld_port"
+    echo "slurmd 1 slurmd-h1 $slurmd_port"
+    echo "slurmd 2 slurmd-h2 $slurmd_port"
+  fi
+}
+
+# Before anything starts: the ports of the daemons that are not running yet must be free.
+check_ports() {
+  local prog host name port
+  while read -r prog host name port; do
+    [ -n "$(pid_of "$state/$name.pid")" ] && continue
+    if [ "$host" = 0 ]; then check_port_free "" "$port"; else check_port_free "${ns[$((host - 1))]}" "$port"; fi
+  done < <(daemons "$1")
+}
+
 # Starts slurmctld (on the head host) and one slurmd per host, unless they already run.
 start_slurm() {
-  local hosts=$1
+  local prog host name port
   export SLURM_CONF=$conf
-  if [ "$hosts" = 1 ]; then
-    if [ -z "$(pid_of "$state/slurmctld.pid")" ]; then
-      check_port_free "" "$ctld_port"
-      slurmctld -f "$conf" || die "slurmctld did not start; see $state/log/slurmctld.log"
+  while read -r prog host name port; do
+    [ -n "$(pid_of "$state/$name.pid")" ] && continue
+    if [ "$host" = 0 ]; then
+      "$prog" -f "$conf" </dev/null || die "$prog did not start; see $state/log/$name.log"
+    else
+      on_host "$host" "$prog" -f "$conf" </dev/null || die "$prog on h$host did not start; see $state/log/$name.log"
     fi
-    if [ -z "$(pid_of "$state/slurmd-$(hostname -s).pid")" ]; then
-      check_port_free "" "$slurmd_port"
-      slurmd -f "$conf" || die "slurmd did not start; see $state/log/slurmd-$(hostname -s).log"
-    fi
-    return
-  fi
-  if [ -z "$(pid_of "$state/slurmctld.pid")" ]; then
-    check_port_free "${ns[0]}" "$ctld_port"
-    on_host 1 slurmctld -f "$conf" || die "slurmctld did not start; see $state/log/slurmctld.log"
-  fi
-  local i
-  for i in 1 2; do
-    if [ -z "$(pid_of "$state/slurmd-h$i.pid")" ]; then
-      check_port_free "${ns[$((i - 1))]}" "$slurmd_port"
-      on_host "$i" slurmd -f "$conf" || die "slurmd on h$i did not start; see $state/log/slurmd-h$i.log"
-    fi
-  done
+  done < <(daemons "$1")
 }
 
 # Client command against the running cluster.
 client() {
   local hosts
   hosts=$(cat "$state/hosts" 2>/dev/null) || die "no cluster in $state; run: $0 up"
+  # `exec` for the `exec` subcommand: the shell is gone while a long client (sbatch --wait) runs.
   if [ "$hosts" = 1 ]; then
-    SLURM_CONF=$conf "$@"
+    SLURM_CONF=$conf ${CLIENT_EXEC:-} "$@"
   else
-    SLURM_CONF=$conf ip netns exec "${ns[0]}" "$@"
+    SLURM_CONF=$conf ${CLIENT_EXEC:-} ip netns exec "${ns[0]}" "$@"
   fi
 }
 
@@ -220,27 +229,17 @@ wait_idle() {
   die "nodes not idle after 60 s (sinfo: $out); logs in $state/log"
 }
 
-# A slurmctld/slurmd not started from this state dir would clash with ours.
+# A slurmctld/slurmd not started from this state dir would clash with ours. Ours run with `-f` and
+# our config; a process of that name with an empty command line is a helper a daemon forked (e.g.
+# slurmctld's slurmscriptd) and goes with its daemon.
 check_foreign_daemons() {
-  local d p mine
+  local d p cmd
   for d in slurmctld slurmd; do
     for p in $(pgrep -x "$d" || true); do
-      mine=$(cat "$state"/slurm*.pid 2>/dev/null || true)
-      grep -qx "$p" <<<"$mine" ||
-        die "another $d is running (pid $p, $(tr '\0' ' ' </proc/"$p"/cmdline)); stop it first"
+      cmd=$(tr '\0' ' ' <"/proc/$p/cmdline" 2>/dev/null) || continue
+      [ -z "$cmd" ] || [[ $cmd == *" -f $conf"* ]] || die "another $d is running (pid $p: $cmd); stop it first"
     done
   done
-}
-
-rsh() {
-  local host
-  case "${1:-}" in
-    h1 | "$net.1") host=1 ;;
-    h2 | "$net.2") host=2 ;;
-    *) die "rsh: unknown host '${1:-}' (expected h1, h2, $net.1 or $net.2)" ;;
-  esac
-  shift
-  on_host "$host" sh -c "$*"
 }
 
 cmd_up() {
@@ -262,6 +261,7 @@ cmd_up() {
   [ "$hosts" = 2 ] && net_up
   write_conf "$hosts"
   echo "$hosts" >"$state/hosts"
+  check_ports "$hosts"
   start_munge
   start_slurm "$hosts"
   wait_idle "$hosts"
@@ -324,7 +324,7 @@ case "${1:-}" in
   up) shift; cmd_up "$@" ;;
   down) cmd_down ;;
   status) cmd_status ;;
-  exec) shift; client "$@" ;;
+  exec) shift; CLIENT_EXEC="exec" client "$@" ;;
   # `rsh HOST CMD`, or `HOST CMD` as OpenMPI's remote-launch agent (plm_rsh_agent, in place of
   # ssh; OpenMPI passes no arguments of its own before the host): runs the command line on h1/h2.
   rsh) shift; rsh "$@" ;;
