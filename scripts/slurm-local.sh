@@ -242,6 +242,18 @@ check_foreign_daemons() {
   done
 }
 
+# Runs a command line on host h1 or h2 (by name or address), as ssh would.
+rsh() {
+  local host
+  case "${1:-}" in
+    h1 | "$net.1") host=1 ;;
+    h2 | "$net.2") host=2 ;;
+    *) die "rsh: unknown host '${1:-}' (expected h1, h2, $net.1 or $net.2)" ;;
+  esac
+  shift
+  on_host "$host" sh -c "$*"
+}
+
 cmd_up() {
   local hosts=1
   case "${1:-}" in
