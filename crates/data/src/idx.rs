@@ -92,7 +92,9 @@ fn read_stream(mut r: impl Read, path: &Path, plain_len: Option<u64>) -> Result<
         }
     }
     // Never more than the declared size + 1 (to detect trailing bytes), whatever the stream holds.
-    let mut data = Vec::with_capacity(count.min(64 << 20) as usize);
+    // A plain file's length was checked above; a stream's buffer grows only as data really arrives.
+    let capacity = if plain_len.is_some() { count } else { count.min(1 << 20) };
+    let mut data = Vec::with_capacity(capacity as usize);
     r.take(count + 1).read_to_end(&mut data).map_err(|e| {
         DataError::io(
             path,
