@@ -273,3 +273,40 @@ pub fn convert_folder(
         chunk_images,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decode_blocks_stay_within_the_byte_budget() {
+        let gib = 1u64 << 30;
+        // 1.1 GiB images are decoded one at a time, 0.9 GiB ones two at a time (budget 2 GiB).
+        let big = decode_blocks(&[gib * 11 / 10; 3], 1 << 20);
+        assert_eq!(big, vec![0..1, 1..2, 2..3]);
+        let pairs = decode_blocks(&[gib * 9 / 10; 4], 1 << 20);
+        assert_eq!(pairs, vec![0..2, 2..4]);
+        // Small images: 256 per block, all covered in order.
+        let small = decode_blocks(&[1000; 600], 100);
+        assert_eq!(small, vec![0..256, 256..512, 512..600]);
+        // Every block's total is within the budget unless it is a single image.
+        let mixed: Vec<u64> = (0..300).map(|i| (i % 7) * gib / 5).collect();
+        for b in decode_blocks(&mixed, 1 << 20) {
+            let sum: u64 = mixed[b.clone()].iter().map(|w| w + (1 << 20)).sum();
+            assert!(b.len() == 1 || sum <= limits::MAX_DECODE_BLOCK_BYTES, "{b:?}: {sum}");
+        }
+    }
+
+    #[test]
+    fn header_checks_bound_size_and_aspect() {
+        let p = Path::new("x.png");
+        let err = check_header(p, (1, 65535), 1, 256).unwrap_err().to_string();
+        assert!(err.contains("x.png") && err.contains("aspect ratio"), "{err}");
+        let err = check_header(p, (10000, 10000), 3, 256).unwrap_err().to_string();
+        assert!(err.contains("pixels"), "{err}");
+        let err = check_header(p, (0, 5), 3, 256).unwrap_err().to_string();
+        assert!(err.contains("zero size"), "{err}");
+        assert!(check_header(p, (640, 480), 3, 256).is_ok());
+        assert!(check_header(p, (8 * 300, 300), 3, 64).is_ok());
+    }
+}
