@@ -330,31 +330,12 @@ impl Hdf5Dataset {
 
 /// Bounds the declared shape of `images` (see [`crate::limits`]) before anything is sized from it.
 fn check_image_shape(path: &Path, shape: &[usize]) -> Result<()> {
-    let (n, h, w, c) = (shape[0], shape[1], shape[2], shape[3]);
     let bad = |what: String| Err(DataError::dataset(path, IMAGES, what));
-    if n == 0 || h == 0 || w == 0 {
+    if shape[..3].contains(&0) {
         return bad(format!("is empty (shape {shape:?})"));
     }
-    if n as u64 > limits::MAX_EXAMPLES {
-        return bad(format!(
-            "declares N = {n} images (shape {shape:?}), above the limit of {} examples per file",
-            limits::MAX_EXAMPLES
-        ));
-    }
-    for (name, side) in [("H", h), ("W", w)] {
-        if side as u64 > limits::MAX_SIDE {
-            return bad(format!(
-                "declares {name} = {side} (shape {shape:?}), above the limit of {} pixels",
-                limits::MAX_SIDE
-            ));
-        }
-    }
-    if !limits::CHANNELS.contains(&(c as u64)) {
-        return bad(format!(
-            "has {c} channels (shape {shape:?}), expected 1 (grey) or 3 (RGB)"
-        ));
-    }
-    Ok(())
+    limits::check_nhwc([shape[0], shape[1], shape[2], shape[3]])
+        .or_else(|what| bad(format!("has shape {shape:?}: {what}")))
 }
 
 /// Bounds the chunk size, and checks that every chunk the shape promises is stored in the file: a
@@ -378,9 +359,9 @@ fn check_chunks(
         ));
     }
     let expected = n.div_ceil(k);
-    let stored = images.num_chunks().ok_or_else(|| {
-        DataError::dataset(path, IMAGES, "cannot count its stored chunks")
-    })?;
+    let stored = images
+        .num_chunks()
+        .ok_or_else(|| DataError::dataset(path, IMAGES, "cannot count its stored chunks"))?;
     if stored < expected {
         return Err(DataError::dataset(
             path,

@@ -26,6 +26,27 @@ pub const CHANNELS: [u64; 2] = [1, 3];
 /// chunk at a time outside the loader's byte-budgeted cache.
 pub const MAX_CHUNK_BYTES: u64 = 64 << 20;
 
+/// Checks an image array shape `[N, H, W, C]` against [`MAX_EXAMPLES`], [`MAX_SIDE`] and
+/// [`CHANNELS`]; the text names the offending dimension. Callers add the file and field.
+pub fn check_nhwc([n, h, w, c]: [usize; 4]) -> Result<(), String> {
+    if n as u64 > MAX_EXAMPLES {
+        return Err(format!(
+            "N = {n} images is above the limit of {MAX_EXAMPLES} examples per file"
+        ));
+    }
+    for (name, side) in [("H", h), ("W", w)] {
+        if side as u64 > MAX_SIDE {
+            return Err(format!(
+                "{name} = {side} is above the limit of {MAX_SIDE} pixels"
+            ));
+        }
+    }
+    if !CHANNELS.contains(&(c as u64)) {
+        return Err(format!("{c} channels, expected 1 (grey) or 3 (RGB)"));
+    }
+    Ok(())
+}
+
 /// Classes (`num_classes`, `class_names`). ImageNet-21k has 21841.
 pub const MAX_CLASSES: u64 = 1 << 20;
 

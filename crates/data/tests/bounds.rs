@@ -5,9 +5,8 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
-use common::{add_valid_attrs, write_synthetic};
+use common::{add_valid_attrs, shard_plan_args, write_synthetic};
 use ddpm_data::{Hdf5Dataset, Loader, LoaderConfig, LoaderPosition};
 
 fn assert_names(msg: &str, path: &Path, parts: &[&str]) {
@@ -29,10 +28,7 @@ fn sparse_file(
     labels: bool,
 ) -> PathBuf {
     let path = dir.join(name);
-    let f = hdf5::FileBuilder::new()
-        .with_fapl(|p| p.fclose_degree(hdf5::file::FileCloseDegree::Strong))
-        .create(&path)
-        .unwrap();
+    let f = common::create_strong(&path);
     let ds = f
         .new_dataset::<u8>()
         .shape(shape)
@@ -59,32 +55,7 @@ fn sparse_file(
 }
 
 fn run_cli(args: &[&str]) -> (Option<i32>, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_ddpm-data"))
-        .args(args)
-        .env("HDF5_USE_FILE_LOCKING", "FALSE")
-        .output()
-        .unwrap();
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-fn shard_plan_args(p: &Path) -> Vec<&str> {
-    vec![
-        "shard-plan",
-        p.to_str().unwrap(),
-        "--world",
-        "1",
-        "--rank",
-        "0",
-        "--batch",
-        "1",
-        "--epoch",
-        "0",
-        "--seed",
-        "0",
-    ]
+    common::run_ddpm_data(env!("CARGO_BIN_EXE_ddpm-data"), "", args)
 }
 
 /// The reproduction: ~8 KB on disk, `images` declares N = 2^40. Before the bound,
@@ -103,7 +74,9 @@ fn a_tiny_file_declaring_2_pow_40_images_is_rejected_by_every_command() {
             labels,
         );
         assert!(std::fs::metadata(&p).unwrap().len() < 64 * 1024);
-        let err = Hdf5Dataset::open(&p).err().expect("must be rejected").to_string();
+        let err = Hdf5Dataset::open(&p)
+            .expect_err("must be rejected")
+            .to_string();
         assert_names(&err, &p, &["dataset `images`", "1099511627776"]);
 
         let cfg = LoaderConfig {
@@ -115,10 +88,16 @@ fn a_tiny_file_declaring_2_pow_40_images_is_rejected_by_every_command() {
             flip: false,
             prefetch: 1,
         };
-        let err = Loader::new(cfg, LoaderPosition::default()).err().unwrap().to_string();
+        let err = Loader::new(cfg, LoaderPosition::default())
+            .err()
+            .unwrap()
+            .to_string();
         assert_names(&err, &p, &["dataset `images`"]);
 
-        for args in [shard_plan_args(&p), vec!["inspect", p.to_str().unwrap()]] {
+        for args in [
+            shard_plan_args(&p, "1", "1"),
+            vec!["inspect", p.to_str().unwrap()],
+        ] {
             let (code, stderr) = run_cli(&args);
             assert_eq!(code, Some(1), "{args:?} must exit 1 (not abort): {stderr}");
             assert_names(&stderr, &p, &["dataset `images`"]);
@@ -131,27 +110,68 @@ fn a_tiny_file_declaring_2_pow_40_images_is_rejected_by_every_command() {
 #[test]
 fn images_whose_chunks_are_not_stored_are_rejected() {
     let dir = tempfile::tempdir().unwrap();
-    let p = sparse_file(dir.path(), "sparse.h5", [1000, 2, 2, 1], [10, 2, 2, 1], 10, false);
-    let err = Hdf5Dataset::open(&p).err().expect("must be rejected").to_string();
+    let p = sparse_file(
+        dir.path(),
+        "sparse.h5",
+        [1000, 2, 2, 1],
+        [10, 2, 2, 1],
+        10,
+        false,
+    );
+    let err = Hdf5Dataset::open(&p)
+        .expect_err("must be rejected")
+        .to_string();
     assert_names(&err, &p, &["dataset `images`", "1 of 100 chunks"]);
     // The same shape fully written opens.
-    let ok = sparse_file(dir.path(), "full.h5", [1000, 2, 2, 1], [10, 2, 2, 1], 1000, false);
+    let ok = sparse_file(
+        dir.path(),
+        "full.h5",
+        [1000, 2, 2, 1],
+        [10, 2, 2, 1],
+        1000,
+        false,
+    );
     Hdf5Dataset::open(&ok).unwrap();
 }
 
 #[test]
 fn image_sides_and_chunk_bytes_are_bounded() {
     let dir = tempfile::tempdir().unwrap();
-    let tall = sparse_file(dir.path(), "tall.h5", [1, 5000, 1, 1], [1, 5000, 1, 1], 0, false);
+    let tall = sparse_file(
+        dir.path(),
+        "tall.h5",
+        [1, 5000, 1, 1],
+        [1, 5000, 1, 1],
+        0,
+        false,
+    );
     let err = Hdf5Dataset::open(&tall).err().unwrap().to_string();
     assert_names(&err, &tall, &["dataset `images`", "H = 5000", "4096"]);
-    let wide = sparse_file(dir.path(), "wide.h5", [1, 1, 70000, 3], [1, 1, 70000, 3], 0, false);
+    let wide = sparse_file(
+        dir.path(),
+        "wide.h5",
+        [1, 1, 70000, 3],
+        [1, 1, 70000, 3],
+        0,
+        false,
+    );
     let err = Hdf5Dataset::open(&wide).err().unwrap().to_string();
     assert_names(&err, &wide, &["dataset `images`", "W = 70000"]);
     // 4 images of 4096 x 4096 x 3 per chunk = 192 MiB, above the 64 MiB chunk bound.
-    let big = sparse_file(dir.path(), "bigchunk.h5", [8, 4096, 4096, 3], [4, 4096, 4096, 3], 0, false);
+    let big = sparse_file(
+        dir.path(),
+        "bigchunk.h5",
+        [8, 4096, 4096, 3],
+        [4, 4096, 4096, 3],
+        0,
+        false,
+    );
     let err = Hdf5Dataset::open(&big).err().unwrap().to_string();
-    assert_names(&err, &big, &["dataset `images`", "chunk", "201326592 bytes"]);
+    assert_names(
+        &err,
+        &big,
+        &["dataset `images`", "chunk", "201326592 bytes"],
+    );
 }
 
 #[test]
@@ -160,7 +180,10 @@ fn class_counts_are_bounded() {
     let p = write_synthetic(&dir.path().join("ok.h5"), 4, [2, 2, 1], Some(2), 2);
     {
         let f = hdf5::File::open_rw(&p).unwrap();
-        f.attr("num_classes").unwrap().write_scalar(&(1i64 << 40)).unwrap();
+        f.attr("num_classes")
+            .unwrap()
+            .write_scalar(&(1i64 << 40))
+            .unwrap();
     }
     let err = Hdf5Dataset::open(&p).err().unwrap().to_string();
     assert_names(&err, &p, &["attribute `num_classes`", "1099511627776"]);
@@ -171,9 +194,7 @@ fn shard_plan_arguments_cannot_overflow() {
     let dir = tempfile::tempdir().unwrap();
     let p = write_synthetic(&dir.path().join("small.h5"), 4, [2, 2, 1], None, 2);
     let big = (u64::MAX / 2).to_string();
-    let mut args = shard_plan_args(&p);
-    args[3] = &big; // --world
-    args[7] = &big; // --batch
+    let args = shard_plan_args(&p, &big, &big);
     let (code, stderr) = run_cli(&args);
     assert_eq!(code, Some(1), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
