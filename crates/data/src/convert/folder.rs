@@ -5,6 +5,10 @@
 //! Each image is resized so its shorter side is `resolution` (Catmull-Rom, i.e. bicubic, with the
 //! filter widened when shrinking so it also anti-aliases) and then center-cropped to a square, as
 //! guided-diffusion's `center_crop_arr` does.
+//!
+//! Every image's header is read first: its size, aspect ratio and the memory decoding and resizing
+//! it will take are bounded ([`crate::limits`]) before anything is decoded, and the parallel decode
+//! runs in blocks whose summed estimates stay within [`limits::MAX_DECODE_BLOCK_BYTES`].
 
 use std::path::{Path, PathBuf};
 
