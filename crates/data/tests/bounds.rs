@@ -199,3 +199,29 @@ fn shard_plan_arguments_cannot_overflow() {
     assert_eq!(code, Some(1), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+/// The writer refuses what the reader would refuse, so no converter produces an unreadable file.
+#[test]
+fn the_writer_applies_the_same_bounds() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("w.h5");
+    let opts = ddpm_data::WriteOptions::default();
+    let err = ddpm_data::DatasetWriter::create(&out, 2, [5000, 1, 1], &opts)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("w.h5") && err.contains("H = 5000"), "{err}");
+    let big_chunks = ddpm_data::WriteOptions {
+        chunk_images: Some(64),
+        deflate: None,
+    };
+    let err = ddpm_data::DatasetWriter::create(&out, 100, [1024, 1024, 3], &big_chunks)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("w.h5") && err.contains("images per chunk"),
+        "{err}"
+    );
+    assert!(!out.exists());
+}
