@@ -13,6 +13,7 @@ use crate::format::{
     ATTR_CLASS_NAMES, ATTR_FORMAT_VERSION, ATTR_NUM_CLASSES, ATTR_SOURCE, FORMAT_VERSION, IMAGES,
     LABELS,
 };
+use crate::limits;
 
 /// Target size of one chunk when [`WriteOptions::chunk_images`] is not given: small enough that a random
 /// batch reads little it does not need, large enough for deflate to work and for HDF5's chunk index to
@@ -76,12 +77,16 @@ impl DatasetWriter {
                 target.display()
             )));
         }
-        if h == 0 || w == 0 || !(c == 1 || c == 3) {
+        if h == 0 || w == 0 {
             return Err(DataError::Config(format!(
                 "{}: bad image shape [{h}, {w}, {c}]",
                 target.display()
             )));
         }
+        // The reader's bounds: never write a file `Hdf5Dataset::open` would refuse.
+        limits::check_nhwc([n, h, w, c]).map_err(|what| {
+            DataError::Config(format!("{}: cannot write {what}", target.display()))
+        })?;
         if let Some(l) = opts.deflate {
             if !(1..=9).contains(&l) {
                 return Err(DataError::Config(format!(
@@ -94,6 +99,14 @@ impl DatasetWriter {
             .chunk_images
             .unwrap_or((TARGET_CHUNK_BYTES / image_bytes).max(1))
             .clamp(1, n);
+        if (chunk_images as u64).saturating_mul(image_bytes as u64) > limits::MAX_CHUNK_BYTES {
+            return Err(DataError::Config(format!(
+                "{}: {chunk_images} images per chunk make chunks of {} bytes, above the limit of {} bytes",
+                target.display(),
+                chunk_images * image_bytes,
+                limits::MAX_CHUNK_BYTES
+            )));
+        }
         let tmp = atomic::temp_path(&target);
         let file = hdf5::File::create(&tmp)
             .map_err(|e| DataError::file(&tmp, format!("cannot create: {e}")))?;

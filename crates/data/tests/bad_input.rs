@@ -33,13 +33,7 @@ fn raw_file(
     classes: Option<usize>,
 ) -> PathBuf {
     let path = dir.join(name);
-    // Strong close: H5Fclose closes every object of the file at once, so its write lock is gone
-    // before the reader opens it (with the default weak degree a still-referenced object kept the
-    // file open and the reader's lock failed with EAGAIN, seen once in a full test run).
-    let f = hdf5::FileBuilder::new()
-        .with_fapl(|p| p.fclose_degree(hdf5::file::FileCloseDegree::Strong))
-        .create(&path)
-        .unwrap();
+    let f = common::create_strong(&path);
     make(&f);
     add_valid_attrs(&f, classes);
     f.close().unwrap();
@@ -387,20 +381,7 @@ fn the_cli_reports_bad_files_and_exits_nonzero() {
     std::fs::write(&p, [1u8; 4096]).unwrap();
     for args in [
         vec!["inspect", p.to_str().unwrap()],
-        vec![
-            "shard-plan",
-            p.to_str().unwrap(),
-            "--world",
-            "1",
-            "--rank",
-            "0",
-            "--batch",
-            "1",
-            "--epoch",
-            "0",
-            "--seed",
-            "0",
-        ],
+        common::shard_plan_args(&p, "1", "1"),
     ] {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_ddpm-data"))
             .args(&args)

@@ -170,20 +170,7 @@ fn shard_plan_binary_rejects_a_world_larger_than_the_data() {
     let dir = tempfile::tempdir().unwrap();
     let file = common::write_synthetic(&dir.path().join("tiny.h5"), 5, [2, 2, 1], None, 2);
     let out = Command::new(env!("CARGO_BIN_EXE_ddpm-data"))
-        .args([
-            "shard-plan",
-            file.to_str().unwrap(),
-            "--world",
-            "8",
-            "--rank",
-            "0",
-            "--batch",
-            "1",
-            "--epoch",
-            "0",
-            "--seed",
-            "0",
-        ])
+        .args(common::shard_plan_args(&file, "8", "1"))
         .output()
         .unwrap();
     assert!(!out.status.success());

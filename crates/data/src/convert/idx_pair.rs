@@ -8,6 +8,7 @@ use indicatif::ProgressBar;
 use super::{ConvertSummary, Split};
 use crate::error::{DataError, Result};
 use crate::idx::read_idx;
+use crate::limits;
 use crate::writer::{DatasetMeta, DatasetWriter, WriteOptions};
 
 /// Zalando's label order (fashion-mnist README).
@@ -110,11 +111,19 @@ pub fn convert_idx(
             ))
         }
     };
-    if !(c == 1 || c == 3) {
-        return Err(DataError::file(
+    limits::check_nhwc([n, h, w, c]).map_err(|what| {
+        DataError::file(
             &input.images,
-            format!("IDX images have {c} channels, expected 1 or 3"),
-        ));
+            format!("IDX dimensions {:?}: {what}", images.dims),
+        )
+    })?;
+    if let Some(k) = input.num_classes {
+        if k as u64 > limits::MAX_CLASSES {
+            return Err(DataError::Config(format!(
+                "--num-classes {k} is above the limit of {} classes",
+                limits::MAX_CLASSES
+            )));
+        }
     }
     let (labels, class_names) = match &input.labels {
         Some(lpath) => {

@@ -108,3 +108,50 @@ pub fn expected_decoded(i: usize, h: usize, w: usize, c: usize, flip: bool) -> V
     }
     out
 }
+
+/// `ddpm-data shard-plan` arguments for `file` (rank 0, epoch 0, seed 0); `world` and `batch` are
+/// strings so tests can pass values no `usize` holds.
+pub fn shard_plan_args<'a>(file: &'a Path, world: &'a str, batch: &'a str) -> Vec<&'a str> {
+    vec![
+        "shard-plan",
+        file.to_str().unwrap(),
+        "--world",
+        world,
+        "--rank",
+        "0",
+        "--batch",
+        batch,
+        "--epoch",
+        "0",
+        "--seed",
+        "0",
+    ]
+}
+
+/// Creates an HDF5 file with the strong close degree: `close()` closes every object of the file at
+/// once, so its write lock is gone before a reader opens it (with the default weak degree a
+/// still-referenced object kept the file open and the reader's lock failed with EAGAIN).
+pub fn create_strong(path: &Path) -> hdf5::File {
+    hdf5::FileBuilder::new()
+        .with_fapl(|p| p.fclose_degree(hdf5::file::FileCloseDegree::Strong))
+        .create(path)
+        .unwrap()
+}
+
+/// Runs the `ddpm-data` binary (through `sh`, so `prefix` can be e.g. `ulimit -v N &&`); returns its
+/// exit code (`None` when killed by a signal, e.g. an aborted allocation) and stderr.
+pub fn run_ddpm_data(bin: &str, prefix: &str, args: &[&str]) -> (Option<i32>, String) {
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("{prefix} exec \"$0\" \"$@\""))
+        .arg(bin)
+        .args(args)
+        .env("HDF5_USE_FILE_LOCKING", "FALSE")
+        .env("RAYON_NUM_THREADS", "2")
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
