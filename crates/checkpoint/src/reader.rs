@@ -266,3 +266,66 @@ impl Checkpoint {
             .map_err(net_err)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{fixture_manifest, CheckpointWriter};
+
+    const CONFIG: &str = "out_dir = \"run\"\n[model]\nimage_size = 8\nin_channels = 1\n\
+        model_channels = 8\nnum_res_blocks = 1\nattention_resolutions = []\nchannel_mult = [1]\n\
+        num_groups = 4\n[diffusion]\nschedule = \"cosine\"\ntimesteps = 10\n[data]\npath = \"d.h5\"\nbatch = 2\n\
+        [optim]\nlr = 1e-3\n[schedule]\ntotal_steps = 1\n[preview]\nsteps = 2\n";
+
+    fn write(run: &Path, config: serde_json::Value) -> Checkpoint {
+        let mut w = CheckpointWriter::begin(run, 1).unwrap();
+        w.add_bytes(MODEL_FILE, b"not read here").unwrap();
+        let mut m = fixture_manifest(1);
+        m.config = config;
+        Checkpoint::open(&w.finish(m).unwrap()).unwrap()
+    }
+
+    /// The stored config is read with the writer's schema: the same value back, the same process
+    /// built from it, and an unknown key (which the sampler's old reader ignored) is an error naming
+    /// the manifest.
+    #[test]
+    fn config_is_read_with_the_writers_schema() {
+        let run = tempfile::tempdir().unwrap();
+        let cfg = TrainConfig::from_toml_str(CONFIG, &Default::default()).unwrap();
+        let ck = write(run.path(), serde_json::to_value(&cfg).unwrap());
+        assert_eq!(ck.config().unwrap(), cfg);
+        let d = ck.diffusion().unwrap();
+        assert_eq!(d.num_timesteps(), 10);
+        assert_eq!(d.var_type, ddpm_diffusion::ModelVarType::FixedSmall);
+        assert_eq!(ck.run_dir, run.path());
+
+        let mut v = serde_json::to_value(&cfg).unwrap();
+        v["diffusion"]["variances"] = "fixed_large".into();
+        let ck = write(run.path(), v);
+        let e = ck.config().unwrap_err().to_string();
+        assert!(e.contains(MANIFEST) && e.contains("variances"), "{e}");
+    }
+
+    #[test]
+    fn weights_parse_and_select_a_file() {
+        assert_eq!("ema".parse::<Weights>().unwrap(), Weights::Ema(None));
+        assert_eq!(
+            "ema:0.5".parse::<Weights>().unwrap(),
+            Weights::Ema(Some(0.5))
+        );
+        assert_eq!("model".parse::<Weights>().unwrap(), Weights::Model);
+        assert!("ema:x".parse::<Weights>().is_err());
+        let run = tempfile::tempdir().unwrap();
+        let ck = write(run.path(), serde_json::json!({}));
+        assert_eq!(
+            ck.weights_file(Weights::Ema(None)).unwrap(),
+            "ema_0.5.safetensors"
+        );
+        assert_eq!(ck.weights_file(Weights::Model).unwrap(), MODEL_FILE);
+        let e = ck
+            .weights_file(Weights::Ema(Some(0.9)))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("has no EMA of rate 0.9"), "{e}");
+    }
+}

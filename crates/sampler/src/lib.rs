@@ -12,12 +12,13 @@ pub mod bpd;
 pub mod denoiser;
 pub mod device;
 pub mod error;
-pub mod eval;
+pub mod eval_cmd;
 pub mod fid;
 pub mod generate;
 pub mod guidance;
 pub mod images;
 pub mod linalg;
+pub mod sample_cmd;
 pub mod sampler;
 pub mod steps;
 

@@ -1,8 +1,8 @@
 //! `ddpm-eval`: bits/dim and the classifier Frechet distance of a trained model (the commands are
-//! `ddpm_sampler::eval`'s).
+//! `ddpm_sampler::eval_cmd`'s).
 
 use clap::{Parser, Subcommand};
-use ddpm_sampler::eval::{run_bpd, run_fid, BpdArgs, FidArgs};
+use ddpm_sampler::eval_cmd::{run_bpd, run_fid, BpdArgs, FidArgs};
 
 #[derive(Parser, Debug)]
 #[command(
