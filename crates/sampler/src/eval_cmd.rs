@@ -16,20 +16,12 @@ use ddpm_dist::Communicator;
 
 use crate::bpd::{bpd_batch, BpdSums};
 use crate::device::select_device;
-use crate::error::{Result, SamplerError};
+use crate::error::Result;
 use crate::fid::{accuracy, extract, FeatureExtractor};
 use crate::generate::rank_batches;
 use crate::images::from_uint8_nhwc;
 use crate::linalg::{frechet_distance, GaussianStats};
 use crate::{Checkpoint, EncoderClassifier, UNetDenoiser, Weights};
-
-macro_rules! usage {
-    ($($t:tt)*) => { SamplerError::Usage(format!($($t)*)) };
-}
-
-macro_rules! bail_usage {
-    ($($t:tt)*) => { return Err(usage!($($t)*)) };
-}
 
 /// `ddpm-eval bpd`: the variational bound in bits/dim on a test set (T model evaluations per example).
 #[derive(clap::Args, Debug)]

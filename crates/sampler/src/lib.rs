@@ -8,6 +8,15 @@
 //! fused DDPM/DDIM update, `ddpm-kernels`; this crate owns the loops, the randomness (ddpm-rng
 //! `Stream::Sampler`, keyed by seed, step and global image index) and the I/O.
 
+/// A [`SamplerError::Usage`] from a format string (the commands' checks of their options).
+macro_rules! usage {
+    ($($t:tt)*) => { $crate::SamplerError::Usage(format!($($t)*)) };
+}
+
+macro_rules! bail_usage {
+    ($($t:tt)*) => { return Err(usage!($($t)*)) };
+}
+
 pub mod bpd;
 pub mod denoiser;
 pub mod device;

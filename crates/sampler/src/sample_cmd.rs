@@ -9,20 +9,12 @@ use ddpm_config::TrainConfig;
 use ddpm_dist::Communicator;
 
 use crate::device::select_device;
-use crate::error::{Result, SamplerError};
+use crate::error::Result;
 use crate::images::{class_names, write_grid_png, write_samples_h5};
 use crate::{
     generate, Checkpoint, CheckpointError, ClassifierGuidance, EncoderClassifier, GenerateJob,
     Generated, Guidance, LabelPlan, Sampler, SamplerKind, SamplerSettings, UNetDenoiser, Weights,
 };
-
-macro_rules! usage {
-    ($($t:tt)*) => { SamplerError::Usage(format!($($t)*)) };
-}
-
-macro_rules! bail_usage {
-    ($($t:tt)*) => { return Err(usage!($($t)*)) };
-}
 
 /// The options of `ddpm-sample` (see the binary's `--help`).
 #[derive(clap::Args, Debug)]

@@ -1,25 +1,21 @@
-//! Run state <-> checkpoint: saving everything exact resume needs, and restoring it after checking
-//! that the checkpoint belongs to this config (hash, global batch, tensor names and shapes).
+//! Run state from a checkpoint: the fresh state of a run, and restoring one after checking that the
+//! checkpoint belongs to this config (hash, global batch, tensor names and shapes). Writing is
+//! `TrainLoop::save`.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
-use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
-use candle_core::{Device, Tensor, Var};
+use candle_core::{Device, Var};
+use ddpm_checkpoint::{self as checkpoint, Checkpoint};
 use ddpm_data::LoaderPosition;
 use ddpm_dist::Communicator;
 
-use crate::config::TrainConfig;
-use crate::config::HASH_EXCLUDED_KEYS;
+use crate::config::{TrainConfig, HASH_EXCLUDED_KEYS};
 use crate::ema::Ema;
 use crate::metrics::Window;
 use crate::optim::{AdamW, AdamWParams};
 use crate::run::State;
-use crate::timesteps::{TimestepSampler, HISTORY_PER_TERM};
-use ddpm_checkpoint::{
-    self as checkpoint, Checkpoint, CheckpointWriter, Manifest, OptimizerState, RngState,
-};
+use crate::timesteps::TimestepSampler;
 
 /// Flattens a JSON value into `dotted.key -> value text` for config diffs.
 pub(crate) fn flatten(prefix: &str, v: &serde_json::Value, out: &mut BTreeMap<String, String>) {
@@ -207,108 +203,4 @@ pub(crate) fn restore(
         }
     }
     Ok(())
-}
-
-/// What [`save`] needs of the training loop.
-pub(crate) struct SaveCtx<'a> {
-    pub(crate) cfg: &'a TrainConfig,
-    pub(crate) comm: &'a dyn Communicator,
-    pub(crate) run_dir: &'a std::path::Path,
-    pub(crate) hash: &'a str,
-    pub(crate) names: &'a [String],
-    pub(crate) vars: &'a [Var],
-    pub(crate) num_parameters: usize,
-}
-
-/// Writes a checkpoint of `st` (rank 0), keeps the newest K. Returns its directory.
-pub(crate) fn save(ctx: &SaveCtx, st: &State, lr: f64) -> Result<PathBuf> {
-    let _span = tracing::info_span!("checkpoint", step = st.step).entered();
-    let t0 = Instant::now();
-    let mut w = CheckpointWriter::begin(ctx.run_dir, st.step)?;
-    let result = (|| -> Result<()> {
-        let named = |ts: &[Tensor], prefix: &str| -> Vec<(String, Tensor)> {
-            ctx.names
-                .iter()
-                .zip(ts)
-                .map(|(n, t)| (format!("{prefix}{n}"), t.clone()))
-                .collect()
-        };
-        let params: Vec<Tensor> = ctx.vars.iter().map(|v| v.as_tensor().clone()).collect();
-        w.add_tensors(checkpoint::MODEL_FILE, &named(&params, ""))?;
-        for e in &st.emas {
-            w.add_tensors(&checkpoint::ema_file(e.rate), &named(&e.params, ""))?;
-        }
-        let mut moments = named(&st.opt.m, "exp_avg.");
-        moments.extend(named(&st.opt.v, "exp_avg_sq."));
-        w.add_tensors(checkpoint::OPTIMIZER_FILE, &moments)?;
-        let mut state = vec![(
-            "metrics_window".to_string(),
-            Tensor::new(st.window.to_vec().as_slice(), &Device::Cpu)?,
-        )];
-        if let TimestepSampler::LossAware(s) = &st.sampler {
-            let t = s.num_timesteps();
-            state.push((
-                "loss_history".into(),
-                Tensor::from_slice(&s.history, (t, HISTORY_PER_TERM), &Device::Cpu)?,
-            ));
-            let c: Vec<f64> = s.counts.iter().map(|&c| c as f64).collect();
-            state.push((
-                "loss_counts".into(),
-                Tensor::from_slice(&c, t, &Device::Cpu)?,
-            ));
-        }
-        w.add_tensors(checkpoint::STATE_FILE, &state)?;
-        Ok(())
-    })();
-    if let Err(e) = result {
-        w.abort();
-        return Err(e);
-    }
-    let manifest = Manifest {
-        format: checkpoint::FORMAT.into(),
-        format_version: checkpoint::FORMAT_VERSION,
-        step: st.step,
-        task: ctx.cfg.task.to_string(),
-        config: serde_json::to_value(ctx.cfg)?,
-        config_hash: ctx.hash.to_string(),
-        hash_excluded_keys: HASH_EXCLUDED_KEYS.iter().map(|s| s.to_string()).collect(),
-        world_size: ctx.comm.world_size(),
-        batch_per_rank: ctx.cfg.data.batch,
-        global_batch: ctx.comm.world_size() * ctx.cfg.data.batch,
-        loader_position: serde_json::to_value(st.loader_pos)?,
-        optimizer: OptimizerState {
-            kind: "adamw".into(),
-            t: st.opt.t,
-            lr,
-        },
-        ema_rates: ctx.cfg.ema.rates.clone(),
-        ema_updates: st.opt.t,
-        skipped_steps: st.skipped,
-        rng: RngState {
-            seed: ctx.cfg.seed,
-            next_step: st.step,
-            generator: "ddpm-rng Philox4x32-10 keyed by (seed, stream, step, global example index)"
-                .into(),
-        },
-        timestep_sampler: match st.sampler {
-            TimestepSampler::Uniform { .. } => "uniform".into(),
-            TimestepSampler::LossAware(_) => "loss_aware".into(),
-        },
-        num_parameters: ctx.num_parameters,
-        files: vec![],
-        created_unix: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0),
-        writer: format!("ddpm-train {}", env!("CARGO_PKG_VERSION")),
-    };
-    let dir = w.finish(manifest)?;
-    let removed = checkpoint::prune(ctx.run_dir, ctx.cfg.schedule.keep_checkpoints)?;
-    tracing::info!(
-        dir = %dir.display(),
-        secs = format!("{:.2}", t0.elapsed().as_secs_f64()),
-        pruned = removed.len(),
-        "checkpoint written"
-    );
-    Ok(dir)
 }

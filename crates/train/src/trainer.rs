@@ -27,14 +27,15 @@ use ddpm_rng::{Stream, StreamKey};
 use ddpm_unet::{DropoutKey, ForwardCtx};
 use serde_json::{json, Map};
 
-use crate::checkpoint::{self, Checkpoint};
+use crate::checkpoint::{self, Checkpoint, CheckpointWriter, Manifest, OptimizerState, RngState};
+use crate::config::HASH_EXCLUDED_KEYS;
 use crate::config::{Loss, Prediction, Task, TrainConfig, Variance};
 use crate::metrics::{num, MetricsLog, StepStats, Window, STEP_STATS_LEN};
 use crate::optim::{clip_by_global_norm, global_norm};
 use crate::persist;
 use crate::run::{build_net, sorted_vars, Net, State};
 use crate::signals::StopFlag;
-use crate::timesteps::TimestepSampler;
+use crate::timesteps::{TimestepSampler, HISTORY_PER_TERM};
 
 pub use crate::run::{inspect_model, unet_from_tensors};
 
@@ -319,7 +320,7 @@ impl<'a> TrainLoop<'a> {
             self.cfg.schedule.sample_every,
         );
         let sample_now = !self.metrics.stop
-            && (self.st.step == total || (every > 0 && self.st.step % every == 0));
+            && (self.st.step == total || (every > 0 && self.st.step.is_multiple_of(every)));
         if self.root() && sample_now {
             self.pictures();
         }
@@ -404,7 +405,7 @@ impl<'a> TrainLoop<'a> {
 
     /// The metrics line (rank 0) at every `log_every` boundary and at the last step.
     fn log_step(&mut self, epoch: u64) -> Result<()> {
-        let at_boundary = self.st.step % self.cfg.schedule.log_every == 0;
+        let at_boundary = self.st.step.is_multiple_of(self.cfg.schedule.log_every);
         if self.root() && (at_boundary || self.last_step()) {
             let line = self.metrics_line(epoch);
             if let Some(m) = self.log.as_mut() {
@@ -464,7 +465,12 @@ impl<'a> TrainLoop<'a> {
 
     /// A checkpoint every `checkpoint_every` steps and at the last step (written by rank 0).
     fn save_if_due(&mut self) -> Result<()> {
-        if self.st.step % self.cfg.schedule.checkpoint_every == 0 || self.last_step() {
+        if self
+            .st
+            .step
+            .is_multiple_of(self.cfg.schedule.checkpoint_every)
+            || self.last_step()
+        {
             self.save()?;
         }
         Ok(())
@@ -473,24 +479,107 @@ impl<'a> TrainLoop<'a> {
     /// Writes a checkpoint of the current state (rank 0) and prunes old ones.
     pub fn save(&mut self) -> Result<()> {
         if self.root() {
-            let model = self.net.num_parameters();
-            let dir = persist::save(
-                &persist::SaveCtx {
-                    cfg: self.cfg,
-                    comm: self.comm,
-                    run_dir: &self.run_dir,
-                    hash: &self.hash,
-                    names: &self.names,
-                    vars: &self.vars,
-                    num_parameters: model,
-                },
-                &self.st,
-                self.metrics.lr,
-            )?;
+            let dir = self.write_checkpoint()?;
             self.outcome.checkpoint = Some(dir);
         }
         self.metrics.last_ckpt_step = Some(self.st.step);
         Ok(())
+    }
+
+    /// Writes a checkpoint of the current state (rank 0) and keeps the newest K. Returns its
+    /// directory.
+    fn write_checkpoint(&self) -> Result<PathBuf> {
+        let (st, lr) = (&self.st, self.metrics.lr);
+        let _span = tracing::info_span!("checkpoint", step = st.step).entered();
+        let t0 = Instant::now();
+        let mut w = CheckpointWriter::begin(&self.run_dir, st.step)?;
+        let result = (|| -> Result<()> {
+            let named = |ts: &[Tensor], prefix: &str| -> Vec<(String, Tensor)> {
+                self.names
+                    .iter()
+                    .zip(ts)
+                    .map(|(n, t)| (format!("{prefix}{n}"), t.clone()))
+                    .collect()
+            };
+            let params: Vec<Tensor> = self.vars.iter().map(|v| v.as_tensor().clone()).collect();
+            w.add_tensors(checkpoint::MODEL_FILE, &named(&params, ""))?;
+            for e in &st.emas {
+                w.add_tensors(&checkpoint::ema_file(e.rate), &named(&e.params, ""))?;
+            }
+            let mut moments = named(&st.opt.m, "exp_avg.");
+            moments.extend(named(&st.opt.v, "exp_avg_sq."));
+            w.add_tensors(checkpoint::OPTIMIZER_FILE, &moments)?;
+            let mut state = vec![(
+                "metrics_window".to_string(),
+                Tensor::new(st.window.to_vec().as_slice(), &Device::Cpu)?,
+            )];
+            if let TimestepSampler::LossAware(s) = &st.sampler {
+                let t = s.num_timesteps();
+                state.push((
+                    "loss_history".into(),
+                    Tensor::from_slice(&s.history, (t, HISTORY_PER_TERM), &Device::Cpu)?,
+                ));
+                let c: Vec<f64> = s.counts.iter().map(|&c| c as f64).collect();
+                state.push((
+                    "loss_counts".into(),
+                    Tensor::from_slice(&c, t, &Device::Cpu)?,
+                ));
+            }
+            w.add_tensors(checkpoint::STATE_FILE, &state)?;
+            Ok(())
+        })();
+        if let Err(e) = result {
+            w.abort();
+            return Err(e);
+        }
+        let manifest = Manifest {
+            format: checkpoint::FORMAT.into(),
+            format_version: checkpoint::FORMAT_VERSION,
+            step: st.step,
+            task: self.cfg.task.to_string(),
+            config: serde_json::to_value(self.cfg)?,
+            config_hash: self.hash.clone(),
+            hash_excluded_keys: HASH_EXCLUDED_KEYS.iter().map(|s| s.to_string()).collect(),
+            world_size: self.comm.world_size(),
+            batch_per_rank: self.cfg.data.batch,
+            global_batch: self.comm.world_size() * self.cfg.data.batch,
+            loader_position: serde_json::to_value(st.loader_pos)?,
+            optimizer: OptimizerState {
+                kind: "adamw".into(),
+                t: st.opt.t,
+                lr,
+            },
+            ema_rates: self.cfg.ema.rates.clone(),
+            ema_updates: st.opt.t,
+            skipped_steps: st.skipped,
+            rng: RngState {
+                seed: self.cfg.seed,
+                next_step: st.step,
+                generator:
+                    "ddpm-rng Philox4x32-10 keyed by (seed, stream, step, global example index)"
+                        .into(),
+            },
+            timestep_sampler: match st.sampler {
+                TimestepSampler::Uniform { .. } => "uniform".into(),
+                TimestepSampler::LossAware(_) => "loss_aware".into(),
+            },
+            num_parameters: self.net.num_parameters(),
+            files: vec![],
+            created_unix: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+            writer: format!("ddpm-train {}", env!("CARGO_PKG_VERSION")),
+        };
+        let dir = w.finish(manifest)?;
+        let removed = checkpoint::prune(&self.run_dir, self.cfg.schedule.keep_checkpoints)?;
+        tracing::info!(
+            dir = %dir.display(),
+            secs = format!("{:.2}", t0.elapsed().as_secs_f64()),
+            pruned = removed.len(),
+            "checkpoint written"
+        );
+        Ok(dir)
     }
 
     /// The final checkpoint (if the last step did not write one) and pictures; the barrier.
