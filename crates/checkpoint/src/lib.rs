@@ -25,8 +25,23 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+#[cfg(test)]
+mod fuzz_tests;
+pub mod lineage;
+#[cfg(any(test, feature = "fixtures"))]
+pub mod mutate;
+pub mod prune;
+pub mod validate;
+
+pub use lineage::abandon_newer;
+pub use prune::{clean_staging, prune};
+pub use validate::{canonical_json, config_hash, manifest_hash};
+
 pub const FORMAT: &str = "ddpm-rs-checkpoint";
-pub const FORMAT_VERSION: u32 = 1;
+/// 2: the manifest carries `manifest_sha256`, and `config` must hash to `config_hash`.
+pub const FORMAT_VERSION: u32 = 2;
+/// A manifest is a few KiB (the config and a file list); a larger file is not one.
+pub const MAX_MANIFEST_BYTES: u64 = 1 << 20;
 pub const MANIFEST: &str = "manifest.json";
 pub const MODEL_FILE: &str = "model.safetensors";
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
@@ -63,6 +78,13 @@ pub enum CheckpointError {
     },
     #[error("{path}: sha256 does not match the manifest (file damaged)")]
     Hash { path: PathBuf },
+    /// A manifest (or journal) field that fails a check; `field` is its JSON path.
+    #[error("{path}: {field}: {msg}")]
+    Field {
+        path: PathBuf,
+        field: String,
+        msg: String,
+    },
     /// Checks that belong to a reader (config contents, tensor shapes, missing tables).
     #[error("{path}: {msg}")]
     Invalid { path: PathBuf, msg: String },
@@ -94,6 +116,7 @@ impl CheckpointError {
             | Self::NotListed { path, .. }
             | Self::Size { path, .. }
             | Self::Hash { path }
+            | Self::Field { path, .. }
             | Self::Invalid { path, .. } => path,
         }
     }
@@ -155,9 +178,16 @@ pub struct Manifest {
     pub files: Vec<FileEntry>,
     pub created_unix: u64,
     pub writer: String,
+    /// sha256 of the canonical JSON of every other field ([`manifest_hash`]); set by [`Self::seal`].
+    pub manifest_sha256: String,
 }
 
 impl Manifest {
+    /// Sets `manifest_sha256`; the last change before the manifest is written.
+    pub fn seal(&mut self) {
+        self.manifest_sha256 = manifest_hash(self);
+    }
+
     pub fn file(&self, name: &str) -> Option<&FileEntry> {
         self.files.iter().find(|f| f.name == name)
     }
@@ -180,15 +210,19 @@ pub fn step_dir_name(step: u64) -> String {
 
 /// Checkpoint directories of a run, newest first: `(step, path)`. Anything that is not a
 /// `step_<n>` directory (staging directories of interrupted writes, stray files) is ignored.
+///
+/// While an abandon journal is pending (see [`lineage`]), the steps it abandons are not listed.
 pub fn list_checkpoints(run_dir: &Path) -> Vec<(u64, PathBuf)> {
-    let mut out: Vec<(u64, PathBuf)> = fs::read_dir(run_dir.join(CHECKPOINTS_DIR))
+    let root = run_dir.join(CHECKPOINTS_DIR);
+    let cutoff = lineage::pending_cutoff(&root).unwrap_or(u64::MAX);
+    let mut out: Vec<(u64, PathBuf)> = fs::read_dir(&root)
         .into_iter()
         .flatten()
         .flatten()
         .filter_map(|e| {
             let name = e.file_name().to_string_lossy().into_owned();
             let step = name.strip_prefix("step_")?.parse::<u64>().ok()?;
-            e.file_type().ok()?.is_dir().then(|| (step, e.path()))
+            (step <= cutoff && e.file_type().ok()?.is_dir()).then(|| (step, e.path()))
         })
         .collect();
     out.sort_by_key(|c| std::cmp::Reverse(c.0));
@@ -203,9 +237,12 @@ fn hex(digest: &[u8]) -> String {
     digest.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Streams the file, since weight files can be far larger than is reasonable to hold twice.
-pub fn sha256_file(path: &Path) -> Result<(u64, String), CheckpointError> {
-    let mut f = fs::File::open(path).map_err(CheckpointError::io(path))?;
+/// Streams the file, since weight files can be far larger than is reasonable to hold twice. Reads
+/// at most `limit` bytes, so a device or an endless file cannot keep it busy.
+pub fn sha256_file(path: &Path, limit: u64) -> Result<(u64, String), CheckpointError> {
+    let mut f = fs::File::open(path)
+        .map_err(CheckpointError::io(path))?
+        .take(limit);
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     let mut n = 0u64;
@@ -220,12 +257,23 @@ pub fn sha256_file(path: &Path) -> Result<(u64, String), CheckpointError> {
     Ok((n, hex(&h.finalize())))
 }
 
-/// Reads `dir/manifest.json` and rejects other formats and versions before anything else is
-/// trusted. File contents are not checked here: the trainer verifies all of them, the sampler only
-/// those it loads (see [`verify_file`]).
+/// Reads `dir/manifest.json`, rejects other formats and versions, then runs every check of
+/// [`validate`] (plain file names, the manifest's own hash, `config` against `config_hash`) before
+/// anything in it is used. File contents are not checked here: the trainer verifies all of them,
+/// the sampler those it may load (see [`verify_file`]).
 pub fn open_manifest(dir: &Path) -> Result<Manifest, CheckpointError> {
     let mp = dir.join(MANIFEST);
-    let text = fs::read_to_string(&mp).map_err(CheckpointError::io(&mp))?;
+    let f = fs::File::open(&mp).map_err(CheckpointError::io(&mp))?;
+    let mut text = String::new();
+    f.take(MAX_MANIFEST_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(CheckpointError::io(&mp))?;
+    if text.len() as u64 > MAX_MANIFEST_BYTES {
+        return Err(CheckpointError::invalid(
+            &mp,
+            format!("is larger than {MAX_MANIFEST_BYTES} bytes; not a manifest"),
+        ));
+    }
     let manifest: Manifest =
         serde_json::from_str(&text).map_err(|source| CheckpointError::NotAManifest {
             path: mp.clone(),
@@ -243,6 +291,7 @@ pub fn open_manifest(dir: &Path) -> Result<Manifest, CheckpointError> {
             found: manifest.format_version,
         });
     }
+    validate::check_manifest(&mp, &manifest)?;
     Ok(manifest)
 }
 
@@ -260,7 +309,14 @@ pub fn verify_file(
             name: name.to_string(),
         })?;
     let p = dir.join(name);
-    let (n, h) = sha256_file(&p)?;
+    // The name was checked by `open_manifest`; a caller may pass any string, so check again.
+    let index = manifest.files.iter().position(|f| f.name == name).unwrap_or(0);
+    validate::check_file_name(&dir.join(MANIFEST), index, name)?;
+    let meta = fs::metadata(&p).map_err(CheckpointError::io(&p))?;
+    if !meta.is_file() {
+        return Err(CheckpointError::invalid(&p, "is not a regular file"));
+    }
+    let (n, h) = sha256_file(&p, entry.bytes.saturating_add(1))?;
     if n != entry.bytes {
         return Err(CheckpointError::Size {
             path: p,
@@ -317,13 +373,14 @@ pub fn resolve<T, E: From<CheckpointError>>(
 /// writer, so that a new manifest field is added in one fixture instead of in every test suite.
 #[cfg(any(test, feature = "fixtures"))]
 pub fn fixture_manifest(step: u64) -> Manifest {
-    Manifest {
+    let config = serde_json::json!({"diffusion": {"prediction": "eps"}});
+    let mut m = Manifest {
         format: FORMAT.into(),
         format_version: FORMAT_VERSION,
         step,
         task: "diffusion".into(),
-        config: serde_json::json!({}),
-        config_hash: "h".into(),
+        config_hash: config_hash(&config, &[] as &[&str]),
+        config,
         hash_excluded_keys: vec![],
         world_size: 1,
         batch_per_rank: 1,
@@ -347,7 +404,10 @@ pub fn fixture_manifest(step: u64) -> Manifest {
         files: vec![],
         created_unix: 0,
         writer: "test".into(),
-    }
+        manifest_sha256: String::new(),
+    };
+    m.seal();
+    m
 }
 
 #[cfg(test)]
@@ -367,6 +427,7 @@ mod tests {
             sha256: sha256_hex(bytes),
         }];
         edit(&mut m);
+        m.seal();
         fs::write(
             dir.join(MANIFEST),
             serde_json::to_string_pretty(&m).unwrap(),
@@ -411,16 +472,16 @@ mod tests {
     #[test]
     fn unsupported_version_is_rejected() {
         let run = tempfile::tempdir().unwrap();
-        let dir = write(run.path(), 1, |m| m.format_version = 2);
+        let dir = write(run.path(), 1, |m| m.format_version = 1);
         let e = open_manifest(&dir).unwrap_err();
         assert!(
-            matches!(e, CheckpointError::Version { found: 2, .. }),
+            matches!(e, CheckpointError::Version { found: 1, .. }),
             "{e:?}"
         );
         let s = e.to_string();
         assert!(s.contains(MANIFEST), "{s}");
         assert!(
-            s.contains("format version 2 is not supported (this build reads 1)"),
+            s.contains("format version 1 is not supported (this build reads 2)"),
             "{s}"
         );
     }
@@ -482,6 +543,40 @@ mod tests {
             e.to_string().contains("neither a checkpoint directory"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_name_outside_the_directory_is_refused_before_any_file_is_opened() {
+        let run = tempfile::tempdir().unwrap();
+        for name in ["../../outside", "/dev/zero"] {
+            let dir = write(run.path(), 1, |m| m.files[0].name = name.into());
+            let e = open_manifest(&dir).unwrap_err();
+            assert_eq!(e.path(), dir.join(MANIFEST));
+            assert!(e.to_string().contains("files[0].name"), "{e}");
+        }
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_listed_file_that_is_a_device_is_not_read() {
+        let run = tempfile::tempdir().unwrap();
+        let dir = write(run.path(), 1, |_| {});
+        fs::remove_file(dir.join(MODEL_FILE)).unwrap();
+        std::os::unix::fs::symlink("/dev/zero", dir.join(MODEL_FILE)).unwrap();
+        let m = open_manifest(&dir).unwrap();
+        let e = verify_file(&dir, &m, MODEL_FILE).unwrap_err();
+        assert!(e.to_string().contains("not a regular file"), "{e}");
+    }
+
+    #[test]
+    fn an_edited_manifest_is_refused_naming_the_field() {
+        let run = tempfile::tempdir().unwrap();
+        let dir = write(run.path(), 1, |_| {});
+        let p = dir.join(MANIFEST);
+        let text = fs::read_to_string(&p).unwrap();
+        fs::write(&p, text.replace("\"eps\"", "\"v\"")).unwrap();
+        let e = open_manifest(&dir).unwrap_err().to_string();
+        assert!(e.contains("manifest.json: manifest_sha256"), "{e}");
     }
 
     #[test]

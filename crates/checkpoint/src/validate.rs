@@ -1,0 +1,247 @@
+//! What a manifest must satisfy before any of it is used: nothing in it is trusted.
+//!
+//! A manifest names the files that are opened and hashed, and carries the config from which the
+//! sampler builds a model, so a damaged or hand-edited one must be refused before it can point a
+//! reader at another file (`../`, `/dev/zero`) or make it build a model other than the one trained.
+//! Three checks, each naming the manifest and the field:
+//! - every `files[i].name` is a plain file name inside the checkpoint directory;
+//! - `config` hashes to `config_hash` (the same hash the trainer compares on resume);
+//! - `manifest_sha256` is the hash of the manifest itself, so any edit is noticed.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde_json::Value;
+
+use crate::{sha256_hex, CheckpointError, Manifest};
+
+/// The longest file name a manifest may list (the longest real one is an EMA file, ~30 bytes).
+pub const MAX_NAME_LEN: usize = 128;
+/// At most this many files per checkpoint (model, optimizer, state and one per EMA rate).
+pub const MAX_FILES: usize = 64;
+
+fn field(path: &Path, field: impl Into<String>, msg: impl Into<String>) -> CheckpointError {
+    CheckpointError::Field {
+        path: path.to_path_buf(),
+        field: field.into(),
+        msg: msg.into(),
+    }
+}
+
+/// A plain name: ASCII letters, digits, `.`, `_`, `-`, not starting with `.` (so neither `..`,
+/// nor a hidden staging name), no separator, not absolute.
+pub fn check_file_name(manifest_path: &Path, index: usize, name: &str) -> Result<(), CheckpointError> {
+    let bad = |why: &str| {
+        field(
+            manifest_path,
+            format!("files[{index}].name"),
+            format!("{name:?} {why}"),
+        )
+    };
+    if name.is_empty() {
+        return Err(bad("is empty"));
+    }
+    if name.len() > MAX_NAME_LEN {
+        return Err(bad(&format!("is longer than {MAX_NAME_LEN} bytes")));
+    }
+    if name.contains(['/', '\\']) {
+        return Err(bad(
+            "contains a path separator; only plain file names inside the checkpoint directory are allowed",
+        ));
+    }
+    if name.starts_with('.') {
+        return Err(bad("starts with '.' (hidden names and '..' are not allowed)"));
+    }
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+    {
+        return Err(bad("has characters other than ASCII letters, digits, '.', '_', '-'"));
+    }
+    Ok(())
+}
+
+/// JSON with object keys sorted at every level: the form every hash in the format is taken over,
+/// independent of key order and white space in the file.
+pub fn canonical_json(v: &Value) -> String {
+    match v {
+        Value::Object(o) => {
+            let sorted: BTreeMap<&String, &Value> = o.iter().collect();
+            let items: Vec<String> = sorted
+                .into_iter()
+                .map(|(k, v)| format!("{}:{}", Value::String(k.clone()), canonical_json(v)))
+                .collect();
+            format!("{{{}}}", items.join(","))
+        }
+        Value::Array(a) => format!(
+            "[{}]",
+            a.iter().map(canonical_json).collect::<Vec<_>>().join(",")
+        ),
+        other => other.to_string(),
+    }
+}
+
+fn remove_dotted(v: &mut Value, dotted: &str) {
+    let mut parts: Vec<&str> = dotted.split('.').collect();
+    let Some(last) = parts.pop() else { return };
+    let mut cur = v;
+    for p in parts {
+        match cur.get_mut(p) {
+            Some(n) => cur = n,
+            None => return,
+        }
+    }
+    if let Some(o) = cur.as_object_mut() {
+        o.remove(last);
+    }
+}
+
+/// sha256 of the canonical JSON of `config` without the dotted `excluded` keys: the config hash a
+/// manifest carries and a resumed run compares.
+pub fn config_hash(config: &Value, excluded: &[impl AsRef<str>]) -> String {
+    let mut v = config.clone();
+    for k in excluded {
+        remove_dotted(&mut v, k.as_ref());
+    }
+    sha256_hex(canonical_json(&v).as_bytes())
+}
+
+/// The hash stored in `manifest_sha256`: the canonical JSON of every other field.
+pub fn manifest_hash(manifest: &Manifest) -> String {
+    let mut v = serde_json::to_value(manifest).expect("a manifest serialises");
+    if let Some(o) = v.as_object_mut() {
+        o.remove("manifest_sha256");
+    }
+    sha256_hex(canonical_json(&v).as_bytes())
+}
+
+fn is_sha256_hex(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+/// Every check of the module; `mp` is the manifest's path, for the errors.
+pub fn check_manifest(mp: &Path, m: &Manifest) -> Result<(), CheckpointError> {
+    if m.files.len() > MAX_FILES {
+        return Err(field(
+            mp,
+            "files",
+            format!("lists {} files, at most {MAX_FILES} allowed", m.files.len()),
+        ));
+    }
+    for (i, f) in m.files.iter().enumerate() {
+        check_file_name(mp, i, &f.name)?;
+        if !is_sha256_hex(&f.sha256) {
+            return Err(field(
+                mp,
+                format!("files[{i}].sha256"),
+                "is not 64 lowercase hex digits",
+            ));
+        }
+        if m.files[..i].iter().any(|g| g.name == f.name) {
+            return Err(field(
+                mp,
+                format!("files[{i}].name"),
+                format!("{:?} is listed twice", f.name),
+            ));
+        }
+    }
+    for (k, h) in [
+        ("config_hash", &m.config_hash),
+        ("manifest_sha256", &m.manifest_sha256),
+    ] {
+        if !is_sha256_hex(h) {
+            return Err(field(mp, k, "is not 64 lowercase hex digits"));
+        }
+    }
+    if manifest_hash(m) != m.manifest_sha256 {
+        return Err(field(
+            mp,
+            "manifest_sha256",
+            "does not match the manifest's contents (the manifest was edited or damaged)",
+        ));
+    }
+    let h = config_hash(&m.config, &m.hash_excluded_keys);
+    if h != m.config_hash {
+        return Err(field(
+            mp,
+            "config_hash",
+            format!(
+                "does not match `config` (which hashes to {}): the stored config was edited",
+                &h[..12]
+            ),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fixture_manifest;
+    use std::path::PathBuf;
+
+    fn mp() -> PathBuf {
+        PathBuf::from("/r/checkpoints/step_000000001/manifest.json")
+    }
+
+    #[test]
+    fn plain_names_only() {
+        for ok in ["model.safetensors", "ema_0.9999.safetensors", "a-b_c"] {
+            check_file_name(&mp(), 0, ok).unwrap();
+        }
+        for bad in [
+            "",
+            "..",
+            ".",
+            "../x",
+            "/dev/zero",
+            "a/b",
+            "a\\b",
+            ".tmp-x",
+            "é",
+            "a\0b",
+        ] {
+            let e = check_file_name(&mp(), 3, bad).unwrap_err().to_string();
+            assert!(e.contains("manifest.json") && e.contains("files[3].name"), "{e}");
+        }
+    }
+
+    #[test]
+    fn config_hash_ignores_key_order_and_excluded_keys() {
+        let a: Value = serde_json::from_str(r#"{"b":1,"a":{"y":2.5,"x":[1,2]},"s":{"k":1}}"#).unwrap();
+        let b: Value = serde_json::from_str(r#"{"a":{"x":[1,2],"y":2.5},"b":1}"#).unwrap();
+        assert_eq!(config_hash(&a, &["s"]), config_hash(&b, &[] as &[&str]));
+        assert_ne!(config_hash(&a, &["a.y"]), config_hash(&b, &[] as &[&str]));
+    }
+
+    #[test]
+    fn sealed_fixture_passes_and_every_edit_is_refused() {
+        let m = fixture_manifest(4);
+        check_manifest(&mp(), &m).unwrap();
+
+        let mut e = m.clone();
+        e.config["diffusion"]["prediction"] = "v".into();
+        let s = check_manifest(&mp(), &e).unwrap_err().to_string();
+        assert!(s.contains("manifest_sha256"), "{s}");
+        // resealed but config edited: the config hash still tells
+        e.manifest_sha256 = manifest_hash(&e);
+        let s = check_manifest(&mp(), &e).unwrap_err().to_string();
+        assert!(s.contains("manifest.json") && s.contains("config_hash"), "{s}");
+
+        let mut e = m.clone();
+        e.config_hash = "é".repeat(32);
+        e.manifest_sha256 = manifest_hash(&e);
+        let s = check_manifest(&mp(), &e).unwrap_err().to_string();
+        assert!(s.contains("config_hash") && s.contains("hex"), "{s}");
+
+        let mut e = m.clone();
+        e.files.push(crate::FileEntry {
+            name: "../../etc/passwd".into(),
+            bytes: 1,
+            sha256: "0".repeat(64),
+        });
+        e.manifest_sha256 = manifest_hash(&e);
+        let s = check_manifest(&mp(), &e).unwrap_err().to_string();
+        assert!(s.contains("files[0].name"), "{s}");
+    }
+}
