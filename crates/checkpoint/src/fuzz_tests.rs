@@ -23,8 +23,7 @@ fn fuzz_manifest_json() {
         bytes: weights.len() as u64,
         sha256: sha256_hex(weights),
     }];
-    m.seal();
-    let valid = serde_json::to_string_pretty(&m).unwrap().into_bytes();
+    let valid = m.to_sealed_json().into_bytes();
     fs::write(dir.join(MANIFEST), &valid).unwrap();
     open_manifest(&dir).expect("the seed input is valid");
 

@@ -35,7 +35,7 @@ pub mod validate;
 
 pub use lineage::abandon_newer;
 pub use prune::{clean_staging, prune};
-pub use validate::{canonical_json, config_hash, manifest_hash};
+pub use validate::{canonical_json, config_hash, sealed_json};
 
 pub const FORMAT: &str = "ddpm-rs-checkpoint";
 /// 2: the manifest carries `manifest_sha256`, and `config` must hash to `config_hash`.
@@ -178,14 +178,15 @@ pub struct Manifest {
     pub files: Vec<FileEntry>,
     pub created_unix: u64,
     pub writer: String,
-    /// sha256 of the canonical JSON of every other field ([`manifest_hash`]); set by [`Self::seal`].
+    /// sha256 of the manifest's own text with this value empty; written by [`sealed_json`]
+    /// (the value in memory is not used when writing). Keep this field last.
     pub manifest_sha256: String,
 }
 
 impl Manifest {
-    /// Sets `manifest_sha256`; the last change before the manifest is written.
-    pub fn seal(&mut self) {
-        self.manifest_sha256 = manifest_hash(self);
+    /// The text to write: see [`sealed_json`].
+    pub fn to_sealed_json(&self) -> String {
+        sealed_json(self)
     }
 
     pub fn file(&self, name: &str) -> Option<&FileEntry> {
@@ -291,7 +292,7 @@ pub fn open_manifest(dir: &Path) -> Result<Manifest, CheckpointError> {
             found: manifest.format_version,
         });
     }
-    validate::check_manifest(&mp, &manifest)?;
+    validate::check_manifest(&mp, &text, &manifest)?;
     Ok(manifest)
 }
 
@@ -374,7 +375,7 @@ pub fn resolve<T, E: From<CheckpointError>>(
 #[cfg(any(test, feature = "fixtures"))]
 pub fn fixture_manifest(step: u64) -> Manifest {
     let config = serde_json::json!({"diffusion": {"prediction": "eps"}});
-    let mut m = Manifest {
+    Manifest {
         format: FORMAT.into(),
         format_version: FORMAT_VERSION,
         step,
@@ -405,9 +406,7 @@ pub fn fixture_manifest(step: u64) -> Manifest {
         created_unix: 0,
         writer: "test".into(),
         manifest_sha256: String::new(),
-    };
-    m.seal();
-    m
+    }
 }
 
 #[cfg(test)]
@@ -427,12 +426,7 @@ mod tests {
             sha256: sha256_hex(bytes),
         }];
         edit(&mut m);
-        m.seal();
-        fs::write(
-            dir.join(MANIFEST),
-            serde_json::to_string_pretty(&m).unwrap(),
-        )
-        .unwrap();
+        fs::write(dir.join(MANIFEST), m.to_sealed_json()).unwrap();
         dir
     }
 

@@ -6,7 +6,13 @@
 //! Three checks, each naming the manifest and the field:
 //! - every `files[i].name` is a plain file name inside the checkpoint directory;
 //! - `config` hashes to `config_hash` (the same hash the trainer compares on resume);
-//! - `manifest_sha256` is the hash of the manifest itself, so any edit is noticed.
+//! - `manifest_sha256` is the sha256 of the manifest file's own text with that field's value
+//!   empty, so any edit is noticed.
+//!
+//! Both hashes are defined on what a reader parses back, not on the writer's in-memory values:
+//! serde_json's default float parser is not correctly rounded for every input (`1e30` can come back
+//! one ulp off), so hashing re-parsed numbers on one side and exact ones on the other would reject
+//! valid checkpoints.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -97,8 +103,14 @@ fn remove_dotted(v: &mut Value, dotted: &str) {
 }
 
 /// sha256 of the canonical JSON of `config` without the dotted `excluded` keys: the config hash a
-/// manifest carries and a resumed run compares.
+/// manifest carries and a resumed run compares. Taken over `config` as a reader parses it back from
+/// its JSON text (see the module doc), so [`check_manifest`] can recompute it.
 pub fn config_hash(config: &Value, excluded: &[impl AsRef<str>]) -> String {
+    let reparsed = serde_json::from_str(&config.to_string()).unwrap_or_else(|_| config.clone());
+    parsed_config_hash(&reparsed, excluded)
+}
+
+fn parsed_config_hash(config: &Value, excluded: &[impl AsRef<str>]) -> String {
     let mut v = config.clone();
     for k in excluded {
         remove_dotted(&mut v, k.as_ref());
@@ -106,21 +118,36 @@ pub fn config_hash(config: &Value, excluded: &[impl AsRef<str>]) -> String {
     sha256_hex(canonical_json(&v).as_bytes())
 }
 
-/// The hash stored in `manifest_sha256`: the canonical JSON of every other field.
-pub fn manifest_hash(manifest: &Manifest) -> String {
-    let mut v = serde_json::to_value(manifest).expect("a manifest serialises");
-    if let Some(o) = v.as_object_mut() {
-        o.remove("manifest_sha256");
-    }
-    sha256_hex(canonical_json(&v).as_bytes())
+const SEAL_KEY: &str = "\"manifest_sha256\": \"";
+
+/// The manifest as written to disk: pretty JSON whose `manifest_sha256` is the sha256 of the same
+/// text with that value empty ([`text_hash`]).
+pub fn sealed_json(manifest: &Manifest) -> String {
+    let mut m = manifest.clone();
+    m.manifest_sha256 = String::new();
+    let text = serde_json::to_string_pretty(&m).expect("a manifest serialises");
+    let at = text.rfind(SEAL_KEY).expect("manifest_sha256 is serialised") + SEAL_KEY.len();
+    let h = sha256_hex(text.as_bytes());
+    format!("{}{h}{}", &text[..at], &text[at..])
+}
+
+/// `(stored, computed)`: the `manifest_sha256` value in `text` and the sha256 of `text` with that
+/// value removed. The field is the last one written, so its last occurrence is the real key (a
+/// string value holding the same characters would have its quotes escaped).
+pub fn text_hash(text: &str) -> Option<(String, String)> {
+    let at = text.rfind(SEAL_KEY)? + SEAL_KEY.len();
+    let len = text[at..].find('"')?;
+    let stored = text[at..at + len].to_string();
+    let blank = format!("{}{}", &text[..at], &text[at + len..]);
+    Some((stored, sha256_hex(blank.as_bytes())))
 }
 
 fn is_sha256_hex(s: &str) -> bool {
     s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
-/// Every check of the module; `mp` is the manifest's path, for the errors.
-pub fn check_manifest(mp: &Path, m: &Manifest) -> Result<(), CheckpointError> {
+/// Every check of the module on a manifest `m` parsed from `text`; `mp` is its path, for the errors.
+pub fn check_manifest(mp: &Path, text: &str, m: &Manifest) -> Result<(), CheckpointError> {
     if m.files.len() > MAX_FILES {
         return Err(field(
             mp,
@@ -153,14 +180,17 @@ pub fn check_manifest(mp: &Path, m: &Manifest) -> Result<(), CheckpointError> {
             return Err(field(mp, k, "is not 64 lowercase hex digits"));
         }
     }
-    if manifest_hash(m) != m.manifest_sha256 {
-        return Err(field(
-            mp,
-            "manifest_sha256",
-            "does not match the manifest's contents (the manifest was edited or damaged)",
-        ));
+    match text_hash(text) {
+        Some((stored, computed)) if stored == m.manifest_sha256 && computed == stored => {}
+        _ => {
+            return Err(field(
+                mp,
+                "manifest_sha256",
+                "does not match the manifest's text (the manifest was edited or damaged)",
+            ))
+        }
     }
-    let h = config_hash(&m.config, &m.hash_excluded_keys);
+    let h = parsed_config_hash(&m.config, &m.hash_excluded_keys);
     if h != m.config_hash {
         return Err(field(
             mp,
@@ -182,6 +212,13 @@ mod tests {
 
     fn mp() -> PathBuf {
         PathBuf::from("/r/checkpoints/step_000000001/manifest.json")
+    }
+
+    /// Seals `m` as the writer does and checks the text as a reader would.
+    fn check(m: &Manifest) -> Result<(), CheckpointError> {
+        let text = sealed_json(m);
+        let parsed: Manifest = serde_json::from_str(&text).unwrap();
+        check_manifest(&mp(), &text, &parsed)
     }
 
     #[test]
@@ -208,30 +245,43 @@ mod tests {
 
     #[test]
     fn config_hash_ignores_key_order_and_excluded_keys() {
-        let a: Value = serde_json::from_str(r#"{"b":1,"a":{"y":2.5,"x":[1,2]},"s":{"k":1}}"#).unwrap();
+        let a: Value =
+            serde_json::from_str(r#"{"b":1,"a":{"y":2.5,"x":[1,2]},"s":{"k":1}}"#).unwrap();
         let b: Value = serde_json::from_str(r#"{"a":{"x":[1,2],"y":2.5},"b":1}"#).unwrap();
         assert_eq!(config_hash(&a, &["s"]), config_hash(&b, &[] as &[&str]));
         assert_ne!(config_hash(&a, &["a.y"]), config_hash(&b, &[] as &[&str]));
     }
 
+    /// Floats that serde_json's default parser does not read back exactly (large exponents) must
+    /// still verify: the writer hashes what the reader will parse.
+    #[test]
+    fn floats_that_do_not_round_trip_still_verify() {
+        let mut m = fixture_manifest(2);
+        m.config = serde_json::json!({"optim": {"lr": 1e30, "eps": 1.234_567_890_123_456_7e-300}});
+        m.config_hash = config_hash(&m.config, &m.hash_excluded_keys);
+        m.optimizer.lr = 5e29;
+        check(&m).unwrap();
+    }
+
     #[test]
     fn sealed_fixture_passes_and_every_edit_is_refused() {
         let m = fixture_manifest(4);
-        check_manifest(&mp(), &m).unwrap();
+        check(&m).unwrap();
 
-        let mut e = m.clone();
-        e.config["diffusion"]["prediction"] = "v".into();
-        let s = check_manifest(&mp(), &e).unwrap_err().to_string();
+        // an edit of the text, not resealed
+        let text = sealed_json(&m).replace("\"eps\"", "\"v\"");
+        let parsed: Manifest = serde_json::from_str(&text).unwrap();
+        let s = check_manifest(&mp(), &text, &parsed).unwrap_err().to_string();
         assert!(s.contains("manifest_sha256"), "{s}");
         // resealed but config edited: the config hash still tells
-        e.manifest_sha256 = manifest_hash(&e);
-        let s = check_manifest(&mp(), &e).unwrap_err().to_string();
+        let mut e = m.clone();
+        e.config["diffusion"]["prediction"] = "v".into();
+        let s = check(&e).unwrap_err().to_string();
         assert!(s.contains("manifest.json") && s.contains("config_hash"), "{s}");
 
         let mut e = m.clone();
-        e.config_hash = "é".repeat(32);
-        e.manifest_sha256 = manifest_hash(&e);
-        let s = check_manifest(&mp(), &e).unwrap_err().to_string();
+        e.config_hash = format!("a{}", "é".repeat(32));
+        let s = check(&e).unwrap_err().to_string();
         assert!(s.contains("config_hash") && s.contains("hex"), "{s}");
 
         let mut e = m.clone();
@@ -240,8 +290,7 @@ mod tests {
             bytes: 1,
             sha256: "0".repeat(64),
         });
-        e.manifest_sha256 = manifest_hash(&e);
-        let s = check_manifest(&mp(), &e).unwrap_err().to_string();
+        let s = check(&e).unwrap_err().to_string();
         assert!(s.contains("files[0].name"), "{s}");
     }
 }

@@ -81,6 +81,13 @@ impl DiffusionSection {
             "learned_range" => ModelVarType::LearnedRange,
             other => return Err(field("variance", other)),
         };
+        // The trainer's bound: a manifest must not make the schedule allocate without limit.
+        if !(2..=100_000).contains(&self.timesteps) {
+            return Err(SamplerError::Config(format!(
+                "diffusion.timesteps must be in 2..=100000, got {}",
+                self.timesteps
+            )));
+        }
         let s = NoiseSchedule::new(&schedule, self.timesteps)?;
         Ok(GaussianDiffusion::new(s, mean, var, LossType::Mse))
     }
@@ -171,10 +178,21 @@ impl RunCheckpoint {
     }
 
     /// A checkpoint directory, or a run directory (its newest checkpoint whose manifest reads and
-    /// whose model file verifies; rejected ones are reported through `warn` and skipped).
+    /// whose weights files verify; rejected ones are reported through `warn` and skipped).
     pub fn resolve(path: &Path, warn: impl FnMut(&SamplerError)) -> Result<Self> {
-        let usable = |dir: &Path| Self::open(dir).and_then(|c| c.verify(MODEL_FILE).map(|_| c));
-        ddpm_checkpoint::resolve(path, usable, warn)
+        ddpm_checkpoint::resolve(path, Self::open_usable, warn)
+    }
+
+    /// Opens a checkpoint and verifies every weights file a sampler may load (the model and each
+    /// EMA), so that a damaged EMA file makes [`Self::resolve`] fall back to an older checkpoint,
+    /// as the trainer does, instead of failing at load time.
+    fn open_usable(dir: &Path) -> Result<Self> {
+        let c = Self::open(dir)?;
+        c.verify(MODEL_FILE)?;
+        for &r in &c.manifest.ema_rates {
+            c.verify(&ema_file(r))?;
+        }
+        Ok(c)
     }
 
     pub fn step(&self) -> u64 {
@@ -250,7 +268,9 @@ impl RunCheckpoint {
             )
         })?;
         // Build once on zeros just to learn the parameter names and shapes.
-        let skeleton = UNet::new(cfg, VarBuilder::zeros(DType::F32, &Device::Cpu))?;
+        // Validated (dimensions bounded) before anything is allocated; the error names the file.
+        let skeleton = UNet::new(cfg, VarBuilder::zeros(DType::F32, &Device::Cpu))
+            .map_err(|e| bad(&self.dir.join(MANIFEST), format!("config.model: {e}")))?;
         let file = self.weights_file(which)?;
         let tensors = self.load_params(&file, skeleton.named_parameters(), device)?;
         Ok(UNet::new(
@@ -270,7 +290,8 @@ impl RunCheckpoint {
                 ),
             )
         })?;
-        let skeleton = EncoderUNet::new(cfg, VarBuilder::zeros(DType::F32, &Device::Cpu))?;
+        let skeleton = EncoderUNet::new(cfg, VarBuilder::zeros(DType::F32, &Device::Cpu))
+            .map_err(|e| bad(&self.dir.join(MANIFEST), format!("config.classifier: {e}")))?;
         let file = self.weights_file(which)?;
         let tensors = self.load_params(&file, skeleton.named_parameters(), device)?;
         Ok(EncoderUNet::new(

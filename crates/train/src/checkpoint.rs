@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::atomic::{fsync_dir, publish_dir, write_synced};
+use crate::atomic::{publish_dir, write_synced};
 
 // The format itself lives in ddpm-checkpoint so that the sampler reads exactly what is written here;
 // re-exported because callers and tests know these names as `ddpm_train::checkpoint::*`.
@@ -93,8 +93,7 @@ impl CheckpointWriter {
     /// Writes the manifest (with the file list filled in) and renames the directory into place.
     pub fn finish(self, mut manifest: Manifest) -> Result<PathBuf, CheckpointError> {
         manifest.files = self.files;
-        let text = serde_json::to_string_pretty(&manifest)
-            .map_err(|e| bad(&self.staging, e.to_string()))?;
+        let text = manifest.to_sealed_json();
         let mp = self.staging.join(MANIFEST);
         write_synced(&mp, text.as_bytes()).map_err(io(&mp))?;
         publish_dir(&self.staging, &self.final_dir).map_err(io(&self.final_dir))?;
@@ -252,31 +251,17 @@ pub fn resolve(
     ddpm_checkpoint::resolve(path, Checkpoint::open, warn)
 }
 
-/// Deletes all but the newest `keep` checkpoints, and staging directories left by dead processes.
-pub fn prune(run_dir: &Path, keep: usize) -> Result<Vec<PathBuf>, CheckpointError> {
-    let mut removed = Vec::new();
-    for (_, dir) in list_checkpoints(run_dir).into_iter().skip(keep) {
-        fs::remove_dir_all(&dir).map_err(io(&dir))?;
-        removed.push(dir);
-    }
-    let root = run_dir.join(CHECKPOINTS_DIR);
-    if !removed.is_empty() {
-        fsync_dir(&root).map_err(io(&root))?;
-    }
-    Ok(removed)
+/// Deletes the checkpoints older than the newest `keep` valid ones (fully verified by
+/// [`Checkpoint::open`]); `just_written` counts as valid. See `ddpm_checkpoint::prune`.
+pub fn prune(
+    run_dir: &Path,
+    keep: usize,
+    just_written: Option<&Path>,
+) -> Result<Vec<PathBuf>, CheckpointError> {
+    ddpm_checkpoint::prune(run_dir, keep, just_written, |d| Checkpoint::open(d).is_ok())
 }
 
-/// Removes staging directories (`.tmp-*`) of interrupted writes. Call before training starts, on
-/// rank 0 only.
-pub fn clean_staging(run_dir: &Path) {
-    let root = run_dir.join(CHECKPOINTS_DIR);
-    for e in fs::read_dir(&root).into_iter().flatten().flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if name.starts_with(".tmp-") || name.contains(".old.") {
-            let _ = fs::remove_dir_all(e.path());
-        }
-    }
-}
+pub use ddpm_checkpoint::clean_staging;
 
 #[cfg(test)]
 mod tests {
@@ -311,7 +296,7 @@ mod tests {
             .load_tensors(MODEL_FILE, &[("w".into(), vec![3])], &Device::Cpu)
             .unwrap_err();
         assert!(err.to_string().contains('w'), "{err}");
-        let removed = prune(dir.path(), 2).unwrap();
+        let removed = prune(dir.path(), 2, None).unwrap();
         assert_eq!(removed.len(), 1);
         assert_eq!(
             list_checkpoints(dir.path())

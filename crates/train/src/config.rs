@@ -5,12 +5,10 @@
 //! bad value is reported with its dotted key, e.g. `optim.lr must be > 0, got -1`. Unknown keys
 //! are errors (every table denies unknown fields): a typo must not silently fall back to a default.
 
-use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 pub use ddpm_unet::{EncoderUNetConfig, UNetConfig};
 
@@ -230,6 +228,11 @@ pub struct ScheduleConfig {
     pub sample_every: u64,
     #[serde(default = "d_keep")]
     pub keep_checkpoints: usize,
+    /// Stop with an error after this many consecutive non-finite steps (loss or gradient NaN/inf;
+    /// such steps are skipped). Checkpoints written while steps are non-finite prune nothing, so
+    /// the ones from before the blow-up are kept.
+    #[serde(default = "d_max_nonfinite")]
+    pub max_nonfinite_steps: u64,
 }
 
 /// The preview sample grid written during and after training (not the full sampler: that is
@@ -353,6 +356,9 @@ fn d_checkpoint_every() -> u64 {
 fn d_keep() -> usize {
     3
 }
+fn d_max_nonfinite() -> u64 {
+    100
+}
 fn d_preview_steps() -> usize {
     50
 }
@@ -418,7 +424,10 @@ impl TrainConfig {
         })?;
         Self::from_toml_str(&text, ov).map_err(|e| match e {
             ConfigError::Parse(m) => ConfigError::Parse(format!("{}: {m}", path.display())),
-            other => other,
+            ConfigError::Invalid { key, msg } => ConfigError::Invalid {
+                key,
+                msg: format!("{msg} (config {})", path.display()),
+            },
         })
     }
 
@@ -655,6 +664,9 @@ impl TrainConfig {
         if s.keep_checkpoints == 0 {
             return Err(invalid("schedule.keep_checkpoints", "must be >= 1, got 0"));
         }
+        if s.max_nonfinite_steps == 0 {
+            return Err(invalid("schedule.max_nonfinite_steps", "must be >= 1, got 0"));
+        }
 
         let p = &self.preview;
         if p.steps < 2 || p.steps > d.timesteps {
@@ -722,12 +734,8 @@ impl TrainConfig {
     /// sha256 of the canonical JSON with [`HASH_EXCLUDED_KEYS`] removed: equal hashes mean the same
     /// training trajectory.
     pub fn hash(&self) -> String {
-        let mut v = serde_json::to_value(self).expect("config serialises");
-        for key in HASH_EXCLUDED_KEYS {
-            remove_path(&mut v, key);
-        }
-        let digest = Sha256::digest(canonical(&v).as_bytes());
-        digest.iter().map(|b| format!("{b:02x}")).collect()
+        let v = serde_json::to_value(self).expect("config serialises");
+        ddpm_checkpoint::config_hash(&v, HASH_EXCLUDED_KEYS)
     }
 
     pub fn to_toml(&self) -> String {
@@ -793,40 +801,8 @@ fn describe_toml_error(text: &str, e: &toml::de::Error, prefix: &str) -> ConfigE
     }
 }
 
-fn remove_path(v: &mut serde_json::Value, dotted: &str) {
-    let mut parts: Vec<&str> = dotted.split('.').collect();
-    let last = parts.pop().unwrap();
-    let mut cur = v;
-    for p in parts {
-        match cur.get_mut(p) {
-            Some(n) => cur = n,
-            None => return,
-        }
-    }
-    if let Some(o) = cur.as_object_mut() {
-        o.remove(last);
-    }
-}
-
-/// JSON with object keys sorted, independent of serde_json's map feature flags.
-pub fn canonical(v: &serde_json::Value) -> String {
-    use serde_json::Value;
-    match v {
-        Value::Object(o) => {
-            let sorted: BTreeMap<&String, &Value> = o.iter().collect();
-            let items: Vec<String> = sorted
-                .into_iter()
-                .map(|(k, v)| format!("{}:{}", serde_json::to_string(k).unwrap(), canonical(v)))
-                .collect();
-            format!("{{{}}}", items.join(","))
-        }
-        Value::Array(a) => format!(
-            "[{}]",
-            a.iter().map(canonical).collect::<Vec<_>>().join(",")
-        ),
-        other => other.to_string(),
-    }
-}
+/// JSON with object keys sorted: the form stored in manifests and hashed (ddpm-checkpoint's).
+pub use ddpm_checkpoint::canonical_json as canonical;
 
 /// Applies `key.path=value`; the value is parsed as a TOML value (`1e-4`, `true`, `[16, 8]`,
 /// `"text"`), and a bare word that is not valid TOML is taken as a string (`schedule=cosine`).

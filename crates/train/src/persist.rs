@@ -70,7 +70,7 @@ impl Run<'_> {
                 "refusing to resume from {path}: its config hash {} differs from this run's {} \
                  (keys excluded from the hash: {}).\nDiffering keys:\n  {}\nStart a new run directory \
                  (--out) or restore the original settings.",
-                &m.config_hash[..12.min(m.config_hash.len())],
+                m.config_hash.get(..12).unwrap_or(&m.config_hash),
                 &self.hash[..12],
                 HASH_EXCLUDED_KEYS.join(", "),
                 if diff.is_empty() { "(none found; the hash scheme differs)".to_string() } else { diff.join("\n  ") }
@@ -145,8 +145,10 @@ impl Run<'_> {
         Ok(st)
     }
 
-    /// Writes a checkpoint of `st` (rank 0), keeps the newest K. Returns its directory.
-    pub(crate) fn save(&self, st: &State, lr: f64) -> Result<PathBuf> {
+    /// Writes a checkpoint of `st` (rank 0) and, when `prune`, keeps the newest K valid ones (not
+    /// while steps are non-finite: the checkpoints from before a blow-up must survive it). Returns
+    /// its directory.
+    pub(crate) fn save(&self, st: &State, lr: f64, prune: bool) -> Result<PathBuf> {
         let _span = tracing::info_span!("checkpoint", step = st.step).entered();
         let t0 = Instant::now();
         let mut w = CheckpointWriter::begin(&self.run_dir, st.step)?;
@@ -227,9 +229,14 @@ impl Run<'_> {
                 .map(|d| d.as_secs())
                 .unwrap_or(0),
             writer: format!("ddpm-train {}", env!("CARGO_PKG_VERSION")),
+            manifest_sha256: String::new(),
         };
         let dir = w.finish(manifest)?;
-        let removed = checkpoint::prune(&self.run_dir, self.cfg.schedule.keep_checkpoints)?;
+        let removed = if prune {
+            checkpoint::prune(&self.run_dir, self.cfg.schedule.keep_checkpoints, Some(&dir))?
+        } else {
+            Vec::new()
+        };
         tracing::info!(
             dir = %dir.display(),
             secs = format!("{:.2}", t0.elapsed().as_secs_f64()),

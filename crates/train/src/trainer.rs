@@ -210,7 +210,10 @@ pub fn train(
     if root {
         std::fs::create_dir_all(&run_dir)
             .with_context(|| format!("creating out_dir {}", run_dir.display()))?;
-        checkpoint::clean_staging(&run_dir);
+        for d in checkpoint::clean_staging(&run_dir) {
+            tracing::warn!(dir = %d.display(), "restored a checkpoint whose replacement was interrupted");
+        }
+        ddpm_checkpoint::lineage::recover(&run_dir)?;
         let warn =
             |e: &checkpoint::CheckpointError| tracing::warn!("skipping damaged checkpoint: {e}");
         let found = match &opts.resume {
@@ -226,6 +229,14 @@ pub fn train(
                 "{} already has checkpoints; pass --resume auto to continue that run, or choose another --out",
                 run_dir.display()
             );
+        }
+        // The run directory holds one line of checkpoints: whatever is newer than the resume point
+        // (an abandoned branch, damaged copies) moves to checkpoints/abandoned/.
+        if opts.resume.is_some() {
+            let from = found.as_ref().map_or(0, |c| c.manifest.step);
+            for d in ddpm_checkpoint::abandon_newer(&run_dir, from)? {
+                tracing::warn!(dir = %d.display(), from, "newer than the resume point: moved out of the line");
+            }
         }
         if let Some(c) = found {
             chosen = c.dir.to_string_lossy().into_owned().into_bytes();
@@ -323,6 +334,11 @@ pub fn train(
     let mut lr = run.adamw_params().lr_at(st.step);
     let mut last_ckpt_step = None;
     let mut stop = false;
+    // Consecutive non-finite steps; identical on every rank (decided from all-reduced values).
+    // While it is > 0, checkpoints are written without pruning, so the ones from before the
+    // blow-up survive; `last_finite` is the newest of those.
+    let mut nonfinite = 0u64;
+    let mut last_finite: Option<PathBuf> = None;
 
     while st.step < total && !stop {
         let step = st.step;
@@ -359,12 +375,26 @@ pub fn train(
         lr = run.adamw_params().lr_at(step);
         if skip {
             st.skipped += 1;
+            nonfinite += 1;
             tracing::warn!(
                 step,
                 grad_norm = norm,
                 "non-finite loss or gradient: step skipped"
             );
+            let max = cfg.schedule.max_nonfinite_steps;
+            if nonfinite >= max {
+                let kept = last_finite
+                    .as_ref()
+                    .map_or("none in this run".to_string(), |p| p.display().to_string());
+                bail!(
+                    "{nonfinite} consecutive non-finite steps (loss or gradient NaN/inf) up to step \
+                     {step}: stopping (schedule.max_nonfinite_steps = {max}). The last checkpoint \
+                     written before them (kept: no checkpoint was pruned since) is {kept}; lower \
+                     optim.lr or set optim.grad_clip, then resume from it with --resume PATH."
+                );
+            }
         } else {
+            nonfinite = 0;
             let grads = clip_by_global_norm(grads, norm, cfg.optim.grad_clip)?;
             st.opt.step(&run.vars, &grads, lr)?;
             let n = st.opt.t - 1;
@@ -461,7 +491,11 @@ pub fn train(
         // ---- checkpoint ----
         if st.step % cfg.schedule.checkpoint_every == 0 || last {
             if root {
-                outcome.checkpoint = Some(run.save(&st, lr)?);
+                let dir = run.save(&st, lr, nonfinite == 0)?;
+                if nonfinite == 0 {
+                    last_finite = Some(dir.clone());
+                }
+                outcome.checkpoint = Some(dir);
             }
             last_ckpt_step = Some(st.step);
         }
@@ -479,7 +513,7 @@ pub fn train(
     if last_ckpt_step != Some(st.step) && root {
         let on_disk = checkpoint::list_checkpoints(&run_dir).first().map(|c| c.0);
         if on_disk != Some(st.step) {
-            outcome.checkpoint = Some(run.save(&st, lr)?);
+            outcome.checkpoint = Some(run.save(&st, lr, nonfinite == 0)?);
         } else {
             outcome.checkpoint = checkpoint::list_checkpoints(&run_dir)
                 .first()
