@@ -131,7 +131,9 @@ def finish(p, what):
 
 # ---- (a) reference run, then KILLS kills with resumes ----
 ref = f"{WORK}/ref"
+t0 = time.time()
 finish(train(ref, resume=False), "(a) reference run")
+t_ref = time.time() - t0
 want = contents(f"{ref}/checkpoints/step_{STEPS:09d}")
 run = f"{WORK}/killed"
 kills = lost = inside = 0
@@ -139,12 +141,13 @@ best = -1
 while kills < KILLS:
     p = train(run)
     at_write = kills % 2 == 1
-    deadline = time.time() + (0.2 + rng.random() * 3.0)
+    # a random moment of a run that would take about t_ref from scratch
+    deadline = time.time() + rng.random() * 0.6 * t_ref
     killed = False
     while p.poll() is None:
         if at_write:
             d = f"{run}/checkpoints"
-            if time.time() > deadline - 2.5 and os.path.isdir(d) and any(n.startswith(".tmp-") for n in os.listdir(d)):
+            if time.time() > deadline - 0.4 * t_ref and os.path.isdir(d) and any(n.startswith(".tmp-") for n in os.listdir(d)):
                 time.sleep(rng.random() * 0.02)
                 p.kill(); killed = True; break
         elif time.time() > deadline:
@@ -159,6 +162,7 @@ while kills < KILLS:
         if newest_valid(run) == STEPS:
             # finished before the kill fired: start a fresh line for the remaining kills
             shutil.move(run, f"{WORK}/done.{kills}")
+            best = -1
             continue
         continue
     kills += 1
@@ -180,7 +184,9 @@ for n in os.listdir(WORK):
     if n.startswith("done."):
         if contents(f"{WORK}/{n}/checkpoints/step_{STEPS:09d}") != want:
             fails.append(f"(a) {n}: final checkpoint differs from the uninterrupted run")
-print(f"(a) {kills} kills ({inside} inside a checkpoint write), {lost} lost, final weights "
+restarts = sum(n.startswith("done.") for n in os.listdir(WORK))
+print(f"(a) {kills} kills ({inside} left a checkpoint write unfinished; {restarts} runs finished before "
+      f"their kill and a new one started), {lost} lost, final weights "
       f"{'equal' if got == want else 'DIFFER'} to the uninterrupted run")
 
 # ---- (b) disk full during a save ----
