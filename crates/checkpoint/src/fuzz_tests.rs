@@ -37,10 +37,7 @@ fn fuzz_manifest_json() {
         match outcome {
             Ok(true) => accepted += 1,
             Ok(false) => rejected += 1,
-            Err(_) => panic!(
-                "input {i} panicked: {:?}",
-                String::from_utf8_lossy(&input)
-            ),
+            Err(_) => panic!("input {i} panicked: {:?}", String::from_utf8_lossy(&input)),
         }
     }
     assert_eq!(accepted + rejected, n);

@@ -1,4 +1,4 @@
-//! The on-disk checkpoint format (`ddpm-rs-checkpoint` version 1), in one place.
+//! The on-disk checkpoint format (`ddpm-rs-checkpoint` version 2), in one place.
 //!
 //! The trainer writes checkpoints and the sampler reads them, but the sampler cannot depend on
 //! ddpm-train (the trainer draws its preview samples through sampler code, and a reader should not
@@ -311,7 +311,11 @@ pub fn verify_file(
         })?;
     let p = dir.join(name);
     // The name was checked by `open_manifest`; a caller may pass any string, so check again.
-    let index = manifest.files.iter().position(|f| f.name == name).unwrap_or(0);
+    let index = manifest
+        .files
+        .iter()
+        .position(|f| f.name == name)
+        .unwrap_or(0);
     validate::check_file_name(&dir.join(MANIFEST), index, name)?;
     let meta = fs::metadata(&p).map_err(CheckpointError::io(&p))?;
     if !meta.is_file() {

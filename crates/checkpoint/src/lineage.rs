@@ -76,7 +76,10 @@ fn finish(root: &Path, j: &Journal) -> Result<Vec<PathBuf>, CheckpointError> {
     let mut moved = Vec::new();
     for e in fs::read_dir(root).map_err(io(root))?.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        let Some(step) = name.strip_prefix("step_").and_then(|s| s.parse::<u64>().ok()) else {
+        let Some(step) = name
+            .strip_prefix("step_")
+            .and_then(|s| s.parse::<u64>().ok())
+        else {
             continue;
         };
         if step > j.after_step {
@@ -192,7 +195,10 @@ mod tests {
         let moved = recover(run.path()).unwrap();
         assert_eq!(moved.len(), 2);
         assert_eq!(steps(run.path()), vec![5]);
-        assert!(root.join(ABANDONED_DIR).join("after_step_000000005.1.2/step_000000015").is_dir());
+        assert!(root
+            .join(ABANDONED_DIR)
+            .join("after_step_000000005.1.2/step_000000015")
+            .is_dir());
     }
 
     #[test]
@@ -200,7 +206,11 @@ mod tests {
         let run = tempfile::tempdir().unwrap();
         mk(run.path(), &[1]);
         let root = run.path().join(CHECKPOINTS_DIR);
-        fs::write(root.join(JOURNAL), r#"{"after_step": 0, "dest": "../../x"}"#).unwrap();
+        fs::write(
+            root.join(JOURNAL),
+            r#"{"after_step": 0, "dest": "../../x"}"#,
+        )
+        .unwrap();
         let e = recover(run.path()).unwrap_err().to_string();
         assert!(e.contains(JOURNAL) && e.contains("dest"), "{e}");
     }

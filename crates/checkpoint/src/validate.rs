@@ -36,7 +36,11 @@ fn field(path: &Path, field: impl Into<String>, msg: impl Into<String>) -> Check
 
 /// A plain name: ASCII letters, digits, `.`, `_`, `-`, not starting with `.` (so neither `..`,
 /// nor a hidden staging name), no separator, not absolute.
-pub fn check_file_name(manifest_path: &Path, index: usize, name: &str) -> Result<(), CheckpointError> {
+pub fn check_file_name(
+    manifest_path: &Path,
+    index: usize,
+    name: &str,
+) -> Result<(), CheckpointError> {
     let bad = |why: &str| {
         field(
             manifest_path,
@@ -56,13 +60,17 @@ pub fn check_file_name(manifest_path: &Path, index: usize, name: &str) -> Result
         ));
     }
     if name.starts_with('.') {
-        return Err(bad("starts with '.' (hidden names and '..' are not allowed)"));
+        return Err(bad(
+            "starts with '.' (hidden names and '..' are not allowed)",
+        ));
     }
     if !name
         .chars()
         .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
     {
-        return Err(bad("has characters other than ASCII letters, digits, '.', '_', '-'"));
+        return Err(bad(
+            "has characters other than ASCII letters, digits, '.', '_', '-'",
+        ));
     }
     Ok(())
 }
@@ -239,7 +247,10 @@ mod tests {
             "a\0b",
         ] {
             let e = check_file_name(&mp(), 3, bad).unwrap_err().to_string();
-            assert!(e.contains("manifest.json") && e.contains("files[3].name"), "{e}");
+            assert!(
+                e.contains("manifest.json") && e.contains("files[3].name"),
+                "{e}"
+            );
         }
     }
 
@@ -271,13 +282,18 @@ mod tests {
         // an edit of the text, not resealed
         let text = sealed_json(&m).replace("\"eps\"", "\"v\"");
         let parsed: Manifest = serde_json::from_str(&text).unwrap();
-        let s = check_manifest(&mp(), &text, &parsed).unwrap_err().to_string();
+        let s = check_manifest(&mp(), &text, &parsed)
+            .unwrap_err()
+            .to_string();
         assert!(s.contains("manifest_sha256"), "{s}");
         // resealed but config edited: the config hash still tells
         let mut e = m.clone();
         e.config["diffusion"]["prediction"] = "v".into();
         let s = check(&e).unwrap_err().to_string();
-        assert!(s.contains("manifest.json") && s.contains("config_hash"), "{s}");
+        assert!(
+            s.contains("manifest.json") && s.contains("config_hash"),
+            "{s}"
+        );
 
         let mut e = m.clone();
         e.config_hash = format!("a{}", "é".repeat(32));

@@ -37,8 +37,8 @@ fn write_run(root: &Path) -> PathBuf {
         out = run.display(),
         data = data.display()
     );
-    let cfg = ddpm_train::TrainConfig::from_toml_str(&text, &ddpm_train::Overrides::default())
-        .unwrap();
+    let cfg =
+        ddpm_train::TrainConfig::from_toml_str(&text, &ddpm_train::Overrides::default()).unwrap();
     ddpm_train::train(
         &cfg,
         &ddpm_dist::SingleProcess::new(),
@@ -75,7 +75,10 @@ fn a_damaged_ema_file_falls_back_to_the_previous_checkpoint() {
     let mut warnings = Vec::new();
     let c = RunCheckpoint::resolve(&run, |e| warnings.push(e.to_string())).unwrap();
     assert_eq!(c.step(), 2);
-    assert!(warnings.len() == 1 && warnings[0].contains("ema_0.9"), "{warnings:?}");
+    assert!(
+        warnings.len() == 1 && warnings[0].contains("ema_0.9"),
+        "{warnings:?}"
+    );
     c.load_unet(Weights::Ema(None), DType::F32, &Device::Cpu)
         .unwrap();
 }
@@ -86,12 +89,20 @@ fn an_edited_config_is_refused_naming_the_manifest() {
     let run = write_run(root.path());
     let dir = ck(&run, 4);
     // silently wrong samples before: the model was trained to predict eps
-    edit_manifest(&dir, false, |v| v["config"]["diffusion"]["prediction"] = "v".into());
+    edit_manifest(&dir, false, |v| {
+        v["config"]["diffusion"]["prediction"] = "v".into()
+    });
     let e = RunCheckpoint::open(&dir).unwrap_err().to_string();
-    assert!(e.contains("manifest.json") && e.contains("manifest_sha256"), "{e}");
+    assert!(
+        e.contains("manifest.json") && e.contains("manifest_sha256"),
+        "{e}"
+    );
     edit_manifest(&dir, true, |_| {});
     let e = RunCheckpoint::open(&dir).unwrap_err().to_string();
-    assert!(e.contains("manifest.json") && e.contains("config_hash"), "{e}");
+    assert!(
+        e.contains("manifest.json") && e.contains("config_hash"),
+        "{e}"
+    );
 }
 
 #[test]

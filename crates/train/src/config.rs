@@ -665,7 +665,10 @@ impl TrainConfig {
             return Err(invalid("schedule.keep_checkpoints", "must be >= 1, got 0"));
         }
         if s.max_nonfinite_steps == 0 {
-            return Err(invalid("schedule.max_nonfinite_steps", "must be >= 1, got 0"));
+            return Err(invalid(
+                "schedule.max_nonfinite_steps",
+                "must be >= 1, got 0",
+            ));
         }
 
         let p = &self.preview;

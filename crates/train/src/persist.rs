@@ -233,7 +233,11 @@ impl Run<'_> {
         };
         let dir = w.finish(manifest)?;
         let removed = if prune {
-            checkpoint::prune(&self.run_dir, self.cfg.schedule.keep_checkpoints, Some(&dir))?
+            checkpoint::prune(
+                &self.run_dir,
+                self.cfg.schedule.keep_checkpoints,
+                Some(&dir),
+            )?
         } else {
             Vec::new()
         };

@@ -147,7 +147,10 @@ fn a_run_that_stays_non_finite_stops_and_keeps_its_good_checkpoint() {
     let good = step_dir(&dir, 1);
     assert!(e.contains(&good.display().to_string()), "{e}");
     let ck = Checkpoint::open(&good).unwrap();
-    assert_eq!(ck.manifest.skipped_steps, 0, "a checkpoint from before the blow-up");
+    assert_eq!(
+        ck.manifest.skipped_steps, 0,
+        "a checkpoint from before the blow-up"
+    );
     assert_eq!(steps_on_disk(&dir), vec![3, 2, 1]);
 }
 
@@ -161,7 +164,10 @@ fn every_model_dimension_has_an_upper_bound_naming_the_key() {
         ("model.image_size=1048576", "model.image_size"),
         ("model.in_channels=100000", "model.in_channels"),
         ("model.num_res_blocks=100000", "model.num_res_blocks"),
-        ("model.channel_mult=[1,2,2,2,2,2,2,2,2,2,2,2,2]", "model.channel_mult"),
+        (
+            "model.channel_mult=[1,2,2,2,2,2,2,2,2,2,2,2,2]",
+            "model.channel_mult",
+        ),
         ("model.channel_mult=[1,100000]", "model.channel_mult"),
         ("model.num_classes=1000000000", "model.num_classes"),
         ("model.num_heads=100000", "model.num_heads"),

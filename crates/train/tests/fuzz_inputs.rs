@@ -84,7 +84,8 @@ fn fuzz_safetensors_checkpoint_files() {
             (
                 ck.load_tensors(checkpoint::MODEL_FILE, &expected, &Device::Cpu)
                     .map(|_| ()),
-                ck.load_all(checkpoint::MODEL_FILE, &Device::Cpu).map(|_| ()),
+                ck.load_all(checkpoint::MODEL_FILE, &Device::Cpu)
+                    .map(|_| ()),
             )
         });
         let (a, b) = r.unwrap_or_else(|_| panic!("input {i} panicked"));

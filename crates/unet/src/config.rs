@@ -118,7 +118,10 @@ pub mod limits {
 
 fn at_most(key: &'static str, value: usize, max: usize) -> Result<()> {
     if value > max {
-        return Err(config_err(key, format!("must be at most {max}, got {value}")));
+        return Err(config_err(
+            key,
+            format!("must be at most {max}, got {value}"),
+        ));
     }
     Ok(())
 }
@@ -174,8 +177,16 @@ impl Trunk<'_> {
     fn check_limits(&self) -> Result<()> {
         at_most("image_size", self.image_size, limits::IMAGE_SIZE)?;
         at_most("in_channels", self.in_channels, limits::IN_CHANNELS)?;
-        at_most("model_channels", self.model_channels, limits::MODEL_CHANNELS)?;
-        at_most("num_res_blocks", self.num_res_blocks, limits::NUM_RES_BLOCKS)?;
+        at_most(
+            "model_channels",
+            self.model_channels,
+            limits::MODEL_CHANNELS,
+        )?;
+        at_most(
+            "num_res_blocks",
+            self.num_res_blocks,
+            limits::NUM_RES_BLOCKS,
+        )?;
         if self.channel_mult.len() > limits::LEVELS {
             return Err(config_err(
                 "channel_mult",
@@ -187,8 +198,7 @@ impl Trunk<'_> {
             ));
         }
         let widest = self.channel_mult.iter().copied().max().unwrap_or(0);
-        if widest > limits::LEVEL_CHANNELS
-            || self.model_channels * widest > limits::LEVEL_CHANNELS
+        if widest > limits::LEVEL_CHANNELS || self.model_channels * widest > limits::LEVEL_CHANNELS
         {
             return Err(config_err(
                 "channel_mult",
