@@ -1,11 +1,9 @@
-//! The on-disk checkpoint format (`ddpm-rs-checkpoint` version 2), in one place.
-//!
-//! The trainer writes checkpoints and the sampler reads them, but the sampler cannot depend on
-//! ddpm-train (the trainer draws its preview samples through sampler code, and a reader should not
-//! pull in the whole training job). Both used to carry their own copy of the names, the manifest
-//! and the validation, which could drift apart silently; this crate is the single definition they
-//! share. It knows nothing about tensors or configs: what a checkpoint must contain, and how its
-//! tensors are loaded, stays with the trainer and the sampler.
+//! The checkpoint format (`ddpm-rs-checkpoint` version 2) and everything that touches it: the
+//! manifest, file hashes and listing (this file), what a manifest must satisfy before it is used
+//! ([`validate`]), writing ([`writer`]), pruning and crash recovery ([`prune`]), one line of
+//! checkpoints per run directory ([`lineage`]), and reading, verifying and loading the trained
+//! networks ([`reader`]). The trainer writes and resumes through it, the sampler and evaluator read
+//! through it; the stored config is read with `ddpm-config`'s schema, the one that wrote it.
 //!
 //! ```text
 //! RUN_DIR/checkpoints/step_000001000/
@@ -31,11 +29,16 @@ pub mod lineage;
 #[cfg(any(test, feature = "fixtures"))]
 pub mod mutate;
 pub mod prune;
+pub mod reader;
 pub mod validate;
+pub mod writer;
 
+pub use ddpm_config::config_hash;
 pub use lineage::abandon_newer;
 pub use prune::{clean_staging, prune};
-pub use validate::{canonical_json, config_hash, sealed_json};
+pub use reader::{Checkpoint, Weights, WeightsParseError};
+pub use validate::sealed_json;
+pub use writer::{safetensors_bytes, CheckpointWriter};
 
 pub const FORMAT: &str = "ddpm-rs-checkpoint";
 /// 2: the manifest carries `manifest_sha256`, and `config` must hash to `config_hash`.

@@ -14,10 +14,9 @@
 //! one ulp off), so hashing re-parsed numbers on one side and exact ones on the other would reject
 //! valid checkpoints.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 
-use serde_json::Value;
+use ddpm_config::parsed_config_hash;
 
 use crate::{sha256_hex, CheckpointError, Manifest};
 
@@ -73,57 +72,6 @@ pub fn check_file_name(
         ));
     }
     Ok(())
-}
-
-/// JSON with object keys sorted at every level: the form every hash in the format is taken over,
-/// independent of key order and white space in the file.
-pub fn canonical_json(v: &Value) -> String {
-    match v {
-        Value::Object(o) => {
-            let sorted: BTreeMap<&String, &Value> = o.iter().collect();
-            let items: Vec<String> = sorted
-                .into_iter()
-                .map(|(k, v)| format!("{}:{}", Value::String(k.clone()), canonical_json(v)))
-                .collect();
-            format!("{{{}}}", items.join(","))
-        }
-        Value::Array(a) => format!(
-            "[{}]",
-            a.iter().map(canonical_json).collect::<Vec<_>>().join(",")
-        ),
-        other => other.to_string(),
-    }
-}
-
-fn remove_dotted(v: &mut Value, dotted: &str) {
-    let mut parts: Vec<&str> = dotted.split('.').collect();
-    let Some(last) = parts.pop() else { return };
-    let mut cur = v;
-    for p in parts {
-        match cur.get_mut(p) {
-            Some(n) => cur = n,
-            None => return,
-        }
-    }
-    if let Some(o) = cur.as_object_mut() {
-        o.remove(last);
-    }
-}
-
-/// sha256 of the canonical JSON of `config` without the dotted `excluded` keys: the config hash a
-/// manifest carries and a resumed run compares. Taken over `config` as a reader parses it back from
-/// its JSON text (see the module doc), so [`check_manifest`] can recompute it.
-pub fn config_hash(config: &Value, excluded: &[impl AsRef<str>]) -> String {
-    let reparsed = serde_json::from_str(&config.to_string()).unwrap_or_else(|_| config.clone());
-    parsed_config_hash(&reparsed, excluded)
-}
-
-fn parsed_config_hash(config: &Value, excluded: &[impl AsRef<str>]) -> String {
-    let mut v = config.clone();
-    for k in excluded {
-        remove_dotted(&mut v, k.as_ref());
-    }
-    sha256_hex(canonical_json(&v).as_bytes())
 }
 
 const SEAL_KEY: &str = "\"manifest_sha256\": \"";
@@ -216,6 +164,7 @@ pub fn check_manifest(mp: &Path, text: &str, m: &Manifest) -> Result<(), Checkpo
 mod tests {
     use super::*;
     use crate::fixture_manifest;
+    use ddpm_config::config_hash;
     use std::path::PathBuf;
 
     fn mp() -> PathBuf {
@@ -252,15 +201,6 @@ mod tests {
                 "{e}"
             );
         }
-    }
-
-    #[test]
-    fn config_hash_ignores_key_order_and_excluded_keys() {
-        let a: Value =
-            serde_json::from_str(r#"{"b":1,"a":{"y":2.5,"x":[1,2]},"s":{"k":1}}"#).unwrap();
-        let b: Value = serde_json::from_str(r#"{"a":{"x":[1,2],"y":2.5},"b":1}"#).unwrap();
-        assert_eq!(config_hash(&a, &["s"]), config_hash(&b, &[] as &[&str]));
-        assert_ne!(config_hash(&a, &["a.y"]), config_hash(&b, &[] as &[&str]));
     }
 
     /// Floats that serde_json's default parser does not read back exactly (large exponents) must

@@ -6,8 +6,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
-use ddpm_checkpoint::{step_dir_name, CHECKPOINTS_DIR, MANIFEST};
-use ddpm_sampler::checkpoint::{RunCheckpoint, Weights};
+use ddpm_checkpoint::{step_dir_name, Checkpoint, Weights, CHECKPOINTS_DIR, MANIFEST};
 
 /// A run of 4 steps with checkpoints at 2 and 4, written by the trainer library.
 fn write_run(root: &Path) -> PathBuf {
@@ -73,7 +72,7 @@ fn a_damaged_ema_file_falls_back_to_the_previous_checkpoint() {
     let run = write_run(root.path());
     fs::write(ck(&run, 4).join("ema_0.9.safetensors"), b"damaged").unwrap();
     let mut warnings = Vec::new();
-    let c = RunCheckpoint::resolve(&run, |e| warnings.push(e.to_string())).unwrap();
+    let c = Checkpoint::resolve(&run, |e| warnings.push(e.to_string())).unwrap();
     assert_eq!(c.step(), 2);
     assert!(
         warnings.len() == 1 && warnings[0].contains("ema_0.9"),
@@ -92,13 +91,13 @@ fn an_edited_config_is_refused_naming_the_manifest() {
     edit_manifest(&dir, false, |v| {
         v["config"]["diffusion"]["prediction"] = "v".into()
     });
-    let e = RunCheckpoint::open(&dir).unwrap_err().to_string();
+    let e = Checkpoint::open(&dir).unwrap_err().to_string();
     assert!(
         e.contains("manifest.json") && e.contains("manifest_sha256"),
         "{e}"
     );
     edit_manifest(&dir, true, |_| {});
-    let e = RunCheckpoint::open(&dir).unwrap_err().to_string();
+    let e = Checkpoint::open(&dir).unwrap_err().to_string();
     assert!(
         e.contains("manifest.json") && e.contains("config_hash"),
         "{e}"
@@ -119,7 +118,7 @@ fn a_huge_model_dimension_in_a_manifest_is_an_error_naming_the_key() {
                 serde_json::from_value(v["hash_excluded_keys"].clone()).unwrap();
             v["config_hash"] = ddpm_checkpoint::config_hash(&v["config"], &excluded).into();
         });
-        let c = RunCheckpoint::open(&dir).unwrap();
+        let c = Checkpoint::open(&dir).unwrap();
         let e = c
             .load_unet(Weights::Model, DType::F32, &Device::Cpu)
             .unwrap_err()
@@ -135,7 +134,7 @@ fn a_huge_model_dimension_in_a_manifest_is_an_error_naming_the_key() {
             serde_json::from_value(v["hash_excluded_keys"].clone()).unwrap();
         v["config_hash"] = ddpm_checkpoint::config_hash(&v["config"], &excluded).into();
     });
-    let e = RunCheckpoint::open(&dir)
+    let e = Checkpoint::open(&dir)
         .unwrap()
         .diffusion()
         .unwrap_err()

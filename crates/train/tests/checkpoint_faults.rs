@@ -75,7 +75,7 @@ fn a_damaged_newest_checkpoint_does_not_outlive_the_resumed_run() {
     let out = run(&cfg, Some(ResumeFrom::Auto)).unwrap();
     assert_eq!(out.step_losses.len(), 3, "resumed from step 5");
     assert_eq!(out.checkpoint.as_deref(), Some(step_dir(&dir, 8).as_path()));
-    let newest = checkpoint::find_latest(&dir, |e| panic!("{e}")).expect("a valid checkpoint");
+    let newest = Checkpoint::find_latest(&dir, |e| panic!("{e}")).expect("a valid checkpoint");
     assert_eq!(newest.manifest.step, 8);
 }
 
@@ -146,7 +146,7 @@ fn a_run_that_stays_non_finite_stops_and_keeps_its_good_checkpoint() {
     // step 0 is finite (its update blows the weights up), steps 1.. are not
     let good = step_dir(&dir, 1);
     assert!(e.contains(&good.display().to_string()), "{e}");
-    let ck = Checkpoint::open(&good).unwrap();
+    let ck = Checkpoint::open_verified(&good).unwrap();
     assert_eq!(
         ck.manifest.skipped_steps, 0,
         "a checkpoint from before the blow-up"

@@ -57,7 +57,7 @@ fn fuzz_safetensors_checkpoint_files() {
     let cfg = common::load(&text, &Overrides::default());
     train(&cfg, &SingleProcess::new(), TrainOptions::default()).unwrap();
     let (_, dir) = checkpoint::list_checkpoints(&run).remove(0);
-    let ck = Checkpoint::open(&dir).unwrap();
+    let ck = Checkpoint::open_verified(&dir).unwrap();
     let file = dir.join(checkpoint::MODEL_FILE);
     let valid = fs::read(&file).unwrap();
     let expected: Vec<(String, Vec<usize>)> = {
