@@ -32,6 +32,7 @@ use std::path::{Path, PathBuf};
 use hdf5::types::{TypeDescriptor, VarLenAscii, VarLenUnicode};
 
 use crate::error::{DataError, Result};
+use crate::limits;
 
 /// The only format version this crate reads and writes.
 pub const FORMAT_VERSION: i64 = 1;
@@ -108,20 +109,7 @@ impl Hdf5Dataset {
             ));
         }
         let (n, h, w, c) = (shape[0], shape[1], shape[2], shape[3]);
-        if n == 0 || h == 0 || w == 0 {
-            return Err(DataError::dataset(
-                path,
-                IMAGES,
-                format!("is empty (shape {shape:?})"),
-            ));
-        }
-        if c != 1 && c != 3 {
-            return Err(DataError::dataset(
-                path,
-                IMAGES,
-                format!("has {c} channels (shape {shape:?}), expected 1 (grey) or 3 (RGB)"),
-            ));
-        }
+        check_image_shape(path, &shape)?;
         let chunk = images.chunk().ok_or_else(|| {
             DataError::dataset(
                 path,
@@ -136,6 +124,7 @@ impl Hdf5Dataset {
                 format!("has chunk shape {chunk:?}; chunks must hold whole images, i.e. [K, {h}, {w}, {c}]"),
             ));
         }
+        check_chunks(path, &images, n, chunk[0], h * w * c)?;
         let chunk_images = chunk[0];
         let filters = images.filters().iter().map(|f| format!("{f:?}")).collect();
 
@@ -162,6 +151,13 @@ impl Hdf5Dataset {
                         path,
                         ATTR_NUM_CLASSES,
                         format!("is {k}, expected >= 1"),
+                    ));
+                }
+                if k as u64 > limits::MAX_CLASSES {
+                    return Err(DataError::attribute(
+                        path,
+                        ATTR_NUM_CLASSES,
+                        format!("is {k}, above the limit of {} classes", limits::MAX_CLASSES),
                     ));
                 }
                 let k = k as usize;
@@ -321,16 +317,81 @@ impl Hdf5Dataset {
 
     /// Reads HDF5 chunk `k` (images `k*K .. min((k+1)*K, N)`): exactly one chunk from disk.
     pub fn read_chunk(&self, k: usize) -> Result<Vec<u8>> {
-        let start = k * self.chunk_images;
-        if start >= self.n {
+        let Some(start) = k.checked_mul(self.chunk_images).filter(|&s| s < self.n) else {
             return Err(DataError::dataset(
                 &self.path,
                 IMAGES,
                 format!("chunk {k} is past the last chunk"),
             ));
-        }
+        };
         self.read_images(start, self.chunk_images.min(self.n - start))
     }
+}
+
+/// Bounds the declared shape of `images` (see [`crate::limits`]) before anything is sized from it.
+fn check_image_shape(path: &Path, shape: &[usize]) -> Result<()> {
+    let (n, h, w, c) = (shape[0], shape[1], shape[2], shape[3]);
+    let bad = |what: String| Err(DataError::dataset(path, IMAGES, what));
+    if n == 0 || h == 0 || w == 0 {
+        return bad(format!("is empty (shape {shape:?})"));
+    }
+    if n as u64 > limits::MAX_EXAMPLES {
+        return bad(format!(
+            "declares N = {n} images (shape {shape:?}), above the limit of {} examples per file",
+            limits::MAX_EXAMPLES
+        ));
+    }
+    for (name, side) in [("H", h), ("W", w)] {
+        if side as u64 > limits::MAX_SIDE {
+            return bad(format!(
+                "declares {name} = {side} (shape {shape:?}), above the limit of {} pixels",
+                limits::MAX_SIDE
+            ));
+        }
+    }
+    if !limits::CHANNELS.contains(&(c as u64)) {
+        return bad(format!(
+            "has {c} channels (shape {shape:?}), expected 1 (grey) or 3 (RGB)"
+        ));
+    }
+    Ok(())
+}
+
+/// Bounds the chunk size, and checks that every chunk the shape promises is stored in the file: a
+/// chunk that was never written reads as zeros, so without this a few-KB file could pass for any N.
+fn check_chunks(
+    path: &Path,
+    images: &hdf5::Dataset,
+    n: usize,
+    k: usize,
+    image_bytes: usize,
+) -> Result<()> {
+    let chunk_bytes = (k as u64).saturating_mul(image_bytes as u64);
+    if chunk_bytes > limits::MAX_CHUNK_BYTES {
+        return Err(DataError::dataset(
+            path,
+            IMAGES,
+            format!(
+                "has chunks of {k} images = {chunk_bytes} bytes, above the limit of {} bytes per chunk",
+                limits::MAX_CHUNK_BYTES
+            ),
+        ));
+    }
+    let expected = n.div_ceil(k);
+    let stored = images.num_chunks().ok_or_else(|| {
+        DataError::dataset(path, IMAGES, "cannot count its stored chunks")
+    })?;
+    if stored < expected {
+        return Err(DataError::dataset(
+            path,
+            IMAGES,
+            format!(
+                "only {stored} of {expected} chunks are stored (N = {n}, {k} images per chunk): the file \
+                 declares more images than it holds (incomplete write?)"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Before handing the file to HDF5, check it exists, carries the HDF5 signature and is as long as its
@@ -509,27 +570,45 @@ fn read_strings(
     name: &str,
 ) -> Result<Vec<String>> {
     let read_err = |e: hdf5::Error| DataError::attribute(path, name, format!("cannot read: {e}"));
-    match desc {
-        TypeDescriptor::VarLenUnicode => Ok(attr
+    let strings: Vec<String> = match desc {
+        TypeDescriptor::VarLenUnicode => attr
             .read_raw::<VarLenUnicode>()
             .map_err(read_err)?
             .iter()
             .map(|s| s.as_str().to_string())
-            .collect()),
-        TypeDescriptor::VarLenAscii => Ok(attr
+            .collect(),
+        TypeDescriptor::VarLenAscii => attr
             .read_raw::<VarLenAscii>()
             .map_err(read_err)?
             .iter()
             .map(|s| s.as_str().to_string())
-            .collect()),
-        other => Err(DataError::attribute(
+            .collect(),
+        other => {
+            return Err(DataError::attribute(
+                path,
+                name,
+                format!(
+                    "has type {other}, expected variable-length strings (what h5py writes for str)"
+                ),
+            ))
+        }
+    };
+    if let Some((i, s)) = strings
+        .iter()
+        .enumerate()
+        .find(|(_, s)| s.len() as u64 > limits::MAX_STRING_BYTES)
+    {
+        return Err(DataError::attribute(
             path,
             name,
             format!(
-                "has type {other}, expected variable-length strings (what h5py writes for str)"
+                "entry {i} is {} bytes long, above the limit of {} bytes",
+                s.len(),
+                limits::MAX_STRING_BYTES
             ),
-        )),
+        ));
     }
+    Ok(strings)
 }
 
 fn read_string_attr(file: &hdf5::File, path: &Path, name: &str) -> Result<Option<String>> {
@@ -559,6 +638,17 @@ fn read_string_array_attr(
             path,
             name,
             format!("has shape {:?}, expected a 1-D string array", attr.shape()),
+        ));
+    }
+    if attr.size() as u64 > limits::MAX_CLASSES {
+        return Err(DataError::attribute(
+            path,
+            name,
+            format!(
+                "has {} entries, above the limit of {} classes",
+                attr.size(),
+                limits::MAX_CLASSES
+            ),
         ));
     }
     read_strings(&attr, &desc, path, name).map(Some)

@@ -5,7 +5,9 @@ use std::path::Path;
 use indicatif::ProgressBar;
 
 use crate::error::{DataError, Result};
+use crate::fingerprint::{DatasetFingerprint, FingerprintHasher};
 use crate::format::Hdf5Dataset;
+use crate::limits;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Stats {
@@ -21,27 +23,32 @@ pub struct Stats {
     /// Over all channels.
     pub mean: f64,
     pub std: f64,
+    /// The dataset's content fingerprint, computed in the same pass.
+    pub fingerprint: DatasetFingerprint,
 }
 
-/// Reads every image once (chunk by chunk) and accumulates exact integer sums.
+/// Reads every image once (chunk by chunk, one chunk in memory) and accumulates exact integer sums
+/// (u128: N * H * W * 255^2 can pass 2^64 within the format's bounds) and the fingerprint.
 pub fn stats(ds: &Hdf5Dataset, pb: &ProgressBar) -> Result<Stats> {
     let c = ds.channels();
-    let mut sum = vec![0u64; c];
-    let mut sq = vec![0u64; c];
+    let mut sum = vec![0u128; c];
+    let mut sq = vec![0u128; c];
+    let mut fp = FingerprintHasher::new(ds);
     pb.set_length(ds.len() as u64);
     for k in 0..ds.num_chunks() {
         let data = ds.read_chunk(k)?;
+        fp.update(&data);
         for px in data.chunks_exact(c) {
             for (ch, &v) in px.iter().enumerate() {
-                sum[ch] += v as u64;
-                sq[ch] += (v as u64) * (v as u64);
+                sum[ch] += v as u128;
+                sq[ch] += (v as u128) * (v as u128);
             }
         }
         pb.inc((data.len() / ds.image_bytes()) as u64);
     }
     pb.finish_and_clear();
     let per = (ds.len() * ds.height() * ds.width()) as f64;
-    let moments = |s: u64, q: u64, count: f64| {
+    let moments = |s: u128, q: u128, count: f64| {
         let m = s as f64 / count;
         (m, (q as f64 / count - m * m).max(0.0).sqrt())
     };
@@ -68,6 +75,7 @@ pub fn stats(ds: &Hdf5Dataset, pb: &ProgressBar) -> Result<Stats> {
         channel_std,
         mean,
         std,
+        fingerprint: fp.finish(),
     })
 }
 
@@ -99,13 +107,35 @@ pub fn grid_indices(ds: &Hdf5Dataset, cols: usize) -> Vec<Vec<usize>> {
 
 /// Writes a PNG grid of examples (see [`grid_indices`]), nearest-neighbour upscaled so small images are
 /// at least 64 pixels wide.
+///
+/// The canvas is bounded by [`limits::MAX_GRID_BYTES`] before it is allocated; the error names `out`
+/// and the column count.
 pub fn write_grid(ds: &Hdf5Dataset, out: &Path, cols: usize) -> Result<()> {
     let cols = cols.max(1);
-    let rows = grid_indices(ds, cols);
     let (h, w, c) = (ds.height(), ds.width(), ds.channels());
     let scale = (64 / h.max(w)).max(1);
     let pad = 2;
     let (cw, chh) = (w * scale + pad, h * scale + pad);
+    let max_rows = match (ds.labels_slice(), ds.num_classes()) {
+        (Some(_), Some(k)) if k <= 32 => k,
+        _ => cols,
+    };
+    let canvas_bytes = (cols as u64)
+        .saturating_mul(cw as u64)
+        .saturating_add(pad as u64)
+        .saturating_mul((max_rows as u64).saturating_mul(chh as u64) + pad as u64)
+        .saturating_mul(3);
+    if canvas_bytes > limits::MAX_GRID_BYTES {
+        return Err(DataError::file(
+            out,
+            format!(
+                "a preview grid of {cols} columns (--grid-cols) of {w}x{h} images would take {canvas_bytes} \
+                 bytes, above the limit of {} bytes",
+                limits::MAX_GRID_BYTES
+            ),
+        ));
+    }
+    let rows = grid_indices(ds, cols);
     let gw = cols * cw + pad;
     let gh = rows.len().max(1) * chh + pad;
     let mut canvas = vec![40u8; gw * gh * 3];

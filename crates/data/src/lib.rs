@@ -6,6 +6,9 @@
 //!   writing through the atomic [`DatasetWriter`].
 //! - [`plan`]: the per-epoch permutation and the rank sharding ([`shard_plan`]), pure functions every
 //!   rank evaluates on its own.
+//! - [`fingerprint`]: [`DatasetFingerprint`], what identifies a dataset's content across ranks and
+//!   resumptions.
+//! - [`limits`]: the bounds on every size read from a file.
 //! - [`loader`]: [`Loader`], a background thread that turns the plan into f32 NCHW batches.
 //!
 //! The `ddpm-data` binary (`convert`, `inspect`, `shard-plan`) is a thin CLI over these.
@@ -14,15 +17,18 @@ pub mod cache;
 pub mod convert;
 pub mod decode;
 pub mod error;
+pub mod fingerprint;
 pub mod format;
 pub mod idx;
 pub mod inspect;
+pub mod limits;
 pub mod loader;
 pub mod plan;
 pub mod progress;
 pub mod writer;
 
 pub use error::{DataError, Result};
+pub use fingerprint::DatasetFingerprint;
 pub use format::Hdf5Dataset;
 pub use loader::{
     Batch, BatchAssembler, DatasetInfo, Loader, LoaderConfig, LoaderOptions, LoaderPosition,

@@ -210,16 +210,24 @@ impl BatchAssembler {
         .to_vec()
     }
 
-    /// The batch at `pos`.
+    /// The batch at `pos`. Chunks are visited one at a time (in chunk order) and each is decoded into
+    /// every output slot that needs it before the next is fetched, so besides the byte-budgeted cache
+    /// at most one chunk (<= [`crate::limits::MAX_CHUNK_BYTES`]) is held, whatever the batch size.
     pub fn assemble(&mut self, pos: LoaderPosition) -> Result<Batch> {
         self.check_position(pos)?;
         let indices = self.indices(pos);
         let k = self.ds.chunk_images();
-        let mut needed: Vec<usize> = indices.iter().map(|&i| i as usize / k).collect();
-        needed.sort_unstable();
-        needed.dedup();
-        let mut chunks: Vec<(usize, Arc<Vec<u8>>)> = Vec::with_capacity(needed.len());
-        for c in needed {
+        let (h, w, ch) = (self.ds.height(), self.ds.width(), self.ds.channels());
+        let ib = h * w * ch;
+        let mut images = vec![0f32; indices.len() * ib];
+        let mut order: Vec<(usize, usize)> = indices
+            .iter()
+            .enumerate()
+            .map(|(slot, &i)| (i as usize / k, slot))
+            .collect();
+        order.sort_unstable();
+        for group in order.chunk_by(|a, b| a.0 == b.0) {
+            let c = group[0].0;
             let data = match self.cache.get(c) {
                 Some(d) => d,
                 None => {
@@ -228,20 +236,13 @@ impl BatchAssembler {
                     d
                 }
             };
-            chunks.push((c, data));
-        }
-        let (h, w, ch) = (self.ds.height(), self.ds.width(), self.ds.channels());
-        let ib = h * w * ch;
-        let mut images = vec![0f32; indices.len() * ib];
-        for (out, &i) in images.chunks_exact_mut(ib).zip(&indices) {
-            let c = i as usize / k;
-            let data = &chunks[chunks
-                .binary_search_by_key(&c, |(c, _)| *c)
-                .expect("chunk loaded above")]
-            .1;
-            let off = (i as usize % k) * ib;
-            let flip = self.cfg.flip && flip_decision(self.cfg.seed, pos.epoch, i);
-            decode_into(&data[off..off + ib], h, w, ch, flip, &self.lut, out);
+            for &(_, slot) in group {
+                let i = indices[slot];
+                let off = (i as usize % k) * ib;
+                let flip = self.cfg.flip && flip_decision(self.cfg.seed, pos.epoch, i);
+                let out = &mut images[slot * ib..(slot + 1) * ib];
+                decode_into(&data[off..off + ib], h, w, ch, flip, &self.lut, out);
+            }
         }
         let labels = self
             .labels

@@ -232,6 +232,7 @@ fn run_inspect(a: InspectArgs) -> Result<()> {
         }
         _ => println!("classes:   none (unlabelled)"),
     }
+    println!("fingerprint: {}", st.fingerprint);
     println!("pixels (0..255):   mean {:.4}  std {:.4}", st.mean, st.std);
     if st.channels > 1 {
         for ch in 0..st.channels {

@@ -75,11 +75,12 @@ pub fn check_shard_args(n: u64, world: usize, rank: usize, batch: usize) -> Resu
     if batch == 0 {
         return Err("batch size must be at least 1".into());
     }
-    if n < world as u64 * batch as u64 {
+    let global = (world as u64).saturating_mul(batch as u64);
+    if n < global {
         return Err(format!(
             "N = {n} examples is smaller than one global batch (world size {world} x batch {batch} = {}), \
              so some rank would get no data",
-            world as u64 * batch as u64
+            (world as u128) * (batch as u128)
         ));
     }
     Ok(())

@@ -3,12 +3,14 @@
 //! 1024 red, 1024 green and 1024 blue bytes of a 32x32 image in row-major order (channel-planar, CHW).
 //! We store HWC, so each record is transposed.
 
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use indicatif::ProgressBar;
 
 use super::{ConvertSummary, Split};
 use crate::error::{DataError, Result};
+use crate::limits;
 use crate::writer::{DatasetMeta, DatasetWriter, WriteOptions};
 
 pub const CIFAR10_CLASSES: [&str; 10] = [
@@ -27,6 +29,8 @@ pub const CIFAR10_CLASSES: [&str; 10] = [
 const SIDE: usize = 32;
 const PLANE: usize = SIDE * SIDE;
 const RECORD: usize = 1 + 3 * PLANE;
+/// Records read and converted at a time (3 MB): memory stays bounded whatever a file's size.
+const BLOCK_RECORDS: usize = 1024;
 
 /// The batch files of `split`, in the order their records are written. `dir` may be the extracted
 /// `cifar-10-batches-bin` folder or its parent.
@@ -63,7 +67,17 @@ fn class_names(files: &[PathBuf]) -> Vec<String> {
         .first()
         .and_then(|f| f.parent())
         .map(|d| d.join("batches.meta.txt"));
-    if let Some(text) = meta.and_then(|p| std::fs::read_to_string(p).ok()) {
+    // Bounded read: the meta file is a few lines; anything longer is not one.
+    let read_meta = |p: PathBuf| -> Option<String> {
+        let mut text = String::new();
+        std::fs::File::open(p)
+            .ok()?
+            .take(limits::MAX_TEXT_FILE_BYTES)
+            .read_to_string(&mut text)
+            .ok()?;
+        Some(text)
+    };
+    if let Some(text) = meta.and_then(read_meta) {
         let names: Vec<String> = text
             .lines()
             .map(str::trim)
@@ -84,6 +98,67 @@ pub(crate) fn record_to_hwc(planes: &[u8], out: &mut Vec<u8>) {
     }
 }
 
+/// Records in one batch file, from its length (checked to be a whole, non-zero number of records).
+pub fn cifar10_records(path: &Path) -> Result<usize> {
+    let len = std::fs::metadata(path)
+        .map_err(|e| DataError::io(path, "cannot stat", e))?
+        .len();
+    if len == 0 || len % RECORD as u64 != 0 {
+        return Err(DataError::file(
+            path,
+            format!("is {len} bytes, not a whole number of {RECORD}-byte CIFAR-10 records (truncated?)"),
+        ));
+    }
+    let records = len / RECORD as u64;
+    if records > limits::MAX_EXAMPLES {
+        return Err(DataError::file(
+            path,
+            format!("holds {records} records, above the limit of {} examples", limits::MAX_EXAMPLES),
+        ));
+    }
+    Ok(records as usize)
+}
+
+/// Streams one batch file in blocks of at most [`BLOCK_RECORDS`] records, handing each block to `sink`
+/// as HWC image bytes and labels (checked to be below `num_classes`). Returns the number of records.
+pub fn read_cifar10_batch(
+    path: &Path,
+    num_classes: usize,
+    mut sink: impl FnMut(&[u8], &[i64]) -> Result<()>,
+) -> Result<usize> {
+    let records = cifar10_records(path)?;
+    let mut f = std::fs::File::open(path).map_err(|e| DataError::io(path, "cannot open", e))?;
+    let mut raw = vec![0u8; BLOCK_RECORDS.min(records) * RECORD];
+    let mut hwc = Vec::with_capacity(raw.len());
+    let mut labels = Vec::with_capacity(BLOCK_RECORDS);
+    let mut done = 0;
+    while done < records {
+        let count = BLOCK_RECORDS.min(records - done);
+        let buf = &mut raw[..count * RECORD];
+        f.read_exact(buf)
+            .map_err(|e| DataError::io(path, format!("reading record {done} failed"), e))?;
+        hwc.clear();
+        labels.clear();
+        for (j, rec) in buf.chunks_exact(RECORD).enumerate() {
+            if rec[0] as usize >= num_classes {
+                return Err(DataError::file(
+                    path,
+                    format!(
+                        "record {}: label byte {} is not a CIFAR-10 class (0..{num_classes})",
+                        done + j,
+                        rec[0]
+                    ),
+                ));
+            }
+            labels.push(rec[0] as i64);
+            record_to_hwc(&rec[1..], &mut hwc);
+        }
+        sink(&hwc, &labels)?;
+        done += count;
+    }
+    Ok(records)
+}
+
 pub fn convert_cifar10(
     dir: &Path,
     split: Split,
@@ -93,44 +168,28 @@ pub fn convert_cifar10(
 ) -> Result<ConvertSummary> {
     let _span = tracing::info_span!("convert_cifar10", dir = %dir.display()).entered();
     let files = cifar10_files(dir, split)?;
-    let mut n = 0;
+    let mut n = 0usize;
     for f in &files {
-        let len = std::fs::metadata(f)
-            .map_err(|e| DataError::io(f, "cannot stat", e))?
-            .len() as usize;
-        if len == 0 || len % RECORD != 0 {
+        n += cifar10_records(f)?;
+        if n as u64 > limits::MAX_EXAMPLES {
             return Err(DataError::file(
                 f,
-                format!("is {len} bytes, not a whole number of {RECORD}-byte CIFAR-10 records (truncated?)"),
+                format!("brings the split to {n} records, above the limit of {} examples", limits::MAX_EXAMPLES),
             ));
         }
-        n += len / RECORD;
     }
     let names = class_names(&files);
     let mut writer = DatasetWriter::create(out, n, [SIDE, SIDE, 3], opts)?;
     pb.set_length(n as u64);
     let mut done = 0u64;
     for f in &files {
-        let bytes = std::fs::read(f).map_err(|e| DataError::io(f, "cannot read", e))?;
-        let mut hwc = Vec::with_capacity(bytes.len());
-        let mut labels = Vec::with_capacity(bytes.len() / RECORD);
-        for (i, rec) in bytes.chunks_exact(RECORD).enumerate() {
-            if rec[0] as usize >= names.len() {
-                return Err(DataError::file(
-                    f,
-                    format!(
-                        "record {i}: label byte {} is not a CIFAR-10 class (0..10)",
-                        rec[0]
-                    ),
-                ));
-            }
-            labels.push(rec[0] as i64);
-            record_to_hwc(&rec[1..], &mut hwc);
-        }
-        writer.push_images(&hwc)?;
-        writer.push_labels(&labels);
-        done += labels.len() as u64;
-        pb.set_position(done);
+        read_cifar10_batch(f, names.len(), |hwc, labels| {
+            writer.push_images(hwc)?;
+            writer.push_labels(labels);
+            done += labels.len() as u64;
+            pb.set_position(done);
+            Ok(())
+        })?;
     }
     let chunk_images = writer.chunk_images();
     let num_classes = Some(names.len());

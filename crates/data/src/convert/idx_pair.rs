@@ -8,6 +8,7 @@ use indicatif::ProgressBar;
 use super::{ConvertSummary, Split};
 use crate::error::{DataError, Result};
 use crate::idx::read_idx;
+use crate::limits;
 use crate::writer::{DatasetMeta, DatasetWriter, WriteOptions};
 
 /// Zalando's label order (fashion-mnist README).
@@ -91,6 +92,36 @@ pub fn convert_fashion_mnist(
     convert_idx(&input, out, opts, pb)
 }
 
+/// Bounds the IDX image dimensions `[N, H, W(, C)]` like the dataset format does; the error names the
+/// file and the dimension.
+fn check_idx_image_dims(path: &Path, dims: &[usize], nhwc: [usize; 4]) -> Result<()> {
+    let [n, h, w, c] = nhwc;
+    let bad = |what: String| {
+        Err(DataError::file(
+            path,
+            format!("IDX dimensions {dims:?}: {what}"),
+        ))
+    };
+    if n as u64 > limits::MAX_EXAMPLES {
+        return bad(format!(
+            "N = {n} images is above the limit of {}",
+            limits::MAX_EXAMPLES
+        ));
+    }
+    for (name, side) in [("H", h), ("W", w)] {
+        if side as u64 > limits::MAX_SIDE {
+            return bad(format!(
+                "{name} = {side} is above the limit of {} pixels",
+                limits::MAX_SIDE
+            ));
+        }
+    }
+    if !limits::CHANNELS.contains(&(c as u64)) {
+        return bad(format!("C = {c} channels, expected 1 or 3"));
+    }
+    Ok(())
+}
+
 /// Converts an IDX image file (`[N, H, W]` grey or `[N, H, W, C]`) and optional label file (`[N]`).
 pub fn convert_idx(
     input: &IdxInput,
@@ -110,11 +141,14 @@ pub fn convert_idx(
             ))
         }
     };
-    if !(c == 1 || c == 3) {
-        return Err(DataError::file(
-            &input.images,
-            format!("IDX images have {c} channels, expected 1 or 3"),
-        ));
+    check_idx_image_dims(&input.images, &images.dims, [n, h, w, c])?;
+    if let Some(k) = input.num_classes {
+        if k as u64 > limits::MAX_CLASSES {
+            return Err(DataError::Config(format!(
+                "--num-classes {k} is above the limit of {} classes",
+                limits::MAX_CLASSES
+            )));
+        }
     }
     let (labels, class_names) = match &input.labels {
         Some(lpath) => {

@@ -8,8 +8,10 @@ mod cifar10;
 mod folder;
 mod idx_pair;
 
-pub use cifar10::{cifar10_files, convert_cifar10, CIFAR10_CLASSES};
-pub use folder::{center_crop_resize, convert_folder, FolderOptions};
+pub use cifar10::{
+    cifar10_files, cifar10_records, convert_cifar10, read_cifar10_batch, CIFAR10_CLASSES,
+};
+pub use folder::{center_crop_resize, convert_folder, load_image, probe_image, FolderOptions};
 pub use idx_pair::{
     convert_fashion_mnist, convert_idx, fashion_mnist_files, IdxInput, FASHION_MNIST_CLASSES,
 };
