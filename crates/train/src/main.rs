@@ -166,10 +166,11 @@ fn run_training(cli: &Cli) -> Result<ExitCode> {
         Some(p) => Some(ResumeFrom::Path(PathBuf::from(p))),
     };
     let stop = StopFlag::install()?;
+    let dist_opts = ddpm_dist::DistOptions::with_timeout_s(cfg.dist.timeout_s)?;
     let (comm, device) = match cli.device.as_str() {
-        "cpu" => (ddpm_dist::init()?, candle_core::Device::Cpu),
+        "cpu" => (ddpm_dist::init_with(&dist_opts)?, candle_core::Device::Cpu),
         #[cfg(feature = "cuda")]
-        "cuda" => ddpm_dist::init_cuda()?,
+        "cuda" => ddpm_dist::init_cuda_with(&dist_opts)?,
         #[cfg(not(feature = "cuda"))]
         "cuda" => bail!("--device cuda: this ddpm-train was built without the `cuda` feature"),
         other => bail!("--device must be cpu or cuda, got {other:?}"),
