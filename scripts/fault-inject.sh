@@ -254,11 +254,12 @@ PY
 # ---- (c) a stalled rank ----
 STALLS=0 STALL_SECS="-" STALL_NOTE=""
 if [ -x scripts/fault-stall.sh ]; then
-  t0=$(date +%s)
-  if scripts/fault-stall.sh; then
-    STALLS=1 STALL_SECS=$(( $(date +%s) - t0 ))
+  # the binaries this script just built, not a possibly stale release build
+  if DDPM_TRAIN=$BIN DDPM_DATA=$ROOT/target/debug/ddpm-data scripts/fault-stall.sh | tee "$WORK/stall.log"; then
+    STALLS=1
+    STALL_SECS=$(sed -n 's/^stall: ended in \([0-9.]*\) s.*/\1/p' "$WORK/stall.log" | tail -1)
   else
-    STALL_NOTE=" (c) FAILED: scripts/fault-stall.sh exit status $?"
+    STALL_NOTE=" (c) FAILED: scripts/fault-stall.sh failed (log above)"
   fi
 else
   STALL_NOTE=" (c) NOT RUN: scripts/fault-stall.sh is missing"

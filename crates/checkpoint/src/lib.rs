@@ -178,6 +178,10 @@ pub struct Manifest {
     pub timestep_sampler: String,
     /// Number of model parameters.
     pub num_parameters: usize,
+    /// What the run trained on (ddpm-data's content fingerprint: N, shape, classes, sha256 of the
+    /// labels and pixels); a resumed run must read the same data. `None`: not recorded.
+    #[serde(default)]
+    pub dataset: Option<ddpm_data::DatasetFingerprint>,
     pub files: Vec<FileEntry>,
     pub created_unix: u64,
     pub writer: String,
@@ -409,6 +413,7 @@ pub fn fixture_manifest(step: u64) -> Manifest {
         },
         timestep_sampler: "uniform".into(),
         num_parameters: 2,
+        dataset: None,
         files: vec![],
         created_unix: 0,
         writer: "test".into(),

@@ -315,16 +315,24 @@ pub struct DistConfig {
     /// OpenMPI was faster with smaller ones (bench/RESULTS.md).
     #[serde(default = "d_bucket_mb")]
     pub bucket_mb: f64,
+    /// Seconds one collective may wait for the other ranks before the job ends with an error
+    /// naming the ranks that did not arrive (a stalled rank would otherwise hang the job).
+    #[serde(default = "d_timeout_s")]
+    pub timeout_s: f64,
 }
 
 fn d_bucket_mb() -> f64 {
     25.0
+}
+fn d_timeout_s() -> f64 {
+    ddpm_dist::DEFAULT_TIMEOUT_S
 }
 
 impl Default for DistConfig {
     fn default() -> Self {
         Self {
             bucket_mb: d_bucket_mb(),
+            timeout_s: d_timeout_s(),
         }
     }
 }
@@ -601,6 +609,9 @@ impl TrainConfig {
                 "dist.bucket_mb",
                 format!("must be at least 0.001 MiB, got {}", self.dist.bucket_mb),
             ));
+        }
+        if let Err(m) = ddpm_dist::validate_timeout_s(self.dist.timeout_s) {
+            return Err(invalid("dist.timeout_s", m));
         }
         if self.data.batch == 0 || self.data.batch > 65_536 {
             return Err(invalid(

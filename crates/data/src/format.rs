@@ -378,9 +378,9 @@ fn check_chunks(
         ));
     }
     let expected = n.div_ceil(k);
-    let stored = images.num_chunks().ok_or_else(|| {
-        DataError::dataset(path, IMAGES, "cannot count its stored chunks")
-    })?;
+    let stored = images
+        .num_chunks()
+        .ok_or_else(|| DataError::dataset(path, IMAGES, "cannot count its stored chunks"))?;
     if stored < expected {
         return Err(DataError::dataset(
             path,

@@ -79,7 +79,11 @@ fn read_stream(mut r: impl Read, path: &Path, plain_len: Option<u64>) -> Result<
     if got < dim_bytes.len() {
         return Err(invalid(
             path,
-            format!("dimensions: header needs {} bytes, file has {}", 4 + 4 * ndim, 4 + got),
+            format!(
+                "dimensions: header needs {} bytes, file has {}",
+                4 + 4 * ndim,
+                4 + got
+            ),
         ));
     }
     let dims = parse_dims(&dim_bytes);
@@ -93,7 +97,11 @@ fn read_stream(mut r: impl Read, path: &Path, plain_len: Option<u64>) -> Result<
     }
     // Never more than the declared size + 1 (to detect trailing bytes), whatever the stream holds.
     // A plain file's length was checked above; a stream's buffer grows only as data really arrives.
-    let capacity = if plain_len.is_some() { count } else { count.min(1 << 20) };
+    let capacity = if plain_len.is_some() {
+        count
+    } else {
+        count.min(1 << 20)
+    };
     let mut data = Vec::with_capacity(capacity as usize);
     r.take(count + 1).read_to_end(&mut data).map_err(|e| {
         DataError::io(
@@ -103,7 +111,10 @@ fn read_stream(mut r: impl Read, path: &Path, plain_len: Option<u64>) -> Result<
         )
     })?;
     if data.len() as u64 != count {
-        return Err(invalid(path, size_mismatch(&dims, count, data.len() as u64)));
+        return Err(invalid(
+            path,
+            size_mismatch(&dims, count, data.len() as u64),
+        ));
     }
     Ok(IdxArray { dims, data })
 }
@@ -144,7 +155,9 @@ fn declared_count(dims: &[usize]) -> std::result::Result<u64, String> {
         .try_fold(1u64, |acc, &d| acc.checked_mul(d as u64))
         .filter(|&c| c <= MAX_IDX_BYTES)
         .ok_or_else(|| {
-            format!("dimensions {dims:?} declare more than the limit of {MAX_IDX_BYTES} bytes of data")
+            format!(
+                "dimensions {dims:?} declare more than the limit of {MAX_IDX_BYTES} bytes of data"
+            )
         })?;
     Ok(count)
 }

@@ -103,7 +103,10 @@ fn a_tiny_file_declaring_2_pow_40_images_is_rejected_by_every_command() {
             labels,
         );
         assert!(std::fs::metadata(&p).unwrap().len() < 64 * 1024);
-        let err = Hdf5Dataset::open(&p).err().expect("must be rejected").to_string();
+        let err = Hdf5Dataset::open(&p)
+            .err()
+            .expect("must be rejected")
+            .to_string();
         assert_names(&err, &p, &["dataset `images`", "1099511627776"]);
 
         let cfg = LoaderConfig {
@@ -115,7 +118,10 @@ fn a_tiny_file_declaring_2_pow_40_images_is_rejected_by_every_command() {
             flip: false,
             prefetch: 1,
         };
-        let err = Loader::new(cfg, LoaderPosition::default()).err().unwrap().to_string();
+        let err = Loader::new(cfg, LoaderPosition::default())
+            .err()
+            .unwrap()
+            .to_string();
         assert_names(&err, &p, &["dataset `images`"]);
 
         for args in [shard_plan_args(&p), vec!["inspect", p.to_str().unwrap()]] {
@@ -131,27 +137,69 @@ fn a_tiny_file_declaring_2_pow_40_images_is_rejected_by_every_command() {
 #[test]
 fn images_whose_chunks_are_not_stored_are_rejected() {
     let dir = tempfile::tempdir().unwrap();
-    let p = sparse_file(dir.path(), "sparse.h5", [1000, 2, 2, 1], [10, 2, 2, 1], 10, false);
-    let err = Hdf5Dataset::open(&p).err().expect("must be rejected").to_string();
+    let p = sparse_file(
+        dir.path(),
+        "sparse.h5",
+        [1000, 2, 2, 1],
+        [10, 2, 2, 1],
+        10,
+        false,
+    );
+    let err = Hdf5Dataset::open(&p)
+        .err()
+        .expect("must be rejected")
+        .to_string();
     assert_names(&err, &p, &["dataset `images`", "1 of 100 chunks"]);
     // The same shape fully written opens.
-    let ok = sparse_file(dir.path(), "full.h5", [1000, 2, 2, 1], [10, 2, 2, 1], 1000, false);
+    let ok = sparse_file(
+        dir.path(),
+        "full.h5",
+        [1000, 2, 2, 1],
+        [10, 2, 2, 1],
+        1000,
+        false,
+    );
     Hdf5Dataset::open(&ok).unwrap();
 }
 
 #[test]
 fn image_sides_and_chunk_bytes_are_bounded() {
     let dir = tempfile::tempdir().unwrap();
-    let tall = sparse_file(dir.path(), "tall.h5", [1, 5000, 1, 1], [1, 5000, 1, 1], 0, false);
+    let tall = sparse_file(
+        dir.path(),
+        "tall.h5",
+        [1, 5000, 1, 1],
+        [1, 5000, 1, 1],
+        0,
+        false,
+    );
     let err = Hdf5Dataset::open(&tall).err().unwrap().to_string();
     assert_names(&err, &tall, &["dataset `images`", "H = 5000", "4096"]);
-    let wide = sparse_file(dir.path(), "wide.h5", [1, 1, 70000, 3], [1, 1, 70000, 3], 0, false);
+    let wide = sparse_file(
+        dir.path(),
+        "wide.h5",
+        [1, 1, 70000, 3],
+        [1, 1, 70000, 3],
+        0,
+        false,
+    );
     let err = Hdf5Dataset::open(&wide).err().unwrap().to_string();
     assert_names(&err, &wide, &["dataset `images`", "W = 70000"]);
     // 4 images of 4096 x 4096 x 3 per chunk = 192 MiB, above the 64 MiB chunk bound.
-    let big = sparse_file(dir.path(), "bigchunk.h5", [8, 4096, 4096, 3], [4, 4096, 4096, 3], 0, false);
+    let big = sparse_file(
+        dir.path(),
+        "bigchunk.h5",
+        [8, 4096, 4096, 3],
+        [4, 4096, 4096, 3],
+        0,
+        false,
+    );
     let err = Hdf5Dataset::open(&big).err().unwrap().to_string();
-    assert_names(&err, &big, &["dataset `images`", "chunk", "201326592 bytes"]);
+    assert_names(
+        &err,
+        &big,
+        &["dataset `images`", "chunk", "201326592 bytes"],
+    );
 }
 
 #[test]
@@ -160,7 +208,10 @@ fn class_counts_are_bounded() {
     let p = write_synthetic(&dir.path().join("ok.h5"), 4, [2, 2, 1], Some(2), 2);
     {
         let f = hdf5::File::open_rw(&p).unwrap();
-        f.attr("num_classes").unwrap().write_scalar(&(1i64 << 40)).unwrap();
+        f.attr("num_classes")
+            .unwrap()
+            .write_scalar(&(1i64 << 40))
+            .unwrap();
     }
     let err = Hdf5Dataset::open(&p).err().unwrap().to_string();
     assert_names(&err, &p, &["attribute `num_classes`", "1099511627776"]);

@@ -2,9 +2,9 @@
 //! beyond the format, a large CIFAR-10 batch file, an extreme-aspect PNG, a preview grid too large.
 //! Each test here failed (or aborted the test process) before its fix.
 
-mod common;
 #[path = "common/alloc_cap.rs"]
 mod alloc_cap;
+mod common;
 
 #[global_allocator]
 static ALLOC: alloc_cap::CapAlloc = alloc_cap::CapAlloc;
@@ -56,15 +56,29 @@ fn idx_gzip_is_inflated_only_up_to_the_declared_size() {
     assert!(std::fs::metadata(&p).unwrap().len() < 4 << 20);
     alloc_cap::reset_peak();
     let err = err_text(read_idx(&p));
-    assert!(err.contains("bomb-idx3-ubyte.gz") && err.contains("trailing bytes"), "{err}");
-    assert!(alloc_cap::peak() < 1 << 20, "peak allocation {}", alloc_cap::peak());
+    assert!(
+        err.contains("bomb-idx3-ubyte.gz") && err.contains("trailing bytes"),
+        "{err}"
+    );
+    assert!(
+        alloc_cap::peak() < 1 << 20,
+        "peak allocation {}",
+        alloc_cap::peak()
+    );
 
     // The case: a gzip of nothing but zeros. Rejected at the header, after 4 bytes.
     let zeros = gzip_bomb(&dir.path().join("zeros.gz"), &[0u8; 16], 1100);
     alloc_cap::reset_peak();
     let err = err_text(read_idx(&zeros));
-    assert!(err.contains("zeros.gz") && err.contains("element type"), "{err}");
-    assert!(alloc_cap::peak() < 1 << 20, "peak allocation {}", alloc_cap::peak());
+    assert!(
+        err.contains("zeros.gz") && err.contains("element type"),
+        "{err}"
+    );
+    assert!(
+        alloc_cap::peak() < 1 << 20,
+        "peak allocation {}",
+        alloc_cap::peak()
+    );
 }
 
 #[test]
@@ -84,11 +98,23 @@ fn idx_dimensions_are_bounded_like_the_format() {
     let pb = indicatif::ProgressBar::hidden();
     let out = dir.path().join("out.h5");
     let err = err_text(convert_idx(&input, &out, &WriteOptions::default(), &pb));
-    assert!(err.contains("tall-idx3-ubyte") && err.contains("H = 5000"), "{err}");
+    assert!(
+        err.contains("tall-idx3-ubyte") && err.contains("H = 5000"),
+        "{err}"
+    );
     // A header whose dimensions multiply past the data bound is rejected before reading the data.
-    std::fs::write(&p, [0, 0, 8, 3, 0xff, 0xff, 0xff, 0xff, 0, 0xff, 0xff, 0xff, 0, 0, 0, 1]).unwrap();
+    std::fs::write(
+        &p,
+        [
+            0, 0, 8, 3, 0xff, 0xff, 0xff, 0xff, 0, 0xff, 0xff, 0xff, 0, 0, 0, 1,
+        ],
+    )
+    .unwrap();
     let err = err_text(read_idx(&p));
-    assert!(err.contains("tall-idx3-ubyte") && err.contains("limit"), "{err}");
+    assert!(
+        err.contains("tall-idx3-ubyte") && err.contains("limit"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -107,7 +133,10 @@ fn cifar10_batches_are_streamed_not_read_whole() {
     alloc_cap::reset_peak();
     convert_cifar10(dir.path(), Split::Test, &out, &WriteOptions::default(), &pb).unwrap();
     let peak = alloc_cap::peak();
-    assert!(peak < 16 << 20, "a 24.6 MB batch file made a {peak}-byte allocation");
+    assert!(
+        peak < 16 << 20,
+        "a 24.6 MB batch file made a {peak}-byte allocation"
+    );
     let ds = ddpm_data::Hdf5Dataset::open(&out).unwrap();
     assert_eq!(ds.len(), records);
     assert_eq!(ds.labels_slice().unwrap()[7999], 9);
@@ -152,7 +181,10 @@ fn a_1x65535_png_at_resolution_256_is_rejected_before_decoding() {
         out.to_str().unwrap(),
     ]);
     assert_eq!(code, Some(1), "must exit 1, not abort: {stderr}");
-    assert!(stderr.contains("tall.png") && stderr.contains("aspect ratio"), "{stderr}");
+    assert!(
+        stderr.contains("tall.png") && stderr.contains("aspect ratio"),
+        "{stderr}"
+    );
     assert!(!out.exists());
 }
 
@@ -170,7 +202,10 @@ fn the_preview_grid_is_bounded() {
         "100000",
     ]);
     assert_eq!(code, Some(1), "must exit 1, not abort: {stderr}");
-    assert!(stderr.contains("grid.png") && stderr.contains("--grid-cols"), "{stderr}");
+    assert!(
+        stderr.contains("grid.png") && stderr.contains("--grid-cols"),
+        "{stderr}"
+    );
     // A sensible grid still works.
     let (code, stderr) = run_limited(&[
         "inspect",

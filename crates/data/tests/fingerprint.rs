@@ -41,16 +41,28 @@ fn same_content_same_fingerprint_whatever_the_storage() {
     let a = write(&dir.path().join("a.h5"), 2, Some(4), |_, _, _| {});
     let b = write(&dir.path().join("b.h5"), 9, None, |_, _, _| {});
     assert_eq!(a, b, "chunking, compression and `source` must not matter");
-    assert_eq!((a.n, a.height, a.width, a.channels, a.num_classes), (9, 3, 4, 3, Some(4)));
+    assert_eq!(
+        (a.n, a.height, a.width, a.channels, a.num_classes),
+        (9, 3, 4, 3, Some(4))
+    );
     assert_eq!(a.sha256.len(), 64);
     // Deterministic: recomputing gives the same value.
-    let again = Hdf5Dataset::open(dir.path().join("a.h5")).unwrap().fingerprint().unwrap();
+    let again = Hdf5Dataset::open(dir.path().join("a.h5"))
+        .unwrap()
+        .fingerprint()
+        .unwrap();
     assert_eq!(a, again);
     // serde round trip and Display.
     let json = serde_json::to_string(&a).unwrap();
-    assert_eq!(serde_json::from_str::<DatasetFingerprint>(&json).unwrap(), a);
+    assert_eq!(
+        serde_json::from_str::<DatasetFingerprint>(&json).unwrap(),
+        a
+    );
     let shown = a.to_string();
-    assert!(shown.starts_with("N=9 shape=3x4x3 classes=4 sha256="), "{shown}");
+    assert!(
+        shown.starts_with("N=9 shape=3x4x3 classes=4 sha256="),
+        "{shown}"
+    );
     assert!(shown.contains(&a.sha256));
 }
 
@@ -58,11 +70,20 @@ fn same_content_same_fingerprint_whatever_the_storage() {
 fn one_changed_pixel_label_or_name_changes_it() {
     let dir = tempfile::tempdir().unwrap();
     let base = write(&dir.path().join("base.h5"), 2, Some(1), |_, _, _| {});
-    let pixel = write(&dir.path().join("px.h5"), 2, Some(1), |px, _, _| px[200] ^= 1);
-    let label = write(&dir.path().join("lab.h5"), 2, Some(1), |_, l, _| l[8] = (l[8] + 1) % 4);
-    let name = write(&dir.path().join("name.h5"), 2, Some(1), |_, _, n| n[3] = "other".into());
+    let pixel = write(&dir.path().join("px.h5"), 2, Some(1), |px, _, _| {
+        px[200] ^= 1
+    });
+    let label = write(&dir.path().join("lab.h5"), 2, Some(1), |_, l, _| {
+        l[8] = (l[8] + 1) % 4
+    });
+    let name = write(&dir.path().join("name.h5"), 2, Some(1), |_, _, n| {
+        n[3] = "other".into()
+    });
     for (what, fp) in [("pixel", &pixel), ("label", &label), ("class name", &name)] {
-        assert_ne!(base.sha256, fp.sha256, "a changed {what} must change the digest");
+        assert_ne!(
+            base.sha256, fp.sha256,
+            "a changed {what} must change the digest"
+        );
     }
 }
 

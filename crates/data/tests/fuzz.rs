@@ -12,9 +12,9 @@
 //!
 //! Longer run: `DDPM_FUZZ_ITERS=200000 cargo test --release -p ddpm-data --test fuzz`.
 
-mod common;
 #[path = "common/alloc_cap.rs"]
 mod alloc_cap;
+mod common;
 
 #[global_allocator]
 static ALLOC: alloc_cap::CapAlloc = alloc_cap::CapAlloc;
@@ -163,7 +163,10 @@ fn check<T>(
     let name = path.file_name().unwrap().to_string_lossy().into_owned();
     if std::env::var_os("DDPM_FUZZ_TRACE").is_some() {
         // A crash (not a panic) kills the process: keep each input before running it.
-        let _ = std::fs::copy(path, std::env::temp_dir().join(format!("ddpm-fuzz-last-{reader}")));
+        let _ = std::fs::copy(
+            path,
+            std::env::temp_dir().join(format!("ddpm-fuzz-last-{reader}")),
+        );
         eprintln!("{reader}: input {it}");
     }
     match catch_unwind(AssertUnwindSafe(f)) {
@@ -247,7 +250,11 @@ fn fuzz_idx_plain_and_gzip() {
         }
         // The data held is at most what the (small) fixture could declare after mutation, or a
         // few buffers of the decompressor; never sized by an unchecked header.
-        assert!(alloc_cap::peak() < 4 << 20, "idx input {it}: peak {}", alloc_cap::peak());
+        assert!(
+            alloc_cap::peak() < 4 << 20,
+            "idx input {it}: peak {}",
+            alloc_cap::peak()
+        );
     }
     eprintln!("idx: {ok} accepted, {rejected} rejected");
     assert!(ok > 0 && rejected > 0);
@@ -286,7 +293,11 @@ fn fuzz_cifar10_batches() {
             }
             None => rejected += 1,
         }
-        assert!(alloc_cap::peak() < 8 << 20, "cifar input {it}: peak {}", alloc_cap::peak());
+        assert!(
+            alloc_cap::peak() < 8 << 20,
+            "cifar input {it}: peak {}",
+            alloc_cap::peak()
+        );
     }
     eprintln!("cifar10: {ok} accepted, {rejected} rejected");
     assert!(ok > 0 && rejected > 0);
@@ -299,7 +310,11 @@ fn crc32(bytes: &[u8]) -> u32 {
     for &b in bytes {
         c ^= b as u32;
         for _ in 0..8 {
-            c = if c & 1 == 1 { (c >> 1) ^ 0xedb8_8320 } else { c >> 1 };
+            c = if c & 1 == 1 {
+                (c >> 1) ^ 0xedb8_8320
+            } else {
+                c >> 1
+            };
         }
     }
     !c
@@ -349,11 +364,21 @@ fn fuzz_image_folder_decoder() {
     for it in 0..iters() {
         let (bytes, ext) = match rng.below(5) {
             0 => (mutate(&png_rgb, &mut rng, &[16, 17, 20, 21, 24, 25]), "png"),
-            1 => (mutate(&png_grey, &mut rng, &[16, 17, 20, 21, 24, 25]), "png"),
+            1 => (
+                mutate(&png_grey, &mut rng, &[16, 17, 20, 21, 24, 25]),
+                "png",
+            ),
             2 => (mutate(&jpg, &mut rng, &[]), "jpg"),
             3 => {
-                let base = if rng.below(2) == 0 { &png_rgb } else { &png_grey };
-                (png_with_dims(base, *rng.pick(&dims), *rng.pick(&dims)), "png")
+                let base = if rng.below(2) == 0 {
+                    &png_rgb
+                } else {
+                    &png_grey
+                };
+                (
+                    png_with_dims(base, *rng.pick(&dims), *rng.pick(&dims)),
+                    "png",
+                )
             }
             _ => {
                 let (w, h) = (*rng.pick(&dims) as u16, *rng.pick(&dims) as u16);
@@ -369,7 +394,10 @@ fn fuzz_image_folder_decoder() {
         match check("image", it, &path, || load_image(&path, r, grey)) {
             Some(px) => {
                 ok += 1;
-                assert!(probed.is_some(), "image input {it}: decoded but the probe failed");
+                assert!(
+                    probed.is_some(),
+                    "image input {it}: decoded but the probe failed"
+                );
                 assert_eq!(px.len(), (r * r) as usize * if grey { 1 } else { 3 });
             }
             None => rejected += 1,
@@ -411,7 +439,12 @@ fn exercise(path: &Path) -> ddpm_data::Result<()> {
 
 /// Small valid files: labelled deflate, unlabelled uncompressed, RGB.
 fn hdf5_fixtures(dir: &Path) -> Vec<Vec<u8>> {
-    let mk = |name: &str, n: usize, hwc: [usize; 3], classes: Option<usize>, deflate: Option<u8>| -> Vec<u8> {
+    let mk = |name: &str,
+              n: usize,
+              hwc: [usize; 3],
+              classes: Option<usize>,
+              deflate: Option<u8>|
+     -> Vec<u8> {
         let p = dir.join(name);
         let opts = ddpm_data::WriteOptions {
             chunk_images: Some(2),
@@ -420,10 +453,15 @@ fn hdf5_fixtures(dir: &Path) -> Vec<Vec<u8>> {
         let [h, w, c] = hwc;
         let mut wr = ddpm_data::DatasetWriter::create(&p, n, hwc, &opts).unwrap();
         for i in 0..n {
-            wr.push_images(&common::synthetic_image(i, h, w, c)).unwrap();
+            wr.push_images(&common::synthetic_image(i, h, w, c))
+                .unwrap();
         }
         let class_names = classes.map(|k| {
-            wr.push_labels(&(0..n).map(|i| common::synthetic_label(i, k)).collect::<Vec<_>>());
+            wr.push_labels(
+                &(0..n)
+                    .map(|i| common::synthetic_label(i, k))
+                    .collect::<Vec<_>>(),
+            );
             (0..k).map(|j| format!("class{j}")).collect()
         });
         wr.finish(&ddpm_data::DatasetMeta {
@@ -502,10 +540,16 @@ fn semantic_mutant(path: &Path, rng: &mut Rng) -> hdf5::Result<()> {
     let ib = h * w * c;
     match rng.below(8) {
         0 => {
-            f.new_dataset::<u16>().shape(dims).chunk(chunk).create("images")?;
+            f.new_dataset::<u16>()
+                .shape(dims)
+                .chunk(chunk)
+                .create("images")?;
         }
         1 => {
-            f.new_dataset::<u8>().shape([n, h * w * c]).chunk([1, ib]).create("images")?;
+            f.new_dataset::<u8>()
+                .shape([n, h * w * c])
+                .chunk([1, ib])
+                .create("images")?;
         }
         _ => {
             let mut b = f.new_dataset::<u8>().shape(dims).chunk(chunk);
@@ -531,13 +575,19 @@ fn semantic_mutant(path: &Path, rng: &mut Rng) -> hdf5::Result<()> {
                 f.new_dataset::<f32>().shape(len).create("labels")?;
             }
             1 => {
-                f.new_dataset::<i64>().shape([len, 2]).chunk([1, 2]).create("labels")?;
+                f.new_dataset::<i64>()
+                    .shape([len, 2])
+                    .chunk([1, 2])
+                    .create("labels")?;
             }
             _ if len <= 64 => {
                 f.new_dataset_builder().with_data(&vals).create("labels")?;
             }
             _ => {
-                f.new_dataset::<i64>().shape(len).chunk(1024).create("labels")?;
+                f.new_dataset::<i64>()
+                    .shape(len)
+                    .chunk(1024)
+                    .create("labels")?;
             }
         }
     }
@@ -570,7 +620,11 @@ fn semantic_mutant(path: &Path, rng: &mut Rng) -> hdf5::Result<()> {
         let long = rng.below(8) == 0;
         let names: Vec<hdf5::types::VarLenUnicode> = (0..count)
             .map(|j| {
-                let s = if long { "n".repeat(70_000) } else { format!("c{j}") };
+                let s = if long {
+                    "n".repeat(70_000)
+                } else {
+                    format!("c{j}")
+                };
                 s.parse().unwrap()
             })
             .collect();

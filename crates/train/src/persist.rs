@@ -108,6 +108,28 @@ fn expected_shapes(names: &[String], vars: &[Var], prefix: &str) -> Vec<(String,
 
 /// Refuses a checkpoint of another config (hash) or another global batch: resuming it would not
 /// continue the same trajectory.
+/// A resumed run must read the data the checkpoint was trained on (by content, not path).
+pub(crate) fn check_same_dataset(
+    ck: &Checkpoint,
+    cfg: &TrainConfig,
+    now: &ddpm_data::DatasetFingerprint,
+) -> Result<()> {
+    match &ck.manifest.dataset {
+        Some(then) if then != now => bail!(
+            "refusing to resume from {}: it was trained on the dataset {then}, but data.path {} \
+             holds {now}. Point data.path at the original data, or start a new run (--out).",
+            ck.dir.display(),
+            cfg.data.path.display()
+        ),
+        Some(_) => {}
+        None => tracing::warn!(
+            dir = %ck.dir.display(),
+            "the checkpoint records no dataset fingerprint: cannot check that the data is the same"
+        ),
+    }
+    Ok(())
+}
+
 pub(crate) fn check_resumable(
     ck: &Checkpoint,
     cfg: &TrainConfig,
@@ -218,6 +240,7 @@ pub(crate) struct SaveCtx<'a> {
     pub(crate) names: &'a [String],
     pub(crate) vars: &'a [Var],
     pub(crate) num_parameters: usize,
+    pub(crate) dataset: &'a ddpm_data::DatasetFingerprint,
 }
 
 /// Writes a checkpoint of `st` (rank 0) and, when `prune`, keeps the newest K valid ones (every
@@ -297,6 +320,7 @@ pub(crate) fn save(ctx: &SaveCtx, st: &State, lr: f64, prune: bool) -> Result<Pa
             TimestepSampler::LossAware(_) => "loss_aware".into(),
         },
         num_parameters: ctx.num_parameters,
+        dataset: Some(ctx.dataset.clone()),
         files: vec![],
         created_unix: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

@@ -157,6 +157,8 @@ pub struct TrainLoop<'a> {
     num_classes: Option<usize>,
     run_dir: PathBuf,
     hash: String,
+    /// Content fingerprint of `data.path`, the same on every rank (checked at start).
+    dataset: ddpm_data::DatasetFingerprint,
     st: State,
     loader: Loader,
     sync: GradientSync,
@@ -204,13 +206,24 @@ impl<'a> TrainLoop<'a> {
         let ds = ddpm_data::Hdf5Dataset::open(&cfg.data.path)
             .with_context(|| format!("data.path {}", cfg.data.path.display()))?;
         let num_classes = check_dataset(cfg, &ds)?;
+        // What this rank will read, by content: node-local copies or a re-converted file that
+        // differ would otherwise train on different data silently.
+        let dataset = ds
+            .fingerprint()
+            .with_context(|| format!("data.path {}", cfg.data.path.display()))?;
         drop(ds);
+        ddpm_dist::check_same_fingerprint(
+            comm,
+            "content of data.path (dataset fingerprint)",
+            &dataset.to_bytes(),
+        )?;
 
         let resumed_from = choose_checkpoint(comm, &run_dir, opts.resume.as_ref())?;
         let st = match &resumed_from {
             Some(dir) => {
                 let ck = Checkpoint::open_verified(dir)?;
                 persist::check_resumable(&ck, cfg, comm, &hash)?;
+                persist::check_same_dataset(&ck, cfg, &dataset)?;
                 let mut st = persist::fresh_state(cfg, &vars, diffusion.num_timesteps())?;
                 persist::restore(&ck, &names, &vars, &device, &mut st)?;
                 if root {
@@ -275,6 +288,7 @@ impl<'a> TrainLoop<'a> {
             num_classes,
             run_dir,
             hash,
+            dataset,
             st,
             loader,
             sync,
@@ -517,6 +531,7 @@ impl<'a> TrainLoop<'a> {
                     names: &self.names,
                     vars: &self.vars,
                     num_parameters: model,
+                    dataset: &self.dataset,
                 },
                 &self.st,
                 self.metrics.lr,

@@ -184,3 +184,28 @@ fn every_model_dimension_has_an_upper_bound_naming_the_key() {
         assert!(e.starts_with(key), "--set {set}: {e}");
     }
 }
+
+/// Re-converting the data file in place (same path, so the same config hash) used to go unnoticed
+/// on resume: only the path string was hashed.
+#[test]
+fn resuming_on_different_data_is_an_error_naming_both_datasets() {
+    let f = common::fixture(16);
+    let dir = f.dir.path().join("run");
+    run(&config(&f, &dir, 5, &[]), None).unwrap();
+    let ck = Checkpoint::open_verified(&step_dir(&dir, 5)).unwrap();
+    let then = ck
+        .manifest
+        .dataset
+        .clone()
+        .expect("the manifest records the dataset");
+    assert_eq!(then.n, 16);
+    std::fs::remove_file(&f.data).unwrap();
+    common::make_dataset(&f.data, 18);
+    let e = run(&config(&f, &dir, 6, &[]), Some(ResumeFrom::Auto))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains(&then.to_string()) && e.contains("N=18") && e.contains("data.path"),
+        "{e}"
+    );
+}

@@ -106,14 +106,19 @@ pub fn cifar10_records(path: &Path) -> Result<usize> {
     if len == 0 || len % RECORD as u64 != 0 {
         return Err(DataError::file(
             path,
-            format!("is {len} bytes, not a whole number of {RECORD}-byte CIFAR-10 records (truncated?)"),
+            format!(
+                "is {len} bytes, not a whole number of {RECORD}-byte CIFAR-10 records (truncated?)"
+            ),
         ));
     }
     let records = len / RECORD as u64;
     if records > limits::MAX_EXAMPLES {
         return Err(DataError::file(
             path,
-            format!("holds {records} records, above the limit of {} examples", limits::MAX_EXAMPLES),
+            format!(
+                "holds {records} records, above the limit of {} examples",
+                limits::MAX_EXAMPLES
+            ),
         ));
     }
     Ok(records as usize)
@@ -174,7 +179,10 @@ pub fn convert_cifar10(
         if n as u64 > limits::MAX_EXAMPLES {
             return Err(DataError::file(
                 f,
-                format!("brings the split to {n} records, above the limit of {} examples", limits::MAX_EXAMPLES),
+                format!(
+                    "brings the split to {n} records, above the limit of {} examples",
+                    limits::MAX_EXAMPLES
+                ),
             ));
         }
     }

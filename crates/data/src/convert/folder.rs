@@ -293,7 +293,10 @@ mod tests {
         let mixed: Vec<u64> = (0..300).map(|i| (i % 7) * gib / 5).collect();
         for b in decode_blocks(&mixed, 1 << 20) {
             let sum: u64 = mixed[b.clone()].iter().map(|w| w + (1 << 20)).sum();
-            assert!(b.len() == 1 || sum <= limits::MAX_DECODE_BLOCK_BYTES, "{b:?}: {sum}");
+            assert!(
+                b.len() == 1 || sum <= limits::MAX_DECODE_BLOCK_BYTES,
+                "{b:?}: {sum}"
+            );
         }
     }
 
@@ -301,8 +304,13 @@ mod tests {
     fn header_checks_bound_size_and_aspect() {
         let p = Path::new("x.png");
         let err = check_header(p, (1, 65535), 1, 256).unwrap_err().to_string();
-        assert!(err.contains("x.png") && err.contains("aspect ratio"), "{err}");
-        let err = check_header(p, (10000, 10000), 3, 256).unwrap_err().to_string();
+        assert!(
+            err.contains("x.png") && err.contains("aspect ratio"),
+            "{err}"
+        );
+        let err = check_header(p, (10000, 10000), 3, 256)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("pixels"), "{err}");
         let err = check_header(p, (0, 5), 3, 256).unwrap_err().to_string();
         assert!(err.contains("zero size"), "{err}");
