@@ -129,6 +129,7 @@ fn a_huge_model_dimension_in_a_manifest_is_an_error_naming_the_key() {
         );
     }
     edit_manifest(&dir, true, |v| {
+        v["config"]["model"]["num_res_blocks"] = 1.into();
         v["config"]["diffusion"]["timesteps"] = (1u64 << 40).into();
         let excluded: Vec<String> =
             serde_json::from_value(v["hash_excluded_keys"].clone()).unwrap();
