@@ -1,8 +1,9 @@
-//! The checkpoint format (`ddpm-rs-checkpoint` version 1) and everything that touches it: the
-//! manifest, file hashes and listing (this file), writing ([`writer`]) and reading, verifying and
-//! loading the trained networks ([`reader`]). The trainer writes and resumes through it, the
-//! sampler and evaluator read through it; the stored config is read with `ddpm-config`'s schema,
-//! the one that wrote it.
+//! The checkpoint format (`ddpm-rs-checkpoint` version 2) and everything that touches it: the
+//! manifest, file hashes and listing (this file), what a manifest must satisfy before it is used
+//! ([`validate`]), writing ([`writer`]), pruning and crash recovery ([`prune`]), one line of
+//! checkpoints per run directory ([`lineage`]), and reading, verifying and loading the trained
+//! networks ([`reader`]). The trainer writes and resumes through it, the sampler and evaluator read
+//! through it; the stored config is read with `ddpm-config`'s schema, the one that wrote it.
 //!
 //! ```text
 //! RUN_DIR/checkpoints/step_000001000/
@@ -22,14 +23,28 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+#[cfg(test)]
+mod fuzz_tests;
+pub mod lineage;
+#[cfg(any(test, feature = "fixtures"))]
+pub mod mutate;
+pub mod prune;
 pub mod reader;
+pub mod validate;
 pub mod writer;
 
+pub use ddpm_config::config_hash;
+pub use lineage::abandon_newer;
+pub use prune::{clean_staging, prune};
 pub use reader::{Checkpoint, Weights, WeightsParseError};
-pub use writer::{clean_staging, prune, safetensors_bytes, CheckpointWriter};
+pub use validate::sealed_json;
+pub use writer::{safetensors_bytes, CheckpointWriter};
 
 pub const FORMAT: &str = "ddpm-rs-checkpoint";
-pub const FORMAT_VERSION: u32 = 1;
+/// 2: the manifest carries `manifest_sha256`, and `config` must hash to `config_hash`.
+pub const FORMAT_VERSION: u32 = 2;
+/// A manifest is a few KiB (the config and a file list); a larger file is not one.
+pub const MAX_MANIFEST_BYTES: u64 = 1 << 20;
 pub const MANIFEST: &str = "manifest.json";
 pub const MODEL_FILE: &str = "model.safetensors";
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
@@ -66,6 +81,13 @@ pub enum CheckpointError {
     },
     #[error("{path}: sha256 does not match the manifest (file damaged)")]
     Hash { path: PathBuf },
+    /// A manifest (or journal) field that fails a check; `field` is its JSON path.
+    #[error("{path}: {field}: {msg}")]
+    Field {
+        path: PathBuf,
+        field: String,
+        msg: String,
+    },
     /// Checks that belong to a reader (config contents, tensor shapes, missing tables).
     #[error("{path}: {msg}")]
     Invalid { path: PathBuf, msg: String },
@@ -97,6 +119,7 @@ impl CheckpointError {
             | Self::NotListed { path, .. }
             | Self::Size { path, .. }
             | Self::Hash { path }
+            | Self::Field { path, .. }
             | Self::Invalid { path, .. } => path,
         }
     }
@@ -155,12 +178,24 @@ pub struct Manifest {
     pub timestep_sampler: String,
     /// Number of model parameters.
     pub num_parameters: usize,
+    /// What the run trained on (ddpm-data's content fingerprint: N, shape, classes, sha256 of the
+    /// labels and pixels); a resumed run must read the same data. `None`: not recorded.
+    #[serde(default)]
+    pub dataset: Option<ddpm_data::DatasetFingerprint>,
     pub files: Vec<FileEntry>,
     pub created_unix: u64,
     pub writer: String,
+    /// sha256 of the manifest's own text with this value empty; written by [`sealed_json`]
+    /// (the value in memory is not used when writing). Keep this field last.
+    pub manifest_sha256: String,
 }
 
 impl Manifest {
+    /// The text to write: see [`sealed_json`].
+    pub fn to_sealed_json(&self) -> String {
+        sealed_json(self)
+    }
+
     pub fn file(&self, name: &str) -> Option<&FileEntry> {
         self.files.iter().find(|f| f.name == name)
     }
@@ -183,15 +218,19 @@ pub fn step_dir_name(step: u64) -> String {
 
 /// Checkpoint directories of a run, newest first: `(step, path)`. Anything that is not a
 /// `step_<n>` directory (staging directories of interrupted writes, stray files) is ignored.
+///
+/// While an abandon journal is pending (see [`lineage`]), the steps it abandons are not listed.
 pub fn list_checkpoints(run_dir: &Path) -> Vec<(u64, PathBuf)> {
-    let mut out: Vec<(u64, PathBuf)> = fs::read_dir(run_dir.join(CHECKPOINTS_DIR))
+    let root = run_dir.join(CHECKPOINTS_DIR);
+    let cutoff = lineage::pending_cutoff(&root).unwrap_or(u64::MAX);
+    let mut out: Vec<(u64, PathBuf)> = fs::read_dir(&root)
         .into_iter()
         .flatten()
         .flatten()
         .filter_map(|e| {
             let name = e.file_name().to_string_lossy().into_owned();
             let step = name.strip_prefix("step_")?.parse::<u64>().ok()?;
-            e.file_type().ok()?.is_dir().then(|| (step, e.path()))
+            (step <= cutoff && e.file_type().ok()?.is_dir()).then(|| (step, e.path()))
         })
         .collect();
     out.sort_by_key(|c| std::cmp::Reverse(c.0));
@@ -206,9 +245,12 @@ fn hex(digest: &[u8]) -> String {
     digest.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Streams the file, since weight files can be far larger than is reasonable to hold twice.
-pub fn sha256_file(path: &Path) -> Result<(u64, String), CheckpointError> {
-    let mut f = fs::File::open(path).map_err(CheckpointError::io(path))?;
+/// Streams the file, since weight files can be far larger than is reasonable to hold twice. Reads
+/// at most `limit` bytes, so a device or an endless file cannot keep it busy.
+pub fn sha256_file(path: &Path, limit: u64) -> Result<(u64, String), CheckpointError> {
+    let mut f = fs::File::open(path)
+        .map_err(CheckpointError::io(path))?
+        .take(limit);
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     let mut n = 0u64;
@@ -223,12 +265,23 @@ pub fn sha256_file(path: &Path) -> Result<(u64, String), CheckpointError> {
     Ok((n, hex(&h.finalize())))
 }
 
-/// Reads `dir/manifest.json` and rejects other formats and versions before anything else is
-/// trusted. File contents are not checked here: the trainer verifies all of them, the sampler only
-/// those it loads (see [`verify_file`]).
+/// Reads `dir/manifest.json`, rejects other formats and versions, then runs every check of
+/// [`validate`] (plain file names, the manifest's own hash, `config` against `config_hash`) before
+/// anything in it is used. File contents are not checked here: the trainer verifies all of them,
+/// the sampler those it may load (see [`verify_file`]).
 pub fn open_manifest(dir: &Path) -> Result<Manifest, CheckpointError> {
     let mp = dir.join(MANIFEST);
-    let text = fs::read_to_string(&mp).map_err(CheckpointError::io(&mp))?;
+    let f = fs::File::open(&mp).map_err(CheckpointError::io(&mp))?;
+    let mut text = String::new();
+    f.take(MAX_MANIFEST_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(CheckpointError::io(&mp))?;
+    if text.len() as u64 > MAX_MANIFEST_BYTES {
+        return Err(CheckpointError::invalid(
+            &mp,
+            format!("is larger than {MAX_MANIFEST_BYTES} bytes; not a manifest"),
+        ));
+    }
     let manifest: Manifest =
         serde_json::from_str(&text).map_err(|source| CheckpointError::NotAManifest {
             path: mp.clone(),
@@ -246,6 +299,7 @@ pub fn open_manifest(dir: &Path) -> Result<Manifest, CheckpointError> {
             found: manifest.format_version,
         });
     }
+    validate::check_manifest(&mp, &text, &manifest)?;
     Ok(manifest)
 }
 
@@ -263,7 +317,18 @@ pub fn verify_file(
             name: name.to_string(),
         })?;
     let p = dir.join(name);
-    let (n, h) = sha256_file(&p)?;
+    // The name was checked by `open_manifest`; a caller may pass any string, so check again.
+    let index = manifest
+        .files
+        .iter()
+        .position(|f| f.name == name)
+        .unwrap_or(0);
+    validate::check_file_name(&dir.join(MANIFEST), index, name)?;
+    let meta = fs::metadata(&p).map_err(CheckpointError::io(&p))?;
+    if !meta.is_file() {
+        return Err(CheckpointError::invalid(&p, "is not a regular file"));
+    }
+    let (n, h) = sha256_file(&p, entry.bytes.saturating_add(1))?;
     if n != entry.bytes {
         return Err(CheckpointError::Size {
             path: p,
@@ -320,13 +385,14 @@ pub fn resolve<T, E: From<CheckpointError>>(
 /// writer, so that a new manifest field is added in one fixture instead of in every test suite.
 #[cfg(any(test, feature = "fixtures"))]
 pub fn fixture_manifest(step: u64) -> Manifest {
+    let config = serde_json::json!({"diffusion": {"prediction": "eps"}});
     Manifest {
         format: FORMAT.into(),
         format_version: FORMAT_VERSION,
         step,
         task: "diffusion".into(),
-        config: serde_json::json!({}),
-        config_hash: "h".into(),
+        config_hash: config_hash(&config, &[] as &[&str]),
+        config,
         hash_excluded_keys: vec![],
         world_size: 1,
         batch_per_rank: 1,
@@ -347,9 +413,11 @@ pub fn fixture_manifest(step: u64) -> Manifest {
         },
         timestep_sampler: "uniform".into(),
         num_parameters: 2,
+        dataset: None,
         files: vec![],
         created_unix: 0,
         writer: "test".into(),
+        manifest_sha256: String::new(),
     }
 }
 
@@ -370,11 +438,7 @@ mod tests {
             sha256: sha256_hex(bytes),
         }];
         edit(&mut m);
-        fs::write(
-            dir.join(MANIFEST),
-            serde_json::to_string_pretty(&m).unwrap(),
-        )
-        .unwrap();
+        fs::write(dir.join(MANIFEST), m.to_sealed_json()).unwrap();
         dir
     }
 
@@ -414,16 +478,16 @@ mod tests {
     #[test]
     fn unsupported_version_is_rejected() {
         let run = tempfile::tempdir().unwrap();
-        let dir = write(run.path(), 1, |m| m.format_version = 2);
+        let dir = write(run.path(), 1, |m| m.format_version = 1);
         let e = open_manifest(&dir).unwrap_err();
         assert!(
-            matches!(e, CheckpointError::Version { found: 2, .. }),
+            matches!(e, CheckpointError::Version { found: 1, .. }),
             "{e:?}"
         );
         let s = e.to_string();
         assert!(s.contains(MANIFEST), "{s}");
         assert!(
-            s.contains("format version 2 is not supported (this build reads 1)"),
+            s.contains("format version 1 is not supported (this build reads 2)"),
             "{s}"
         );
     }
@@ -485,6 +549,40 @@ mod tests {
             e.to_string().contains("neither a checkpoint directory"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_name_outside_the_directory_is_refused_before_any_file_is_opened() {
+        let run = tempfile::tempdir().unwrap();
+        for name in ["../../outside", "/dev/zero"] {
+            let dir = write(run.path(), 1, |m| m.files[0].name = name.into());
+            let e = open_manifest(&dir).unwrap_err();
+            assert_eq!(e.path(), dir.join(MANIFEST));
+            assert!(e.to_string().contains("files[0].name"), "{e}");
+        }
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_listed_file_that_is_a_device_is_not_read() {
+        let run = tempfile::tempdir().unwrap();
+        let dir = write(run.path(), 1, |_| {});
+        fs::remove_file(dir.join(MODEL_FILE)).unwrap();
+        std::os::unix::fs::symlink("/dev/zero", dir.join(MODEL_FILE)).unwrap();
+        let m = open_manifest(&dir).unwrap();
+        let e = verify_file(&dir, &m, MODEL_FILE).unwrap_err();
+        assert!(e.to_string().contains("not a regular file"), "{e}");
+    }
+
+    #[test]
+    fn an_edited_manifest_is_refused_naming_the_field() {
+        let run = tempfile::tempdir().unwrap();
+        let dir = write(run.path(), 1, |_| {});
+        let p = dir.join(MANIFEST);
+        let text = fs::read_to_string(&p).unwrap();
+        fs::write(&p, text.replace("\"eps\"", "\"v\"")).unwrap();
+        let e = open_manifest(&dir).unwrap_err().to_string();
+        assert!(e.contains("manifest.json: manifest_sha256"), "{e}");
     }
 
     #[test]

@@ -123,10 +123,20 @@ impl Checkpoint {
     }
 
     /// A checkpoint directory, or a run directory's newest checkpoint whose manifest reads and whose
-    /// model file verifies, to sample or evaluate with.
+    /// weights files (the model and every EMA) verify, to sample or evaluate with: a damaged EMA
+    /// file makes a run directory fall back to an older checkpoint, as resuming does, instead of
+    /// failing when it is loaded.
     pub fn resolve(path: &Path, warn: impl FnMut(&CheckpointError)) -> Result<Self> {
-        let usable = |dir: &Path| Self::open(dir).and_then(|c| c.verify(MODEL_FILE).map(|_| c));
-        crate::resolve(path, usable, warn)
+        crate::resolve(path, Self::open_weights_verified, warn)
+    }
+
+    fn open_weights_verified(dir: &Path) -> Result<Self> {
+        let c = Self::open(dir)?;
+        c.verify(MODEL_FILE)?;
+        for &r in &c.manifest.ema_rates {
+            c.verify(&ema_file(r))?;
+        }
+        Ok(c)
     }
 
     pub fn step(&self) -> u64 {
@@ -142,10 +152,22 @@ impl Checkpoint {
         verify_file(&self.dir, &self.manifest, name)
     }
 
-    /// The run config stored in the manifest (all overrides applied), in the writer's schema.
+    /// The run config stored in the manifest (all overrides applied), in the writer's schema, and
+    /// validated as a config file is: every dimension a reader allocates from is bounded, and the
+    /// error names the manifest and the key.
     pub fn config(&self) -> Result<TrainConfig> {
-        serde_json::from_value(self.manifest.config.clone())
-            .map_err(|e| bad(&self.dir.join(MANIFEST), format!("config: {e}")))
+        let mp = self.dir.join(MANIFEST);
+        let cfg: TrainConfig = serde_json::from_value(self.manifest.config.clone())
+            .map_err(|e| bad(&mp, format!("config: {e}")))?;
+        cfg.validate().map_err(|e| match e {
+            ddpm_config::ConfigError::Invalid { key, msg } => CheckpointError::Field {
+                path: mp.clone(),
+                field: format!("config.{key}"),
+                msg,
+            },
+            other => bad(&mp, format!("config: {other}")),
+        })?;
+        Ok(cfg)
     }
 
     /// The diffusion process the model was trained with.

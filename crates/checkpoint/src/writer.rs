@@ -1,17 +1,16 @@
 //! Writing a checkpoint: its files are assembled in a hidden staging directory, every file fsynced,
 //! the manifest written last, then the directory renamed into place and the parent fsynced, so a
-//! checkpoint exists completely or not at all. Also pruning old checkpoints and removing the
-//! staging directories of interrupted writes.
+//! checkpoint exists completely or not at all. Pruning and the clean-up of interrupted writes are
+//! in [`crate::prune`].
 
 use std::fs;
 use std::path::{Path, PathBuf};
 
 use candle_core::Tensor;
-use ddpm_io::{fsync_dir, publish_dir, write_synced};
+use ddpm_io::{publish_dir, write_synced};
 
 use crate::{
-    list_checkpoints, sha256_hex, step_dir_name, CheckpointError, FileEntry, Manifest,
-    CHECKPOINTS_DIR, MANIFEST,
+    sha256_hex, step_dir_name, CheckpointError, FileEntry, Manifest, CHECKPOINTS_DIR, MANIFEST,
 };
 
 /// Serialises named tensors (sorted by name, so equal contents give equal bytes).
@@ -70,8 +69,7 @@ impl CheckpointWriter {
     /// Writes the manifest (with the file list filled in) and renames the directory into place.
     pub fn finish(self, mut manifest: Manifest) -> Result<PathBuf, CheckpointError> {
         manifest.files = self.files;
-        let text = serde_json::to_string_pretty(&manifest)
-            .map_err(|e| CheckpointError::invalid(&self.staging, e.to_string()))?;
+        let text = manifest.to_sealed_json();
         let mp = self.staging.join(MANIFEST);
         write_synced(&mp, text.as_bytes()).map_err(CheckpointError::io(&mp))?;
         publish_dir(&self.staging, &self.final_dir)
@@ -85,36 +83,13 @@ impl CheckpointWriter {
     }
 }
 
-/// Deletes all but the newest `keep` checkpoints. Returns the deleted directories.
-pub fn prune(run_dir: &Path, keep: usize) -> Result<Vec<PathBuf>, CheckpointError> {
-    let mut removed = Vec::new();
-    for (_, dir) in list_checkpoints(run_dir).into_iter().skip(keep) {
-        fs::remove_dir_all(&dir).map_err(CheckpointError::io(&dir))?;
-        removed.push(dir);
-    }
-    let root = run_dir.join(CHECKPOINTS_DIR);
-    if !removed.is_empty() {
-        fsync_dir(&root).map_err(CheckpointError::io(&root))?;
-    }
-    Ok(removed)
-}
-
-/// Removes staging directories (`.tmp-*`) of interrupted writes. Call before training starts, on
-/// rank 0 only.
-pub fn clean_staging(run_dir: &Path) {
-    let root = run_dir.join(CHECKPOINTS_DIR);
-    for e in fs::read_dir(&root).into_iter().flatten().flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if name.starts_with(".tmp-") || name.contains(".old.") {
-            let _ = fs::remove_dir_all(e.path());
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{ema_file, fixture_manifest, Checkpoint, MODEL_FILE, OPTIMIZER_FILE, STATE_FILE};
+    use crate::{
+        clean_staging, ema_file, fixture_manifest, list_checkpoints, Checkpoint, MODEL_FILE,
+        OPTIMIZER_FILE, STATE_FILE,
+    };
     use candle_core::Device;
 
     fn find_latest(run: &Path, warn: impl FnMut(&CheckpointError)) -> Option<Checkpoint> {
@@ -150,7 +125,8 @@ mod tests {
             .load_tensors(MODEL_FILE, &[("w".into(), vec![3])], &Device::Cpu)
             .unwrap_err();
         assert!(err.to_string().contains('w'), "{err}");
-        let removed = prune(dir.path(), 2).unwrap();
+        let valid = |d: &Path| Checkpoint::open_verified(d).is_ok();
+        let removed = crate::prune(dir.path(), 2, None, valid).unwrap();
         assert_eq!(removed.len(), 1);
         assert_eq!(
             list_checkpoints(dir.path())

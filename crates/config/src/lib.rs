@@ -10,15 +10,15 @@
 //! bad value is reported with its dotted key, e.g. `optim.lr must be > 0, got -1`. Unknown keys
 //! are errors (every table denies unknown fields): a typo must not silently fall back to a default.
 
-use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
 use ddpm_diffusion::GaussianDiffusion;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 pub use ddpm_unet::{EncoderUNetConfig, UNetConfig};
+
+mod hash;
 
 /// Keys left out of the config hash: they change what is logged, saved or previewed, or where, but
 /// not the training trajectory, so a run may be resumed with different values. `data.batch` is the
@@ -236,6 +236,11 @@ pub struct ScheduleConfig {
     pub sample_every: u64,
     #[serde(default = "d_keep")]
     pub keep_checkpoints: usize,
+    /// Stop with an error after this many consecutive non-finite steps (loss or gradient NaN/inf;
+    /// such steps are skipped). Checkpoints written while steps are non-finite prune nothing, so
+    /// the ones from before the blow-up are kept.
+    #[serde(default = "d_max_nonfinite")]
+    pub max_nonfinite_steps: u64,
 }
 
 /// The preview sample grid written during and after training (not the full sampler: that is
@@ -310,16 +315,24 @@ pub struct DistConfig {
     /// OpenMPI was faster with smaller ones (bench/RESULTS.md).
     #[serde(default = "d_bucket_mb")]
     pub bucket_mb: f64,
+    /// Seconds one collective may wait for the other ranks before the job ends with an error
+    /// naming the ranks that did not arrive (a stalled rank would otherwise hang the job).
+    #[serde(default = "d_timeout_s")]
+    pub timeout_s: f64,
 }
 
 fn d_bucket_mb() -> f64 {
     25.0
+}
+fn d_timeout_s() -> f64 {
+    ddpm_dist::DEFAULT_TIMEOUT_S
 }
 
 impl Default for DistConfig {
     fn default() -> Self {
         Self {
             bucket_mb: d_bucket_mb(),
+            timeout_s: d_timeout_s(),
         }
     }
 }
@@ -358,6 +371,9 @@ fn d_checkpoint_every() -> u64 {
 }
 fn d_keep() -> usize {
     3
+}
+fn d_max_nonfinite() -> u64 {
+    100
 }
 fn d_preview_steps() -> usize {
     50
@@ -422,7 +438,10 @@ impl TrainConfig {
         })?;
         Self::from_toml_str(&text, ov).map_err(|e| match e {
             ConfigError::Parse(m) => ConfigError::Parse(format!("{}: {m}", path.display())),
-            other => other,
+            ConfigError::Invalid { key, msg } => ConfigError::Invalid {
+                key,
+                msg: format!("{msg} (config {})", path.display()),
+            },
         })
     }
 
@@ -591,6 +610,9 @@ impl TrainConfig {
                 format!("must be at least 0.001 MiB, got {}", self.dist.bucket_mb),
             ));
         }
+        if let Err(m) = ddpm_dist::validate_timeout_s(self.dist.timeout_s) {
+            return Err(invalid("dist.timeout_s", m));
+        }
         if self.data.batch == 0 || self.data.batch > 65_536 {
             return Err(invalid(
                 "data.batch",
@@ -690,6 +712,12 @@ impl TrainConfig {
         if s.keep_checkpoints == 0 {
             return Err(invalid("schedule.keep_checkpoints", "must be >= 1, got 0"));
         }
+        if s.max_nonfinite_steps == 0 {
+            return Err(invalid(
+                "schedule.max_nonfinite_steps",
+                "must be >= 1, got 0",
+            ));
+        }
         Ok(())
     }
 
@@ -766,12 +794,8 @@ impl TrainConfig {
     /// sha256 of the canonical JSON with [`HASH_EXCLUDED_KEYS`] removed: equal hashes mean the same
     /// training trajectory.
     pub fn hash(&self) -> String {
-        let mut v = serde_json::to_value(self).expect("config serialises");
-        for key in HASH_EXCLUDED_KEYS {
-            remove_path(&mut v, key);
-        }
-        let digest = Sha256::digest(canonical(&v).as_bytes());
-        digest.iter().map(|b| format!("{b:02x}")).collect()
+        let v = serde_json::to_value(self).expect("config serialises");
+        hash::config_hash(&v, HASH_EXCLUDED_KEYS)
     }
 
     pub fn to_toml(&self) -> String {
@@ -837,40 +861,7 @@ fn describe_toml_error(text: &str, e: &toml::de::Error, prefix: &str) -> ConfigE
     }
 }
 
-fn remove_path(v: &mut serde_json::Value, dotted: &str) {
-    let mut parts: Vec<&str> = dotted.split('.').collect();
-    let last = parts.pop().unwrap();
-    let mut cur = v;
-    for p in parts {
-        match cur.get_mut(p) {
-            Some(n) => cur = n,
-            None => return,
-        }
-    }
-    if let Some(o) = cur.as_object_mut() {
-        o.remove(last);
-    }
-}
-
-/// JSON with object keys sorted, independent of serde_json's map feature flags.
-pub fn canonical(v: &serde_json::Value) -> String {
-    use serde_json::Value;
-    match v {
-        Value::Object(o) => {
-            let sorted: BTreeMap<&String, &Value> = o.iter().collect();
-            let items: Vec<String> = sorted
-                .into_iter()
-                .map(|(k, v)| format!("{}:{}", serde_json::to_string(k).unwrap(), canonical(v)))
-                .collect();
-            format!("{{{}}}", items.join(","))
-        }
-        Value::Array(a) => format!(
-            "[{}]",
-            a.iter().map(canonical).collect::<Vec<_>>().join(",")
-        ),
-        other => other.to_string(),
-    }
-}
+pub use hash::{canonical, config_hash, parsed_config_hash};
 
 /// Applies `key.path=value`; the value is parsed as a TOML value (`1e-4`, `true`, `[16, 8]`,
 /// `"text"`), and a bare word that is not valid TOML is taken as a string (`schedule=cosine`).

@@ -56,7 +56,7 @@ pub fn install_failure_handlers(comm: &dyn Communicator) {
 
 /// Writes one line to stderr in a single write, so lines of different ranks that mpirun merges do not
 /// interleave mid-line (`eprintln!` may write a formatted line in pieces).
-fn line(s: &str) {
+pub(crate) fn line(s: &str) {
     use std::io::Write;
     let mut buf = String::with_capacity(s.len() + 1);
     buf.push_str(s);

@@ -37,6 +37,7 @@ mod mpi_comm;
 mod nccl;
 mod single;
 mod start;
+mod watchdog;
 
 pub use checks::{
     any_non_finite, any_true, broadcast_tensors, check_same_config, check_same_fingerprint,
@@ -49,9 +50,13 @@ pub use launcher::{select_cuda_ordinal, LaunchInfo};
 #[cfg(feature = "mpi")]
 pub use mpi_comm::MpiCommunicator;
 #[cfg(feature = "cuda")]
-pub use nccl::{init_cuda, NcclCommunicator};
+pub use nccl::{init_cuda, init_cuda_with, NcclCommunicator};
 pub use single::SingleProcess;
-pub use start::{init_tracing, or_fail, rank_from_env, start, start_or_exit};
+pub use start::{init_tracing, or_fail, rank_from_env, start, start_or_exit, start_with};
+pub use watchdog::{
+    validate_timeout_s, DistOptions, DEFAULT_TIMEOUT_S, MAX_TIMEOUT_S, MIN_TIMEOUT_S,
+    WATCHDOG_EXIT_CODE,
+};
 
 use candle_core::{Device, Tensor};
 
@@ -151,12 +156,20 @@ pub trait DeviceCollectives: Send + Sync {
 ///
 /// Call once, early, from the main thread. Dropping the returned communicator finalizes MPI, so keep
 /// it alive until the end of `main` and let it drop before the process exits normally.
+/// Collectives get the default deadline ([`DEFAULT_TIMEOUT_S`]); see [`init_with`].
 pub fn init() -> Result<Box<dyn Communicator>> {
+    init_with(&DistOptions::default())
+}
+
+/// [`init`] with options: every collective must complete within `opts.timeout`, or every live rank
+/// reports the collective and the ranks that did not arrive, and the job ends with
+/// [`WATCHDOG_EXIT_CODE`].
+pub fn init_with(opts: &DistOptions) -> Result<Box<dyn Communicator>> {
     let info = LaunchInfo::from_env();
     if info.wants_mpi()? {
         #[cfg(feature = "mpi")]
         {
-            return Ok(Box::new(MpiCommunicator::new(&info)?));
+            return Ok(Box::new(MpiCommunicator::new(&info, opts)?));
         }
         #[cfg(not(feature = "mpi"))]
         {
@@ -170,5 +183,7 @@ pub fn init() -> Result<Box<dyn Communicator>> {
             }
         }
     }
+    // A world of one never waits for anyone: nothing to watch.
+    let _ = opts;
     Ok(Box::new(SingleProcess::new()))
 }

@@ -4,13 +4,24 @@
 //! communicator exists; rank 0 creates the id and the host communicator broadcasts it (no shared files).
 //! Everything small or host-side (config hash, flags, start-up parameters) keeps going over the host
 //! communicator; only gradient buckets go over NCCL.
+//!
+//! Watchdog: host collectives are watched by the host communicator. An NCCL all-reduce is followed by
+//! a CUDA event on the same stream, polled until it completes or the collective deadline passes; then
+//! the rank reports and ends the job (MPI_Abort; the process exit tears down the NCCL communicator and
+//! its kernels, which is what `ncclCommAbort` would do). NCCL does not say which peers never joined,
+//! so the report names the collective only. Cost: the host waits for each bucket's reduction (and the
+//! work queued before it) instead of running ahead; not measured.
 
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use candle_core::{CudaStorage, DType, Device, InplaceOp1, Layout, Tensor};
+use cudarc::driver::CudaStream;
 use cudarc::nccl::safe::{Comm, Id, ReduceOp};
 
 use crate::error::{DistError, Result};
+use crate::watchdog::{DistOptions, WATCHDOG_EXIT_CODE};
 use crate::{select_cuda_ordinal, Communicator, DeviceCollectives};
 
 fn nccl_err(what: &str, e: impl std::fmt::Debug) -> DistError {
@@ -22,6 +33,11 @@ pub struct NcclCommunicator {
     host: Box<dyn Communicator>,
     device: Device,
     comm: Mutex<Comm>,
+    /// The candle stream NCCL runs on, where the watchdog's events go.
+    stream: Arc<CudaStream>,
+    timeout: Duration,
+    /// Device all-reduces so far, for the watchdog's report.
+    seq: AtomicU64,
 }
 
 // SAFETY: the NCCL communicator handle is only used under the mutex, one call at a time, which is all
@@ -59,7 +75,7 @@ impl NcclCommunicator {
         }
         let ordinal = stream.context().ordinal();
         let comm = Comm::from_rank(
-            stream,
+            stream.clone(),
             host.rank(),
             host.world_size(),
             Id::uninit(internal),
@@ -81,7 +97,41 @@ impl NcclCommunicator {
             host,
             device: device.clone(),
             comm: Mutex::new(comm),
+            stream,
+            timeout: DistOptions::default().timeout,
+            seq: AtomicU64::new(0),
         })
+    }
+
+    /// The deadline of each device all-reduce (default: [`DistOptions::default`]'s).
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Waits until the work queued on the stream so far (the all-reduce just launched) is done;
+    /// ends the job if that takes longer than the deadline.
+    fn watch(&self, seq: u64) -> Result<()> {
+        let event = self.stream.record_event(None).map_err(|e| {
+            DistError::Device(format!("recording a CUDA event after ncclAllReduce: {e:?}"))
+        })?;
+        let start = Instant::now();
+        loop {
+            match event.try_is_complete() {
+                Ok(true) => return Ok(()),
+                Ok(false) => {}
+                Err(e) => return Err(nccl_err(&format!("all_reduce_sum_in_place #{seq}"), e)),
+            }
+            if start.elapsed() >= self.timeout {
+                crate::failure::line(&format!(
+                    "rank {}: error: watchdog: collective nccl all_reduce_sum_in_place #{seq} did                      not complete within {} s (NCCL does not report which ranks did not arrive);                      ending the job",
+                    self.rank(),
+                    self.timeout.as_secs_f64()
+                ));
+                crate::failure::abort_world(WATCHDOG_EXIT_CODE);
+            }
+            std::thread::sleep(Duration::from_micros(100));
+        }
     }
 
     pub fn device(&self) -> &Device {
@@ -137,8 +187,9 @@ impl DeviceCollectives for NcclCommunicator {
             )));
         }
         let comm = self.comm.lock().unwrap_or_else(|e| e.into_inner());
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed) + 1;
         t.inplace_op1(&AllReduceSum { comm: &comm })?;
-        Ok(())
+        self.watch(seq)
     }
 }
 
@@ -195,11 +246,16 @@ impl Communicator for NcclCommunicator {
 /// The GPU is `local_rank` among the devices CUDA shows this process (see [`select_cuda_ordinal`]),
 /// so `CUDA_VISIBLE_DEVICES` and `srun --gpus-per-task` are honoured. Collective.
 pub fn init_cuda() -> Result<(Box<dyn Communicator>, Device)> {
-    let host = crate::init()?;
+    init_cuda_with(&DistOptions::default())
+}
+
+/// [`init_cuda`] with options: the collective deadline applies to host and device collectives.
+pub fn init_cuda_with(opts: &DistOptions) -> Result<(Box<dyn Communicator>, Device)> {
+    let host = crate::init_with(opts)?;
     let visible = cudarc::driver::CudaContext::device_count()
         .map_err(|e| DistError::Device(format!("counting CUDA devices: {e}")))?;
     let ordinal = select_cuda_ordinal(host.local_rank(), visible.max(0) as usize)?;
     let device = Device::new_cuda(ordinal)?;
-    let comm = NcclCommunicator::new(host, &device)?;
+    let comm = NcclCommunicator::new(host, &device)?.with_timeout(opts.timeout);
     Ok((Box::new(comm), device))
 }

@@ -35,11 +35,20 @@ pub fn init_tracing(default: &str) {
 /// Logging ([`init_tracing`]), the communicator and the failure handlers. `device`: `cpu` (host
 /// collectives, [`crate::init`]) or `cuda` (NCCL and this rank's GPU, feature `cuda`).
 pub fn start(device: &str, default_log: &str) -> Result<(Box<dyn Communicator>, Device)> {
+    start_with(device, default_log, &crate::DistOptions::default())
+}
+
+/// [`start`] with the collective watchdog's options (`dist.timeout_s` of a run config).
+pub fn start_with(
+    device: &str,
+    default_log: &str,
+    opts: &crate::DistOptions,
+) -> Result<(Box<dyn Communicator>, Device)> {
     init_tracing(default_log);
     let (comm, device) = match device {
-        "cpu" => (crate::init()?, Device::Cpu),
+        "cpu" => (crate::init_with(opts)?, Device::Cpu),
         #[cfg(feature = "cuda")]
-        "cuda" => crate::init_cuda()?,
+        "cuda" => crate::init_cuda_with(opts)?,
         #[cfg(not(feature = "cuda"))]
         "cuda" => {
             return Err(DistError::Device(

@@ -311,3 +311,107 @@ fn survivors_that_catch_sigterm_are_still_stopped() {
         );
     }
 }
+
+/// Issue 13 item 2: a rank that stops (SIGSTOP) or never reaches a collective (sleeping before it)
+/// must not hang the others forever. With `--timeout-s 3` the watchdog ends the job within the
+/// timeout plus start-up and grace, every live rank naming the collective and the missing rank.
+#[test]
+fn stalled_rank_ends_the_job_and_is_named() {
+    for how in ["stop", "sleep"] {
+        let r = mpirun(
+            2,
+            &[
+                "stall",
+                "--victim",
+                "1",
+                "--how",
+                how,
+                "--after",
+                "3",
+                "--timeout-s",
+                "3",
+            ],
+            Duration::from_secs(60),
+        );
+        assert!(
+            r.code.is_some(),
+            "{how}: still running after 60 s (hang):\n{}",
+            r.output
+        );
+        assert_eq!(
+            r.code,
+            Some(ddpm_dist::WATCHDOG_EXIT_CODE),
+            "{how}: exit status:\n{}",
+            r.output
+        );
+        assert!(
+            r.output.contains(&format!(
+                "rank 1: stalling on purpose ({how}) before collective iteration 3"
+            )),
+            "{how}: the victim never stalled:\n{}",
+            r.output
+        );
+        // Start-up of two ranks is a few seconds on a loaded machine; the deadline is 3 s, the
+        // grace before MPI_Abort 1.5 s.
+        assert!(
+            r.elapsed < Duration::from_secs(25),
+            "{how}: the job took {:?} to end:\n{}",
+            r.elapsed,
+            r.output
+        );
+        let l = r.lines("rank 0: error: watchdog: ");
+        assert_eq!(
+            l.len(),
+            1,
+            "{how}: no watchdog line from rank 0:\n{}",
+            r.output
+        );
+        assert!(
+            l[0].contains("collective all_reduce_sum_f32 #4 did not complete within 3 s")
+                && l[0].contains("rank(s) 1 did not arrive (seen waiting: rank(s) 0)"),
+            "{how}: {}",
+            l[0]
+        );
+        eprintln!("{how}: mpirun exit {:?} after {:?}", r.code, r.elapsed);
+    }
+}
+
+/// The deadline is per collective and only for ranks that do not arrive: a rank that is slow
+/// (2 s before each of three all-reduces, 6 s in all) under a 4 s deadline finishes normally.
+#[test]
+fn slow_rank_below_the_timeout_does_not_fire() {
+    let r = mpirun(
+        2,
+        &[
+            "stall",
+            "--victim",
+            "1",
+            "--how",
+            "sleep",
+            "--sleep-s",
+            "2",
+            "--after",
+            "0",
+            "--iterations",
+            "3",
+            "--timeout-s",
+            "4",
+        ],
+        LIMIT,
+    );
+    assert_ok(&r, 2, "stall");
+    assert!(!r.output.contains("watchdog"), "{}", r.output);
+    assert!(r.elapsed >= Duration::from_secs(6), "{:?}", r.elapsed);
+}
+
+/// Timeouts outside 1 s ..= 1 week are refused before MPI starts.
+#[test]
+fn bad_timeout_is_refused() {
+    let r = mpirun(2, &["info", "--timeout-s", "0"], LIMIT);
+    assert_ne!(r.code, Some(0), "{}", r.output);
+    assert!(
+        r.output.contains("collective timeout must be between"),
+        "{}",
+        r.output
+    );
+}

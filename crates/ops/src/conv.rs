@@ -36,18 +36,7 @@ pub fn conv2d(
     stride: usize,
     padding: usize,
 ) -> Result<Tensor> {
-    let (_, cin, h, w) = x.dims4()?;
-    let (cout, wcin, kh, kw) = weight.dims4()?;
-    if wcin != cin {
-        bail!("conv2d: input has {cin} channels, weight expects {wcin}");
-    }
-    if stride == 0 {
-        bail!("conv2d: stride must be positive");
-    }
-    if h + 2 * padding < kh || w + 2 * padding < kw {
-        bail!("conv2d: kernel {kh}x{kw} larger than padded input {h}x{w} (padding {padding})");
-    }
-    let batch = x.dim(0)?;
+    let (batch, cout, _) = geometry(x.dims(), weight.dims(), stride, padding)?;
     if let Some(b) = bias {
         if b.dims() != [cout] && b.dims() != [batch, cout] {
             bail!(
@@ -80,6 +69,9 @@ pub fn conv2d(
 /// The backward pass of [`conv2d`] alone: gradients for `(x, weight, bias)` given the output
 /// gradient, each computed only when `need` says so. For benchmarks (timing the input and
 /// weight gradients separately) and tests; training gets them through autograd. CPU f32/f64.
+///
+/// Shapes, stride, dtypes (all three alike, f32 or f64) and devices are checked; a mismatch is
+/// an error, never a read outside a tensor.
 pub fn conv2d_grads(
     x: &Tensor,
     weight: &Tensor,
@@ -88,7 +80,70 @@ pub fn conv2d_grads(
     padding: usize,
     need: [bool; 3],
 ) -> Result<[Option<Tensor>; 3]> {
+    geometry(x.dims(), weight.dims(), stride, padding)?;
+    let dt = x.dtype();
+    if !matches!(dt, DType::F32 | DType::F64) || weight.dtype() != dt || grad.dtype() != dt {
+        bail!(
+            "conv2d_grads: x, weight and grad must all be f32 or all f64, got {dt:?}, {:?}, {:?}",
+            weight.dtype(),
+            grad.dtype()
+        );
+    }
     ConvOp { stride, padding }.backward(x, weight, grad, need, false)
+}
+
+/// Checks a convolution's shapes and returns `(batch, cout, geometry)`: `x` `[B, cin, H, W]`,
+/// `weight` `[cout, cin, kh, kw]` with the same `cin`, a positive stride and a non-empty kernel
+/// that fits in the padded input.
+fn geometry(
+    x: &[usize],
+    w: &[usize],
+    stride: usize,
+    padding: usize,
+) -> Result<(usize, usize, Geom)> {
+    let (&[b, cin, h, wd], &[cout, wcin, kh, kw]) = (x, w) else {
+        bail!("conv2d: input {x:?} and weight {w:?} must both have 4 dimensions");
+    };
+    if wcin != cin {
+        bail!("conv2d: input has {cin} channels, weight expects {wcin}");
+    }
+    if stride == 0 {
+        bail!("conv2d: stride must be positive");
+    }
+    if kh == 0 || kw == 0 {
+        bail!("conv2d: empty kernel {kh}x{kw}");
+    }
+    let padded = |n: usize| padding.checked_mul(2).and_then(|p| p.checked_add(n));
+    let (Some(ph), Some(pw)) = (padded(h), padded(wd)) else {
+        bail!("conv2d: padding {padding} overflows");
+    };
+    if ph < kh || pw < kw {
+        bail!("conv2d: kernel {kh}x{kw} larger than padded input {h}x{wd} (padding {padding})");
+    }
+    let g = Geom {
+        cin,
+        h,
+        w: wd,
+        kh,
+        kw,
+        stride,
+        pad: padding,
+        ho: (ph - kh) / stride + 1,
+        wo: (pw - kw) / stride + 1,
+    };
+    // `k` is at most the weight's element count; `n` grows with the padding.
+    let n = g.ho.checked_mul(g.wo);
+    let sizes = [
+        n.and_then(|n| n.checked_mul(b)?.checked_mul(cout)),
+        n.and_then(|n| n.checked_mul(g.k())),
+    ];
+    if sizes
+        .iter()
+        .any(|s| s.is_none_or(|n| n > isize::MAX as usize))
+    {
+        bail!("conv2d: output or column matrix of input {x:?}, weight {w:?} is too large");
+    }
+    Ok((b, cout, g))
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -99,21 +154,7 @@ struct ConvOp {
 
 impl ConvOp {
     fn geom(&self, x: &Shape, w: &Shape) -> Result<(usize, usize, Geom)> {
-        let (b, cin, h, wd) = x.dims4()?;
-        let (cout, _, kh, kw) = w.dims4()?;
-        let (s, p) = (self.stride, self.padding);
-        let g = Geom {
-            cin,
-            h,
-            w: wd,
-            kh,
-            kw,
-            stride: s,
-            pad: p,
-            ho: (h + 2 * p - kh) / s + 1,
-            wo: (wd + 2 * p - kw) / s + 1,
-        };
-        Ok((b, cout, g))
+        geometry(x.dims(), w.dims(), self.stride, self.padding)
     }
 
     fn cpu_forward(
@@ -343,11 +384,7 @@ fn fold<T: Elem>(g: &Geom, col: &[T], (p0, p1): (usize, usize), dx: &mut [T], pa
 
 /// Columns `p0..` of a row-major matrix with row stride `ld`.
 fn cols<T>(data: &[T], ld: usize, p0: usize) -> Mat<T> {
-    Mat {
-        ptr: data[p0..].as_ptr(),
-        rs: ld as isize,
-        cs: 1,
-    }
+    Mat::rows(&data[p0..], ld)
 }
 
 /// `bias`: values and example stride (0: one `[cout]` bias for all; `cout`: `[B, cout]`).

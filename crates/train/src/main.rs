@@ -148,7 +148,8 @@ fn run_training(cli: &Cli) -> Result<ExitCode> {
         Some(p) => Some(ResumeFrom::Path(PathBuf::from(p))),
     };
     let stop = StopFlag::install()?;
-    let (comm, device) = ddpm_dist::start(&cli.device, "info")?;
+    let dist_opts = ddpm_dist::DistOptions::with_timeout_s(cfg.dist.timeout_s)?;
+    let (comm, device) = ddpm_dist::start_with(&cli.device, "info", &dist_opts)?;
     let opts = TrainOptions {
         resume,
         stop,

@@ -104,6 +104,28 @@ fn expected_shapes(names: &[String], vars: &[Var], prefix: &str) -> Vec<(String,
 
 /// Refuses a checkpoint of another config (hash) or another global batch: resuming it would not
 /// continue the same trajectory.
+/// A resumed run must read the data the checkpoint was trained on (by content, not path).
+pub(crate) fn check_same_dataset(
+    ck: &Checkpoint,
+    cfg: &TrainConfig,
+    now: &ddpm_data::DatasetFingerprint,
+) -> Result<()> {
+    match &ck.manifest.dataset {
+        Some(then) if then != now => bail!(
+            "refusing to resume from {}: it was trained on the dataset {then}, but data.path {} \
+             holds {now}. Point data.path at the original data, or start a new run (--out).",
+            ck.dir.display(),
+            cfg.data.path.display()
+        ),
+        Some(_) => {}
+        None => tracing::warn!(
+            dir = %ck.dir.display(),
+            "the checkpoint records no dataset fingerprint: cannot check that the data is the same"
+        ),
+    }
+    Ok(())
+}
+
 pub(crate) fn check_resumable(
     ck: &Checkpoint,
     cfg: &TrainConfig,
@@ -119,7 +141,7 @@ pub(crate) fn check_resumable(
             "refusing to resume from {path}: its config hash {} differs from this run's {} \
              (keys excluded from the hash: {}).\nDiffering keys:\n  {}\nStart a new run directory \
              (--out) or restore the original settings.",
-            &m.config_hash[..12.min(m.config_hash.len())],
+            m.config_hash.get(..12).unwrap_or(&m.config_hash),
             &hash[..12],
             HASH_EXCLUDED_KEYS.join(", "),
             if diff.is_empty() {

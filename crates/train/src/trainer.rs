@@ -105,6 +105,11 @@ struct LoopMetrics {
     last_ckpt_step: Option<u64>,
     /// Some rank saw a stop request: every rank checkpoints and leaves after this step.
     stop: bool,
+    /// Consecutive non-finite steps, the same on every rank (decided from all-reduced values).
+    /// While it is > 0, checkpoints are written without pruning, so the ones from before a
+    /// blow-up survive it; `last_finite` is the newest of those.
+    nonfinite: u64,
+    last_finite: Option<PathBuf>,
 }
 
 impl LoopMetrics {
@@ -117,6 +122,8 @@ impl LoopMetrics {
             lr,
             last_ckpt_step: None,
             stop: false,
+            nonfinite: 0,
+            last_finite: None,
         }
     }
 
@@ -151,6 +158,8 @@ pub struct TrainLoop<'a> {
     num_classes: Option<usize>,
     run_dir: PathBuf,
     hash: String,
+    /// Content fingerprint of `data.path`, the same on every rank (checked at start).
+    dataset: ddpm_data::DatasetFingerprint,
     st: State,
     loader: Loader,
     sync: GradientSync,
@@ -198,13 +207,24 @@ impl<'a> TrainLoop<'a> {
         let ds = ddpm_data::Hdf5Dataset::open(&cfg.data.path)
             .with_context(|| format!("data.path {}", cfg.data.path.display()))?;
         let num_classes = check_dataset(cfg, &ds)?;
+        // What this rank will read, by content: node-local copies or a re-converted file that
+        // differ would otherwise train on different data silently.
+        let dataset = ds
+            .fingerprint()
+            .with_context(|| format!("data.path {}", cfg.data.path.display()))?;
         drop(ds);
+        ddpm_dist::check_same_fingerprint(
+            comm,
+            "content of data.path (dataset fingerprint)",
+            &dataset.to_bytes(),
+        )?;
 
         let resumed_from = choose_checkpoint(comm, &run_dir, opts.resume.as_ref())?;
         let st = match &resumed_from {
             Some(dir) => {
                 let ck = Checkpoint::open_verified(dir)?;
                 persist::check_resumable(&ck, cfg, comm, &hash)?;
+                persist::check_same_dataset(&ck, cfg, &dataset)?;
                 let mut st = persist::fresh_state(cfg, &vars, diffusion.num_timesteps())?;
                 persist::restore(&ck, &names, &vars, &device, &mut st)?;
                 if root {
@@ -269,6 +289,7 @@ impl<'a> TrainLoop<'a> {
             num_classes,
             run_dir,
             hash,
+            dataset,
             st,
             loader,
             sync,
@@ -359,12 +380,15 @@ impl<'a> TrainLoop<'a> {
         self.metrics.lr = lr;
         if skip {
             self.st.skipped += 1;
+            self.metrics.nonfinite += 1;
             tracing::warn!(
                 step,
                 grad_norm = norm,
                 "non-finite loss or gradient: step skipped"
             );
+            self.check_nonfinite(step)?;
         } else {
+            self.metrics.nonfinite = 0;
             let grads = clip_by_global_norm(grads, norm, self.cfg.optim.grad_clip)?;
             self.st.opt.step(&self.vars, &grads, lr)?;
             let n = self.st.opt.t - 1;
@@ -463,6 +487,29 @@ impl<'a> TrainLoop<'a> {
         )
     }
 
+    /// Ends the run after `schedule.max_nonfinite_steps` consecutive non-finite steps: skipping
+    /// them forever would look like progress and exit 0.
+    fn check_nonfinite(&self, step: u64) -> Result<()> {
+        let (n, max) = (
+            self.metrics.nonfinite,
+            self.cfg.schedule.max_nonfinite_steps,
+        );
+        if n < max {
+            return Ok(());
+        }
+        let kept = self
+            .metrics
+            .last_finite
+            .as_ref()
+            .map_or("none in this run".to_string(), |p| p.display().to_string());
+        bail!(
+            "{n} consecutive non-finite steps (loss or gradient NaN/inf) up to step {step}: \
+             stopping (schedule.max_nonfinite_steps = {max}). The last checkpoint written before \
+             them (kept: no checkpoint was pruned since) is {kept}; lower optim.lr or set \
+             optim.grad_clip, then resume from it with --resume PATH."
+        )
+    }
+
     /// A checkpoint every `checkpoint_every` steps and at the last step (written by rank 0).
     fn save_if_due(&mut self) -> Result<()> {
         if self
@@ -476,19 +523,24 @@ impl<'a> TrainLoop<'a> {
         Ok(())
     }
 
-    /// Writes a checkpoint of the current state (rank 0) and prunes old ones.
+    /// Writes a checkpoint of the current state (rank 0) and prunes old ones, except while steps
+    /// are non-finite.
     pub fn save(&mut self) -> Result<()> {
         if self.root() {
-            let dir = self.write_checkpoint()?;
+            let finite = self.metrics.nonfinite == 0;
+            let dir = self.write_checkpoint(finite)?;
+            if finite {
+                self.metrics.last_finite = Some(dir.clone());
+            }
             self.outcome.checkpoint = Some(dir);
         }
         self.metrics.last_ckpt_step = Some(self.st.step);
         Ok(())
     }
 
-    /// Writes a checkpoint of the current state (rank 0) and keeps the newest K. Returns its
-    /// directory.
-    fn write_checkpoint(&self) -> Result<PathBuf> {
+    /// Writes a checkpoint of the current state (rank 0) and, when `prune`, keeps the newest K valid
+    /// ones (every file verified; the one just written counts as valid). Returns its directory.
+    fn write_checkpoint(&self, prune: bool) -> Result<PathBuf> {
         let (st, lr) = (&self.st, self.metrics.lr);
         let _span = tracing::info_span!("checkpoint", step = st.step).entered();
         let t0 = Instant::now();
@@ -564,15 +616,26 @@ impl<'a> TrainLoop<'a> {
                 TimestepSampler::LossAware(_) => "loss_aware".into(),
             },
             num_parameters: self.net.num_parameters(),
+            dataset: Some(self.dataset.clone()),
             files: vec![],
             created_unix: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_secs())
                 .unwrap_or(0),
             writer: format!("ddpm-train {}", env!("CARGO_PKG_VERSION")),
+            manifest_sha256: String::new(),
         };
         let dir = w.finish(manifest)?;
-        let removed = checkpoint::prune(&self.run_dir, self.cfg.schedule.keep_checkpoints)?;
+        let removed = if prune {
+            checkpoint::prune(
+                &self.run_dir,
+                self.cfg.schedule.keep_checkpoints,
+                Some(&dir),
+                |d| checkpoint::Checkpoint::open_verified(d).is_ok(),
+            )?
+        } else {
+            Vec::new()
+        };
         tracing::info!(
             dir = %dir.display(),
             secs = format!("{:.2}", t0.elapsed().as_secs_f64()),
@@ -808,7 +871,10 @@ fn choose_checkpoint(
     if comm.rank() == 0 {
         std::fs::create_dir_all(run_dir)
             .with_context(|| format!("creating out_dir {}", run_dir.display()))?;
-        checkpoint::clean_staging(run_dir);
+        for d in checkpoint::clean_staging(run_dir) {
+            tracing::warn!(dir = %d.display(), "restored a checkpoint whose replacement was interrupted");
+        }
+        checkpoint::lineage::recover(run_dir)?;
         let warn =
             |e: &checkpoint::CheckpointError| tracing::warn!("skipping damaged checkpoint: {e}");
         let found = match resume {
@@ -822,6 +888,14 @@ fn choose_checkpoint(
                 "{} already has checkpoints; pass --resume auto to continue that run, or choose another --out",
                 run_dir.display()
             );
+        }
+        // The run directory holds one line of checkpoints: whatever is newer than the resume point
+        // (an abandoned branch, damaged copies) moves to checkpoints/abandoned/.
+        if resume.is_some() {
+            let from = found.as_ref().map_or(0, |c| c.manifest.step);
+            for d in checkpoint::abandon_newer(run_dir, from)? {
+                tracing::warn!(dir = %d.display(), from, "newer than the resume point: moved out of the line");
+            }
         }
         if let Some(c) = found {
             chosen = c.dir.to_string_lossy().into_owned().into_bytes();

@@ -62,6 +62,8 @@ fn bad_values_name_their_key() {
         ),
         ("diffusion.min_snr_gamma=-5", "diffusion.min_snr_gamma"),
         ("dist.bucket_mb=0", "dist.bucket_mb"),
+        ("dist.timeout_s=0", "dist.timeout_s"),
+        ("dist.timeout_s=1e12", "dist.timeout_s"),
         ("diffusion.loss=\"hybrid\"", "diffusion.loss"),
         ("diffusion.variance=\"learned_range\"", "model.learn_sigma"),
         ("preview.steps=1", "preview.steps"),

@@ -228,11 +228,7 @@ fn resume_refuses_mismatching_tensors_and_skips_damaged_checkpoints() {
             fe.sha256 = checkpoint::sha256_hex(&bytes);
         }
     }
-    fs::write(
-        bad.join(checkpoint::MANIFEST),
-        serde_json::to_string(&m).unwrap(),
-    )
-    .unwrap();
+    fs::write(bad.join(checkpoint::MANIFEST), m.to_sealed_json()).unwrap();
     let comm = SingleProcess::new();
     let e = train(
         &config(&f, &dir, 4, "", ""),

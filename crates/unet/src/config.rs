@@ -97,6 +97,35 @@ pub struct EncoderUNetConfig {
     pub pool: PoolKind,
 }
 
+/// Upper bounds on every dimension read from a config file, a `--set` or a checkpoint manifest,
+/// checked before anything is allocated: a typo or a damaged file must give an error naming the key,
+/// not an allocation abort. Far above any model this crate is meant for (a 256x256 ImageNet U-Net
+/// has model_channels 256, channel_mult up to 4, ~550 M parameters).
+pub mod limits {
+    pub const IMAGE_SIZE: usize = 1024;
+    pub const IN_CHANNELS: usize = 64;
+    pub const MODEL_CHANNELS: usize = 1024;
+    pub const NUM_RES_BLOCKS: usize = 16;
+    pub const LEVELS: usize = 8;
+    /// Channels of the widest level (`model_channels * max(channel_mult)`).
+    pub const LEVEL_CHANNELS: usize = 4096;
+    pub const NUM_HEADS: usize = 256;
+    pub const NUM_GROUPS: usize = 1024;
+    pub const NUM_CLASSES: usize = 100_000;
+    /// Estimated parameters (3x3 conv weights of every ResBlock, encoder and decoder).
+    pub const PARAMETERS: u64 = 4_000_000_000;
+}
+
+fn at_most(key: &'static str, value: usize, max: usize) -> Result<()> {
+    if value > max {
+        return Err(config_err(
+            key,
+            format!("must be at most {max}, got {value}"),
+        ));
+    }
+    Ok(())
+}
+
 /// One resolution level of the encoder, as the plan sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LevelPlan {
@@ -144,7 +173,70 @@ impl Trunk<'_> {
 
     /// Checks everything that does not depend on the decoder; `norm_channels` are the extra
     /// GroupNorm widths the caller's head/decoder uses.
+    /// The upper bounds of [`limits`], before any product of them is formed.
+    fn check_limits(&self) -> Result<()> {
+        at_most("image_size", self.image_size, limits::IMAGE_SIZE)?;
+        at_most("in_channels", self.in_channels, limits::IN_CHANNELS)?;
+        at_most(
+            "model_channels",
+            self.model_channels,
+            limits::MODEL_CHANNELS,
+        )?;
+        at_most(
+            "num_res_blocks",
+            self.num_res_blocks,
+            limits::NUM_RES_BLOCKS,
+        )?;
+        if self.channel_mult.len() > limits::LEVELS {
+            return Err(config_err(
+                "channel_mult",
+                format!(
+                    "has {} levels, at most {} allowed",
+                    self.channel_mult.len(),
+                    limits::LEVELS
+                ),
+            ));
+        }
+        let widest = self.channel_mult.iter().copied().max().unwrap_or(0);
+        if widest > limits::LEVEL_CHANNELS || self.model_channels * widest > limits::LEVEL_CHANNELS
+        {
+            return Err(config_err(
+                "channel_mult",
+                format!(
+                    "gives a level of model_channels {} x {widest} channels, at most {} allowed",
+                    self.model_channels,
+                    limits::LEVEL_CHANNELS
+                ),
+            ));
+        }
+        at_most("num_heads", self.num_heads, limits::NUM_HEADS)?;
+        if let Some(c) = self.num_head_channels {
+            at_most("num_head_channels", c, limits::LEVEL_CHANNELS)?;
+        }
+        at_most("num_groups", self.num_groups, limits::NUM_GROUPS)?;
+        let per_block: u64 = self
+            .channel_mult
+            .iter()
+            .map(|&m| 18 * ((self.model_channels * m) as u64).pow(2))
+            .sum();
+        let estimate = per_block * 2 * (self.num_res_blocks as u64 + 1);
+        if estimate > limits::PARAMETERS {
+            return Err(config_err(
+                "model_channels",
+                format!(
+                    "with channel_mult {:?} and num_res_blocks {} gives about {estimate} \
+                     parameters, more than the {} allowed",
+                    self.channel_mult,
+                    self.num_res_blocks,
+                    limits::PARAMETERS
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     fn validate(&self, norm_channels: &[usize]) -> Result<()> {
+        self.check_limits()?;
         if self.image_size == 0 {
             return Err(config_err("image_size", "must be positive"));
         }
@@ -359,6 +451,9 @@ impl UNetConfig {
                 "must be positive (omit it for no classes)",
             ));
         }
+        if let Some(k) = self.num_classes {
+            at_most("num_classes", k, limits::NUM_CLASSES)?;
+        }
         let trunk = self.trunk();
         trunk.validate(&[])?;
         // Decoder GroupNorms see the concatenation of the upsampled path and the skip.
@@ -454,6 +549,7 @@ impl EncoderUNetConfig {
         if self.num_classes == 0 {
             return Err(config_err("num_classes", "must be positive"));
         }
+        at_most("num_classes", self.num_classes, limits::NUM_CLASSES)?;
         self.trunk().validate(&[])
     }
 

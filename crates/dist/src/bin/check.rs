@@ -12,6 +12,12 @@
 //! - `fail --victim R --how kill|term|panic|thread-panic|error|exit [--after K] [--catch-term 1]`: rank R
 //!   dies at iteration K of a loop of all-reduces while the others wait in the collective. The job must
 //!   end, non-zero. `--catch-term 1` makes every rank catch SIGTERM/SIGUSR1 as ddpm-train does.
+//! - `stall --victim R --how stop|sleep [--after K] [--sleep-s S] [--iterations N]`: rank R stops
+//!   itself (SIGSTOP) or sleeps S seconds before each all-reduce from iteration K on, while the others
+//!   wait in it. With a stall longer than the timeout the watchdog must end the job; a shorter one
+//!   must not (the job then ends with `rank R: stall ok`).
+//!
+//! Every mode accepts `--timeout-s T`, the collective deadline (`dist.timeout_s` of ddpm-train).
 
 use std::collections::HashMap;
 use std::process::ExitCode;
@@ -19,7 +25,7 @@ use std::process::ExitCode;
 use candle_core::{Device, Tensor};
 use ddpm_dist::{
     any_non_finite, broadcast_tensors, check_same_config, fail, install_failure_handlers,
-    Communicator, DistError, GradientSync,
+    Communicator, DistError, DistOptions, GradientSync,
 };
 
 type AnyResult<T> = std::result::Result<T, Box<dyn std::error::Error>>;
@@ -297,22 +303,70 @@ fn failure(comm: &dyn Communicator, args: &Args) -> AnyResult<()> {
     Err("the victim never failed".into())
 }
 
-fn run(comm: &dyn Communicator) -> AnyResult<()> {
-    let args = Args::parse()?;
+fn stall(comm: &dyn Communicator, args: &Args) -> AnyResult<()> {
+    let victim = args.usize("victim", Some(1))?.unwrap();
+    let after = args.usize("after", Some(3))?.unwrap();
+    let iterations = args.usize("iterations", Some(1_000_000))?.unwrap();
+    let sleep_s = args.usize("sleep-s", Some(3600))?.unwrap();
+    let how = args.opts.get("how").map(String::as_str).unwrap_or("stop");
+    let mut buf = vec![1f32; 1024];
+    for it in 0..iterations {
+        if comm.rank() == victim && it >= after {
+            eprintln!(
+                "rank {}: stalling on purpose ({how}) before collective iteration {it}",
+                comm.rank()
+            );
+            match how {
+                // SAFETY: raising a signal on our own process.
+                "stop" => unsafe {
+                    libc::raise(libc::SIGSTOP);
+                },
+                "sleep" => std::thread::sleep(std::time::Duration::from_secs(sleep_s as u64)),
+                other => return Err(format!("unknown --how {other:?}").into()),
+            }
+        }
+        comm.all_reduce_sum_f32(&mut buf)?;
+        let w = comm.world_size() as f32;
+        check(buf.iter().all(|&x| x == w), || format!("sum {}", buf[0]))?;
+        buf.iter_mut().for_each(|x| *x = 1.0);
+    }
+    println!("rank {}: stall ok: {iterations} all-reduces", comm.rank());
+    Ok(())
+}
+
+fn run(comm: &dyn Communicator, args: &Args) -> AnyResult<()> {
     match args.mode.as_str() {
         "info" => info(comm),
         "primitives" => primitives(comm),
-        "allreduce" => allreduce(comm, &args),
-        "config" => config(comm, &args),
-        "broadcast" => broadcast(comm, &args),
-        "nonfinite" => nonfinite(comm, &args),
-        "fail" => failure(comm, &args),
+        "allreduce" => allreduce(comm, args),
+        "config" => config(comm, args),
+        "broadcast" => broadcast(comm, args),
+        "nonfinite" => nonfinite(comm, args),
+        "fail" => failure(comm, args),
+        "stall" => stall(comm, args),
         m => Err(format!("unknown mode {m:?}").into()),
     }
 }
 
+fn options(args: &Args) -> AnyResult<DistOptions> {
+    Ok(match args.opts.get("timeout-s") {
+        Some(v) => {
+            DistOptions::with_timeout_s(v.parse().map_err(|e| format!("--timeout-s {v:?}: {e}"))?)?
+        }
+        None => DistOptions::default(),
+    })
+}
+
 fn main() -> ExitCode {
-    let comm = match ddpm_dist::init() {
+    let started = Args::parse().and_then(|a| Ok((options(&a)?, a)));
+    let (opts, args) = match started {
+        Ok(x) => x,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let comm = match ddpm_dist::init_with(&opts) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("error: {e}");
@@ -320,7 +374,7 @@ fn main() -> ExitCode {
         }
     };
     install_failure_handlers(&*comm);
-    if let Err(e) = run(&*comm) {
+    if let Err(e) = run(&*comm, &args) {
         fail(&*comm, &*e);
     }
     drop(comm);

@@ -230,11 +230,20 @@ pub(crate) const KERNEL_CHUNK: usize = 1024;
 
 /// `U` as `PLANES` planes from per-kernel `t(g)` (each kernel's `PLANES` values), kernels in
 /// parallel, then scattered into the planes, each plane its own task.
+///
+/// `w` must hold exactly `plane` 3x3 kernels: every slot of `U` is then written once. Any other
+/// length panics here, before an uninitialised slot could be read.
 pub(crate) fn kernel_planes<T: Elem, const P: usize>(
     w: &[T],
     plane: usize,
     t: impl Fn(&[T]) -> [T; P] + Sync + Send,
 ) -> Vec<T> {
+    assert_eq!(
+        Some(w.len()),
+        plane.checked_mul(9),
+        "winograd kernel transform: {} weights are not {plane} 3x3 kernels",
+        w.len()
+    );
     let per_kernel: Vec<[T; P]> = w
         .par_chunks_exact(9)
         .with_min_len(KERNEL_CHUNK)
@@ -249,7 +258,8 @@ pub(crate) fn kernel_planes<T: Elem, const P: usize>(
                 d.write(src[k]);
             }
         });
-    // SAFETY: P planes of `plane` values, each written by its task.
+    // SAFETY: P planes of `plane` values, each written by its task: `per_kernel` has `plane`
+    // entries (checked above), so each plane's zip writes all of its slots.
     unsafe { u.assume_init() }
 }
 
@@ -432,3 +442,24 @@ pub(crate) fn weight_grad<V: Variant, T: Elem>(
 
 mod f2;
 mod f4;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two planes' worth of slots but one kernel: before the length check, the second slot of
+    /// each plane stayed uninitialised and `assume_init` returned it as a value.
+    #[test]
+    #[should_panic(expected = "are not 2 3x3 kernels")]
+    fn kernel_planes_refuses_too_few_kernels() {
+        let w = [1f32; 9];
+        let _ = kernel_planes::<f32, 4>(&w, 2, |g| [g[0]; 4]);
+    }
+
+    #[test]
+    fn kernel_planes_writes_every_slot() {
+        let w: Vec<f64> = (0..27).map(|i| i as f64).collect();
+        let u = kernel_planes::<f64, 2>(&w, 3, |g| [g[0], -g[8]]);
+        assert_eq!(u, vec![0.0, 9.0, 18.0, -8.0, -17.0, -26.0]);
+    }
+}
