@@ -76,14 +76,16 @@ impl Run<'_> {
                 if diff.is_empty() { "(none found; the hash scheme differs)".to_string() } else { diff.join("\n  ") }
             );
         }
-        let global = self.comm.world_size() * self.cfg.data.batch;
+        let k = self.cfg.train.accumulate;
+        let global = self.comm.world_size() * k * self.cfg.data.batch;
         if m.global_batch != global {
             bail!(
-                "refusing to resume from {path}: it was written with a global batch of {} ({} ranks x {}), \
-                 this run has {global} ({} ranks x {}); the data order and step randomness depend on it",
+                "refusing to resume from {path}: it was written with a global batch of {} ({} ranks x {} \
+                 per rank and step), this run has {global} ({} ranks x {k} micro-batches x {}); the data \
+                 order and step randomness depend on it",
                 m.global_batch,
                 m.world_size,
-                m.batch_per_rank,
+                m.global_batch / m.world_size.max(1),
                 self.comm.world_size(),
                 self.cfg.data.batch
             );
@@ -199,7 +201,7 @@ impl Run<'_> {
             hash_excluded_keys: HASH_EXCLUDED_KEYS.iter().map(|s| s.to_string()).collect(),
             world_size: self.comm.world_size(),
             batch_per_rank: self.cfg.data.batch,
-            global_batch: self.comm.world_size() * self.cfg.data.batch,
+            global_batch: self.comm.world_size() * self.cfg.train.accumulate * self.cfg.data.batch,
             loader_position: serde_json::to_value(st.loader_pos)?,
             optimizer: OptimizerState {
                 kind: "adamw".into(),

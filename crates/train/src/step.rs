@@ -1,5 +1,17 @@
 //! The local part of one training step on one rank: batch -> timesteps, label dropout, fused
-//! noising -> forward -> per-example losses (diffusion or classifier).
+//! noising -> forward -> per-example losses (diffusion or classifier) -> gradients, in
+//! `train.accumulate` micro-batches.
+//!
+//! # Gradient accumulation
+//! With `train.accumulate = k` the loader hands each rank `k x data.batch` examples per step (the loader
+//! is configured with that per-rank batch, so the data order and the epoch boundaries are those of a
+//! run with batch `k x data.batch`). They are processed as `k` micro-batches of `B = data.batch`, each
+//! with its own forward and backward, and the mean of the `k` gradient sets is the rank's gradient
+//! (then averaged over ranks once per step, as without accumulation). Example `i` of micro-batch `j`
+//! on rank `r` has global position `p = r*k*B + j*B + i` in the step's batch; timesteps, noise, label
+//! dropout and model dropout are keyed by `(seed, step, p)`, exactly as for a rank with batch `k*B`.
+//! So `k` micro-batches of `B` compute what one batch of `k*B` does, up to the summation order of the
+//! gradient mean, on any number of ranks; the global batch is `ranks x k x B`.
 
 use anyhow::{anyhow, bail, Result};
 use candle_core::{DType, Tensor, D};
@@ -12,6 +24,15 @@ use crate::metrics::StepStats;
 use crate::run::{Net, Run};
 use crate::timesteps::TimestepSampler;
 
+/// This rank's gradients for one step (mean over its micro-batches) and what the step reports.
+pub(crate) struct LocalGrads {
+    /// One per `Run::vars`, in that order (zeros for a variable without gradient).
+    pub(crate) grads: Vec<Tensor>,
+    pub(crate) ts: Vec<usize>,
+    pub(crate) per_example: Vec<f64>,
+    pub(crate) stats: StepStats,
+}
+
 /// Result of the local part of one step.
 pub(crate) struct LocalStep {
     pub(crate) loss: Tensor,
@@ -21,15 +42,89 @@ pub(crate) struct LocalStep {
 }
 
 impl Run<'_> {
-    /// Forward and loss of this rank's part of the batch for 0-based step `step`.
-    pub(crate) fn forward(
+    /// Gradients of this rank's batch for 0-based step `step`, in `k = train.accumulate`
+    /// micro-batches (see the module documentation). With `k = 1` this is one forward and backward.
+    pub(crate) fn local_gradients(
         &self,
         step: u64,
         batch: &ddpm_data::Batch,
         sampler: &TimestepSampler,
+    ) -> Result<LocalGrads> {
+        let k = self.cfg.train.accumulate;
+        let b = batch.shape[0];
+        if b % k != 0 {
+            bail!("a batch of {b} examples does not split into train.accumulate = {k} micro-batches");
+        }
+        let mb = b / k;
+        let rank_first = (self.comm.rank() * b) as u64;
+        let mut out = LocalGrads {
+            grads: Vec::new(),
+            ts: Vec::with_capacity(b),
+            per_example: Vec::with_capacity(b),
+            stats: StepStats::default(),
+        };
+        for j in 0..k {
+            let micro;
+            let part = if k == 1 {
+                batch
+            } else {
+                micro = micro_batch(batch, j * mb, mb);
+                &micro
+            };
+            let local = self.forward(step, part, rank_first + (j * mb) as u64, sampler)?;
+            let gs = local.loss.backward()?;
+            let grads: Vec<Tensor> = self
+                .vars
+                .iter()
+                .map(|v| match gs.get(v.as_tensor()) {
+                    // detached: a gradient carries the backward graph (and through it the
+                    // activations); anything kept across steps (moments) must not keep that alive
+                    Some(g) => Ok(g.detach()),
+                    None => v.as_tensor().zeros_like(),
+                })
+                .collect::<candle_core::Result<_>>()?;
+            drop(gs);
+            out.grads = if j == 0 {
+                grads
+            } else {
+                out.grads
+                    .iter()
+                    .zip(&grads)
+                    .map(|(a, g)| a + g)
+                    .collect::<candle_core::Result<_>>()?
+            };
+            out.ts.extend(local.ts);
+            out.per_example.extend(local.per_example);
+            let sum: Vec<f64> = out
+                .stats
+                .to_vec()
+                .iter()
+                .zip(local.stats.to_vec())
+                .map(|(a, b)| a + b)
+                .collect();
+            out.stats = StepStats::from_slice(&sum);
+        }
+        if k > 1 {
+            let inv = 1.0 / k as f64;
+            out.grads = out
+                .grads
+                .iter()
+                .map(|g| g.affine(inv, 0.0))
+                .collect::<candle_core::Result<_>>()?;
+        }
+        Ok(out)
+    }
+
+    /// Forward and loss of `batch` for 0-based step `step`; its example 0 has position `first` in
+    /// the step's global batch (the key of its timestep, noise and dropout).
+    fn forward(
+        &self,
+        step: u64,
+        batch: &ddpm_data::Batch,
+        first: u64,
+        sampler: &TimestepSampler,
     ) -> Result<LocalStep> {
         let b = batch.shape[0];
-        let first = (self.comm.rank() * b) as u64;
         let seed = self.cfg.seed;
         let x0 = Tensor::from_slice(&batch.images, batch.shape.to_vec(), &self.device)?;
         let (ts, iw) = match self.cfg.task {
@@ -156,5 +251,20 @@ impl Run<'_> {
             per_example,
             stats,
         })
+    }
+}
+
+/// Examples `start .. start + len` of `batch`.
+fn micro_batch(batch: &ddpm_data::Batch, start: usize, len: usize) -> ddpm_data::Batch {
+    let per: usize = batch.shape[1..].iter().product();
+    let mut shape = batch.shape;
+    shape[0] = len;
+    ddpm_data::Batch {
+        images: batch.images[start * per..(start + len) * per].to_vec(),
+        shape,
+        labels: batch.labels.as_ref().map(|l| l[start..start + len].to_vec()),
+        indices: batch.indices[start..start + len].to_vec(),
+        epoch: batch.epoch,
+        batch_index: batch.batch_index,
     }
 }

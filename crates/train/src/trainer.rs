@@ -106,11 +106,12 @@ fn check_dataset(cfg: &TrainConfig, ds: &ddpm_data::Hdf5Dataset) -> Result<Optio
             ds.channels()
         );
     }
-    if ds.len() < cfg.data.batch {
+    if ds.len() < cfg.data.batch * cfg.train.accumulate {
         bail!(
-            "data.path {p} has {} images, fewer than data.batch = {}",
+            "data.path {p} has {} images, fewer than data.batch x train.accumulate = {} x {}",
             ds.len(),
-            cfg.data.batch
+            cfg.data.batch,
+            cfg.train.accumulate
         );
     }
     if let Some(k) = classes {
@@ -176,7 +177,8 @@ pub fn train(
                 path: cfg.data.path.clone(),
                 world: comm.world_size(),
                 rank: comm.rank(),
-                batch: cfg.data.batch,
+                // a rank's whole step: `train.accumulate` micro-batches (crates/train/src/step.rs)
+                batch: cfg.data.batch * cfg.train.accumulate,
                 seed: cfg.seed,
                 flip: cfg.data.flip,
                 prefetch: cfg.data.prefetch,
@@ -273,7 +275,7 @@ pub fn train(
             task = %cfg.task,
             params = run.net.num_parameters(),
             world = comm.world_size(),
-            global_batch = comm.world_size() * cfg.data.batch,
+            global_batch = comm.world_size() * cfg.train.accumulate * cfg.data.batch,
             from = st.step,
             to = total,
             "training"
@@ -314,7 +316,7 @@ pub fn train(
         loss_plot: None,
         step_losses: Vec::new(),
     };
-    let global_batch = (comm.world_size() * cfg.data.batch) as f64;
+    let global_batch = (comm.world_size() * cfg.train.accumulate * cfg.data.batch) as f64;
     let mut window_start = Instant::now();
     let mut window_steps = 0u64;
     // Wall time of this rank in the gradient all-reduce, and of whole steps, since the last log
@@ -331,21 +333,9 @@ pub fn train(
         let batch = loader
             .next_batch()
             .with_context(|| format!("data.path {}", cfg.data.path.display()))?;
-        let local = run.forward(step, &batch, &st.sampler)?;
-        let gs = local.loss.backward()?;
-        let grads: Vec<Tensor> = run
-            .vars
-            .iter()
-            .map(|v| match gs.get(v.as_tensor()) {
-                // detached: a gradient carries the backward graph (and through it the activations);
-                // anything kept across steps (moments) must not keep that alive
-                Some(g) => Ok(g.detach()),
-                None => v.as_tensor().zeros_like(),
-            })
-            .collect::<candle_core::Result<_>>()?;
-        drop(gs);
+        let local = run.local_gradients(step, &batch, &st.sampler)?;
         let sync_start = Instant::now();
-        let grads = sync.all_reduce_mean(comm, &grads)?;
+        let grads = sync.all_reduce_mean(comm, &local.grads)?;
         window_sync += sync_start.elapsed().as_secs_f64();
         let norm = global_norm(&grads)?;
 
