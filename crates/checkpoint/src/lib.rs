@@ -1,11 +1,8 @@
-//! The on-disk checkpoint format (`ddpm-rs-checkpoint` version 1), in one place.
-//!
-//! The trainer writes checkpoints and the sampler reads them, but the sampler cannot depend on
-//! ddpm-train (the trainer draws its preview samples through sampler code, and a reader should not
-//! pull in the whole training job). Both used to carry their own copy of the names, the manifest
-//! and the validation, which could drift apart silently; this crate is the single definition they
-//! share. It knows nothing about tensors or configs: what a checkpoint must contain, and how its
-//! tensors are loaded, stays with the trainer and the sampler.
+//! The checkpoint format (`ddpm-rs-checkpoint` version 1) and everything that touches it: the
+//! manifest, file hashes and listing (this file), writing ([`writer`]) and reading, verifying and
+//! loading the trained networks ([`reader`]). The trainer writes and resumes through it, the
+//! sampler and evaluator read through it; the stored config is read with `ddpm-config`'s schema,
+//! the one that wrote it.
 //!
 //! ```text
 //! RUN_DIR/checkpoints/step_000001000/
@@ -24,6 +21,12 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+
+pub mod reader;
+pub mod writer;
+
+pub use reader::{Checkpoint, Weights, WeightsParseError};
+pub use writer::{clean_staging, prune, safetensors_bytes, CheckpointWriter};
 
 pub const FORMAT: &str = "ddpm-rs-checkpoint";
 pub const FORMAT_VERSION: u32 = 1;

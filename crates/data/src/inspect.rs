@@ -4,7 +4,6 @@ use std::path::Path;
 
 use indicatif::ProgressBar;
 
-use crate::atomic;
 use crate::error::{DataError, Result};
 use crate::format::Hdf5Dataset;
 
@@ -127,14 +126,6 @@ pub fn write_grid(ds: &Hdf5Dataset, out: &Path, cols: usize) -> Result<()> {
             }
         }
     }
-    let mut png = Vec::new();
-    image::ImageEncoder::write_image(
-        image::codecs::png::PngEncoder::new(&mut png),
-        &canvas,
-        gw as u32,
-        gh as u32,
-        image::ExtendedColorType::Rgb8,
-    )
-    .map_err(|e| DataError::file(out, format!("PNG encoding failed: {e}")))?;
-    atomic::write_bytes(out, &png)
+    ddpm_io::write_png(out, gw as u32, gh as u32, 3, &canvas)
+        .map_err(|e| DataError::file(out, format!("cannot write the PNG: {e}")))
 }

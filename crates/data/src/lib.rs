@@ -10,7 +10,6 @@
 //!
 //! The `ddpm-data` binary (`convert`, `inspect`, `shard-plan`) is a thin CLI over these.
 
-pub mod atomic;
 pub mod cache;
 pub mod convert;
 pub mod decode;

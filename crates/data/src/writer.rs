@@ -7,7 +7,6 @@ use std::path::{Path, PathBuf};
 
 use hdf5::types::VarLenUnicode;
 
-use crate::atomic;
 use crate::error::{DataError, Result};
 use crate::format::{
     ATTR_CLASS_NAMES, ATTR_FORMAT_VERSION, ATTR_NUM_CLASSES, ATTR_SOURCE, FORMAT_VERSION, IMAGES,
@@ -94,7 +93,7 @@ impl DatasetWriter {
             .chunk_images
             .unwrap_or((TARGET_CHUNK_BYTES / image_bytes).max(1))
             .clamp(1, n);
-        let tmp = atomic::temp_path(&target);
+        let tmp = ddpm_io::temp_sibling(&target);
         let file = hdf5::File::create(&tmp)
             .map_err(|e| DataError::file(&tmp, format!("cannot create: {e}")))?;
         let mut builder =
@@ -281,7 +280,8 @@ impl DatasetWriter {
         let file = self.file.take().expect("file open until finish");
         file.close()
             .map_err(|e| DataError::file(&self.tmp, format!("closing failed: {e}")))?;
-        atomic::commit(&self.tmp, &self.target)?;
+        ddpm_io::commit(&self.tmp, &self.target)
+            .map_err(|e| DataError::io(&self.target, "cannot move into place", e))?;
         self.done = true;
         Ok(())
     }

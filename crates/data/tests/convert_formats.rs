@@ -212,7 +212,13 @@ fn folder_images_are_resized_and_center_cropped() {
     assert!(!bad.status.success());
     let err = String::from_utf8_lossy(&bad.stderr);
     assert!(err.contains("broken.png"), "{err}");
-    assert!(!bad_out.exists() && !dir.path().join("bad.h5.tmp").exists());
+    assert!(!bad_out.exists());
+    let left: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".tmp"))
+        .collect();
+    assert!(left.is_empty(), "temporary files left behind: {left:?}");
 }
 
 fn write_idx(path: &Path, dims: &[u32], data: &[u8]) {

@@ -61,10 +61,12 @@ fn check_split(split: &str, prefix: &str, n: usize) {
         "convert failed: {}",
         String::from_utf8_lossy(&res.stderr)
     );
-    assert!(
-        !tmp.path().join(format!("fashion-{split}.h5.tmp")).exists(),
-        "temp file left behind"
-    );
+    let left: Vec<String> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".tmp"))
+        .collect();
+    assert!(left.is_empty(), "temp file left behind: {left:?}");
 
     let (idims, ibytes) = raw_idx(&dir, &format!("{prefix}-images-idx3-ubyte"));
     let (ldims, lbytes) = raw_idx(&dir, &format!("{prefix}-labels-idx1-ubyte"));

@@ -8,7 +8,6 @@
 //! host slices. Every formula is checked against reference vectors by the `conformance` test of
 //! `ddpm-tests`.
 
-pub mod config;
 pub mod elbo;
 pub mod embedding;
 pub mod error;
@@ -20,7 +19,6 @@ pub mod snr;
 pub mod steps;
 pub mod tensor;
 
-pub use config::DiffusionConfig;
 pub use elbo::{ElboAccumulator, ElboBreakdown};
 pub use embedding::{timestep_embedding, timestep_embedding_f64, DEFAULT_MAX_PERIOD};
 pub use error::{DiffusionError, Result};

@@ -36,6 +36,7 @@ mod mpi_comm;
 #[cfg(feature = "cuda")]
 mod nccl;
 mod single;
+mod start;
 
 pub use checks::{
     any_non_finite, any_true, broadcast_tensors, check_same_config, check_same_fingerprint,
@@ -50,6 +51,7 @@ pub use mpi_comm::MpiCommunicator;
 #[cfg(feature = "cuda")]
 pub use nccl::{init_cuda, NcclCommunicator};
 pub use single::SingleProcess;
+pub use start::{init_tracing, or_fail, rank_from_env, start, start_or_exit};
 
 use candle_core::{Device, Tensor};
 

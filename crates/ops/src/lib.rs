@@ -37,7 +37,6 @@ mod conv;
 mod elem;
 mod gemm;
 mod im2col;
-mod layers;
 mod norm;
 mod runtime;
 mod simd;
@@ -47,7 +46,6 @@ mod winograd;
 pub use attention::attention;
 pub use cat::cat_channels;
 pub use conv::{conv2d, conv2d_grads};
-pub use layers::{Conv2d, GroupNorm};
 pub use norm::{group_norm, group_norm_masked};
 pub use runtime::{
     fast_path_enabled, init_cpu, num_threads, set_fast_path, set_num_threads, set_tile_bytes,

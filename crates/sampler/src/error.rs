@@ -25,6 +25,18 @@ pub enum SamplerError {
     UNet(#[from] ddpm_unet::UNetError),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+    /// A command-line request that does not fit the model or data (`ddpm-eval`).
+    #[error("{0}")]
+    Usage(String),
+    #[error(transparent)]
+    Weights(#[from] ddpm_checkpoint::WeightsParseError),
+    #[error(transparent)]
+    Data(#[from] ddpm_data::DataError),
+    #[error(transparent)]
+    Dist(#[from] ddpm_dist::DistError),
+    /// File output; the message names the file.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
 }
 
 pub type Result<T, E = SamplerError> = std::result::Result<T, E>;

@@ -69,22 +69,18 @@ pub fn write_grid_png(
             canvas[dst..dst + w * c].copy_from_slice(&img[y * w * c..(y + 1) * w * c]);
         }
     }
-    let mut bytes = Vec::new();
-    {
-        let mut enc = png::Encoder::new(&mut bytes, gw as u32, gh as u32);
-        enc.set_color(if c == 1 {
-            png::ColorType::Grayscale
-        } else {
-            png::ColorType::Rgb
-        });
-        enc.set_depth(png::BitDepth::Eight);
-        let mut wr = enc
-            .write_header()
-            .map_err(|e| SamplerError::Config(format!("{}: png: {e}", path.display())))?;
-        wr.write_image_data(&canvas)
-            .map_err(|e| SamplerError::Config(format!("{}: png: {e}", path.display())))?;
+    ddpm_io::write_png(path, gw as u32, gh as u32, c, &canvas)
+        .map_err(|e| SamplerError::Config(format!("{}: {e}", path.display())))
+}
+
+/// Class names of the training data when its HDF5 file is still there, else `class_0`, ...
+pub fn class_names(run: &ddpm_config::TrainConfig, num_classes: usize) -> Vec<String> {
+    if let Ok(ds) = ddpm_data::Hdf5Dataset::open(&run.data.path) {
+        if ds.class_names().len() == num_classes {
+            return ds.class_names().to_vec();
+        }
     }
-    ddpm_data::atomic::write_bytes(path, &bytes).map_err(|e| SamplerError::Config(e.to_string()))
+    (0..num_classes).map(|k| format!("class_{k}")).collect()
 }
 
 /// Writes samples as a ddpm-data HDF5 file (`images` uint8 `[N, H, W, C]`, `labels` when given, with

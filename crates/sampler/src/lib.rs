@@ -1,17 +1,18 @@
 //! Samplers and evaluation for ddpm-rs: DDPM (ancestral), DDIM, DPM-Solver++(2M) and a Heun
 //! probability-flow ODE sampler over any [`Denoiser`], with class labels, classifier-free guidance and
-//! classifier guidance; and the pieces of the `ddpm-sample` / `ddpm-eval` binaries (checkpoint
-//! reading, distributed generation, image output, bits/dim, the classifier Frechet distance).
+//! classifier guidance; and the pieces of the `ddpm-sample` / `ddpm-eval` binaries (distributed
+//! generation, image output, bits/dim, the classifier Frechet distance). Checkpoints are read with
+//! `ddpm-checkpoint`, their config with `ddpm-config`.
 //!
 //! The step arithmetic lives in `ddpm-diffusion` (checked against reference vectors) and, for the
 //! fused DDPM/DDIM update, `ddpm-kernels`; this crate owns the loops, the randomness (ddpm-rng
 //! `Stream::Sampler`, keyed by seed, step and global image index) and the I/O.
 
 pub mod bpd;
-pub mod checkpoint;
 pub mod denoiser;
 pub mod device;
 pub mod error;
+pub mod eval;
 pub mod fid;
 pub mod generate;
 pub mod guidance;
@@ -20,7 +21,7 @@ pub mod linalg;
 pub mod sampler;
 pub mod steps;
 
-pub use checkpoint::{RunCheckpoint, Weights};
+pub use ddpm_checkpoint::{Checkpoint, CheckpointError, Weights};
 pub use denoiser::{Denoiser, EncoderClassifier, NoisyClassifier, UNetDenoiser};
 pub use error::{Result, SamplerError};
 pub use generate::{generate, GenerateJob, Generated, LabelPlan};

@@ -1,25 +1,23 @@
-//! The ddpm-rs training job: configuration, training loop, EMA, AdamW, checkpoints, metrics.
+//! The ddpm-rs training job: the training loop ([`TrainLoop`]), EMA, AdamW, metrics and pictures.
 //!
-//! The binary (`src/main.rs`) is a thin CLI over [`trainer::train`]; the library is public so the
-//! sampler can read checkpoints and configs ([`checkpoint`], [`config`]) and tests can drive
-//! training in-process.
+//! The binary (`src/main.rs`) is a thin CLI over [`trainer::train`]; the library is public so tests
+//! and tools can drive training in-process. The config schema is `ddpm-config`'s, the checkpoint
+//! format `ddpm-checkpoint`'s, the preview sampler `ddpm-sampler`'s (re-exported under their
+//! old paths [`config`] and [`checkpoint`]).
 
-pub mod atomic;
-pub mod checkpoint;
-pub mod config;
+pub use ddpm_checkpoint as checkpoint;
+pub use ddpm_config as config;
 pub mod ema;
 pub mod metrics;
 pub mod optim;
 mod outputs;
 mod persist;
 pub mod plot;
-pub mod preview;
 mod run;
 pub mod signals;
-mod step;
 pub mod timesteps;
 pub mod trainer;
 
-pub use checkpoint::{find_latest, Checkpoint, Manifest};
 pub use config::{Overrides, Task, TrainConfig};
-pub use trainer::{inspect_model, train, ResumeFrom, TrainOptions, TrainOutcome};
+pub use ddpm_checkpoint::{Checkpoint, Manifest};
+pub use trainer::{inspect_model, train, ResumeFrom, TrainLoop, TrainOptions, TrainOutcome};

@@ -98,27 +98,9 @@ fn say(text: &str) {
     let _ = writeln!(std::io::stdout().lock(), "{text}");
 }
 
-fn init_tracing(rank: usize) {
-    let default = if rank == 0 { "info" } else { "warn" };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .try_init();
-}
-
-fn rank_from_env() -> usize {
-    ["OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID"]
-        .iter()
-        .find_map(|v| std::env::var(v).ok()?.parse().ok())
-        .unwrap_or(0)
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing(rank_from_env());
+    ddpm_dist::init_tracing("info");
     let result = match &cli.cmd {
         Some(Cmd::InspectModel(a)) => a.load().and_then(|c| {
             say(&ddpm_train::inspect_model(&c)?);
@@ -166,15 +148,7 @@ fn run_training(cli: &Cli) -> Result<ExitCode> {
         Some(p) => Some(ResumeFrom::Path(PathBuf::from(p))),
     };
     let stop = StopFlag::install()?;
-    let (comm, device) = match cli.device.as_str() {
-        "cpu" => (ddpm_dist::init()?, candle_core::Device::Cpu),
-        #[cfg(feature = "cuda")]
-        "cuda" => ddpm_dist::init_cuda()?,
-        #[cfg(not(feature = "cuda"))]
-        "cuda" => bail!("--device cuda: this ddpm-train was built without the `cuda` feature"),
-        other => bail!("--device must be cpu or cuda, got {other:?}"),
-    };
-    ddpm_dist::install_failure_handlers(&*comm);
+    let (comm, device) = ddpm_dist::start(&cli.device, "info")?;
     let opts = TrainOptions {
         resume,
         stop,

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{json, Map, Value};
 
-use crate::atomic::write_atomic;
+use ddpm_io::write_atomic;
 
 /// Number of per-step statistics all-reduced across ranks (see [`StepStats::to_vec`]).
 pub const STEP_STATS_LEN: usize = 14;

@@ -1,86 +1,105 @@
 //! Pictures a run leaves behind: the EMA preview grid and the loss plot (rank 0).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use candle_core::Device;
+use candle_core::{DType, Device, Tensor};
+use ddpm_diffusion::GaussianDiffusion;
+use ddpm_sampler::{BatchSpec, Guidance, Sampler, SamplerKind, SamplerSettings, UNetDenoiser};
 
+use crate::config::TrainConfig;
 use crate::metrics::MetricsLog;
 use crate::plot;
-use crate::preview::{sample_grid, PreviewSpec};
-use crate::run::{unet_from_tensors, Net, Run, State};
-use crate::trainer::TrainOutcome;
+use crate::run::unet_from_tensors;
 
-impl Run<'_> {
-    /// EMA preview grid and loss plot (rank 0). Returns (grid, plot) paths.
-    pub(crate) fn write_pictures(
-        &self,
-        st: &State,
-        metrics: &MetricsLog,
-    ) -> Result<(Option<PathBuf>, PathBuf)> {
-        let plot_path = self.run_dir.join("loss.png");
-        plot::plot_loss_curve(&plot_path, &metrics.loss_points()?)?;
-        let Net::Diffusion(_) = &self.net else {
-            return Ok((None, plot_path));
-        };
-        let _span = tracing::info_span!("preview", step = st.step).entered();
-        let t0 = Instant::now();
-        let p = &self.cfg.preview;
-        let rate = p.ema_rate.unwrap_or(self.cfg.ema.rates[0]);
-        let ema = st
-            .emas
-            .iter()
-            .find(|e| e.rate == rate)
-            .expect("validated rate");
-        let mcfg = self.cfg.model.as_ref().expect("diffusion task");
-        let tensors = self
-            .names
-            .iter()
-            .cloned()
-            .zip(ema.params.iter().cloned())
-            .collect();
-        let model = unet_from_tensors(mcfg, tensors, &self.device)?;
-        let spec = PreviewSpec {
-            steps: p.steps,
-            eta: p.eta,
-            guidance: p.guidance,
-            per_class: p.per_class,
-            seed: self.cfg.seed,
-        };
-        let (images, _) = sample_grid(&model, &self.diffusion, &spec, &self.device)?;
-        let dims = images.dims4()?;
-        let data: Vec<f32> = images.to_device(&Device::Cpu)?.flatten_all()?.to_vec1()?;
-        let cols = if mcfg.num_classes.is_some() {
-            p.per_class
-        } else {
-            (dims.0 as f64).sqrt().ceil() as usize
-        };
-        let scale = (96 / mcfg.image_size).clamp(1, 4);
-        let grid = plot::image_grid(&data, [dims.0, dims.1, dims.2, dims.3], cols, scale);
-        let dir = self.run_dir.join("samples");
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        let step_path = dir.join(format!("step_{:09}.png", st.step));
-        grid.write_png(&step_path)?;
-        let latest = self.run_dir.join("samples.png");
-        grid.write_png(&latest)?;
-        tracing::info!(
-            path = %latest.display(),
-            secs = format!("{:.1}", t0.elapsed().as_secs_f64()),
-            "preview samples (EMA {rate}, DDIM {} steps, rows = classes)",
-            p.steps
-        );
-        Ok((Some(latest), plot_path))
-    }
+/// The loss plot and, for a diffusion run, the EMA preview grid (`ema` = rate and weights by
+/// name). Returns (grid, plot) paths.
+pub(crate) fn write_pictures(
+    cfg: &TrainConfig,
+    run_dir: &Path,
+    diffusion: &GaussianDiffusion,
+    device: &Device,
+    step: u64,
+    ema: Option<(f64, Vec<(String, Tensor)>)>,
+    metrics: &MetricsLog,
+) -> Result<(Option<PathBuf>, PathBuf)> {
+    let plot_path = run_dir.join("loss.png");
+    plot::plot_loss_curve(&plot_path, &metrics.loss_points()?)?;
+    let Some((rate, tensors)) = ema else {
+        return Ok((None, plot_path));
+    };
+    let _span = tracing::info_span!("preview", step).entered();
+    let t0 = Instant::now();
+    let p = &cfg.preview;
+    let mcfg = cfg.model.as_ref().expect("diffusion task");
+    let model = UNetDenoiser::new(unet_from_tensors(mcfg, tensors, device)?);
+    let images = preview_samples(cfg, model, diffusion, device)?;
+    let dims = images.dims4()?;
+    let data: Vec<f32> = images.to_device(&Device::Cpu)?.flatten_all()?.to_vec1()?;
+    let cols = if mcfg.num_classes.is_some() {
+        p.per_class
+    } else {
+        (dims.0 as f64).sqrt().ceil() as usize
+    };
+    let scale = (96 / mcfg.image_size).clamp(1, 4);
+    let grid = plot::image_grid(&data, [dims.0, dims.1, dims.2, dims.3], cols, scale);
+    let dir = run_dir.join("samples");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let step_path = dir.join(format!("step_{step:09}.png"));
+    grid.write_png(&step_path)?;
+    let latest = run_dir.join("samples.png");
+    grid.write_png(&latest)?;
+    tracing::info!(
+        path = %latest.display(),
+        secs = format!("{:.1}", t0.elapsed().as_secs_f64()),
+        "preview samples (EMA {rate}, DDIM {} steps, rows = classes)",
+        p.steps
+    );
+    Ok((Some(latest), plot_path))
 }
 
-/// Previews are a by-product: a failure is logged, not allowed to end a long run.
-pub(crate) fn pictures(run: &Run, st: &State, metrics: &MetricsLog, outcome: &mut TrainOutcome) {
-    match run.write_pictures(st, metrics) {
-        Ok((grid, plot)) => {
-            outcome.sample_grid = grid;
-            outcome.loss_plot = Some(plot);
-        }
-        Err(e) => tracing::warn!(step = st.step, "preview/loss plot failed: {e:#}"),
-    }
+/// The preview grid's images, `[N, C, H, W]` in [-1, 1]: DDIM over `preview.steps` respaced steps
+/// (x0 clipped), `preview.per_class` images of every class in class order (or in total for an
+/// unconditional model), with classifier-free guidance `preview.guidance`.
+fn preview_samples(
+    cfg: &TrainConfig,
+    model: UNetDenoiser,
+    diffusion: &GaussianDiffusion,
+    device: &Device,
+) -> Result<Tensor> {
+    let p = &cfg.preview;
+    let m = model.unet.config().clone();
+    let labels: Vec<u32> = match m.num_classes {
+        Some(k) => (0..k as u32)
+            .flat_map(|c| std::iter::repeat_n(c, p.per_class))
+            .collect(),
+        None => Vec::new(),
+    };
+    let n = if labels.is_empty() {
+        p.per_class
+    } else {
+        labels.len()
+    };
+    let mut settings = SamplerSettings::new(SamplerKind::Ddim).steps(p.steps.to_string());
+    settings.eta = p.eta;
+    settings.clip_denoised = true;
+    let sampler = Sampler::new(diffusion.clone(), settings)?;
+    let guidance = Guidance {
+        cfg_scale: (p.guidance > 0.0 && m.num_classes.is_some()).then_some(p.guidance),
+        null_label: m.num_classes.map(|k| k as u32),
+        classifier: None,
+    };
+    let batch = BatchSpec {
+        shape: [n, m.in_channels, m.image_size, m.image_size],
+        first_index: 0,
+        seed: cfg.seed,
+        labels: (!labels.is_empty()).then_some(labels.as_slice()),
+        device: device.clone(),
+        dtype: DType::F32,
+        x_init: None,
+    };
+    Ok(sampler
+        .sample(&model, &guidance, &batch)?
+        .clamp(-1f32, 1f32)?)
 }

@@ -6,8 +6,6 @@
 use std::io;
 use std::path::Path;
 
-use crate::atomic::write_atomic;
-
 /// An RGB8 canvas.
 pub struct Canvas {
     pub width: usize,
@@ -82,33 +80,8 @@ impl Canvas {
     }
 
     pub fn write_png(&self, path: &Path) -> io::Result<()> {
-        write_atomic(
-            path,
-            &encode_png(
-                self.width as u32,
-                self.height as u32,
-                png::ColorType::Rgb,
-                &self.data,
-            )?,
-        )
+        ddpm_io::write_png(path, self.width as u32, self.height as u32, 3, &self.data)
     }
-}
-
-pub fn encode_png(
-    width: u32,
-    height: u32,
-    color: png::ColorType,
-    data: &[u8],
-) -> io::Result<Vec<u8>> {
-    let mut out = Vec::new();
-    {
-        let mut enc = png::Encoder::new(&mut out, width, height);
-        enc.set_color(color);
-        enc.set_depth(png::BitDepth::Eight);
-        let mut w = enc.write_header().map_err(io::Error::other)?;
-        w.write_image_data(data).map_err(io::Error::other)?;
-    }
-    Ok(out)
 }
 
 fn glyph(c: char) -> [u8; 5] {

@@ -1,20 +1,16 @@
-//! What a run is made of: the network, its parameters in a fixed order, the diffusion process,
-//! and the mutable training state that checkpoints capture.
-
-use std::path::PathBuf;
+//! What a run is made of: the network, its parameters in a fixed order, and the mutable training
+//! state that checkpoints capture.
 
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use ddpm_data::LoaderPosition;
-use ddpm_diffusion::GaussianDiffusion;
-use ddpm_dist::Communicator;
 use ddpm_unet::{EncoderUNet, UNet};
 
 use crate::config::{Task, TrainConfig};
 use crate::ema::Ema;
 use crate::metrics::Window;
-use crate::optim::{AdamW, AdamWParams};
+use crate::optim::AdamW;
 use crate::timesteps::TimestepSampler;
 
 /// The network being trained.
@@ -97,62 +93,4 @@ pub(crate) struct State {
     pub(crate) window: Window,
     pub(crate) skipped: u64,
     pub(crate) loader_pos: LoaderPosition,
-}
-
-pub(crate) struct Run<'a> {
-    pub(crate) cfg: &'a TrainConfig,
-    pub(crate) comm: &'a dyn Communicator,
-    pub(crate) device: Device,
-    pub(crate) net: Net,
-    pub(crate) names: Vec<String>,
-    pub(crate) vars: Vec<Var>,
-    pub(crate) diffusion: GaussianDiffusion,
-    pub(crate) sqrt_ac: Vec<f32>,
-    pub(crate) sqrt_1m_ac: Vec<f32>,
-    pub(crate) num_classes: Option<usize>,
-    pub(crate) run_dir: PathBuf,
-    pub(crate) hash: String,
-}
-
-impl Run<'_> {
-    pub(crate) fn adamw_params(&self) -> AdamWParams {
-        let o = &self.cfg.optim;
-        AdamWParams {
-            lr: o.lr,
-            beta1: o.betas[0],
-            beta2: o.betas[1],
-            eps: o.eps,
-            weight_decay: o.weight_decay,
-            warmup_steps: o.warmup_steps,
-        }
-    }
-
-    pub(crate) fn fresh_state(&self) -> Result<State> {
-        Ok(State {
-            step: 0,
-            opt: AdamW::new(&self.vars, self.adamw_params())?,
-            emas: self
-                .cfg
-                .ema
-                .rates
-                .iter()
-                .map(|&r| Ema::new(r, &self.vars))
-                .collect::<candle_core::Result<_>>()?,
-            sampler: TimestepSampler::new(
-                self.diffusion.num_timesteps(),
-                self.cfg.diffusion.timestep_sampling == crate::config::TimestepSampling::LossAware,
-            ),
-            window: Window::default(),
-            skipped: 0,
-            loader_pos: LoaderPosition::default(),
-        })
-    }
-
-    pub(crate) fn expected_shapes(&self, prefix: &str) -> Vec<(String, Vec<usize>)> {
-        self.names
-            .iter()
-            .zip(&self.vars)
-            .map(|(n, v)| (format!("{prefix}{n}"), v.dims().to_vec()))
-            .collect()
-    }
 }

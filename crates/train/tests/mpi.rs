@@ -45,7 +45,7 @@ fn losses(dir: &Path) -> Vec<f64> {
 }
 
 fn model(dir: &Path, step: u64) -> Vec<Vec<f32>> {
-    let ck = ddpm_train::Checkpoint::open(
+    let ck = ddpm_train::Checkpoint::open_verified(
         &dir.join("checkpoints")
             .join(ddpm_train::checkpoint::step_dir_name(step)),
     )

@@ -54,8 +54,8 @@ fn lines(dir: &Path) -> Vec<serde_json::Value> {
 }
 
 fn files_equal(a: &Path, b: &Path) {
-    let ca = Checkpoint::open(a).unwrap();
-    let cb = Checkpoint::open(b).unwrap();
+    let ca = Checkpoint::open_verified(a).unwrap();
+    let cb = Checkpoint::open_verified(b).unwrap();
     assert_eq!(ca.manifest.files.len(), cb.manifest.files.len());
     for f in &ca.manifest.files {
         let g = cb.manifest.file(&f.name).unwrap();
@@ -136,7 +136,7 @@ fn exact_resume(
     // the losses moved, so the test is not comparing two untrained models
     assert!(full.step_losses.iter().any(|&l| l != full.step_losses[0]));
     let counts = |p: &Path| {
-        Checkpoint::open(p)
+        Checkpoint::open_verified(p)
             .unwrap()
             .state_f64("loss_counts")
             .unwrap()
@@ -207,7 +207,7 @@ fn resume_refuses_mismatching_tensors_and_skips_damaged_checkpoints() {
         let e = e.unwrap();
         fs::copy(e.path(), bad.join(e.file_name())).unwrap();
     }
-    let ck = Checkpoint::open(&bad).unwrap();
+    let ck = Checkpoint::open_verified(&bad).unwrap();
     let mut tensors = ck
         .load_all(checkpoint::MODEL_FILE, &candle_core::Device::Cpu)
         .unwrap();

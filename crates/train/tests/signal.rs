@@ -66,7 +66,7 @@ fn signal_stops_cleanly(sig: i32) {
     assert_eq!(cks.len(), 1, "{cks:?}");
     let (step, dir) = &cks[0];
     assert!(*step >= 3 && *step < 1_000_000);
-    let ck = Checkpoint::open(dir).unwrap();
+    let ck = Checkpoint::open_verified(dir).unwrap();
     assert_eq!(ck.manifest.step, *step);
     // the metrics file ends at the checkpoint step
     let lines = ddpm_train::metrics::read_lines(&out.join("metrics.jsonl")).unwrap();

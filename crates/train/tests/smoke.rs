@@ -59,7 +59,8 @@ fn loss_falls_and_outputs_exist() {
         .collect();
     assert_eq!(cks, vec![60, 50]);
     let ck =
-        Checkpoint::open(&out.join("checkpoints").join(checkpoint::step_dir_name(60))).unwrap();
+        Checkpoint::open_verified(&out.join("checkpoints").join(checkpoint::step_dir_name(60)))
+            .unwrap();
     assert_eq!(ck.manifest.step, 60);
     assert_eq!(ck.manifest.config_hash, cfg.hash());
     let model = ck
@@ -85,10 +86,22 @@ fn loss_falls_and_outputs_exist() {
     }
 
     // the sampler's entry points: config and EMA model from the checkpoint, deterministic output
-    let unet = ck.load_unet(None, &candle_core::Device::Cpu).unwrap();
+    let unet = ck
+        .load_unet(
+            ddpm_checkpoint::Weights::Ema(None),
+            candle_core::DType::F32,
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
     assert_eq!(ck.config().unwrap(), cfg);
-    assert_eq!(ck.weights_file(None).unwrap(), "ema_0.9.safetensors");
-    assert!(ck.weights_file(Some(0.5)).is_err());
+    assert_eq!(
+        ck.weights_file(ddpm_checkpoint::Weights::Ema(None))
+            .unwrap(),
+        "ema_0.9.safetensors"
+    );
+    assert!(ck
+        .weights_file(ddpm_checkpoint::Weights::Ema(Some(0.5)))
+        .is_err());
     let x = candle_core::Tensor::zeros(
         (2, 1, 8, 8),
         candle_core::DType::F32,
@@ -186,7 +199,7 @@ log_every = 10
     );
     assert!(res.sample_grid.is_none());
     assert!(out.join("loss.png").exists());
-    let ck = Checkpoint::open(res.checkpoint.as_ref().unwrap()).unwrap();
+    let ck = Checkpoint::open_verified(res.checkpoint.as_ref().unwrap()).unwrap();
     assert_eq!(ck.manifest.task, "classifier");
 }
 
@@ -225,7 +238,7 @@ fn non_finite_steps_are_skipped_and_counted() {
         lines.last().unwrap()["skipped_steps"].as_u64(),
         Some(res.skipped_steps)
     );
-    let ck = Checkpoint::open(res.checkpoint.as_ref().unwrap()).unwrap();
+    let ck = Checkpoint::open_verified(res.checkpoint.as_ref().unwrap()).unwrap();
     assert_eq!(ck.manifest.skipped_steps, res.skipped_steps);
     assert_eq!(
         ck.manifest.optimizer.t,

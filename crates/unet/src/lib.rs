@@ -69,7 +69,8 @@ pub use ctx::{DropoutKey, ForwardCtx};
 pub use encoder::EncoderUNet;
 pub use error::{Result, UNetError};
 pub use params::{
-    load_checked, load_varmap, save_safetensors, save_varmap, ParamBuilder, SeededInit,
+    load_checked, load_varmap, safetensors_bytes, save_safetensors, save_varmap, ParamBuilder,
+    SeededInit,
 };
 pub use summary::{LevelSummary, ModelSummary};
 pub use unet::UNet;

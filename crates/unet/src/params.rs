@@ -5,7 +5,6 @@ use candle_core::{DType, Device, Shape, Tensor, Var};
 use candle_nn::{Init, VarBuilder, VarMap};
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
-use std::io::Write;
 use std::path::Path;
 use std::rc::Rc;
 
@@ -192,48 +191,32 @@ impl candle_nn::var_builder::SimpleBackend for SeededInit {
     }
 }
 
-/// Writes named tensors to a safetensors file atomically (temporary file in the same directory,
-/// fsync, rename), so a crash never leaves a truncated checkpoint under the final name. Names are
-/// written in sorted order so identical models give identical files.
+/// Serialises named tensors, sorted by name so identical models give identical bytes; `path` is
+/// only named in the error.
+pub fn safetensors_bytes(
+    path: &Path,
+    tensors: &[(String, Tensor)],
+    metadata: Option<HashMap<String, String>>,
+) -> Result<Vec<u8>> {
+    let sorted: BTreeMap<&str, &Tensor> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    safetensors::tensor::serialize(sorted, metadata).map_err(|e| UNetError::SafeTensors {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
+}
+
+/// Writes named tensors ([`safetensors_bytes`]) to a file atomically (ddpm-io), so a crash never
+/// leaves a truncated file under the final name.
 pub fn save_safetensors(
     path: &Path,
     tensors: &[(String, Tensor)],
     metadata: Option<HashMap<String, String>>,
 ) -> Result<()> {
-    let sorted: BTreeMap<&str, &Tensor> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
-    let bytes =
-        safetensors::tensor::serialize(sorted, metadata).map_err(|e| UNetError::SafeTensors {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })?;
-    let io = |source| UNetError::Io {
+    let bytes = safetensors_bytes(path, tensors, metadata)?;
+    ddpm_io::write_atomic(path, &bytes).map_err(|source| UNetError::Io {
         path: path.to_path_buf(),
         source,
-    };
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let file_name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{file_name}.tmp{}", std::process::id()));
-    let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&bytes)?;
-        f.sync_all()?;
-        drop(f);
-        std::fs::rename(&tmp, path)?;
-        if let Ok(d) = std::fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
-        Ok(())
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result.map_err(io)
+    })
 }
 
 /// Saves every variable of `varmap`.

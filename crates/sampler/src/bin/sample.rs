@@ -6,12 +6,11 @@ use std::time::Instant;
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::DType;
 use clap::Parser;
-use ddpm_sampler::checkpoint::RunCheckpoint;
 use ddpm_sampler::device::select_device;
-use ddpm_sampler::images::{write_grid_png, write_samples_h5};
+use ddpm_sampler::images::{class_names, write_grid_png, write_samples_h5};
 use ddpm_sampler::{
-    generate, ClassifierGuidance, EncoderClassifier, GenerateJob, Guidance, LabelPlan, Sampler,
-    SamplerKind, SamplerSettings, UNetDenoiser, Weights,
+    generate, Checkpoint, ClassifierGuidance, EncoderClassifier, GenerateJob, Guidance, LabelPlan,
+    Sampler, SamplerKind, SamplerSettings, UNetDenoiser, Weights,
 };
 
 /// Generate images from a ddpm-train checkpoint.
@@ -94,24 +93,9 @@ struct Args {
 }
 
 fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    let comm = match ddpm_dist::init() {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("error: {e}");
-            std::process::exit(1);
-        }
-    };
-    ddpm_dist::install_failure_handlers(&*comm);
+    let (comm, _) = ddpm_dist::start_or_exit("cpu", "warn");
     let args = Args::parse();
-    if let Err(e) = run(&args, &*comm) {
-        ddpm_dist::fail(&*comm, e.as_ref());
-    }
+    ddpm_dist::or_fail(&*comm, run(&args, &*comm));
 }
 
 fn grid_selection(n: usize, plan: LabelPlan, max: usize) -> (Vec<usize>, usize) {
@@ -136,13 +120,14 @@ fn grid_selection(n: usize, plan: LabelPlan, max: usize) -> (Vec<usize>, usize) 
 
 fn run(args: &Args, comm: &dyn ddpm_dist::Communicator) -> Result<()> {
     let rank0 = comm.rank() == 0;
-    let warn = |e: &ddpm_sampler::SamplerError| {
+    let warn = |e: &ddpm_sampler::CheckpointError| {
         if rank0 {
             eprintln!("warning: skipping checkpoint: {e}");
         }
     };
-    let ckpt = RunCheckpoint::resolve(&args.checkpoint, warn)?;
-    let model_cfg = ckpt.config.model.clone().ok_or_else(|| {
+    let ckpt = Checkpoint::resolve(&args.checkpoint, warn)?;
+    let run_cfg = ckpt.config()?;
+    let model_cfg = run_cfg.model.clone().ok_or_else(|| {
         anyhow!(
             "{}: not a diffusion-model checkpoint (task {:?})",
             ckpt.dir.display(),
@@ -168,17 +153,16 @@ fn run(args: &Args, comm: &dyn ddpm_dist::Communicator) -> Result<()> {
     let classifier = match &args.classifier {
         None => None,
         Some(p) => {
-            let c = RunCheckpoint::resolve(p, warn)?;
-            if c.config.diffusion.schedule != ckpt.config.diffusion.schedule
-                || c.config.diffusion.timesteps != ckpt.config.diffusion.timesteps
-            {
+            let c = Checkpoint::resolve(p, warn)?;
+            let (cd, md) = (c.config()?.diffusion, &run_cfg.diffusion);
+            if cd.schedule != md.schedule || cd.timesteps != md.timesteps {
                 bail!(
                     "{}: the classifier was trained on a {} schedule with {} steps, the model on {} with {}",
                     c.dir.display(),
-                    c.config.diffusion.schedule,
-                    c.config.diffusion.timesteps,
-                    ckpt.config.diffusion.schedule,
-                    ckpt.config.diffusion.timesteps
+                    cd.schedule,
+                    cd.timesteps,
+                    md.schedule,
+                    md.timesteps
                 );
             }
             let w = if c.manifest.ema_rates.is_empty() {
@@ -237,7 +221,7 @@ fn run(args: &Args, comm: &dyn ddpm_dist::Communicator) -> Result<()> {
         if model_cfg.num_classes.is_none() {
             bail!("--cfg needs a class-conditional model");
         }
-        if ckpt.config.diffusion.label_dropout <= 0.0 {
+        if run_cfg.diffusion.label_dropout <= 0.0 {
             bail!(
                 "--cfg: the model was trained with diffusion.label_dropout = 0, so it never learned the null label \
                  that classifier-free guidance needs (w = {w})"
@@ -294,7 +278,7 @@ fn run(args: &Args, comm: &dyn ddpm_dist::Communicator) -> Result<()> {
     let labels = out
         .labels
         .as_deref()
-        .map(|l| (l, ckpt.class_names(num_classes.unwrap_or(0))));
+        .map(|l| (l, class_names(&run_cfg, num_classes.unwrap_or(0))));
     let source = format!(
         "ddpm-sample: checkpoint {} (step {}), sampler {} steps {:?}, weights {}, seed {}, cfg {:?}, classifier {:?} scale {}",
         ckpt.dir.display(),

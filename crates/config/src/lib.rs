@@ -1,5 +1,10 @@
-//! The training configuration: a TOML file, `--set key.path=value` overrides, validation, and the
-//! config hash that checkpoints carry.
+//! The run configuration schema: a TOML file, `--set key.path=value` overrides, defaults,
+//! validation, and the config hash that checkpoints carry.
+//!
+//! One schema for every reader: the trainer parses it from the user's file, writes it resolved
+//! into each checkpoint manifest, and the sampler and evaluator read that copy back with the same
+//! types and defaults (`ddpm_checkpoint::Checkpoint::config`), so a checkpoint cannot be read with
+//! other defaults than the ones it was written with.
 //!
 //! Every value is checked before any work starts (no dataset is opened, no model is built) and a
 //! bad value is reported with its dotted key, e.g. `optim.lr must be > 0, got -1`. Unknown keys
@@ -9,6 +14,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+use ddpm_diffusion::GaussianDiffusion;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -406,33 +412,31 @@ impl Variance {
 }
 
 impl DiffusionConfig {
-    /// The equivalent `ddpm_diffusion` config, from which trainer and sampler build the same process.
-    pub fn to_diffusion(&self) -> ddpm_diffusion::DiffusionConfig {
-        use ddpm_diffusion::{BetaSchedule, LossType, ModelMeanType, ModelVarType};
-        ddpm_diffusion::DiffusionConfig {
-            beta_schedule: match self.schedule {
-                Schedule::Linear => BetaSchedule::Linear,
-                Schedule::Cosine => BetaSchedule::Cosine,
-            },
-            num_timesteps: self.timesteps,
-            mean_type: match self.prediction {
-                Prediction::Eps => ModelMeanType::Epsilon,
-                Prediction::V => ModelMeanType::V,
-                Prediction::X0 => ModelMeanType::StartX,
-            },
-            var_type: match self.variance {
-                Variance::FixedSmall => ModelVarType::FixedSmall,
-                Variance::FixedLarge => ModelVarType::FixedLarge,
-                Variance::LearnedRange => ModelVarType::LearnedRange,
-            },
-            loss_type: match self.loss {
-                Loss::Simple => LossType::Mse,
-                Loss::Hybrid => LossType::RescaledMse,
-                Loss::Vlb => LossType::RescaledKl,
-            },
-            rescale_timesteps: false,
-            min_snr_gamma: self.min_snr_gamma,
-        }
+    /// The full (training) diffusion process this table describes; trainer, sampler and
+    /// evaluator all build it here.
+    pub fn build(&self) -> ddpm_diffusion::Result<GaussianDiffusion> {
+        use ddpm_diffusion::{BetaSchedule, LossType, ModelMeanType, ModelVarType, NoiseSchedule};
+        let schedule = match self.schedule {
+            Schedule::Linear => BetaSchedule::Linear,
+            Schedule::Cosine => BetaSchedule::Cosine,
+        };
+        let mean = match self.prediction {
+            Prediction::Eps => ModelMeanType::Epsilon,
+            Prediction::V => ModelMeanType::V,
+            Prediction::X0 => ModelMeanType::StartX,
+        };
+        let var = match self.variance {
+            Variance::FixedSmall => ModelVarType::FixedSmall,
+            Variance::FixedLarge => ModelVarType::FixedLarge,
+            Variance::LearnedRange => ModelVarType::LearnedRange,
+        };
+        let loss = match self.loss {
+            Loss::Simple => LossType::Mse,
+            Loss::Hybrid => LossType::RescaledMse,
+            Loss::Vlb => LossType::RescaledKl,
+        };
+        let s = NoiseSchedule::new(&schedule, self.timesteps)?;
+        GaussianDiffusion::new(s, mean, var, loss).with_min_snr_gamma(self.min_snr_gamma)
     }
 }
 
@@ -491,6 +495,18 @@ impl TrainConfig {
 
     /// Checks every value; the error names the offending key.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        let num_classes = self.validate_networks()?;
+        self.validate_diffusion(num_classes)?;
+        self.validate_data()?;
+        self.validate_optim()?;
+        self.validate_ema()?;
+        self.validate_schedule()?;
+        self.validate_preview()?;
+        self.validate_out_dir()
+    }
+
+    /// The network table the task needs (and no other); returns the number of classes.
+    fn validate_networks(&self) -> Result<Option<usize>, ConfigError> {
         let num_classes = match (self.task, &self.model, &self.classifier) {
             (Task::Diffusion, None, _) => {
                 return Err(invalid(
@@ -525,6 +541,11 @@ impl TrainConfig {
                 Some(c.num_classes)
             }
         };
+        Ok(num_classes)
+    }
+
+    /// `[diffusion]`, against the network and the task.
+    fn validate_diffusion(&self, num_classes: Option<usize>) -> Result<(), ConfigError> {
         let d = &self.diffusion;
         if d.timesteps < 2 || d.timesteps > 100_000 {
             return Err(invalid(
@@ -564,15 +585,13 @@ impl TrainConfig {
                 ));
             }
         }
-        if let Err(e) = d.to_diffusion().build() {
+        if let Err(e) = d.build() {
             return Err(invalid(
                 "diffusion",
                 format!(
-                    "does not give a valid process (schedule = \"{:?}\", timesteps = {}): {e}",
+                    "does not give a valid process (schedule = \"{}\", timesteps = {}): {e}",
                     d.schedule, d.timesteps
-                )
-                .replace("\"Linear\"", "\"linear\"")
-                .replace("\"Cosine\"", "\"cosine\""),
+                ),
             ));
         }
         if !(0.0..1.0).contains(&d.label_dropout) {
@@ -593,7 +612,11 @@ impl TrainConfig {
                 "> 0 needs a class-conditional diffusion model (model.num_classes)",
             ));
         }
+        Ok(())
+    }
 
+    /// `[data]` and `[dist]`.
+    fn validate_data(&self) -> Result<(), ConfigError> {
         if self.data.path.as_os_str().is_empty() {
             return Err(invalid("data.path", "must not be empty"));
         }
@@ -630,7 +653,11 @@ impl TrainConfig {
                 format!("must be <= 1024, got {}", self.data.prefetch),
             ));
         }
+        Ok(())
+    }
 
+    /// `[optim]`.
+    fn validate_optim(&self) -> Result<(), ConfigError> {
         let o = &self.optim;
         if !(o.lr.is_finite() && o.lr > 0.0) {
             return Err(invalid("optim.lr", format!("must be > 0, got {}", o.lr)));
@@ -666,7 +693,11 @@ impl TrainConfig {
                 return Err(invalid("optim.grad_clip", format!("must be > 0, got {c}")));
             }
         }
+        Ok(())
+    }
 
+    /// `[ema]`.
+    fn validate_ema(&self) -> Result<(), ConfigError> {
         if self.ema.rates.is_empty() {
             return Err(invalid("ema.rates", "must list at least one rate"));
         }
@@ -684,7 +715,11 @@ impl TrainConfig {
                 ));
             }
         }
+        Ok(())
+    }
 
+    /// `[schedule]`.
+    fn validate_schedule(&self) -> Result<(), ConfigError> {
         let s = &self.schedule;
         if s.total_steps == 0 {
             return Err(invalid("schedule.total_steps", "must be >= 1, got 0"));
@@ -705,7 +740,12 @@ impl TrainConfig {
         if s.keep_checkpoints == 0 {
             return Err(invalid("schedule.keep_checkpoints", "must be >= 1, got 0"));
         }
+        Ok(())
+    }
 
+    /// `[preview]`, against the diffusion process and the EMA rates.
+    fn validate_preview(&self) -> Result<(), ConfigError> {
+        let d = &self.diffusion;
         let p = &self.preview;
         if p.steps < 2 || p.steps > d.timesteps {
             return Err(invalid(
@@ -748,7 +788,11 @@ impl TrainConfig {
                 ));
             }
         }
+        Ok(())
+    }
 
+    /// `out_dir` (set in the file or with `--out`).
+    fn validate_out_dir(&self) -> Result<(), ConfigError> {
         match &self.out_dir {
             None => {
                 return Err(invalid(
@@ -927,6 +971,15 @@ pub fn apply_set(table: &mut toml::Table, set: &str) -> Result<(), ConfigError> 
     }
     cur.insert(parts[parts.len() - 1].to_string(), value);
     Ok(())
+}
+
+impl fmt::Display for Schedule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Schedule::Linear => "linear",
+            Schedule::Cosine => "cosine",
+        })
+    }
 }
 
 impl fmt::Display for Task {

@@ -1,10 +1,4 @@
-//! Crash-safe file writes.
-//!
-//! A reader (a resumed job, the sampler, a person copying a run) must never see a half-written file
-//! under its final name: a preempted job can be killed at any instruction. Everything the trainer
-//! persists goes through here: data is written to a temporary sibling, flushed to disk, renamed over
-//! the final name (atomic on POSIX within one file system), and the directory entry itself is
-//! flushed so the rename survives a power loss.
+//! Temporary sibling, fsync, rename, fsync of the directory (see the crate docs).
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -56,15 +50,23 @@ pub fn write_atomic_with(
             .open(&tmp)
             .map_err(|e| ctx(e, "create", &tmp))?;
         fill(&mut f).map_err(|e| ctx(e, "write", &tmp))?;
-        f.sync_all().map_err(|e| ctx(e, "fsync", &tmp))?;
         drop(f);
-        fs::rename(&tmp, path).map_err(|e| ctx(e, "rename to", path))?;
-        fsync_dir(path.parent().unwrap_or(Path::new(".")))
+        commit(&tmp, path)
     })();
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
     }
     result
+}
+
+/// Flushes a complete temporary file `tmp` (written by someone else, e.g. the HDF5 library) and
+/// renames it over `target`, then flushes the directory. `tmp` should be [`temp_sibling`]`(target)`.
+pub fn commit(tmp: &Path, target: &Path) -> io::Result<()> {
+    File::open(tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| ctx(e, "fsync", tmp))?;
+    fs::rename(tmp, target).map_err(|e| ctx(e, "rename to", target))?;
+    fsync_dir(target.parent().unwrap_or(Path::new(".")))
 }
 
 /// Writes a file without the rename step, for files inside a staging directory that is itself

@@ -1,0 +1,77 @@
+//! The start every distributed binary shares (`ddpm-train`, `ddpm-sample`, `ddpm-eval`): logging,
+//! the communicator, the failure handlers; and the end of `main` on an error.
+
+use std::error::Error;
+
+use candle_core::Device;
+
+use crate::{Communicator, DistError, Result};
+
+/// This process's rank as the launcher announces it, before any communicator exists (for logging).
+pub fn rank_from_env() -> usize {
+    ["OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Logs to stderr, filtered by `RUST_LOG`, else at `default` on rank 0 and `warn` on the others.
+/// A second call does nothing.
+pub fn init_tracing(default: &str) {
+    let default = if rank_from_env() == 0 {
+        default
+    } else {
+        "warn"
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}
+
+/// Logging ([`init_tracing`]), the communicator and the failure handlers. `device`: `cpu` (host
+/// collectives, [`crate::init`]) or `cuda` (NCCL and this rank's GPU, feature `cuda`).
+pub fn start(device: &str, default_log: &str) -> Result<(Box<dyn Communicator>, Device)> {
+    init_tracing(default_log);
+    let (comm, device) = match device {
+        "cpu" => (crate::init()?, Device::Cpu),
+        #[cfg(feature = "cuda")]
+        "cuda" => crate::init_cuda()?,
+        #[cfg(not(feature = "cuda"))]
+        "cuda" => {
+            return Err(DistError::Device(
+                "--device cuda: this binary was built without the `cuda` feature".into(),
+            ))
+        }
+        other => {
+            return Err(DistError::Device(format!(
+                "--device must be cpu or cuda, got {other:?}"
+            )))
+        }
+    };
+    crate::install_failure_handlers(&*comm);
+    Ok((comm, device))
+}
+
+/// The value of `result`, or the end of the job through [`crate::fail`] (every rank, status 1).
+pub fn or_fail<T, E>(comm: &dyn Communicator, result: std::result::Result<T, E>) -> T
+where
+    E: Into<Box<dyn Error + Send + Sync + 'static>>,
+{
+    match result {
+        Ok(v) => v,
+        Err(e) => {
+            let e: Box<dyn Error + Send + Sync + 'static> = e.into();
+            crate::fail(comm, &*e)
+        }
+    }
+}
+
+/// [`start`] for binaries whose errors end the job through [`crate::fail`]: a failed start ends
+/// the process the same way.
+pub fn start_or_exit(device: &str, default_log: &str) -> (Box<dyn Communicator>, Device) {
+    or_fail(&crate::SingleProcess::new(), start(device, default_log))
+}
