@@ -248,6 +248,22 @@ fn accumulation_matches_one_batch_on_one_and_two_ranks_and_resumes_exactly() {
     run(1, "8", "1", &[], "one");
     run(1, "4", "2", &[], "acc1");
     assert_same_training(&d("acc1"), &d("one"));
+    // The step's gradient is the mean over the micro-batches (what one batch of 8 gives), not their
+    // sum: AdamW alone would hardly notice a factor k, the logged gradient norm and clipping do.
+    let norms = |dir: &Path| -> Vec<f64> {
+        ddpm_train::metrics::read_lines(&dir.join("metrics.jsonl"))
+            .unwrap()
+            .iter()
+            .map(|l| l["grad_norm"].as_f64().unwrap())
+            .collect()
+    };
+    for (i, (x, y)) in norms(&d("acc1")).iter().zip(norms(&d("one"))).enumerate() {
+        assert!(
+            (x - y).abs() <= 1e-4 * y.abs(),
+            "step {}: gradient norm {x} with accumulation vs {y} with one batch",
+            i + 1
+        );
+    }
     run(2, "2", "2", &[], "acc2");
     assert_same_training(&d("acc2"), &d("one"));
 
