@@ -62,6 +62,8 @@ fn bad_values_name_their_key() {
         ),
         ("diffusion.min_snr_gamma=-5", "diffusion.min_snr_gamma"),
         ("dist.bucket_mb=0", "dist.bucket_mb"),
+        ("train.accumulate=0", "train.accumulate must be in 1..=4096, got 0"),
+        ("train.accumulate=5000", "train.accumulate"),
         ("diffusion.loss=\"hybrid\"", "diffusion.loss"),
         ("diffusion.variance=\"learned_range\"", "model.learn_sigma"),
         ("preview.steps=1", "preview.steps"),
@@ -178,6 +180,9 @@ fn hash_ignores_only_the_excluded_keys() {
     assert!(!same(&["seed=8"], None));
     assert!(!same(&["model.model_channels=16"], None));
     assert!(!same(&["data.flip=false"], None));
+    // accumulation changes the global batch (and resume refuses that); the default hashes as before
+    assert!(!same(&["train.accumulate=2"], None));
+    assert!(same(&["train.accumulate=1"], None));
     assert_eq!(a.hash().len(), 64);
 }
 
