@@ -48,7 +48,9 @@ fn main() {
         panic!("ddpm-kernels: DDPM_CUDA_SM and DDPM_CUDA_PTX name no GPU architecture at all");
     }
     if ptx.len() > 1 {
-        panic!("ddpm-kernels: DDPM_CUDA_PTX names one capability (the PTX JITs on every newer GPU)");
+        panic!(
+            "ddpm-kernels: DDPM_CUDA_PTX names one capability (the PTX JITs on every newer GPU)"
+        );
     }
 
     let nvcc = find_nvcc();
@@ -66,12 +68,18 @@ fn main() {
     }
     // -fmad=false etc.: no FMA contraction, IEEE division and square root, no flush-to-zero. The kernels
     // already spell every operation with __f*_rn intrinsics; the flags keep it so if someone forgets one.
-    cmd.args(["-O3", "-fmad=false", "-ftz=false", "-prec-div=true", "-prec-sqrt=true"])
-        .arg("-I")
-        .arg(manifest.join("src"))
-        .arg("-o")
-        .arg(&out)
-        .arg(&src);
+    cmd.args([
+        "-O3",
+        "-fmad=false",
+        "-ftz=false",
+        "-prec-div=true",
+        "-prec-sqrt=true",
+    ])
+    .arg("-I")
+    .arg(manifest.join("src"))
+    .arg("-o")
+    .arg(&out)
+    .arg(&src);
     let status = cmd.status().unwrap_or_else(|e| {
         panic!(
             "ddpm-kernels: could not run nvcc ({}): {e}. Feature `cuda` needs CUDA 13 nvcc at build \
@@ -100,12 +108,17 @@ fn caps(var: &str, default: &str) -> Vec<u32> {
     }
     text.split(',')
         .map(|s| {
-            let s = s.trim().trim_start_matches("sm_").trim_start_matches("compute_");
+            let s = s
+                .trim()
+                .trim_start_matches("sm_")
+                .trim_start_matches("compute_");
             s.parse::<u32>()
                 .ok()
                 .filter(|c| (50..=200).contains(c))
                 .unwrap_or_else(|| {
-                    panic!("ddpm-kernels: {var}={text:?}: {s:?} is not a compute capability like 86")
+                    panic!(
+                        "ddpm-kernels: {var}={text:?}: {s:?} is not a compute capability like 86"
+                    )
                 })
         })
         .collect()

@@ -510,7 +510,11 @@ mod tests {
         // 4 floats per bucket: both tensors straddle buckets.
         let mut sync = GradientSync::from_tensors(&g, 16).unwrap();
         sync.all_reduce_mean(&comm, &g).unwrap();
-        assert_eq!(calls(), 0, "one rank: all_reduce_mean skips the collectives");
+        assert_eq!(
+            calls(),
+            0,
+            "one rank: all_reduce_mean skips the collectives"
+        );
         let out = sync.all_reduce_mean_even_alone(&comm, &g).unwrap();
         assert_eq!(calls(), 5, "one collective per bucket");
         for (o, g) in out.iter().zip(&g) {

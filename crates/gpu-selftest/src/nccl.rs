@@ -24,7 +24,12 @@ pub fn run(dev: &Device, grads: &[Tensor], rep: &mut Report) -> Result<()> {
     let comm = NcclCommunicator::new(Box::new(SingleProcess::new()), dev)?;
     match comm.device_collectives() {
         Some(dc) if dc.supports(dev) => {}
-        _ => return Err(anyhow!("NcclCommunicator offers no device collectives for {:?}", dev.location())),
+        _ => {
+            return Err(anyhow!(
+                "NcclCommunicator offers no device collectives for {:?}",
+                dev.location()
+            ))
+        }
     }
     let mut out = sync.all_reduce_mean_even_alone(&comm, grads)?; // warm-up: NCCL sets up its channels
     stream.synchronize()?;

@@ -50,7 +50,10 @@ pub fn parse(sm: &str, ptx: &str) -> Vec<Image> {
     let num = |s: &str, p: &str| s.trim().strip_prefix(p).and_then(|n| n.parse::<u32>().ok());
     sm.split(',')
         .filter_map(|s| num(s, "sm_").map(Image::Sm))
-        .chain(ptx.split(',').filter_map(|s| num(s, "compute_").map(Image::Ptx)))
+        .chain(
+            ptx.split(',')
+                .filter_map(|s| num(s, "compute_").map(Image::Ptx)),
+        )
         .collect()
 }
 
@@ -122,7 +125,10 @@ mod tests {
         let m = no_image_message("Tesla T4", 7, 5, &default_images());
         assert!(m.contains("compute capability 7.5"), "{m}");
         assert!(m.contains("Tesla T4"), "{m}");
-        assert!(m.contains("sm_80, sm_86, sm_89, sm_90, compute_90 (PTX)"), "{m}");
+        assert!(
+            m.contains("sm_80, sm_86, sm_89, sm_90, compute_90 (PTX)"),
+            "{m}"
+        );
         assert!(m.contains("DDPM_CUDA_SM=75"), "{m}");
     }
 }

@@ -343,7 +343,9 @@ impl<'a> TrainLoop<'a> {
         let k = self.cfg.train.accumulate;
         let b = batch.shape[0];
         if b % k != 0 {
-            bail!("a batch of {b} examples does not split into train.accumulate = {k} micro-batches");
+            bail!(
+                "a batch of {b} examples does not split into train.accumulate = {k} micro-batches"
+            );
         }
         let mb = b / k;
         let rank_first = (self.comm.rank() * b) as u64;
@@ -920,7 +922,10 @@ fn micro_batch(batch: &Batch, start: usize, len: usize) -> Batch {
     Batch {
         images: batch.images[start * per..(start + len) * per].to_vec(),
         shape,
-        labels: batch.labels.as_ref().map(|l| l[start..start + len].to_vec()),
+        labels: batch
+            .labels
+            .as_ref()
+            .map(|l| l[start..start + len].to_vec()),
         indices: batch.indices[start..start + len].to_vec(),
         epoch: batch.epoch,
         batch_index: batch.batch_index,

@@ -62,7 +62,10 @@ fn bad_values_name_their_key() {
         ),
         ("diffusion.min_snr_gamma=-5", "diffusion.min_snr_gamma"),
         ("dist.bucket_mb=0", "dist.bucket_mb"),
-        ("train.accumulate=0", "train.accumulate must be in 1..=4096, got 0"),
+        (
+            "train.accumulate=0",
+            "train.accumulate must be in 1..=4096, got 0",
+        ),
         ("train.accumulate=5000", "train.accumulate"),
         ("diffusion.loss=\"hybrid\"", "diffusion.loss"),
         ("diffusion.variance=\"learned_range\"", "model.learn_sigma"),

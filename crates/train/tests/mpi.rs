@@ -272,7 +272,12 @@ fn accumulation_matches_one_batch_on_one_and_two_ranks_and_resumes_exactly() {
     let (x, y) = (losses(&d("split")), losses(&d("acc2")));
     assert_eq!(x.len(), 20);
     for (i, (a, b)) in x.iter().zip(&y).enumerate() {
-        assert_eq!(a.to_bits(), b.to_bits(), "step {}: resumed {a} vs uninterrupted {b}", i + 1);
+        assert_eq!(
+            a.to_bits(),
+            b.to_bits(),
+            "step {}: resumed {a} vs uninterrupted {b}",
+            i + 1
+        );
     }
     assert_eq!(model(&d("split"), 20), model(&d("acc2"), 20));
 }

@@ -49,7 +49,9 @@ fn parse_args() -> Args {
             "--device" => {
                 a.device = match it.next().expect("--device cpu|cuda").as_str() {
                     "cpu" => Device::Cpu,
-                    "cuda" => Device::new_cuda(0).expect("CUDA device 0 (a build with --features cuda)"),
+                    "cuda" => {
+                        Device::new_cuda(0).expect("CUDA device 0 (a build with --features cuda)")
+                    }
                     other => panic!("unknown device {other} (cpu, cuda)"),
                 }
             }
