@@ -35,16 +35,24 @@
 # GPU_LIB_DIRS. HDF5 and its dependencies travel in the pack (lib/). No Rust, MPI or HDF5 install needed;
 # python3 with numpy and h5py compares the images (the PyTorch image of the device tool has them).
 # With $OUT set (the device tool), the full log and the self-test's markdown are written there.
+#
+# GPU_CHECK_DRY_RUN=1 rehearses both halves on a machine without a GPU: `pack` takes the CPU build in
+# target/debug (no CUDA build, no fatbin check) and `run` passes --device cpu where it would pass cuda
+# (the self-test then fails: it needs a GPU). It checks this script, not the GPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
 PACK=$REPO/.gpu/pack
 BINS=(ddpm-train ddpm-sample ddpm-gpu-selftest bench_unet)  # bench_unet: for bench/gpu.sh
 N=${GPU_CHECK_STEPS:-10}           # half the training steps (resume splits at N)
+DRY=${GPU_CHECK_DRY_RUN:-0}
+DEV=cuda
+if [ "$DRY" = 1 ]; then DEV=cpu; fi
 SAMPLE_ARGS=(--per-class 2 --cfg 1.5 --batch 20 --seed 7 --no-grid)
 
-# Libraries the device provides itself (driver, CUDA 13 wheels, C/C++ runtime): never bundled.
-SYSTEM_LIBS='^(linux-vdso|ld-linux|libc|libm|libdl|libpthread|librt|libgcc_s|libstdc\+\+|libcuda|libcudart|libcublas|libcublasLt|libcurand|libnvrtc|libnccl)\.'
+# Libraries the device provides itself (driver, CUDA 13 wheels, glibc and the C/C++ runtime: glibc parts
+# such as libresolv only work with their own libc): never bundled.
+SYSTEM_LIBS='^(linux-vdso|ld-linux|libc|libm|libdl|libpthread|librt|libresolv|libnsl|libutil|libanl|libgcc_s|libstdc\+\+|libcuda|libcudart|libcublas|libcublasLt|libcurand|libnvrtc|libnccl)\.'
 
 # train_args OUTDIR STEPS DEVICE [extra ddpm-train args...] sets TA: the quickstart config on the packed
 # data, one metrics line per step, a checkpoint every N steps, a cheap end-of-run preview.
@@ -60,13 +68,15 @@ pack() {
   bash scripts/cuda-toolchain.sh
   # shellcheck disable=SC1091
   source .gpu/env.sh
-  if [ "${GPU_CHECK_NO_BUILD:-0}" != 1 ]; then
+  local T=target-cuda/debug
+  if [ "$DRY" = 1 ]; then
+    T=target/debug
+  elif [ "${GPU_CHECK_NO_BUILD:-0}" != 1 ]; then
     cargo build --target-dir target-cuda -p ddpm-train -p ddpm-sampler -p ddpm-gpu-selftest -p ddpm-data \
       -p ddpm-unet --bins --example bench_unet --no-default-features \
       --features ddpm-train/cuda,ddpm-sampler/cuda,ddpm-gpu-selftest/cuda,ddpm-unet/cuda
   fi
-  bash scripts/check-fatbin.sh target-cuda
-  local T=target-cuda/debug
+  [ "$DRY" = 1 ] || bash scripts/check-fatbin.sh target-cuda
   rm -rf "$PACK"
   mkdir -p "$PACK/bin" "$PACK/lib" "$PACK/ref"
   REF=$PACK/ref
@@ -157,6 +167,7 @@ EOF
     echo "packed $(date -u +%FT%TZ) on $(uname -n)"
     echo "candle kernels: PTX for compute_${CUDA_COMPUTE_CAP} (JIT); ddpm-kernels fatbin: see check-fatbin above"
     echo "steps N=$N"
+    if [ "$DRY" = 1 ]; then echo "DRY RUN: CPU binaries from target/debug, not a GPU pack"; fi
   } > "$PACK/INFO"
   (cd "$PACK" && find . -type f ! -name SHA256SUMS -print0 | sort -z | xargs -0 sha256sum > SHA256SUMS)
   echo "gpu-check: pack $(du -sh "$PACK" | cut -f1) in $PACK:"
@@ -256,12 +267,12 @@ run() {
   [ -f "$WORK/selftest.md" ] && sed -n '/^| what/,$p' "$WORK/selftest.md"
 
   # 2. training on the GPU against the CPU reference; 3. exact resume on the GPU.
-  train_args "$WORK/full" $((2 * N)) cuda
+  train_args "$WORK/full" $((2 * N)) "$DEV"
   check train-gpu 180 "$B/ddpm-train" "${TA[@]}"
   check train-vs-cpu 30 "${cmp[@]}" losses "$REF/cpu-metrics.jsonl" "$WORK/full/metrics.jsonl" 1e-4 5e-3
-  train_args "$WORK/split" "$N" cuda
+  train_args "$WORK/split" "$N" "$DEV"
   check resume-first-half 120 "$B/ddpm-train" "${TA[@]}"
-  train_args "$WORK/split" $((2 * N)) cuda --resume auto
+  train_args "$WORK/split" $((2 * N)) "$DEV" --resume auto
   check resume-second-half 120 "$B/ddpm-train" "${TA[@]}"
   local last
   last=step_$(printf '%09d' $((2 * N)))
@@ -269,10 +280,10 @@ run() {
   check resume-checkpoint-exact 30 "${cmp[@]}" checkpoints "$WORK/full/checkpoints/$last" "$WORK/split/checkpoints/$last"
 
   # 4. sampling on the GPU against the CPU samples from the same checkpoint and noise.
-  check sample-ddim-gpu 120 "$B/ddpm-sample" --checkpoint "$REF/checkpoint" --device cuda --sampler ddim --steps 20 \
+  check sample-ddim-gpu 120 "$B/ddpm-sample" --checkpoint "$REF/checkpoint" --device "$DEV" --sampler ddim --steps 20 \
     "${SAMPLE_ARGS[@]}" --out "$WORK/gpu-ddim.h5"
   check sample-ddim-vs-cpu 30 "${cmp[@]}" images "$REF/cpu-ddim.h5" "$WORK/gpu-ddim.h5" 0.5 8 0.005
-  check sample-dpm-gpu 120 "$B/ddpm-sample" --checkpoint "$REF/checkpoint" --device cuda --sampler dpm-solver --steps 10 \
+  check sample-dpm-gpu 120 "$B/ddpm-sample" --checkpoint "$REF/checkpoint" --device "$DEV" --sampler dpm-solver --steps 10 \
     "${SAMPLE_ARGS[@]}" --out "$WORK/gpu-dpm.h5"
   check sample-dpm-vs-cpu 30 "${cmp[@]}" images "$REF/cpu-dpm.h5" "$WORK/gpu-dpm.h5" 0.5 8 0.005
 

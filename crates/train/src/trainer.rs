@@ -319,7 +319,7 @@ impl<'a> TrainLoop<'a> {
             self.cfg.schedule.sample_every,
         );
         let sample_now = !self.metrics.stop
-            && (self.st.step == total || (every > 0 && self.st.step % every == 0));
+            && (self.st.step == total || (every > 0 && self.st.step.is_multiple_of(every)));
         if self.root() && sample_now {
             self.pictures();
         }
@@ -342,7 +342,7 @@ impl<'a> TrainLoop<'a> {
     fn forward_backward(&self, step: u64, batch: &Batch) -> Result<(LocalStep, Vec<Tensor>)> {
         let k = self.cfg.train.accumulate;
         let b = batch.shape[0];
-        if b % k != 0 {
+        if !b.is_multiple_of(k) {
             bail!(
                 "a batch of {b} examples does not split into train.accumulate = {k} micro-batches"
             );
@@ -466,7 +466,7 @@ impl<'a> TrainLoop<'a> {
 
     /// The metrics line (rank 0) at every `log_every` boundary and at the last step.
     fn log_step(&mut self, epoch: u64) -> Result<()> {
-        let at_boundary = self.st.step % self.cfg.schedule.log_every == 0;
+        let at_boundary = self.st.step.is_multiple_of(self.cfg.schedule.log_every);
         if self.root() && (at_boundary || self.last_step()) {
             let line = self.metrics_line(epoch);
             if let Some(m) = self.log.as_mut() {
@@ -526,7 +526,12 @@ impl<'a> TrainLoop<'a> {
 
     /// A checkpoint every `checkpoint_every` steps and at the last step (written by rank 0).
     fn save_if_due(&mut self) -> Result<()> {
-        if self.st.step % self.cfg.schedule.checkpoint_every == 0 || self.last_step() {
+        if self
+            .st
+            .step
+            .is_multiple_of(self.cfg.schedule.checkpoint_every)
+            || self.last_step()
+        {
             self.save()?;
         }
         Ok(())
