@@ -43,7 +43,7 @@ dirs=$(lib_dirs | awk '!seen[$0]++' | paste -sd: -)
 nccl=$(IFS=:; for d in $dirs; do ls "$d"/libnccl.so.2 2>/dev/null; done | head -n 1 || true)
 [ -n "$nccl" ] && ln -sf "$nccl" "$WORK/lib/libnccl.so"
 export LD_LIBRARY_PATH="$WORK/lib:$dirs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-{ nvidia-smi --query-gpu=name,driver_version,compute_cap --format=csv,noheader || true; } 2>&1
+if command -v nvidia-smi >/dev/null; then nvidia-smi --query-gpu=name,driver_version,compute_cap --format=csv,noheader || true; else echo "bench: no nvidia-smi"; fi
 cat "$PACK/INFO"
 
 # ---- candle: ddpm-train's own step ----

@@ -241,7 +241,7 @@ run() {
   export LD_LIBRARY_PATH="$WORK/lib:$dirs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
   cat "$PACK/INFO"
   echo "gpu-check: LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
-  { nvidia-smi --query-gpu=name,driver_version,compute_cap,memory.total --format=csv,noheader || true; } 2>&1
+  if command -v nvidia-smi >/dev/null; then nvidia-smi --query-gpu=name,driver_version,compute_cap,memory.total --format=csv,noheader || true; else echo "gpu-check: no nvidia-smi"; fi
   local missing
   missing=$(for b in "${BINS[@]}"; do ldd "$B/$b" | grep 'not found'; done | sort -u || true)
   if [ -n "$missing" ]; then echo "gpu-check: missing libraries: $missing" >&2; exit 3; fi

@@ -8,7 +8,8 @@
   gpu_compare.py metrics A.jsonl B.jsonl
       two runs' metrics.jsonl equal field for field except wall-clock fields (exact resume).
   gpu_compare.py checkpoints DIR_A DIR_B
-      two checkpoints' manifest.json equal except creation time and writer: same step, loader position,
+      two checkpoints' manifest.json equal except creation time, writer and the config text (its hash is
+      compared): same step, loader position,
       optimizer and RNG state, and every file (weights, EMAs, moments, trainer state) with the same sha256.
   gpu_compare.py images REF.h5 GOT.h5 MEAN_MAX FAR_LEVELS FAR_FRAC_MAX
       sampler outputs (`images` uint8): mean |difference| <= MEAN_MAX grey levels, and at most
@@ -78,7 +79,9 @@ def checkpoints(a_dir, b_dir):
     def manifest(d):
         with open(f"{d}/manifest.json") as f:
             m = json.load(f)
-        for k in ("created_unix", "writer"):
+        # `config` holds the run directory and the schedule, which differ between the runs on purpose;
+        # `config_hash` (everything that shapes the trajectory) is compared.
+        for k in ("created_unix", "writer", "config"):
             m.pop(k, None)
         return m
 
