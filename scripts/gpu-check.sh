@@ -245,8 +245,12 @@ run() {
   local missing
   missing=$(for b in "${BINS[@]}"; do ldd "$B/$b" | grep 'not found'; done | sort -u || true)
   if [ -n "$missing" ]; then echo "gpu-check: missing libraries: $missing" >&2; exit 3; fi
+  # A python3 with numpy and h5py for the image comparison: the device image's, else this repo's
+  # toolchain venv (a dry run here), else plain python3 (the image checks then fail, saying why).
   local py=python3
-  command -v /opt/torch/.venv/bin/python3 >/dev/null 2>&1 && py=/opt/torch/.venv/bin/python3
+  for p in /opt/torch/.venv/bin/python3 "$REPO/.gpu/venv/bin/python"; do
+    if [ -x "$p" ] && "$p" -c 'import numpy, h5py' 2>/dev/null; then py=$p; break; fi
+  done
   local cmp=("$py" "$PACK/gpu_compare.py")
 
   # 1. self-test: one summary line per check it makes.

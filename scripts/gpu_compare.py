@@ -6,7 +6,8 @@
       be <= FIRST_REL (same weights and batch: only summation order differs), every step's <= ALL_REL
       (the difference then also travels through the optimizer).
   gpu_compare.py metrics A.jsonl B.jsonl
-      two runs' metrics.jsonl equal field for field except wall-clock fields (exact resume).
+      two runs' metrics.jsonl equal field for field except wall-clock fields (exact resume); floats to
+      4e-16 relative (about 2 ulp: serde_json's float parsing when a resumed run rewrites earlier lines).
   gpu_compare.py checkpoints DIR_A DIR_B
       two checkpoints' manifest.json equal except creation time, writer and the config text (its hash is
       compared): same step, loader position,
@@ -66,12 +67,21 @@ def metrics(a_path, b_path):
     if len(a) != len(b):
         print(f"{len(a)} metrics lines vs {len(b)}")
         return 1
+    def same(u, v):
+        # A resumed run re-reads the earlier lines of metrics.jsonl and writes them back, and serde_json
+        # (built without `float_roundtrip`) parses floats to within about 1 ulp: those lines' floats may
+        # move by that much. Anything else must be equal; the weights are compared bit for bit by
+        # `checkpoints`.
+        if isinstance(u, float) and isinstance(v, float):
+            return abs(u - v) <= 4e-16 * max(abs(u), abs(v))
+        return u == v
+
     for i, (x, y) in enumerate(zip(a, b)):
-        if x != y:
-            keys = sorted(k for k in set(x) | set(y) if x.get(k) != y.get(k))
+        if set(x) != set(y) or not all(same(x[k], y[k]) for k in x):
+            keys = sorted(k for k in set(x) | set(y) if not same(x.get(k), y.get(k)))
             print(f"line {i} (step {x.get('step')}) differs in {keys}: {[(x.get(k), y.get(k)) for k in keys][:3]}")
             return 1
-    print(f"{len(a)} metrics lines identical (wall-clock fields excluded)")
+    print(f"{len(a)} metrics lines identical (wall-clock fields excluded; floats to 4e-16 relative)")
     return 0
 
 
