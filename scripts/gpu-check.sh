@@ -229,6 +229,10 @@ run() {
   [ -f "$PACK/pack.tar.xz" ] || { echo "gpu-check: $PACK/pack.tar.xz missing: run 'scripts/gpu-check.sh pack' on the build machine first" >&2; exit 3; }
   T0=$(date +%s)
   (cd "$PACK" && sha256sum -c --quiet SHA256SUMS) || { echo "gpu-check: pack damaged" >&2; exit 3; }
+  if grep -q '^DRY RUN' "$PACK/INFO" && [ "$DRY" != 1 ]; then
+    echo "gpu-check: $PACK is a dry-run pack (CPU binaries): run 'scripts/gpu-check.sh pack' first" >&2
+    exit 3
+  fi
   WORK=$(mktemp -d /tmp/ddpm-gpu-check.XXXXXX)
   REF=$PACK/ref
   xz -dc "$PACK/pack.tar.xz" | tar -xf - -C "$WORK"
