@@ -4,7 +4,9 @@
 # Installs the CUDA 13.0 build toolchain from pinned PyPI wheels into .gpu/ (scripts/cuda-toolchain.sh;
 # skipped when present), then builds, in target-cuda/ (kept apart from the CPU target dir):
 #   - ddpm-kernels and ddpm-gpu-selftest with `cuda`, and
-#   - every other workspace member that declares a `cuda` feature, with it.
+#   - every other workspace member that declares a `cuda` feature, with it,
+# then checks with cuobjdump that the ddpm-kernels fatbin holds sm_80/86/89/90 machine code and compute_90
+# PTX (scripts/check-fatbin.sh).
 # A clean build takes ~17 minutes on 2 cores (candle's CUDA kernels are most of it); an incremental one
 # about a minute.
 set -euo pipefail
@@ -36,4 +38,5 @@ done
 echo "ci-cuda-build: building ${specs[*]} with feature cuda"
 features_csv=$(IFS=,; echo "${features[*]}")
 time cargo build --target-dir target-cuda "${args[@]}" --features "$features_csv"
-echo "ci-cuda-build: ok (GPU code type-checked and linked; nothing was run: no GPU needed here)"
+bash scripts/check-fatbin.sh target-cuda
+echo "ci-cuda-build: ok (GPU code type-checked and linked, fatbin images checked; nothing was run: no GPU needed here)"

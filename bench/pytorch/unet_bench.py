@@ -8,6 +8,7 @@ bench/unet.sh. With --export FILE it instead writes random weights, an input and
 output to a safetensors file that the Rust example checks with `--crosscheck FILE`.
 """
 import argparse
+import contextlib
 import json
 import math
 import struct
@@ -172,29 +173,46 @@ CONFIGS["tiny"] = dict(image_size=8, in_channels=3, model_channels=8, num_res_bl
                        num_head_channels=4, num_groups=4)
 
 
+DEVICE = torch.device("cpu")
+AMP = None  # torch.bfloat16 under --amp bf16
+
+
+def sync():
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def median_ms(reps, fn):
     fn()
+    sync()
     times = []
     for _ in range(max(reps, 1)):
         s = time.perf_counter()
         fn()
+        sync()
         times.append((time.perf_counter() - s) * 1e3)
     times.sort()
     return times[len(times) // 2]
 
 
-def bench(name, batch, reps):
+def autocast():
+    if AMP is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=DEVICE.type, dtype=AMP)
+
+
+def bench(name, batch, reps, full_step=False):
     torch.manual_seed(0)
-    model = UNet(**CONFIGS[name])
+    model = UNet(**CONFIGS[name]).to(DEVICE)
     n = sum(p.numel() for p in model.parameters())
     print(f"{name}: parameters {n}")
     print(f"RESULT {name} params {n}")
     s = CONFIGS[name]["image_size"]
-    x = torch.randn(batch, 3, s, s)
-    noise = torch.randn(batch, 3, s, s)
-    t = torch.tensor([float(i * 61 % 1000) for i in range(batch)])
+    x = torch.randn(batch, 3, s, s, device=DEVICE)
+    noise = torch.randn(batch, 3, s, s, device=DEVICE)
+    t = torch.tensor([float(i * 61 % 1000) for i in range(batch)], device=DEVICE)
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), autocast():
         fwd = median_ms(reps, lambda: model(x, t))
     print(f"{name}: forward batch {batch}: {fwd:.1f} ms")
     print(f"RESULT {name} forward {fwd:.3f}")
@@ -202,12 +220,37 @@ def bench(name, batch, reps):
 
     def step():
         model.zero_grad(set_to_none=True)
-        loss = (model(x, t) - noise).pow(2).mean()
+        with autocast():
+            loss = (model(x, t).float() - noise).pow(2).mean()
         loss.backward()
 
     train = median_ms(reps, step)
     print(f"{name}: forward+backward batch {batch}: {train:.1f} ms")
     print(f"RESULT {name} train {train:.3f}")
+    if full_step:
+        # What one ddpm-train step does besides forward and backward: noising x_t from x_0 at random
+        # timesteps, AdamW with gradient clipping, one EMA update (f32 master weights and state).
+        opt = torch.optim.AdamW(model.parameters(), lr=2e-4, weight_decay=0.0)
+        ema = [p.detach().clone() for p in model.parameters()]
+        ac = torch.cos(torch.linspace(0, 1.5, 1000, device=DEVICE)) ** 2
+
+        def full():
+            ts = torch.randint(0, 1000, (batch,), device=DEVICE)
+            a = ac[ts][:, None, None, None]
+            eps = torch.randn_like(x)
+            xt = a.sqrt() * x + (1 - a).sqrt() * eps
+            opt.zero_grad(set_to_none=True)
+            with autocast():
+                loss = (model(xt, ts.float()).float() - eps).pow(2).mean()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            with torch.no_grad():
+                torch._foreach_lerp_(ema, [p.detach() for p in model.parameters()], 1 - 0.9999)
+
+        full_ms = median_ms(reps, full)
+        print(f"{name}: full training step batch {batch}: {full_ms:.1f} ms")
+        print(f"RESULT {name} step {full_ms:.3f}")
 
 
 def conv_ops(batch, reps):
@@ -274,16 +317,31 @@ def main():
     ap.add_argument("--no-ops", action="store_true")
     ap.add_argument("--export", metavar="FILE")
     ap.add_argument("--export-model", default="small")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--amp", default="off", choices=["off", "bf16"], help="bf16 autocast")
+    ap.add_argument("--tf32", default="off", choices=["off", "on"],
+                    help="TF32 in cuDNN convolutions and matmuls (PyTorch allows it in cuDNN by default)")
+    ap.add_argument("--full-step", action="store_true", help="also time noising + AdamW + EMA steps")
     a = ap.parse_args()
+    global DEVICE, AMP
+    DEVICE = torch.device(a.device)
+    AMP = torch.bfloat16 if a.amp == "bf16" else None
+    if DEVICE.type == "cuda":
+        torch.backends.cudnn.allow_tf32 = a.tf32 == "on"
+        torch.backends.cuda.matmul.allow_tf32 = a.tf32 == "on"
+        torch.backends.cudnn.benchmark = True
     if a.threads:
         torch.set_num_threads(a.threads)
     if a.export:
         export(a.export, a.export_model)
         return
     print(f"torch {torch.__version__}, CPU threads: {torch.get_num_threads()}, mkldnn: {torch.backends.mkldnn.is_available()}")
+    if DEVICE.type == "cuda":
+        print(f"cuda {torch.version.cuda}, cudnn {torch.backends.cudnn.version()}, {torch.cuda.get_device_name()}, "
+              f"amp {a.amp}, tf32 {a.tf32}, cudnn.benchmark on")
     for m in a.models.split(","):
-        bench(m, a.batch, a.reps)
-    if not a.no_ops:
+        bench(m, a.batch, a.reps, a.full_step)
+    if not a.no_ops and DEVICE.type == "cpu":
         conv_ops(a.batch, a.reps)
 
 

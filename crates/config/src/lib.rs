@@ -304,6 +304,41 @@ pub struct TrainConfig {
     /// Data-parallel settings; absent = defaults (not serialised then, so older configs hash the same).
     #[serde(default, skip_serializing_if = "DistConfig::is_default")]
     pub dist: DistConfig,
+    /// How one optimizer step is computed; absent = defaults (not serialised then, so older configs
+    /// hash the same).
+    #[serde(default, skip_serializing_if = "StepConfig::is_default")]
+    pub train: StepConfig,
+}
+
+/// How one optimizer step is computed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StepConfig {
+    /// Gradient accumulation: each rank runs `accumulate` micro-batches of `data.batch` examples
+    /// (forward and backward each) and averages their gradients before the one all-reduce and
+    /// optimizer update of the step. The global batch is `ranks x accumulate x data.batch`, and the
+    /// step computes what one batch of `accumulate x data.batch` per rank would, up to summation
+    /// order: the same examples, timesteps, noise and dropout (see crates/train/src/step.rs).
+    #[serde(default = "d_accumulate")]
+    pub accumulate: usize,
+}
+
+fn d_accumulate() -> usize {
+    1
+}
+
+impl Default for StepConfig {
+    fn default() -> Self {
+        Self {
+            accumulate: d_accumulate(),
+        }
+    }
+}
+
+impl StepConfig {
+    fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
 }
 
 /// How gradients travel between ranks.
@@ -612,6 +647,21 @@ impl TrainConfig {
         }
         if let Err(m) = ddpm_dist::validate_timeout_s(self.dist.timeout_s) {
             return Err(invalid("dist.timeout_s", m));
+        }
+        if self.train.accumulate == 0 || self.train.accumulate > 4096 {
+            return Err(invalid(
+                "train.accumulate",
+                format!("must be in 1..=4096, got {}", self.train.accumulate),
+            ));
+        }
+        if self.data.batch.saturating_mul(self.train.accumulate) > 65_536 {
+            return Err(invalid(
+                "train.accumulate",
+                format!(
+                    "data.batch x train.accumulate = {} x {} exceeds 65536 examples per rank and step",
+                    self.data.batch, self.train.accumulate
+                ),
+            ));
         }
         if self.data.batch == 0 || self.data.batch > 65_536 {
             return Err(invalid(

@@ -171,13 +171,33 @@ impl GradientSync {
         comm: &dyn Communicator,
         grads: &[Tensor],
     ) -> Result<Vec<Tensor>> {
+        self.reduce(comm, grads, false)
+    }
+
+    /// [`Self::all_reduce_mean`] that runs the collectives even with one rank, where the mean is the
+    /// identity and `all_reduce_mean` skips them: a one-GPU self-test drives the real packing, NCCL call
+    /// and unpacking this way (ddpm-gpu-selftest). Collective.
+    pub fn all_reduce_mean_even_alone(
+        &mut self,
+        comm: &dyn Communicator,
+        grads: &[Tensor],
+    ) -> Result<Vec<Tensor>> {
+        self.reduce(comm, grads, true)
+    }
+
+    fn reduce(
+        &mut self,
+        comm: &dyn Communicator,
+        grads: &[Tensor],
+        even_alone: bool,
+    ) -> Result<Vec<Tensor>> {
         self.validate(grads)?;
         self.stats = SyncStats {
             buckets: self.plan.num_buckets(),
             elems: self.plan.total_elems(),
             ..SyncStats::default()
         };
-        if comm.world_size() == 1 || grads.is_empty() {
+        if grads.is_empty() || (comm.world_size() == 1 && !even_alone) {
             return Ok(grads.to_vec());
         }
         let device = grads[0].device().clone();
@@ -430,5 +450,79 @@ mod tests {
         let f64s = vec![g[0].to_dtype(DType::F64).unwrap(), g[1].clone()];
         let e = sync.all_reduce_mean(&comm, &f64s).unwrap_err().to_string();
         assert!(e.contains("dtype"), "{e}");
+    }
+
+    /// One rank that counts the reductions it is asked for (with a SingleProcess's identity result).
+    struct Counting(crate::SingleProcess, std::sync::atomic::AtomicUsize);
+
+    impl crate::Communicator for Counting {
+        fn rank(&self) -> usize {
+            0
+        }
+        fn world_size(&self) -> usize {
+            1
+        }
+        fn local_rank(&self) -> usize {
+            0
+        }
+        fn all_reduce_sum_f32(&self, buf: &mut [f32]) -> Result<()> {
+            self.1.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            self.0.all_reduce_sum_f32(buf)
+        }
+        fn all_reduce_sum_f32_into(&self, send: &[f32], recv: &mut [f32]) -> Result<()> {
+            self.1.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            self.0.all_reduce_sum_f32_into(send, recv)
+        }
+        fn all_reduce_sum_f64(&self, buf: &mut [f64]) -> Result<()> {
+            self.0.all_reduce_sum_f64(buf)
+        }
+        fn all_reduce_max_u64(&self, buf: &mut [u64]) -> Result<()> {
+            self.0.all_reduce_max_u64(buf)
+        }
+        fn broadcast_bytes(&self, buf: &mut Vec<u8>, root: usize) -> Result<()> {
+            self.0.broadcast_bytes(buf, root)
+        }
+        fn all_gather_bytes(&self, mine: &[u8]) -> Result<Vec<Vec<u8>>> {
+            self.0.all_gather_bytes(mine)
+        }
+        fn barrier(&self) -> Result<()> {
+            self.0.barrier()
+        }
+        fn abort(&self, code: i32) -> ! {
+            self.0.abort(code)
+        }
+        fn backend(&self) -> &'static str {
+            "counting"
+        }
+    }
+
+    #[test]
+    fn even_alone_runs_the_buckets_and_returns_the_same_values() {
+        let comm = Counting(crate::SingleProcess::new(), Default::default());
+        let calls = || comm.1.load(std::sync::atomic::Ordering::SeqCst);
+        let g = vec![
+            Tensor::arange(0f32, 15.0, &Device::Cpu)
+                .unwrap()
+                .reshape((3, 5))
+                .unwrap(),
+            Tensor::new(&[1.5f32, -2.25], &Device::Cpu).unwrap(),
+        ];
+        // 4 floats per bucket: both tensors straddle buckets.
+        let mut sync = GradientSync::from_tensors(&g, 16).unwrap();
+        sync.all_reduce_mean(&comm, &g).unwrap();
+        assert_eq!(
+            calls(),
+            0,
+            "one rank: all_reduce_mean skips the collectives"
+        );
+        let out = sync.all_reduce_mean_even_alone(&comm, &g).unwrap();
+        assert_eq!(calls(), 5, "one collective per bucket");
+        for (o, g) in out.iter().zip(&g) {
+            assert_eq!(o.dims(), g.dims());
+            assert_eq!(
+                o.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                g.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+            );
+        }
     }
 }

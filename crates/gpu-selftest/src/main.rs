@@ -87,8 +87,11 @@ fn run(quick: bool, markdown: Option<&std::path::Path>) -> anyhow::Result<bool> 
     let (major, minor) = ctx.compute_capability().unwrap_or((0, 0));
     let mem = ctx.total_mem().unwrap_or(0) as f64 / (1u64 << 30) as f64;
     let mut rep = report::Report::new(format!(
-        "{name}, compute capability {major}.{minor}, {mem:.0} GiB; kernels cubin {}",
-        ddpm_kernels::cuda::CUBIN_ARCH
+        "{name}, compute capability {major}.{minor}, {mem:.0} GiB; kernels fatbin {} + {} (image for this GPU: {})",
+        ddpm_kernels::cuda::FATBIN_SM,
+        ddpm_kernels::cuda::FATBIN_PTX,
+        ddpm_kernels::arch::select(&ddpm_kernels::cuda::fatbin_images(), major as u32, minor as u32)
+            .map_or_else(|| "none".to_string(), |i| i.to_string())
     ));
     println!("device: {}", rep.device);
 

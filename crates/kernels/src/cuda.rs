@@ -1,8 +1,9 @@
-//! CUDA side of the ops: the embedded cubin, its per-device module, and the launches.
+//! CUDA side of the ops: the embedded fatbin, its per-device module, and the launches.
 //!
-//! The cubin is built by build.rs from src/ddpm_kernels.cu for one architecture (sm_90 by default) and loaded
-//! with `cuModuleLoadData` into the context of the candle device the tensors live on, on first use.
-//! Kernels run on the device's stream, ordered with candle's own work.
+//! The fatbin is built by build.rs from src/ddpm_kernels.cu (machine code for several GPU architectures plus
+//! PTX for newer ones) and loaded with `cuModuleLoadData` into the context of the candle device the tensors
+//! live on, on first use; the driver picks the image that fits the GPU. Kernels run on the device's
+//! stream, ordered with candle's own work.
 
 use crate::noising::{NoiseKey, NoisingOp, Prediction};
 use crate::sampler::SamplerStepOp;
@@ -15,8 +16,17 @@ use candle_core::{CudaStorage, Layout, Shape, Tensor};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
-/// The kernels as machine code for [`CUBIN_ARCH`].
-pub static CUBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/ddpm_kernels.cubin"));
+/// The kernels as a fatbin: machine code for [`FATBIN_SM`], PTX for [`FATBIN_PTX`].
+pub static FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/ddpm_kernels.fatbin"));
+/// Architectures with machine code in [`FATBIN`], comma-separated (`sm_80,sm_86,sm_89,sm_90` by default).
+pub const FATBIN_SM: &str = env!("DDPM_FATBIN_SM");
+/// Architecture of the PTX in [`FATBIN`] (`compute_90` by default; empty if none).
+pub const FATBIN_PTX: &str = env!("DDPM_FATBIN_PTX");
+
+/// The images in [`FATBIN`].
+pub fn fatbin_images() -> Vec<crate::arch::Image> {
+    crate::arch::parse(FATBIN_SM, FATBIN_PTX)
+}
 
 /// Threads per CUDA block; each thread owns one 4-element Philox block of one example.
 const THREADS: u32 = 256;
@@ -32,18 +42,26 @@ pub fn module(dev: &CudaDevice) -> candle_core::Result<Arc<CudaModule>> {
     if let Some(m) = map.get(&dev.id()) {
         return Ok(m.clone());
     }
-    let stream = dev.cuda_stream();
-    let m = stream
-        .context()
-        .load_module(Ptx::from_binary(CUBIN.to_vec()))
+    let ctx = dev.cuda_stream().context().clone();
+    let m = ctx
+        .load_module(Ptx::from_binary(FATBIN.to_vec()))
         .map_err(|e| {
-            candle_core::Error::Cuda(
-                format!(
-                    "ddpm-kernels: loading the embedded cubin failed ({e}); it holds code for one GPU \
-                     architecture only (sm_90 = H100/H200 unless rebuilt with DDPM_CUDA_ARCH)"
-                )
-                .into(),
-            )
+            let name = ctx.name().unwrap_or_else(|_| "?".into());
+            let msg = match ctx.compute_capability() {
+                Ok((major, minor)) => {
+                    let (major, minor) = (major as u32, minor as u32);
+                    let images = fatbin_images();
+                    match crate::arch::select(&images, major, minor) {
+                        None => crate::arch::no_image_message(&name, major, minor, &images),
+                        Some(img) => format!(
+                            "the GPU {name} (compute capability {major}.{minor}) should run the fatbin's \
+                             {img} image, but the driver refused it (a driver older than CUDA 13.0?)"
+                        ),
+                    }
+                }
+                Err(c) => format!("the GPU {name} did not report its compute capability ({c})"),
+            };
+            candle_core::Error::Cuda(format!("ddpm-kernels: loading the kernels failed ({e}): {msg}").into())
         })?;
     map.insert(dev.id(), m.clone());
     Ok(m)
@@ -269,6 +287,3 @@ pub(crate) fn philox_normal(
         false,
     ))
 }
-
-/// Architecture the embedded cubin was built for (`sm_90` unless `DDPM_CUDA_ARCH` said otherwise).
-pub const CUBIN_ARCH: &str = env!("DDPM_CUBIN_ARCH");

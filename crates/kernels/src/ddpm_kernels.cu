@@ -1,4 +1,4 @@
-// CUDA kernels of ddpm-kernels, compiled by build.rs to an sm_90 cubin and embedded in the binary.
+// CUDA kernels of ddpm-kernels, compiled by build.rs to a fatbin (sm_80/86/89/90 + compute_90 PTX) embedded in the binary.
 //
 // Work split: grid.y walks the examples of the batch, grid.x the 4-element Philox blocks of one example.
 // One thread owns one Philox block (4 consecutive elements of one example), so which thread computes an

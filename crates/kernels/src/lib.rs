@@ -33,9 +33,12 @@
 //!   (both sides compute `a*x + b*z` as two rounded products and a rounded sum, never an FMA).
 //!
 //! # CUDA
-//! With feature `cuda`, build.rs compiles the kernels with nvcc to an sm_90 cubin (H100/H200;
-//! `DDPM_CUDA_ARCH` overrides) which is embedded in the binary and loaded into the tensor's CUDA context
-//! the first time an op runs there (one module per candle device). No NVRTC or PTX JIT is involved.
+//! With feature `cuda`, build.rs compiles the kernels with nvcc to a fatbin holding machine code for
+//! sm_80, sm_86, sm_89 and sm_90 (A100, A10/3090, L4/4090, H100/H200) and compute_90 PTX for newer GPUs
+//! (`DDPM_CUDA_SM`/`DDPM_CUDA_PTX` override). It is embedded in the binary and loaded into the tensor's
+//! CUDA context the first time an op runs there (one module per candle device); the driver picks the image
+//! for the GPU ([`arch`] mirrors its rule), and a GPU with none gets an error naming its compute
+//! capability. No NVRTC is involved; only a GPU newer than every cubin JITs the PTX.
 //! Build it with `scripts/cuda-toolchain.sh`, `source .gpu/env.sh`, then
 //! `cargo build --features cuda --target-dir target-cuda`; no GPU is needed to build.
 //!
@@ -49,6 +52,7 @@
 //! - On a GPU: the `ddpm-gpu-selftest` binary (scripts/gpu-check.sh) compares the real kernels with the
 //!   CPU path and measures their bandwidth against a device-to-device copy.
 
+pub mod arch;
 mod error;
 mod noising;
 mod normal;

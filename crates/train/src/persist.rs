@@ -151,14 +151,16 @@ pub(crate) fn check_resumable(
             }
         );
     }
-    let global = comm.world_size() * cfg.data.batch;
+    let k = cfg.train.accumulate;
+    let global = comm.world_size() * k * cfg.data.batch;
     if m.global_batch != global {
         bail!(
-            "refusing to resume from {path}: it was written with a global batch of {} ({} ranks x {}), \
-             this run has {global} ({} ranks x {}); the data order and step randomness depend on it",
+            "refusing to resume from {path}: it was written with a global batch of {} ({} ranks x {} \
+             per rank and step), this run has {global} ({} ranks x {k} micro-batches x {}); the data \
+             order and step randomness depend on it",
             m.global_batch,
             m.world_size,
-            m.batch_per_rank,
+            m.global_batch / m.world_size.max(1),
             comm.world_size(),
             cfg.data.batch
         );

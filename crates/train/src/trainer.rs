@@ -249,7 +249,7 @@ impl<'a> TrainLoop<'a> {
                     task = %cfg.task,
                     params = net.num_parameters(),
                     world = comm.world_size(),
-                    global_batch = comm.world_size() * cfg.data.batch,
+                    global_batch = comm.world_size() * cfg.train.accumulate * cfg.data.batch,
                     from = st.step,
                     to = cfg.schedule.total_steps,
                     "training"
@@ -349,18 +349,80 @@ impl<'a> TrainLoop<'a> {
     }
 
     /// Forward, loss and backward of this rank's part of the batch; gradients in parameter order.
+    ///
+    /// # Gradient accumulation
+    /// With `train.accumulate = k` the loader hands each rank `k x data.batch` examples per step (it is
+    /// configured with that per-rank batch, so the data order and the epoch boundaries are those of a
+    /// run with batch `k x data.batch`). They are processed as `k` micro-batches of `B = data.batch`,
+    /// each with its own forward and backward, and the mean of the `k` gradient sets is the rank's
+    /// gradient (then averaged over ranks once per step, as without accumulation). Example `i` of
+    /// micro-batch `j` on rank `r` has position `p = r*k*B + j*B + i` in the step's global batch, and its
+    /// timestep, noise, label dropout and model dropout are keyed by `(seed, step, p)`, exactly as for a
+    /// rank with batch `k*B`. So `k` micro-batches of `B` compute what one batch of `k*B` does, up to
+    /// the summation order of the gradient mean, on any number of ranks: the global batch is
+    /// `ranks x k x B`. With `k = 1` this is one forward and backward of the whole batch.
     fn forward_backward(&self, step: u64, batch: &Batch) -> Result<(LocalStep, Vec<Tensor>)> {
-        let local = self.forward(step, batch)?;
-        let gs = local.loss.backward()?;
-        let grads: Vec<Tensor> = self
-            .vars
+        let k = self.cfg.train.accumulate;
+        let b = batch.shape[0];
+        if !b.is_multiple_of(k) {
+            bail!(
+                "a batch of {b} examples does not split into train.accumulate = {k} micro-batches"
+            );
+        }
+        let mb = b / k;
+        let rank_first = (self.comm.rank() * b) as u64;
+        let mut acc: Option<(LocalStep, Vec<Tensor>)> = None;
+        for j in 0..k {
+            let micro;
+            let part = if k == 1 {
+                batch
+            } else {
+                micro = micro_batch(batch, j * mb, mb);
+                &micro
+            };
+            let local = self.forward(step, part, rank_first + (j * mb) as u64)?;
+            let gs = local.loss.backward()?;
+            let grads: Vec<Tensor> = self
+                .vars
+                .iter()
+                .map(|v| match gs.get(v.as_tensor()) {
+                    // detached: a gradient carries the backward graph (and through it the
+                    // activations); anything kept across steps (moments) must not keep that alive
+                    Some(g) => Ok(g.detach()),
+                    None => v.as_tensor().zeros_like(),
+                })
+                .collect::<candle_core::Result<_>>()?;
+            drop(gs);
+            acc = Some(match acc {
+                None => (local, grads),
+                Some((mut sum, sum_grads)) => {
+                    let stats: Vec<f64> = sum
+                        .stats
+                        .to_vec()
+                        .iter()
+                        .zip(local.stats.to_vec())
+                        .map(|(a, b)| a + b)
+                        .collect();
+                    sum.stats = StepStats::from_slice(&stats);
+                    sum.ts.extend(local.ts);
+                    sum.per_example.extend(local.per_example);
+                    let grads = sum_grads
+                        .iter()
+                        .zip(&grads)
+                        .map(|(a, g)| a + g)
+                        .collect::<candle_core::Result<_>>()?;
+                    (sum, grads)
+                }
+            });
+        }
+        let (local, grads) = acc.expect("train.accumulate >= 1 (validated)");
+        if k == 1 {
+            return Ok((local, grads));
+        }
+        let inv = 1.0 / k as f64;
+        let grads = grads
             .iter()
-            .map(|v| match gs.get(v.as_tensor()) {
-                // detached: a gradient carries the backward graph (and through it the activations);
-                // anything kept across steps (moments) must not keep that alive
-                Some(g) => Ok(g.detach()),
-                None => v.as_tensor().zeros_like(),
-            })
+            .map(|g| g.affine(inv, 0.0))
             .collect::<candle_core::Result<_>>()?;
         Ok((local, grads))
     }
@@ -477,7 +539,7 @@ impl<'a> TrainLoop<'a> {
         let per_step = 1e3 / m.window_steps.max(1) as f64;
         extra.insert("sync_ms".into(), num(m.window_sync * per_step));
         extra.insert("step_ms".into(), num(m.window_step * per_step));
-        let global_batch = (self.comm.world_size() * cfg.data.batch) as f64;
+        let global_batch = (self.comm.world_size() * cfg.train.accumulate * cfg.data.batch) as f64;
         w.line(
             self.st.step,
             m.lr,
@@ -594,7 +656,7 @@ impl<'a> TrainLoop<'a> {
             hash_excluded_keys: HASH_EXCLUDED_KEYS.iter().map(|s| s.to_string()).collect(),
             world_size: self.comm.world_size(),
             batch_per_rank: self.cfg.data.batch,
-            global_batch: self.comm.world_size() * self.cfg.data.batch,
+            global_batch: self.comm.world_size() * self.cfg.train.accumulate * self.cfg.data.batch,
             loader_position: serde_json::to_value(st.loader_pos)?,
             optimizer: OptimizerState {
                 kind: "adamw".into(),
@@ -724,9 +786,10 @@ impl<'a> TrainLoop<'a> {
 
     /// Timesteps and noise for `batch`: this rank's examples start at global index
     /// `rank * batch`, and every draw is keyed by `(seed, step, global example index)`.
-    fn forward(&self, step: u64, batch: &Batch) -> Result<LocalStep> {
+    /// Forward and loss of `batch` for 0-based step `step`; its example 0 has position `first` in the
+    /// step's global batch (the key of its timestep, noise and dropout).
+    fn forward(&self, step: u64, batch: &Batch, first: u64) -> Result<LocalStep> {
         let b = batch.shape[0];
-        let first = (self.comm.rank() * b) as u64;
         let seed = self.cfg.seed;
         let x0 = Tensor::from_slice(&batch.images, batch.shape.to_vec(), &self.device)?;
         let (ts, iw) = match self.cfg.task {
@@ -915,7 +978,8 @@ fn open_loader(
             path: cfg.data.path.clone(),
             world: comm.world_size(),
             rank: comm.rank(),
-            batch: cfg.data.batch,
+            // a rank's whole step: `train.accumulate` micro-batches (TrainLoop::forward_backward)
+            batch: cfg.data.batch * cfg.train.accumulate,
             seed: cfg.seed,
             flip: cfg.data.flip,
             prefetch: cfg.data.prefetch,
@@ -988,11 +1052,12 @@ fn check_dataset(cfg: &TrainConfig, ds: &ddpm_data::Hdf5Dataset) -> Result<Optio
             ds.channels()
         );
     }
-    if ds.len() < cfg.data.batch {
+    if ds.len() < cfg.data.batch * cfg.train.accumulate {
         bail!(
-            "data.path {p} has {} images, fewer than data.batch = {}",
+            "data.path {p} has {} images, fewer than data.batch x train.accumulate = {} x {}",
             ds.len(),
-            cfg.data.batch
+            cfg.data.batch,
+            cfg.train.accumulate
         );
     }
     if let Some(k) = classes {
@@ -1010,4 +1075,22 @@ fn check_dataset(cfg: &TrainConfig, ds: &ddpm_data::Hdf5Dataset) -> Result<Optio
 /// Convenience for tests and tools: the run directory's metrics lines.
 pub fn read_metrics(run_dir: &Path) -> Result<Vec<serde_json::Value>> {
     Ok(crate::metrics::read_lines(&run_dir.join("metrics.jsonl"))?)
+}
+
+/// Examples `start .. start + len` of `batch` (a micro-batch of gradient accumulation).
+fn micro_batch(batch: &Batch, start: usize, len: usize) -> Batch {
+    let per: usize = batch.shape[1..].iter().product();
+    let mut shape = batch.shape;
+    shape[0] = len;
+    Batch {
+        images: batch.images[start * per..(start + len) * per].to_vec(),
+        shape,
+        labels: batch
+            .labels
+            .as_ref()
+            .map(|l| l[start..start + len].to_vec()),
+        indices: batch.indices[start..start + len].to_vec(),
+        epoch: batch.epoch,
+        batch_index: batch.batch_index,
+    }
 }

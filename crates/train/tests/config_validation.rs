@@ -64,6 +64,11 @@ fn bad_values_name_their_key() {
         ("dist.bucket_mb=0", "dist.bucket_mb"),
         ("dist.timeout_s=0", "dist.timeout_s"),
         ("dist.timeout_s=1e12", "dist.timeout_s"),
+        (
+            "train.accumulate=0",
+            "train.accumulate must be in 1..=4096, got 0",
+        ),
+        ("train.accumulate=5000", "train.accumulate"),
         ("diffusion.loss=\"hybrid\"", "diffusion.loss"),
         ("diffusion.variance=\"learned_range\"", "model.learn_sigma"),
         ("preview.steps=1", "preview.steps"),
@@ -180,6 +185,9 @@ fn hash_ignores_only_the_excluded_keys() {
     assert!(!same(&["seed=8"], None));
     assert!(!same(&["model.model_channels=16"], None));
     assert!(!same(&["data.flip=false"], None));
+    // accumulation changes the global batch (and resume refuses that); the default hashes as before
+    assert!(!same(&["train.accumulate=2"], None));
+    assert!(same(&["train.accumulate=1"], None));
     assert_eq!(a.hash().len(), 64);
 }
 

@@ -3,6 +3,8 @@
 //!
 //! Run through `bench/unet.sh` (which also runs the PyTorch twin and prints ratios), or alone:
 //! `cargo run --release -p ddpm-unet --example bench_unet -- --models small,cifar10 --batch 16`.
+//! On a GPU (bench/gpu.sh; build with `--features cuda`): `--device cuda [--dtype bf16] --no-ops`; each
+//! timed run ends with a device synchronisation, so the times are wall times of the GPU work.
 //! Lines starting with `RESULT` are for the script: `RESULT <model> <metric> <milliseconds>`.
 
 use candle_core::{DType, Device, Tensor, Var};
@@ -15,6 +17,8 @@ struct Args {
     reps: usize,
     ops: bool,
     crosscheck: Option<String>,
+    device: Device,
+    dtype: DType,
 }
 
 fn parse_args() -> Args {
@@ -24,6 +28,8 @@ fn parse_args() -> Args {
         reps: 2,
         ops: true,
         crosscheck: None,
+        device: Device::Cpu,
+        dtype: DType::F32,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -40,6 +46,22 @@ fn parse_args() -> Args {
             "--reps" => a.reps = it.next().expect("--reps N").parse().expect("reps"),
             "--no-ops" => a.ops = false,
             "--crosscheck" => a.crosscheck = Some(it.next().expect("--crosscheck FILE")),
+            "--device" => {
+                a.device = match it.next().expect("--device cpu|cuda").as_str() {
+                    "cpu" => Device::Cpu,
+                    "cuda" => {
+                        Device::new_cuda(0).expect("CUDA device 0 (a build with --features cuda)")
+                    }
+                    other => panic!("unknown device {other} (cpu, cuda)"),
+                }
+            }
+            "--dtype" => {
+                a.dtype = match it.next().expect("--dtype f32|bf16").as_str() {
+                    "f32" => DType::F32,
+                    "bf16" => DType::BF16,
+                    other => panic!("unknown dtype {other} (f32, bf16)"),
+                }
+            }
             other => panic!("unknown argument {other}"),
         }
     }
@@ -54,13 +76,20 @@ fn config(name: &str) -> UNetConfig {
     }
 }
 
-/// Median wall time in ms of `reps` runs after one warm-up run.
-fn time_ms(reps: usize, mut f: impl FnMut()) -> f64 {
+/// Median wall time in ms of `reps` runs after one warm-up run (on the CPU device).
+fn time_ms(reps: usize, f: impl FnMut()) -> f64 {
+    time_ms_on(&Device::Cpu, reps, f)
+}
+
+/// [`time_ms`] for work on `dev`: each run ends when the device has finished it.
+fn time_ms_on(dev: &Device, reps: usize, mut f: impl FnMut()) -> f64 {
     f();
+    dev.synchronize().unwrap();
     let mut v: Vec<f64> = (0..reps.max(1))
         .map(|_| {
             let s = Instant::now();
             f();
+            dev.synchronize().unwrap();
             s.elapsed().as_secs_f64() * 1e3
         })
         .collect();
@@ -75,10 +104,9 @@ fn randn(dims: &[usize], seed: u64) -> Tensor {
     Tensor::from_vec(v, dims, &Device::Cpu).unwrap()
 }
 
-fn bench_model(name: &str, batch: usize, reps: usize) -> f64 {
+fn bench_model(name: &str, batch: usize, reps: usize, dev: &Device, dtype: DType) -> f64 {
     let cfg = config(name);
-    let dev = Device::Cpu;
-    let (model, varmap) = UNet::init(&cfg, 0, DType::F32, &dev).unwrap();
+    let (model, varmap) = UNet::init(&cfg, 0, dtype, dev).unwrap();
     // Plain (non-variable) copies for the inference path, as a sampler loading a checkpoint has.
     let frozen: std::collections::HashMap<String, Tensor> = varmap
         .data()
@@ -89,30 +117,31 @@ fn bench_model(name: &str, batch: usize, reps: usize) -> f64 {
         .collect();
     let infer = UNet::new(
         &cfg,
-        candle_nn::VarBuilder::from_tensors(frozen, DType::F32, &dev),
+        candle_nn::VarBuilder::from_tensors(frozen, dtype, dev),
     )
     .unwrap();
     println!("{name}: parameters {}", model.num_parameters());
     println!("RESULT {name} params {}", model.num_parameters());
     let s = cfg.image_size;
-    let x = randn(&[batch, cfg.in_channels, s, s], 1);
-    let noise = randn(&[batch, cfg.in_channels, s, s], 2);
+    let on_dev = |t: Tensor| t.to_dtype(dtype).unwrap().to_device(dev).unwrap();
+    let x = on_dev(randn(&[batch, cfg.in_channels, s, s], 1));
+    let noise = on_dev(randn(&[batch, cfg.in_channels, s, s], 2));
     let t = Tensor::from_vec(
         (0..batch)
             .map(|i| (i * 61 % 1000) as f32)
             .collect::<Vec<_>>(),
         batch,
-        &dev,
+        dev,
     )
     .unwrap();
-    let fwd = time_ms(reps, || {
+    let fwd = time_ms_on(dev, reps, || {
         let y = infer.forward(&x, &t, None, &ForwardCtx::eval()).unwrap();
         assert_eq!(y.dims()[0], batch);
     });
     println!("{name}: forward batch {batch}: {fwd:.1} ms");
     println!("RESULT {name} forward {fwd:.3}");
     let mut step = 0u64;
-    let train = time_ms(reps, || {
+    let train = time_ms_on(dev, reps, || {
         let ctx = ForwardCtx::train(DropoutKey {
             seed: 0,
             step,
@@ -361,15 +390,17 @@ fn main() {
         return;
     }
     println!(
-        "candle CPU threads: {}",
-        candle_core::utils::get_num_threads()
+        "candle CPU threads: {}, device {:?}, dtype {:?}",
+        candle_core::utils::get_num_threads(),
+        args.device.location(),
+        args.dtype
     );
     let train: Vec<f64> = args
         .models
         .iter()
-        .map(|m| bench_model(m, args.batch, args.reps))
+        .map(|m| bench_model(m, args.batch, args.reps, &args.device, args.dtype))
         .collect();
-    if args.ops {
+    if args.ops && args.device.is_cpu() && args.dtype == DType::F32 {
         // The breakdown is for the first model only: it is the one issue 9 targets.
         conv_breakdown(
             &args.models[0],
