@@ -27,6 +27,7 @@ export DDPM_TRAIN=$TRAIN
 TIMEOUT_S=${TIMEOUT_S:-5}
 BATCH=${BATCH:-4}
 WORK=${WORK:-$(mktemp -d)}
+mkdir -p "$WORK"
 DATA=data/fashion-mnist-train.h5
 if [ ! -f "$DATA" ]; then
   mkdir -p data
@@ -39,7 +40,7 @@ export THREADS=${THREADS:-1}
 start() {
   LOG=$WORK/$1.log
   launch/mpirun-local.sh 2 --config configs/quickstart.toml --out "$WORK/$1" --no-progress \
-    --steps 100000 --batch "$BATCH" --set schedule.checkpoint_every=1000000 \
+    --steps 100000 --batch "$BATCH" --set schedule.checkpoint_every=1000000 --set schedule.log_every=1 \
     --set "dist.timeout_s=$TIMEOUT_S" >"$LOG" 2>&1 &
   MPI_PID=$!
 }

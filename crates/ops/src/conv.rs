@@ -49,7 +49,9 @@ pub fn conv2d(
         && weight.dtype() == x.dtype()
         && bias.is_none_or(|b| b.dtype() == x.dtype());
     let on_cpu = x.device().is_cpu() && weight.device().is_cpu();
-    if !(fast_path_enabled() && dtypes_ok && on_cpu) {
+    // Empty tensors take candle's path: the kernels split work by example and channel.
+    let empty = x.elem_count() == 0 || weight.elem_count() == 0;
+    if !(fast_path_enabled() && dtypes_ok && on_cpu) || empty {
         let y = x.conv2d(weight, padding, stride, 1, 1)?;
         return match bias {
             Some(b) if b.rank() == 2 => y.broadcast_add(&b.reshape((batch, cout, 1, 1))?),
