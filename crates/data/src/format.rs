@@ -72,60 +72,14 @@ impl Hdf5Dataset {
         let file = hdf5::File::open(path)
             .map_err(|e| DataError::file(path, format!("cannot open as an HDF5 file: {e}")))?;
 
-        let images = match file.dataset(IMAGES) {
-            Ok(d) => d,
-            Err(_) if !file.link_exists(IMAGES) => {
-                return Err(DataError::dataset(
-                    path,
-                    IMAGES,
-                    "missing (every dataset file needs an `images` dataset)",
-                ));
-            }
-            Err(e) => {
-                return Err(DataError::dataset(
-                    path,
-                    IMAGES,
-                    format!("cannot open: {e}"),
-                ))
-            }
-        };
-        let dtype = describe(&images.dtype(), path, IMAGES)?;
-        if dtype != TypeDescriptor::Unsigned(hdf5::types::IntSize::U1) {
-            return Err(DataError::dataset(
-                path,
-                IMAGES,
-                format!("has type {dtype}, expected uint8"),
-            ));
-        }
-        let shape = images.shape();
-        if shape.len() != 4 {
-            return Err(DataError::dataset(
-                path,
-                IMAGES,
-                format!(
-                    "has rank {} (shape {shape:?}), expected rank 4 [N, H, W, C]",
-                    shape.len()
-                ),
-            ));
-        }
-        let (n, h, w, c) = (shape[0], shape[1], shape[2], shape[3]);
-        check_image_shape(path, &shape)?;
-        let chunk = images.chunk().ok_or_else(|| {
-            DataError::dataset(
-                path,
-                IMAGES,
-                "is not chunked; the format needs chunks of whole images [K, H, W, C]",
-            )
-        })?;
-        if chunk.len() != 4 || chunk[0] == 0 || chunk[1..] != shape[1..] {
-            return Err(DataError::dataset(
-                path,
-                IMAGES,
-                format!("has chunk shape {chunk:?}; chunks must hold whole images, i.e. [K, {h}, {w}, {c}]"),
-            ));
-        }
-        check_chunks(path, &images, n, chunk[0], h * w * c)?;
-        let chunk_images = chunk[0];
+        let ImagesLayout {
+            images,
+            n,
+            h,
+            w,
+            c,
+            chunk_images,
+        } = open_images(&file, path)?;
         let filters = images.filters().iter().map(|f| format!("{f:?}")).collect();
 
         let format_version = read_int_attr(&file, path, ATTR_FORMAT_VERSION)?.ok_or_else(|| {
@@ -142,68 +96,7 @@ impl Hdf5Dataset {
             .ok_or_else(|| DataError::attribute(path, ATTR_SOURCE, "missing"))?;
 
         let labels = read_labels(&file, path, n)?;
-        let num_classes = read_int_attr(&file, path, ATTR_NUM_CLASSES)?;
-        let class_names = read_string_array_attr(&file, path, ATTR_CLASS_NAMES)?;
-        let (num_classes, class_names) = match (&labels, num_classes, class_names) {
-            (Some(labels), Some(k), Some(names)) => {
-                if k < 1 {
-                    return Err(DataError::attribute(
-                        path,
-                        ATTR_NUM_CLASSES,
-                        format!("is {k}, expected >= 1"),
-                    ));
-                }
-                if k as u64 > limits::MAX_CLASSES {
-                    return Err(DataError::attribute(
-                        path,
-                        ATTR_NUM_CLASSES,
-                        format!("is {k}, above the limit of {} classes", limits::MAX_CLASSES),
-                    ));
-                }
-                let k = k as usize;
-                if names.len() != k {
-                    return Err(DataError::attribute(
-                        path,
-                        ATTR_CLASS_NAMES,
-                        format!("has {} names but num_classes is {k}", names.len()),
-                    ));
-                }
-                if let Some((i, &y)) = labels
-                    .iter()
-                    .enumerate()
-                    .find(|(_, &y)| y < 0 || y >= k as i64)
-                {
-                    return Err(DataError::dataset(
-                        path,
-                        LABELS,
-                        format!("label {y} of example {i} is outside 0..{k} (num_classes {k})"),
-                    ));
-                }
-                (Some(k), names)
-            }
-            (Some(_), None, _) => {
-                return Err(DataError::attribute(
-                    path,
-                    ATTR_NUM_CLASSES,
-                    "missing, but the file has `labels`",
-                ));
-            }
-            (Some(_), Some(_), None) => {
-                return Err(DataError::attribute(
-                    path,
-                    ATTR_CLASS_NAMES,
-                    "missing, but the file has `labels`",
-                ));
-            }
-            (None, Some(_), _) => {
-                return Err(DataError::dataset(
-                    path,
-                    LABELS,
-                    "missing, but the file has a `num_classes` attribute",
-                ));
-            }
-            (None, None, names) => (None, names.unwrap_or_default()),
-        };
+        let (num_classes, class_names) = read_classes(&file, path, labels.as_deref())?;
 
         Ok(Self {
             path: path.to_path_buf(),
@@ -497,6 +390,154 @@ fn describe(
 
 fn is_integer(d: &TypeDescriptor) -> bool {
     matches!(d, TypeDescriptor::Integer(_) | TypeDescriptor::Unsigned(_))
+}
+/// The `images` dataset with its validated geometry.
+struct ImagesLayout {
+    images: hdf5::Dataset,
+    n: usize,
+    h: usize,
+    w: usize,
+    c: usize,
+    chunk_images: usize,
+}
+
+/// Opens the `images` dataset and checks its type, rank, image shape and chunk layout.
+fn open_images(file: &hdf5::File, path: &Path) -> Result<ImagesLayout> {
+    let images = match file.dataset(IMAGES) {
+        Ok(d) => d,
+        Err(_) if !file.link_exists(IMAGES) => {
+            return Err(DataError::dataset(
+                path,
+                IMAGES,
+                "missing (every dataset file needs an `images` dataset)",
+            ));
+        }
+        Err(e) => {
+            return Err(DataError::dataset(
+                path,
+                IMAGES,
+                format!("cannot open: {e}"),
+            ))
+        }
+    };
+    let dtype = describe(&images.dtype(), path, IMAGES)?;
+    if dtype != TypeDescriptor::Unsigned(hdf5::types::IntSize::U1) {
+        return Err(DataError::dataset(
+            path,
+            IMAGES,
+            format!("has type {dtype}, expected uint8"),
+        ));
+    }
+    let shape = images.shape();
+    if shape.len() != 4 {
+        return Err(DataError::dataset(
+            path,
+            IMAGES,
+            format!(
+                "has rank {} (shape {shape:?}), expected rank 4 [N, H, W, C]",
+                shape.len()
+            ),
+        ));
+    }
+    let (n, h, w, c) = (shape[0], shape[1], shape[2], shape[3]);
+    check_image_shape(path, &shape)?;
+    let chunk = images.chunk().ok_or_else(|| {
+        DataError::dataset(
+            path,
+            IMAGES,
+            "is not chunked; the format needs chunks of whole images [K, H, W, C]",
+        )
+    })?;
+    if chunk.len() != 4 || chunk[0] == 0 || chunk[1..] != shape[1..] {
+        return Err(DataError::dataset(
+            path,
+            IMAGES,
+            format!(
+                "has chunk shape {chunk:?}; chunks must hold whole images, i.e. [K, {h}, {w}, {c}]"
+            ),
+        ));
+    }
+    check_chunks(path, &images, n, chunk[0], h * w * c)?;
+    let chunk_images = chunk[0];
+    Ok(ImagesLayout {
+        images,
+        n,
+        h,
+        w,
+        c,
+        chunk_images,
+    })
+}
+
+/// Reads `num_classes` and `class_names` and checks them against `labels` (present or not).
+fn read_classes(
+    file: &hdf5::File,
+    path: &Path,
+    labels: Option<&[i64]>,
+) -> Result<(Option<usize>, Vec<String>)> {
+    let num_classes = read_int_attr(file, path, ATTR_NUM_CLASSES)?;
+    let class_names = read_string_array_attr(file, path, ATTR_CLASS_NAMES)?;
+    let classes = match (labels, num_classes, class_names) {
+        (Some(labels), Some(k), Some(names)) => {
+            if k < 1 {
+                return Err(DataError::attribute(
+                    path,
+                    ATTR_NUM_CLASSES,
+                    format!("is {k}, expected >= 1"),
+                ));
+            }
+            if k as u64 > limits::MAX_CLASSES {
+                return Err(DataError::attribute(
+                    path,
+                    ATTR_NUM_CLASSES,
+                    format!("is {k}, above the limit of {} classes", limits::MAX_CLASSES),
+                ));
+            }
+            let k = k as usize;
+            if names.len() != k {
+                return Err(DataError::attribute(
+                    path,
+                    ATTR_CLASS_NAMES,
+                    format!("has {} names but num_classes is {k}", names.len()),
+                ));
+            }
+            if let Some((i, &y)) = labels
+                .iter()
+                .enumerate()
+                .find(|(_, &y)| y < 0 || y >= k as i64)
+            {
+                return Err(DataError::dataset(
+                    path,
+                    LABELS,
+                    format!("label {y} of example {i} is outside 0..{k} (num_classes {k})"),
+                ));
+            }
+            (Some(k), names)
+        }
+        (Some(_), None, _) => {
+            return Err(DataError::attribute(
+                path,
+                ATTR_NUM_CLASSES,
+                "missing, but the file has `labels`",
+            ));
+        }
+        (Some(_), Some(_), None) => {
+            return Err(DataError::attribute(
+                path,
+                ATTR_CLASS_NAMES,
+                "missing, but the file has `labels`",
+            ));
+        }
+        (None, Some(_), _) => {
+            return Err(DataError::dataset(
+                path,
+                LABELS,
+                "missing, but the file has a `num_classes` attribute",
+            ));
+        }
+        (None, None, names) => (None, names.unwrap_or_default()),
+    };
+    Ok(classes)
 }
 
 fn open_attr(

@@ -383,9 +383,9 @@ fn ddpm_step_adds_no_noise_at_t0() {
     let x = tensor(&SHAPE, 23);
     let eps = tensor(&SHAPE, 24);
     let z = tensor(&SHAPE, 25);
-    let s = ddpm_step(&d, &eps, &x, &[0, 0, 0], &z, true).unwrap();
+    let s = ddpm_step(&d, &eps, &x, &[0, 0, 0], &z, true, None).unwrap();
     assert_eq!(max_abs_diff(&s.x_prev, &s.out.mean), 0.0);
-    let s = ddpm_step(&d, &eps, &x, &[5, 5, 5], &z, true).unwrap();
+    let s = ddpm_step(&d, &eps, &x, &[5, 5, 5], &z, true, None).unwrap();
     assert!(max_abs_diff(&s.x_prev, &s.out.mean) > 1e-3);
 }
 

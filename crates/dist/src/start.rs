@@ -15,9 +15,21 @@ pub fn rank_from_env() -> usize {
         .unwrap_or(0)
 }
 
-/// Logs to stderr, filtered by `RUST_LOG`, else at `default` on rank 0 and `warn` on the others.
-/// A second call does nothing.
+/// Whether log lines get ANSI colours: only on a terminal (a SLURM or redirected log file would
+/// otherwise fill with escape codes), and never when `NO_COLOR` is set to a non-empty value
+/// (<https://no-color.org>).
+pub fn log_colours(stderr_is_terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool {
+    stderr_is_terminal && no_color.is_none_or(|v| v.is_empty())
+}
+
+/// Logs to stderr, filtered by `RUST_LOG`, else at `default` on rank 0 and `warn` on the others;
+/// coloured only as [`log_colours`] allows. A second call does nothing.
 pub fn init_tracing(default: &str) {
+    use std::io::IsTerminal;
+    let ansi = log_colours(
+        std::io::stderr().is_terminal(),
+        std::env::var_os("NO_COLOR").as_deref(),
+    );
     let default = if rank_from_env() == 0 {
         default
     } else {
@@ -28,6 +40,7 @@ pub fn init_tracing(default: &str) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(ansi)
         .with_target(false)
         .try_init();
 }
@@ -83,4 +96,19 @@ where
 /// the process the same way.
 pub fn start_or_exit(device: &str, default_log: &str) -> (Box<dyn Communicator>, Device) {
     or_fail(&crate::SingleProcess::new(), start(device, default_log))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::log_colours;
+    use std::ffi::OsStr;
+
+    #[test]
+    fn colours_only_on_a_terminal_without_no_color() {
+        assert!(log_colours(true, None));
+        assert!(log_colours(true, Some(OsStr::new(""))));
+        assert!(!log_colours(true, Some(OsStr::new("1"))));
+        assert!(!log_colours(false, None));
+        assert!(!log_colours(false, Some(OsStr::new("1"))));
+    }
 }

@@ -9,8 +9,8 @@
 //! cases through this crate.
 
 use candle_core::Tensor;
-use ddpm_diffusion::steps::{condition_score, ddim_update, ddpm_update};
-use ddpm_diffusion::{GaussianDiffusion, PMeanVariance};
+use ddpm_diffusion::steps::{condition_score, ddim_update};
+use ddpm_diffusion::GaussianDiffusion;
 
 use crate::error::Result;
 
@@ -18,41 +18,12 @@ use crate::error::Result;
 /// `guidance.json` cases can run through this crate).
 pub use ddpm_diffusion::steps::condition_mean;
 
-/// A classifier gradient `grad_x log p(y | x_t)` and the guidance scale it is applied with.
-#[derive(Debug, Clone, Copy)]
-pub struct ScaledGrad<'a> {
-    pub grad: &'a Tensor,
-    pub scale: f64,
-}
+/// improved-diffusion `p_sample` (+ guided-diffusion `condition_mean`), the step the ancestral
+/// sampler runs; the arithmetic is ddpm-diffusion's `ddpm_step`.
+pub use ddpm_diffusion::steps::{ddpm_step as ancestral_step, DdpmStep as AncestralStep};
 
-/// The result of an ancestral step.
-#[derive(Debug, Clone)]
-pub struct AncestralStep {
-    pub x_prev: Tensor,
-    /// The mean actually used (shifted by classifier guidance when a gradient was given).
-    pub mean: Tensor,
-    pub out: PMeanVariance,
-}
-
-/// improved-diffusion `p_sample` (+ guided-diffusion `condition_mean`): `t` indexes `diffusion`'s own
-/// (possibly respaced) steps; `noise` is added where `t != 0`.
-pub fn ancestral_step(
-    diffusion: &GaussianDiffusion,
-    model_output: &Tensor,
-    x_t: &Tensor,
-    t: &[usize],
-    noise: &Tensor,
-    clip_denoised: bool,
-    guidance: Option<ScaledGrad<'_>>,
-) -> Result<AncestralStep> {
-    let out = diffusion.p_mean_variance(model_output, x_t, t, clip_denoised)?;
-    let mean = match guidance {
-        Some(g) => condition_mean(&out.mean, &out.variance, g.grad, g.scale)?,
-        None => out.mean.clone(),
-    };
-    let x_prev = ddpm_update(&mean, &out.log_variance, t, noise)?;
-    Ok(AncestralStep { x_prev, mean, out })
-}
+/// A classifier gradient and its scale (ddpm-diffusion's, shared by every guided step).
+pub use ddpm_diffusion::steps::ScaledGrad;
 
 /// The result of a DDIM step.
 #[derive(Debug, Clone)]

@@ -195,14 +195,16 @@ impl MetricsLog {
         match resume_step {
             None => write_atomic(&path, b"")?,
             Some(step) => {
-                let kept = read_lines(&path)?
+                // The kept lines are copied as written: re-serialising parsed values could change
+                // the last digits of floats.
+                let kept = read_raw_lines(&path)?
                     .into_iter()
-                    .filter(|v| {
+                    .filter(|(_, v)| {
                         v.get("step")
                             .and_then(Value::as_u64)
                             .is_some_and(|s| s <= step)
                     })
-                    .map(|v| v.to_string() + "\n")
+                    .map(|(raw, _)| raw + "\n")
                     .collect::<String>();
                 write_atomic(&path, kept.as_bytes())?;
             }
@@ -231,6 +233,11 @@ impl MetricsLog {
 
 /// Parses a metrics file; a missing file is empty, a torn last line (crash mid-write) is ignored.
 pub fn read_lines(path: &Path) -> io::Result<Vec<Value>> {
+    Ok(read_raw_lines(path)?.into_iter().map(|(_, v)| v).collect())
+}
+
+/// [`read_lines`], each parsed line with its text as written.
+fn read_raw_lines(path: &Path) -> io::Result<Vec<(String, Value)>> {
     let f = match File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -238,8 +245,9 @@ pub fn read_lines(path: &Path) -> io::Result<Vec<Value>> {
     };
     let mut out = Vec::new();
     for line in BufReader::new(f).lines() {
-        if let Ok(v) = serde_json::from_str::<Value>(&line?) {
-            out.push(v);
+        let line = line?;
+        if let Ok(v) = serde_json::from_str::<Value>(&line) {
+            out.push((line, v));
         }
     }
     Ok(out)
@@ -292,5 +300,26 @@ mod tests {
         let m = MetricsLog::open(dir.path(), Some(3)).unwrap();
         let pts = m.loss_points().unwrap();
         assert_eq!(pts.iter().map(|p| p.0).collect::<Vec<_>>(), vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn resume_keeps_lines_byte_for_byte() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("metrics.jsonl");
+        // a float whose shortest form serde_json's default (not round-trip) parser rounds
+        let lr: f64 = "0.00014000000000000001".parse().unwrap();
+        let mut m = MetricsLog::open(dir.path(), None).unwrap();
+        for s in 1..=3 {
+            m.write(&json!({"step": s, "lr": lr, "loss": 0.1 * s as f64}))
+                .unwrap();
+        }
+        drop(m);
+        let before = std::fs::read_to_string(&path).unwrap();
+        assert!(before.contains("0.00014000000000000001"), "{before}");
+        let m = MetricsLog::open(dir.path(), Some(2)).unwrap();
+        drop(m);
+        let after = std::fs::read_to_string(&path).unwrap();
+        let first_two: String = before.lines().take(2).map(|l| format!("{l}\n")).collect();
+        assert_eq!(after, first_two);
     }
 }

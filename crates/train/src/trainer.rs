@@ -730,15 +730,16 @@ impl<'a> TrainLoop<'a> {
         self.outcome.step = st.step;
         self.outcome.stopped_by_signal = stop;
         self.outcome.skipped_steps = st.skipped;
-        if self.root() {
-            if stop {
-                tracing::info!(
-                    step = st.step,
-                    "stopped by signal after writing a checkpoint; continue with --resume auto"
-                );
-            } else {
-                tracing::info!(step = st.step, skipped = st.skipped, "training finished");
-            }
+        if stop {
+            // Every rank says where it stopped (warn: the default level of non-root ranks), so a
+            // job log shows that all ranks ended after the same step.
+            tracing::warn!(
+                rank = self.comm.rank(),
+                step = st.step,
+                "stopped by signal after writing a checkpoint; continue with --resume auto"
+            );
+        } else if self.root() {
+            tracing::info!(step = st.step, skipped = st.skipped, "training finished");
         }
         Ok(self.outcome)
     }

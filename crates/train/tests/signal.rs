@@ -62,6 +62,14 @@ fn signal_stops_cleanly(sig: i32) {
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "exit {:?}: {stderr}", o.status);
     assert!(stderr.contains("stopped by signal"), "{stderr}");
+    assert!(
+        stderr.contains("rank=0"),
+        "the stop line names the rank: {stderr}"
+    );
+    assert!(
+        !stderr.contains('\x1b'),
+        "no ANSI colour codes when stderr is not a terminal: {stderr:?}"
+    );
     let cks = checkpoint::list_checkpoints(&out);
     assert_eq!(cks.len(), 1, "{cks:?}");
     let (step, dir) = &cks[0];

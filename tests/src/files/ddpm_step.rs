@@ -78,7 +78,7 @@ fn run(c: &J, tally: &mut FileTally, dtype: DType) -> Result<()> {
                 continue;
             }
             let d = diff(var_type(&vkey)?);
-            let step = ddpm_step(&d, &model_eps, &x_t, &t, &noise, clip)?;
+            let step = ddpm_step(&d, &model_eps, &x_t, &t, &noise, clip, None)?;
             let what = format!("{name}.expected.{ckey}");
             // The unclipped x0 at t = T-1 is ~1e5 and amplifies f32 rounding (README: loose f32 tolerance).
             let x0_tol = if clip { tol } else { loose };

@@ -2,6 +2,7 @@
 
 use candle_core::Tensor;
 
+use super::guidance::{condition_mean, ScaledGrad};
 use super::nonzero_mask;
 use crate::error::Result;
 use crate::gaussian_diffusion::{GaussianDiffusion, PMeanVariance};
@@ -11,6 +12,8 @@ use crate::tensor::{check_batch, same_shape};
 #[derive(Debug, Clone)]
 pub struct DdpmStep {
     pub x_prev: Tensor,
+    /// The mean actually used (shifted by classifier guidance when a gradient was given).
+    pub mean: Tensor,
     pub out: PMeanVariance,
 }
 
@@ -30,7 +33,10 @@ pub fn ddpm_update(
     Ok(mean.add(&scaled)?)
 }
 
-/// One ancestral step from the network output at x_t, with the variance type of `diffusion`.
+/// One ancestral step from the network output at x_t, with the variance type of `diffusion`
+/// (improved-diffusion `p_sample`); with a classifier gradient, the mean is first shifted by
+/// guided-diffusion's `condition_mean`. `t` indexes `diffusion`'s own (possibly respaced) steps;
+/// `noise` is added where `t != 0`.
 pub fn ddpm_step(
     diffusion: &GaussianDiffusion,
     model_output: &Tensor,
@@ -38,8 +44,13 @@ pub fn ddpm_step(
     t: &[usize],
     noise: &Tensor,
     clip_denoised: bool,
+    guidance: Option<ScaledGrad<'_>>,
 ) -> Result<DdpmStep> {
     let out = diffusion.p_mean_variance(model_output, x_t, t, clip_denoised)?;
-    let x_prev = ddpm_update(&out.mean, &out.log_variance, t, noise)?;
-    Ok(DdpmStep { x_prev, out })
+    let mean = match guidance {
+        Some(g) => condition_mean(&out.mean, &out.variance, g.grad, g.scale)?,
+        None => out.mean.clone(),
+    };
+    let x_prev = ddpm_update(&mean, &out.log_variance, t, noise)?;
+    Ok(DdpmStep { x_prev, mean, out })
 }

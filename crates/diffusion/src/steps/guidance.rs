@@ -40,6 +40,13 @@ pub fn cfg_combine_model_output(
     })
 }
 
+/// A classifier gradient `grad_x log p(y | x_t)` and the guidance scale it is applied with.
+#[derive(Debug, Clone, Copy)]
+pub struct ScaledGrad<'a> {
+    pub grad: &'a Tensor,
+    pub scale: f64,
+}
+
 /// Sohl-Dickstein et al.'s classifier guidance: shift the mean by `variance * scale * grad`, where
 /// `grad = grad_x log p(y | x_t)` and `variance` is the reverse-process variance (not its log).
 pub fn condition_mean(

@@ -14,7 +14,7 @@ pub use ddpm::{ddpm_step, ddpm_update, DdpmStep};
 pub use dpm_solver::{linspace_timesteps, DpmSolverPp2m, DpmSolverStep};
 pub use guidance::{
     cfg_combine, cfg_combine_model_output, cfg_combine_scale, condition_mean, condition_score,
-    ConditionScore,
+    ConditionScore, ScaledGrad,
 };
 
 use candle_core::Tensor;
