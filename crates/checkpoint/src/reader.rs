@@ -303,6 +303,7 @@ mod tests {
         let mut w = CheckpointWriter::begin(run, 1).unwrap();
         w.add_bytes(MODEL_FILE, b"not read here").unwrap();
         let mut m = fixture_manifest(1);
+        m.config_hash = ddpm_config::config_hash(&config, &m.hash_excluded_keys);
         m.config = config;
         Checkpoint::open(&w.finish(m).unwrap()).unwrap()
     }
