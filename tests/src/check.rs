@@ -3,7 +3,7 @@
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
 
-use crate::refjson::Arr;
+use crate::refjson::{Arr, J};
 
 /// The README's f64 tolerance (mixed absolute/relative).
 pub const TOL_F64: f64 = 1e-10;
@@ -145,6 +145,40 @@ impl FileTally {
     /// Compares host values with an expected array of the same length.
     pub fn cmp_vec(&mut self, what: &str, path: Path, got: &[f64], exp: &Arr, tol: Tol) {
         self.cmp(what, path, got, &exp.data, |_| tol);
+    }
+
+    /// [`Self::cmp_vec`] against the array `key` of `j`, reported as `what.key`.
+    pub fn vec_at(
+        &mut self,
+        what: &str,
+        j: &J,
+        key: &str,
+        path: Path,
+        got: &[f64],
+        tol: Tol,
+    ) -> Result<()> {
+        let exp = j.get(key)?.arr()?;
+        self.cmp_vec(&format!("{what}.{key}"), path, got, &exp, tol);
+        Ok(())
+    }
+
+    /// [`Self::cmp_tensor`] against the array `key` of `j`, reported as `what.key`.
+    pub fn tensor_at(
+        &mut self,
+        what: &str,
+        j: &J,
+        key: &str,
+        path: Path,
+        got: &Tensor,
+        tol: Tol,
+    ) -> Result<()> {
+        self.cmp_tensor(
+            &format!("{what}.{key}"),
+            path,
+            got,
+            &j.get(key)?.arr()?,
+            tol,
+        )
     }
 
     pub fn cmp_scalar(&mut self, what: &str, path: Path, got: f64, exp: f64, tol: Tol) {

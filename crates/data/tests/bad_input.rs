@@ -41,14 +41,37 @@ fn raw_file(
 }
 
 fn good_images(f: &hdf5::File, n: usize) {
-    let data = vec![7u8; n * 4 * 4 * 3];
-    f.new_dataset::<u8>()
-        .shape((n, 4, 4, 3))
-        .chunk((2, 4, 4, 3))
-        .create("images")
-        .unwrap()
-        .write_raw(&data)
-        .unwrap();
+    images(f, &[n, 4, 4, 3], Some(&[2, 4, 4, 3]));
+    let ds = f.dataset("images").unwrap();
+    ds.write_raw(&vec![7u8; n * 4 * 4 * 3]).unwrap();
+}
+
+/// An unwritten `images` dataset of `T` with `shape`, chunked by `chunk` (contiguous when `None`).
+fn images_of<T: hdf5::H5Type>(f: &hdf5::File, shape: &[usize], chunk: Option<&[usize]>) {
+    let b = f.new_dataset::<T>().shape(shape);
+    match chunk {
+        Some(c) => b.chunk(c).create("images"),
+        None => b.create("images"),
+    }
+    .unwrap();
+}
+
+fn images(f: &hdf5::File, shape: &[usize], chunk: Option<&[usize]>) {
+    images_of::<u8>(f, shape, chunk)
+}
+
+/// A 1-D `labels` dataset holding `values`.
+fn labels<T: hdf5::H5Type>(f: &hdf5::File, values: &[T]) {
+    let ds = f.new_dataset::<T>().shape(values.len()).create("labels");
+    ds.unwrap().write_raw(values).unwrap();
+}
+
+/// `format_version` written as the scalar `v` of its own type, onto a file with only images.
+fn file_with_version<T: hdf5::H5Type>(path: &Path, v: T) {
+    let f = hdf5::File::create(path).unwrap();
+    good_images(&f, 2);
+    let a = f.new_attr::<T>().create("format_version").unwrap();
+    a.write_scalar(&v).unwrap();
 }
 
 #[test]
@@ -91,14 +114,7 @@ fn missing_images() {
     let p = raw_file(
         dir.path(),
         "noimages.h5",
-        |f| {
-            f.new_dataset::<i64>()
-                .shape(3)
-                .create("labels")
-                .unwrap()
-                .write_raw(&[0i64, 1, 0])
-                .unwrap();
-        },
+        |f| labels(f, &[0i64, 1, 0]),
         Some(2),
     );
     assert_names(&open_err(&p), &p, &["dataset `images`", "missing"]);
@@ -107,140 +123,67 @@ fn missing_images() {
 #[test]
 fn wrong_dtype() {
     let dir = tempfile::tempdir().unwrap();
-    let p = raw_file(
-        dir.path(),
-        "float.h5",
-        |f| {
-            f.new_dataset::<f32>()
-                .shape((4, 4, 4, 3))
-                .chunk((1, 4, 4, 3))
-                .create("images")
-                .unwrap();
-        },
-        None,
-    );
+    let float = |f: &hdf5::File| images_of::<f32>(f, &[4, 4, 4, 3], Some(&[1, 4, 4, 3]));
+    let p = raw_file(dir.path(), "float.h5", float, None);
     assert_names(&open_err(&p), &p, &["dataset `images`", "float32", "uint8"]);
-    let p = raw_file(
-        dir.path(),
-        "floatlabels.h5",
-        |f| {
-            good_images(f, 4);
-            f.new_dataset::<f64>().shape(4).create("labels").unwrap();
-        },
-        Some(2),
-    );
+    let float_labels = |f: &hdf5::File| {
+        good_images(f, 4);
+        f.new_dataset::<f64>().shape(4).create("labels").unwrap();
+    };
+    let p = raw_file(dir.path(), "floatlabels.h5", float_labels, Some(2));
     assert_names(&open_err(&p), &p, &["dataset `labels`", "float64"]);
 }
 
 #[test]
 fn wrong_rank_and_shape() {
     let dir = tempfile::tempdir().unwrap();
-    let p = raw_file(
-        dir.path(),
-        "rank3.h5",
-        |f| {
-            f.new_dataset::<u8>()
-                .shape((4, 28, 28))
-                .chunk((1, 28, 28))
-                .create("images")
-                .unwrap();
-        },
-        None,
-    );
-    assert_names(&open_err(&p), &p, &["dataset `images`", "rank 3"]);
-    let p = raw_file(
-        dir.path(),
-        "channels.h5",
-        |f| {
-            f.new_dataset::<u8>()
-                .shape((4, 4, 4, 2))
-                .chunk((1, 4, 4, 2))
-                .create("images")
-                .unwrap();
-        },
-        None,
-    );
-    assert_names(&open_err(&p), &p, &["dataset `images`", "2 channels"]);
-    let p = raw_file(
-        dir.path(),
-        "contiguous.h5",
-        |f| {
-            f.new_dataset::<u8>()
-                .shape((4, 4, 4, 3))
-                .create("images")
-                .unwrap();
-        },
-        None,
-    );
-    assert_names(&open_err(&p), &p, &["dataset `images`", "not chunked"]);
-    let p = raw_file(
-        dir.path(),
-        "halfchunk.h5",
-        |f| {
-            f.new_dataset::<u8>()
-                .shape((4, 4, 4, 3))
-                .chunk((2, 2, 4, 3))
-                .create("images")
-                .unwrap();
-        },
-        None,
-    );
-    assert_names(&open_err(&p), &p, &["dataset `images`", "whole images"]);
+    let cases: [(&str, &[usize], Option<&[usize]>, &str); 4] = [
+        ("rank3.h5", &[4, 28, 28], Some(&[1, 28, 28]), "rank 3"),
+        (
+            "channels.h5",
+            &[4, 4, 4, 2],
+            Some(&[1, 4, 4, 2]),
+            "2 channels",
+        ),
+        ("contiguous.h5", &[4, 4, 4, 3], None, "not chunked"),
+        (
+            "halfchunk.h5",
+            &[4, 4, 4, 3],
+            Some(&[2, 2, 4, 3]),
+            "whole images",
+        ),
+    ];
+    for (name, shape, chunk, why) in cases {
+        let p = raw_file(dir.path(), name, |f| images(f, shape, chunk), None);
+        assert_names(&open_err(&p), &p, &["dataset `images`", why]);
+    }
 }
 
 #[test]
 fn labels_of_the_wrong_length_or_range() {
     let dir = tempfile::tempdir().unwrap();
-    let p = raw_file(
-        dir.path(),
-        "shortlabels.h5",
-        |f| {
-            good_images(f, 6);
-            f.new_dataset::<u8>()
-                .shape(5)
-                .create("labels")
-                .unwrap()
-                .write_raw(&[0u8, 1, 0, 1, 0])
-                .unwrap();
-        },
-        Some(2),
-    );
-    assert_names(
-        &open_err(&p),
-        &p,
-        &["dataset `labels`", "5 entries", "N = 6"],
-    );
-    let p = raw_file(
-        dir.path(),
-        "badlabel.h5",
-        |f| {
-            good_images(f, 3);
-            f.new_dataset::<i32>()
-                .shape(3)
-                .create("labels")
-                .unwrap()
-                .write_raw(&[0i32, 5, 1])
-                .unwrap();
-        },
-        Some(2),
-    );
-    assert_names(
-        &open_err(&p),
-        &p,
-        &["dataset `labels`", "label 5 of example 1"],
-    );
-    let p = raw_file(
-        dir.path(),
-        "label2d.h5",
-        |f| {
-            good_images(f, 4);
-            f.new_dataset::<u8>()
-                .shape((4, 1))
-                .create("labels")
-                .unwrap();
-        },
-        Some(2),
-    );
+    let short = |f: &hdf5::File| {
+        good_images(f, 6);
+        labels(f, &[0u8, 1, 0, 1, 0]);
+    };
+    let p = raw_file(dir.path(), "shortlabels.h5", short, Some(2));
+    let why = ["dataset `labels`", "5 entries", "N = 6"];
+    assert_names(&open_err(&p), &p, &why);
+    let bad = |f: &hdf5::File| {
+        good_images(f, 3);
+        labels(f, &[0i32, 5, 1]);
+    };
+    let p = raw_file(dir.path(), "badlabel.h5", bad, Some(2));
+    let why = ["dataset `labels`", "label 5 of example 1"];
+    assert_names(&open_err(&p), &p, &why);
+    let two_d = |f: &hdf5::File| {
+        good_images(f, 4);
+        f.new_dataset::<u8>()
+            .shape((4, 1))
+            .create("labels")
+            .unwrap();
+    };
+    let p = raw_file(dir.path(), "label2d.h5", two_d, Some(2));
     assert_names(&open_err(&p), &p, &["dataset `labels`", "rank 1"]);
 }
 
@@ -249,94 +192,40 @@ fn attributes() {
     let dir = tempfile::tempdir().unwrap();
     // No attributes at all.
     let p = dir.path().join("noattrs.h5");
-    {
-        let f = hdf5::File::create(&p).unwrap();
-        good_images(&f, 2);
-    }
-    assert_names(
-        &open_err(&p),
-        &p,
-        &["attribute `format_version`", "missing"],
-    );
+    good_images(&hdf5::File::create(&p).unwrap(), 2);
+    let why = ["attribute `format_version`", "missing"];
+    assert_names(&open_err(&p), &p, &why);
     // Labels without num_classes.
-    let p = raw_file(
-        dir.path(),
-        "nonumclasses.h5",
-        |f| {
-            good_images(f, 2);
-            f.new_dataset::<u8>()
-                .shape(2)
-                .create("labels")
-                .unwrap()
-                .write_raw(&[0u8, 0])
-                .unwrap();
-        },
-        None,
-    );
+    let two_labels = |f: &hdf5::File| {
+        good_images(f, 2);
+        labels(f, &[0u8, 1]);
+    };
+    let p = raw_file(dir.path(), "nonumclasses.h5", two_labels, None);
     assert_names(&open_err(&p), &p, &["attribute `num_classes`", "missing"]);
-    // Wrong version, wrong type, class_names of the wrong length.
+    // Wrong version, wrong type, no source, class_names of the wrong length.
     let p = dir.path().join("v2.h5");
-    {
-        let f = hdf5::File::create(&p).unwrap();
-        good_images(&f, 2);
-        f.new_attr::<i64>()
-            .create("format_version")
-            .unwrap()
-            .write_scalar(&2i64)
-            .unwrap();
-    }
+    file_with_version(&p, 2i64);
     assert_names(&open_err(&p), &p, &["attribute `format_version`", "is 2"]);
     let p = dir.path().join("fversion.h5");
-    {
-        let f = hdf5::File::create(&p).unwrap();
-        good_images(&f, 2);
-        f.new_attr::<f64>()
-            .create("format_version")
-            .unwrap()
-            .write_scalar(&1.0f64)
-            .unwrap();
-    }
-    assert_names(
-        &open_err(&p),
-        &p,
-        &["attribute `format_version`", "float64"],
-    );
+    file_with_version(&p, 1.0f64);
+    let why = ["attribute `format_version`", "float64"];
+    assert_names(&open_err(&p), &p, &why);
     let p = raw_file(dir.path(), "nosource.h5", |f| good_images(f, 2), None);
-    {
-        let f = hdf5::File::open_rw(&p).unwrap();
-        f.delete_attr("source").unwrap();
-    }
+    hdf5::File::open_rw(&p)
+        .unwrap()
+        .delete_attr("source")
+        .unwrap();
     assert_names(&open_err(&p), &p, &["attribute `source`", "missing"]);
-    let p = raw_file(
-        dir.path(),
-        "names.h5",
-        |f| {
-            good_images(f, 2);
-            f.new_dataset::<u8>()
-                .shape(2)
-                .create("labels")
-                .unwrap()
-                .write_raw(&[0u8, 1])
-                .unwrap();
-        },
-        Some(3),
-    );
+    let p = raw_file(dir.path(), "names.h5", two_labels, Some(3));
     {
         let f = hdf5::File::open_rw(&p).unwrap();
         f.delete_attr("class_names").unwrap();
         let names: Vec<hdf5::types::VarLenUnicode> = vec!["a".parse().unwrap()];
-        f.new_attr::<hdf5::types::VarLenUnicode>()
-            .shape(1)
-            .create("class_names")
-            .unwrap()
-            .write_raw(&names)
-            .unwrap();
+        let a = f.new_attr::<hdf5::types::VarLenUnicode>().shape(1);
+        a.create("class_names").unwrap().write_raw(&names).unwrap();
     }
-    assert_names(
-        &open_err(&p),
-        &p,
-        &["attribute `class_names`", "1 names", "num_classes is 3"],
-    );
+    let why = ["attribute `class_names`", "1 names", "num_classes is 3"];
+    assert_names(&open_err(&p), &p, &why);
 }
 
 #[test]

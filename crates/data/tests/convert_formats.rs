@@ -15,6 +15,14 @@ fn ddpm_data(args: &[&str]) -> Output {
         .expect("run ddpm-data")
 }
 
+/// `ddpm-data convert --from FROM SRC [EXTRA...] --out OUT`.
+fn convert(from: &str, src: &Path, out: &Path, extra: &[&str]) -> Output {
+    let (src, out) = (src.to_str().unwrap(), out.to_str().unwrap());
+    let mut args = vec!["convert", "--from", from, src];
+    args.extend_from_slice(extra);
+    ddpm_data(&[&args[..], &["--out", out]].concat())
+}
+
 fn ok(out: Output) -> String {
     assert!(
         out.status.success(),
@@ -61,16 +69,7 @@ fn cifar10_records_are_transposed_to_hwc() {
         std::fs::write(bin.join(name), recs).unwrap();
     }
     let out = dir.path().join("train.h5");
-    ok(ddpm_data(&[
-        "convert",
-        "--from",
-        "cifar10",
-        dir.path().to_str().unwrap(),
-        "--split",
-        "train",
-        "--out",
-        out.to_str().unwrap(),
-    ]));
+    ok(convert("cifar10", dir.path(), &out, &["--split", "train"]));
     let (shape, data) = images_of(&out);
     assert_eq!(shape, vec![15, 32, 32, 3]);
     for r in 0..15 {
@@ -91,32 +90,14 @@ fn cifar10_records_are_transposed_to_hwc() {
     );
     assert_eq!(ds.class_names()[0], "airplane");
     let test = dir.path().join("test.h5");
-    ok(ddpm_data(&[
-        "convert",
-        "--from",
-        "cifar10",
-        bin.to_str().unwrap(),
-        "--split",
-        "test",
-        "--out",
-        test.to_str().unwrap(),
-    ]));
+    ok(convert("cifar10", &bin, &test, &["--split", "test"]));
     let (shape, data) = images_of(&test);
     assert_eq!(shape, vec![3, 32, 32, 3]);
     assert_eq!(data[0], 15); // first test record is r = 15: pixel 0 red = (0 * 1 + 15) % 256
 
     // A batch file that is not a whole number of records is rejected by name.
     std::fs::write(bin.join("test_batch.bin"), vec![0u8; 3073 * 2 + 5]).unwrap();
-    let bad = ddpm_data(&[
-        "convert",
-        "--from",
-        "cifar10",
-        bin.to_str().unwrap(),
-        "--split",
-        "test",
-        "--out",
-        test.to_str().unwrap(),
-    ]);
+    let bad = convert("cifar10", &bin, &test, &["--split", "test"]);
     assert!(!bad.status.success());
     let err = String::from_utf8_lossy(&bad.stderr);
     assert!(
@@ -146,16 +127,7 @@ fn folder_images_are_resized_and_center_cropped() {
     std::fs::write(root.join("dog/readme.txt"), "not an image").unwrap();
 
     let out = dir.path().join("folder.h5");
-    ok(ddpm_data(&[
-        "convert",
-        "--from",
-        "folder",
-        root.to_str().unwrap(),
-        "--resolution",
-        "8",
-        "--out",
-        out.to_str().unwrap(),
-    ]));
+    ok(convert("folder", &root, &out, &["--resolution", "8"]));
     let ds = Hdf5Dataset::open(&out).unwrap();
     assert_eq!(
         (ds.len(), ds.height(), ds.width(), ds.channels()),
@@ -182,33 +154,19 @@ fn folder_images_are_resized_and_center_cropped() {
 
     // Grey output.
     let grey = dir.path().join("grey.h5");
-    ok(ddpm_data(&[
-        "convert",
-        "--from",
+    ok(convert(
         "folder",
-        root.to_str().unwrap(),
-        "--resolution",
-        "4",
-        "--grayscale",
-        "--out",
-        grey.to_str().unwrap(),
-    ]));
+        &root,
+        &grey,
+        &["--resolution", "4", "--grayscale"],
+    ));
     let g = Hdf5Dataset::open(&grey).unwrap();
     assert_eq!((g.height(), g.channels()), (4, 1));
 
     // An undecodable image is reported by file name, and no output is left behind.
     std::fs::write(root.join("dog/broken.png"), b"\x89PNG but not really").unwrap();
     let bad_out = dir.path().join("bad.h5");
-    let bad = ddpm_data(&[
-        "convert",
-        "--from",
-        "folder",
-        root.to_str().unwrap(),
-        "--resolution",
-        "8",
-        "--out",
-        bad_out.to_str().unwrap(),
-    ]);
+    let bad = convert("folder", &root, &bad_out, &["--resolution", "8"]);
     assert!(!bad.status.success());
     let err = String::from_utf8_lossy(&bad.stderr);
     assert!(err.contains("broken.png"), "{err}");

@@ -52,20 +52,8 @@ fn run(c: &J, tally: &mut FileTally, dtype: DType) -> Result<()> {
         let out = d.p_mean_variance(&model_eps, &x_t, &t, true)?;
         let ve = var.get(&vkey)?;
         let what = format!("{name}.expected.variance.{vkey}");
-        tally.cmp_tensor(
-            &format!("{what}.variance"),
-            path,
-            &out.variance,
-            &ve.get("variance")?.arr()?,
-            tol,
-        )?;
-        tally.cmp_tensor(
-            &format!("{what}.log_variance"),
-            path,
-            &out.log_variance,
-            &ve.get("log_variance")?.arr()?,
-            tol,
-        )?;
+        tally.tensor_at(&what, &ve, "variance", path, &out.variance, tol)?;
+        tally.tensor_at(&what, &ve, "log_variance", path, &out.log_variance, tol)?;
     }
     for ckey in e.keys()? {
         if ckey == "variance" {

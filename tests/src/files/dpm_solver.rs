@@ -185,49 +185,13 @@ fn dpm(
     if dtype == DType::F64 {
         let f = Tol::Mixed(TOL_F64);
         let ts: Vec<f64> = solver.timesteps.iter().map(|&t| t as f64).collect();
-        tally.cmp_vec(
-            &format!("{what}.timesteps"),
-            Path::F64,
-            &ts,
-            &j.get("timesteps")?.arr()?,
-            Tol::Abs(0.0),
-        );
-        tally.cmp_vec(
-            &format!("{what}.sigmas"),
-            Path::F64,
-            &solver.sigmas,
-            &j.get("sigmas")?.arr()?,
-            f,
-        );
-        tally.cmp_vec(
-            &format!("{what}.alpha_t"),
-            Path::F64,
-            &solver.alpha_t,
-            &j.get("alpha_t")?.arr()?,
-            f,
-        );
-        tally.cmp_vec(
-            &format!("{what}.sigma_t"),
-            Path::F64,
-            &solver.sigma_t,
-            &j.get("sigma_t")?.arr()?,
-            f,
-        );
-        tally.cmp_vec(
-            &format!("{what}.lambda_t"),
-            Path::F64,
-            &solver.lambda_t,
-            &j.get("lambda_t")?.arr()?,
-            f,
-        );
+        tally.vec_at(&what, &j, "timesteps", Path::F64, &ts, Tol::Abs(0.0))?;
+        tally.vec_at(&what, &j, "sigmas", Path::F64, &solver.sigmas, f)?;
+        tally.vec_at(&what, &j, "alpha_t", Path::F64, &solver.alpha_t, f)?;
+        tally.vec_at(&what, &j, "sigma_t", Path::F64, &solver.sigma_t, f)?;
+        tally.vec_at(&what, &j, "lambda_t", Path::F64, &solver.lambda_t, f)?;
         let orders: Vec<f64> = (0..n).map(|i| solver.order(i) as f64).collect();
-        tally.cmp_vec(
-            &format!("{what}.orders"),
-            Path::F64,
-            &orders,
-            &j.get("orders")?.arr()?,
-            Tol::Abs(0.0),
-        );
+        tally.vec_at(&what, &j, "orders", Path::F64, &orders, Tol::Abs(0.0))?;
     }
     let mut x = x_t.clone();
     let (mut eps_all, mut x0_all, mut samples) = (Vec::new(), Vec::new(), vec![x.clone()]);
@@ -247,27 +211,9 @@ fn dpm(
         samples.push(x.clone());
     }
     let samples = stack(&samples)?;
-    tally.cmp_tensor(
-        &format!("{what}.model_eps"),
-        path,
-        &stack(&eps_all)?,
-        &j.get("model_eps")?.arr()?,
-        tol,
-    )?;
-    tally.cmp_tensor(
-        &format!("{what}.x0_pred"),
-        path,
-        &stack(&x0_all)?,
-        &j.get("x0_pred")?.arr()?,
-        tol,
-    )?;
-    tally.cmp_tensor(
-        &format!("{what}.samples"),
-        path,
-        &samples,
-        &j.get("samples")?.arr()?,
-        tol,
-    )?;
+    tally.tensor_at(&what, &j, "model_eps", path, &stack(&eps_all)?, tol)?;
+    tally.tensor_at(&what, &j, "x0_pred", path, &stack(&x0_all)?, tol)?;
+    tally.tensor_at(&what, &j, "samples", path, &samples, tol)?;
     check_samples_diffusers(&j, &what, &samples, dtype, tally)?;
     // The final step to sigma = 0 returns the x0 prediction itself.
     if let (DType::F64, Some(last)) = (dtype, x0_all.last()) {
@@ -302,34 +248,17 @@ fn ddim(
         let f = Tol::Mixed(TOL_F64);
         let ts: Vec<f64> = ddim.timesteps.iter().map(|&t| t as f64).collect();
         let prev: Vec<f64> = ddim.prev_timesteps.iter().map(|&t| t as f64).collect();
-        tally.cmp_vec(
-            &format!("{what}.timesteps"),
-            Path::F64,
-            &ts,
-            &j.get("timesteps")?.arr()?,
-            Tol::Abs(0.0),
-        );
-        tally.cmp_vec(
-            &format!("{what}.prev_timesteps"),
-            Path::F64,
-            &prev,
-            &j.get("prev_timesteps")?.arr()?,
-            Tol::Abs(0.0),
-        );
-        tally.cmp_vec(
-            &format!("{what}.alpha_prod_t"),
-            Path::F64,
-            &ddim.alpha_prod_t,
-            &j.get("alpha_prod_t")?.arr()?,
-            f,
-        );
-        tally.cmp_vec(
-            &format!("{what}.alpha_prod_t_prev"),
+        tally.vec_at(&what, &j, "timesteps", Path::F64, &ts, Tol::Abs(0.0))?;
+        tally.vec_at(&what, &j, "prev_timesteps", Path::F64, &prev, Tol::Abs(0.0))?;
+        tally.vec_at(&what, &j, "alpha_prod_t", Path::F64, &ddim.alpha_prod_t, f)?;
+        tally.vec_at(
+            &what,
+            &j,
+            "alpha_prod_t_prev",
             Path::F64,
             &ddim.alpha_prod_t_prev,
-            &j.get("alpha_prod_t_prev")?.arr()?,
             f,
-        );
+        )?;
     }
     let mut x = x_t.clone();
     let (mut eps_all, mut x0_all, mut samples) = (Vec::new(), Vec::new(), vec![x.clone()]);
@@ -342,27 +271,9 @@ fn ddim(
         samples.push(x.clone());
     }
     let samples = stack(&samples)?;
-    tally.cmp_tensor(
-        &format!("{what}.model_eps"),
-        path,
-        &stack(&eps_all)?,
-        &j.get("model_eps")?.arr()?,
-        tol,
-    )?;
-    tally.cmp_tensor(
-        &format!("{what}.pred_x0"),
-        path,
-        &stack(&x0_all)?,
-        &j.get("pred_x0")?.arr()?,
-        tol,
-    )?;
-    tally.cmp_tensor(
-        &format!("{what}.samples"),
-        path,
-        &samples,
-        &j.get("samples")?.arr()?,
-        tol,
-    )?;
+    tally.tensor_at(&what, &j, "model_eps", path, &stack(&eps_all)?, tol)?;
+    tally.tensor_at(&what, &j, "pred_x0", path, &stack(&x0_all)?, tol)?;
+    tally.tensor_at(&what, &j, "samples", path, &samples, tol)?;
     check_samples_diffusers(j, &what, &samples, dtype, tally)?;
     Ok(())
 }

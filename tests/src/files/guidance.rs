@@ -140,35 +140,11 @@ fn cond_score(c: &J, tally: &mut FileTally) -> Result<()> {
             Tol::Abs(0.0),
         );
         let cs = condition_score(&d, &x_t, &t, &out.pred_xstart, &grad, scale)?;
-        tally.cmp_tensor(
-            &format!("{what}.eps_guided"),
-            P,
-            &cs.eps,
-            &ps.get("eps_guided")?.arr()?,
-            TOL,
-        )?;
-        tally.cmp_tensor(
-            &format!("{what}.pred_xstart_guided"),
-            P,
-            &cs.pred_xstart,
-            &ps.get("pred_xstart_guided")?.arr()?,
-            TOL,
-        )?;
-        tally.cmp_tensor(
-            &format!("{what}.mean_guided"),
-            P,
-            &cs.mean,
-            &ps.get("mean_guided")?.arr()?,
-            TOL,
-        )?;
+        tally.tensor_at(&what, &ps, "eps_guided", P, &cs.eps, TOL)?;
+        tally.tensor_at(&what, &ps, "pred_xstart_guided", P, &cs.pred_xstart, TOL)?;
+        tally.tensor_at(&what, &ps, "mean_guided", P, &cs.mean, TOL)?;
         let step = ddim_update(&d, &x_t, &t, &cs.pred_xstart, 0.0, None)?;
-        tally.cmp_tensor(
-            &format!("{what}.ddim_eta0_x_prev"),
-            P,
-            &step.x_prev,
-            &ps.get("ddim_eta0_x_prev")?.arr()?,
-            TOL,
-        )?;
+        tally.tensor_at(&what, &ps, "ddim_eta0_x_prev", P, &step.x_prev, TOL)?;
     }
     Ok(())
 }
