@@ -111,3 +111,59 @@ pub fn edm_heun(
     same_shape(d, "d", d_next, "d_next")?;
     Ok(x_ve.add(&d.add(d_next)?.affine(0.5 * (sigma_next - sigma), 0.0)?)?)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+
+    #[test]
+    fn gamma_is_capped_and_limited_to_its_range() {
+        let c = EdmChurn::IDDPM;
+        assert_eq!(c.gamma(80.0, 18), 0.0, "above S_tmax");
+        assert_eq!(c.gamma(0.01, 18), 0.0, "below S_tmin");
+        assert_eq!(
+            c.gamma(1.0, 18),
+            std::f64::consts::SQRT_2 - 1.0,
+            "80 / 18 is capped"
+        );
+        let small = EdmChurn { s_churn: 2.0, ..c };
+        assert_eq!(small.gamma(1.0, 10), 0.2);
+        assert_eq!(EdmChurn::NONE.gamma(1.0, 10), 0.0);
+        assert!(EdmChurn::NONE.validate().is_ok() && c.validate().is_ok());
+        for bad in [
+            EdmChurn { s_churn: -1.0, ..c },
+            EdmChurn { s_tmin: 60.0, ..c },
+            EdmChurn {
+                s_noise: f64::NAN,
+                ..c
+            },
+            EdmChurn {
+                s_tmax: f64::NAN,
+                ..c
+            },
+        ] {
+            assert!(bad.validate().is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn churn_only_raises_the_noise_level() {
+        let x = Tensor::ones((2, 3), DType::F64, &Device::Cpu).unwrap();
+        let z = Tensor::ones((2, 3), DType::F64, &Device::Cpu).unwrap();
+        // sqrt(5^2 - 3^2) = 4, times S_noise 0.5
+        let y = edm_churn(&x, 3.0, 5.0, 0.5, &z).unwrap();
+        assert_eq!(y.to_vec2::<f64>().unwrap()[1], vec![3.0; 3]);
+        assert_eq!(
+            edm_churn(&x, 3.0, 3.0, 1.0, &z)
+                .unwrap()
+                .to_vec2::<f64>()
+                .unwrap(),
+            x.to_vec2::<f64>().unwrap()
+        );
+        assert!(edm_churn(&x, 3.0, 2.0, 1.0, &z).is_err());
+        let wrong = Tensor::ones((2, 2), DType::F64, &Device::Cpu).unwrap();
+        assert!(edm_churn(&x, 1.0, 2.0, 1.0, &wrong).is_err());
+        assert!(edm_heun(&x, 1.0, 0.5, &x, &wrong).is_err());
+    }
+}

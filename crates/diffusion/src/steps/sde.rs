@@ -177,3 +177,64 @@ pub fn langevin_step(
         step_size,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::schedule::BetaSchedule;
+    use candle_core::Device;
+
+    fn t(v: &[f64]) -> Tensor {
+        Tensor::from_vec(v.to_vec(), (v.len(), 1), &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn one_step_by_hand() {
+        let s = NoiseSchedule::new(&BetaSchedule::Linear, 1000).unwrap();
+        let (x, eps, z) = (t(&[1.0, 2.0]), t(&[0.5, -1.0]), t(&[0.25, 0.25]));
+        let ts = [500, 0];
+        let em = euler_maruyama_step(&s, &x, &ts, &eps, &z).unwrap();
+        let got = em.x_prev.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        for (b, &k) in ts.iter().enumerate() {
+            let (beta, sd) = (s.betas[k], s.sqrt_one_minus_alphas_cumprod[k]);
+            let xb = [1.0, 2.0][b];
+            let score = -[0.5, -1.0][b] / sd;
+            let mean = xb + beta * (0.5 * xb + score);
+            let want = if k == 0 {
+                mean
+            } else {
+                mean + beta.sqrt() * 0.25
+            };
+            assert!((got[b] - want).abs() < 1e-15, "{b}: {} vs {want}", got[b]);
+        }
+        let rd = reverse_diffusion_step(&s, &x, &ts, &eps, &z).unwrap();
+        let got = rd.x_mean.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let (beta, sd) = (s.betas[500], s.sqrt_one_minus_alphas_cumprod[500]);
+        let want = (2.0 - (1.0 - beta).sqrt()) * 1.0 - beta * 0.5 / sd;
+        assert!((got[0] - want).abs() < 1e-15);
+    }
+
+    #[test]
+    fn langevin_step_size_rule_and_checks() {
+        let s = NoiseSchedule::new(&BetaSchedule::Linear, 100).unwrap();
+        let x = t(&[1.0, 1.0]);
+        // score = -eps / sd; per-sample norms are |score| and |noise| (one element each)
+        let (eps, z) = (t(&[2.0, 0.0]), t(&[3.0, 3.0]));
+        let step = langevin_step(&s, &x, &[4, 4], &eps, &z, 0.1).unwrap();
+        let g = 2.0 / s.sqrt_one_minus_alphas_cumprod[4];
+        let want = 2.0 * (1.0 - s.betas[4]) * (0.1 * 3.0 / g).powi(2);
+        assert!((step.step_size[0] - want).abs() < 1e-15 * want);
+        assert_eq!(
+            step.step_size[1], 0.0,
+            "a zero score leaves the sample as it is"
+        );
+        assert_eq!(
+            step.x.flatten_all().unwrap().to_vec1::<f64>().unwrap()[1],
+            1.0
+        );
+        assert!(langevin_step(&s, &x, &[4, 4], &eps, &z, -0.1).is_err());
+        assert!(langevin_step(&s, &x, &[4, 100], &eps, &z, 0.1).is_err());
+        assert!(langevin_step(&s, &x, &[4], &eps, &z, 0.1).is_err());
+        assert!(euler_maruyama_step(&s, &x, &[4, 4], &eps, &t(&[1.0])).is_err());
+    }
+}
