@@ -14,7 +14,7 @@
 # models), PC_STEPS (1000; 2 model evaluations per step with one corrector step), SNR (0.16);
 # EDM_LEVELS (18), S_CHURN (80); ONLY (space-separated row names, e.g. "ddim8 pc") to run a subset;
 # STUDENTS ("label=RUN_DIR=ARG,ARG,..." entries, e.g. "student4=runs/fm-distill-4=--sampler,ddim,--steps,4")
-# for distilled students. FD is biased upwards for small sample counts: compare rows of one run only.
+# for distilled students; BIN (target/release, built here when unset) the binaries. FD is biased upwards for small sample counts: compare rows of one run only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN=${1:?usage: bench/sampler-table.sh RUN_DIR EVAL_CLASSIFIER_RUN [TEST.h5]}
@@ -31,9 +31,13 @@ S_CHURN=${S_CHURN:-80}
 ONLY=${ONLY:-}
 export RAYON_NUM_THREADS=${RAYON_NUM_THREADS:-$(nproc)}
 
-cargo build --release -q -p ddpm-sampler -p ddpm-data
+# BIN: where the binaries are (default: a release build made here); set it to skip the build.
+if [ -z "${BIN:-}" ]; then
+  cargo build --release -q -p ddpm-sampler -p ddpm-data
+  BIN=target/release
+fi
 if ! [ -f "$TEST" ]; then
-  target/release/ddpm-data convert --from fashion-mnist /usr/share/datasets/fashion-mnist --split test --out "$TEST"
+  "$BIN"/ddpm-data convert --from fashion-mnist /usr/share/datasets/fashion-mnist --split test --out "$TEST"
 fi
 OUT=$RUN/sampler-table
 mkdir -p "$OUT"
@@ -49,11 +53,11 @@ row() {
   local guide=()
   [ -n "$W" ] && guide=(--cfg "$W")
   echo "== $name: ddpm-sample $* ${guide[*]}"
-  target/release/ddpm-sample --checkpoint "$ckpt" --out "$OUT/$name.h5" --per-class "$PER_CLASS" \
+  "$BIN"/ddpm-sample --checkpoint "$ckpt" --out "$OUT/$name.h5" --per-class "$PER_CLASS" \
     "${guide[@]}" "$@" | python3 -c "import json,sys
 for l in sys.stdin:
     d = json.loads(l); d['run'] = '$name'; print(json.dumps(d))" | tee -a "$LOG" | cut -c1-200
-  target/release/ddpm-eval fid --classifier "$EVAL_CLF" --data "$TEST" --samples "$OUT/$name.h5" \
+  "$BIN"/ddpm-eval fid --classifier "$EVAL_CLF" --data "$TEST" --samples "$OUT/$name.h5" \
     --num "$FD_REAL" --checkpoint "$OUT" --name real 2>/dev/null \
     | python3 -c "import json,sys
 for l in sys.stdin:
