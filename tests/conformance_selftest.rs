@@ -52,10 +52,35 @@ fn unmodified_copy_passes() {
 }
 
 #[test]
-fn repository_copy_has_all_nine_files_and_passes() {
+fn repository_copy_has_all_ten_files_and_passes() {
     let r = run(&repo_refs());
-    assert_eq!(r.files, 9);
+    assert_eq!(r.files, 10);
     assert_eq!(r.failed, 0, "{:?}", r.failures);
+}
+
+#[test]
+fn perturbed_sde_trajectory_or_noise_fails() {
+    // a late sample of the predictor-corrector case, 1e-8 relative (100x the f64 tolerance)
+    let dir = copy_with(&["sde_samplers.json"], "sde_samplers.json", |v| {
+        scale_number(
+            &mut v["cases"][2]["expected"]["samples"][6][1][0][2][1],
+            1.0 + 1e-8,
+            1e-8,
+        );
+    });
+    let r = run(dir.path());
+    assert!(r.failed > 0);
+    assert!(r.failures.iter().any(|f| f.contains("expected.samples")));
+    // a stored noise draw of the EDM case changes the churned trajectory
+    let dir = copy_with(&["sde_samplers.json"], "sde_samplers.json", |v| {
+        scale_number(
+            &mut v["cases"][4]["inputs"]["noise"][1][0][1][1][1],
+            1.0,
+            1e-6,
+        );
+    });
+    let r = run(dir.path());
+    assert!(r.failures.iter().any(|f| f.contains("edm_churn_capped_8")));
 }
 
 #[test]

@@ -1,5 +1,6 @@
-//! Samplers and evaluation for ddpm-rs: DDPM (ancestral), DDIM, DPM-Solver++(2M) and a Heun
-//! probability-flow ODE sampler over any [`Denoiser`], with class labels, classifier-free guidance and
+//! Samplers and evaluation for ddpm-rs: DDPM (ancestral), DDIM, DPM-Solver++(2M), a Heun
+//! probability-flow ODE sampler, the score-SDE samplers (reverse-SDE Euler-Maruyama,
+//! predictor-corrector) and EDM's stochastic sampler over any [`Denoiser`], with class labels, classifier-free guidance and
 //! classifier guidance; and the pieces of the `ddpm-sample` / `ddpm-eval` binaries (distributed
 //! generation, image output, bits/dim, the classifier Frechet distance). Checkpoints are read with
 //! `ddpm-checkpoint`, their config with `ddpm-config`.
@@ -29,16 +30,20 @@ pub mod images;
 pub mod linalg;
 pub mod sample_cmd;
 pub mod sampler;
+pub mod sde;
 pub mod steps;
 
 pub use ddpm_checkpoint::{Checkpoint, CheckpointError, Weights};
+pub use ddpm_diffusion::steps::EdmChurn;
 pub use denoiser::{Denoiser, EncoderClassifier, NoisyClassifier, UNetDenoiser};
 pub use error::{Result, SamplerError};
 pub use generate::{generate, GenerateJob, Generated, LabelPlan};
 pub use guidance::{classifier_grad, guided_model_output, ClassifierGuidance, Guidance};
 pub use sampler::{
-    heun_timesteps, respacing_for, BatchSpec, Progress, Sampler, SamplerKind, SamplerSettings,
+    edm_churned_levels, heun_timesteps, respacing_for, BatchSpec, Progress, Sampler, SamplerKind,
+    SamplerSettings,
 };
+pub use sde::{Predictor, ScoreSdeOptions};
 pub use steps::{
     ancestral_step, ddim_step, fused_step, guided_eps, AncestralStep, DdimOptions, DdimResult,
     FusedUpdate, ScaledGrad,

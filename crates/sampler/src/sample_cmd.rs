@@ -12,8 +12,9 @@ use crate::device::select_device;
 use crate::error::Result;
 use crate::images::{class_names, write_grid_png, write_samples_h5};
 use crate::{
-    generate, Checkpoint, CheckpointError, ClassifierGuidance, EncoderClassifier, GenerateJob,
-    Generated, Guidance, LabelPlan, Sampler, SamplerKind, SamplerSettings, UNetDenoiser, Weights,
+    generate, Checkpoint, CheckpointError, ClassifierGuidance, EdmChurn, EncoderClassifier,
+    GenerateJob, Generated, Guidance, LabelPlan, Sampler, SamplerKind, SamplerSettings,
+    ScoreSdeOptions, UNetDenoiser, Weights,
 };
 
 /// The options of `ddpm-sample` (see the binary's `--help`).
@@ -22,11 +23,12 @@ pub struct SampleArgs {
     /// Run directory (its newest valid checkpoint) or one checkpoint directory.
     #[arg(long)]
     pub checkpoint: PathBuf,
-    /// ddpm | ddim | dpm-solver | heun.
+    /// ddpm | ddim | dpm-solver | heun | sde | pc | edm.
     #[arg(long, default_value = "ddim")]
     pub sampler: String,
-    /// Steps: ddpm/ddim take improved-diffusion respacing strings ("ddim50", "250", "10,20,30") or a
-    /// number; dpm-solver and heun a number. Defaults: ddpm all T, ddim 50, dpm-solver 20, heun 18.
+    /// Steps: ddpm/ddim/sde/pc take improved-diffusion respacing strings ("ddim50", "250",
+    /// "10,20,30") or a number; dpm-solver, heun and edm a number. Defaults: ddpm/sde/pc all T, ddim 50,
+    /// dpm-solver 20, heun/edm 18 noise levels.
     #[arg(long)]
     pub steps: Option<String>,
     /// Output HDF5 file (`images` uint8 [N,H,W,C], `labels`). Default: RUN/samples/<sampler>-<steps>.h5.
@@ -86,6 +88,69 @@ pub struct SampleArgs {
     /// Use ddpm-diffusion's step functions instead of the fused ddpm-kernels update.
     #[arg(long)]
     pub no_fused: bool,
+    /// sde / pc: the reverse-SDE predictor, euler-maruyama (sde's default) or reverse-diffusion
+    /// (pc's default).
+    #[arg(long)]
+    pub predictor: Option<String>,
+    /// pc: Langevin corrector steps per noise level (default 1).
+    #[arg(long)]
+    pub corrector_steps: Option<usize>,
+    /// pc: the Langevin step-size rule's signal-to-noise ratio r (default 0.16).
+    #[arg(long)]
+    pub snr: Option<f64>,
+    /// edm: S_churn (default 80; gamma = min(S_churn / N, sqrt 2 - 1) per level).
+    #[arg(long)]
+    pub s_churn: Option<f64>,
+    /// edm: churn only levels with sigma >= S_tmin (default 0.05).
+    #[arg(long)]
+    pub s_tmin: Option<f64>,
+    /// edm: churn only levels with sigma <= S_tmax (default 50).
+    #[arg(long)]
+    pub s_tmax: Option<f64>,
+    /// edm: scale of the churn noise (default 1.003).
+    #[arg(long)]
+    pub s_noise: Option<f64>,
+}
+
+/// The stochastic samplers' options of `args` (`None` where not given; the sampler checks which apply).
+pub fn stochastic_options(args: &SampleArgs) -> Result<(ScoreSdeOptions, Option<EdmChurn>)> {
+    let sde = ScoreSdeOptions {
+        predictor: args.predictor.as_deref().map(str::parse).transpose()?,
+        corrector_steps: args.corrector_steps,
+        snr: args.snr,
+    };
+    let given = [args.s_churn, args.s_tmin, args.s_tmax, args.s_noise];
+    let churn = given.iter().any(Option::is_some).then(|| {
+        let d = EdmChurn::IDDPM;
+        EdmChurn {
+            s_churn: args.s_churn.unwrap_or(d.s_churn),
+            s_tmin: args.s_tmin.unwrap_or(d.s_tmin),
+            s_tmax: args.s_tmax.unwrap_or(d.s_tmax),
+            s_noise: args.s_noise.unwrap_or(d.s_noise),
+        }
+    });
+    Ok((sde, churn))
+}
+
+/// The resolved options of the stochastic samplers, for the summary line (null for the others).
+fn options_summary(settings: &SamplerSettings) -> serde_json::Value {
+    match settings.kind {
+        SamplerKind::Sde | SamplerKind::Pc => {
+            let (p, nc, snr) = settings.score_sde.resolved(settings.kind);
+            serde_json::json!({
+                "predictor": format!("{p:?}"),
+                "corrector_steps": nc,
+                "snr": (nc > 0).then_some(snr),
+            })
+        }
+        SamplerKind::Edm => {
+            let c = settings.churn.unwrap_or(EdmChurn::IDDPM);
+            serde_json::json!({
+                "s_churn": c.s_churn, "s_tmin": c.s_tmin, "s_tmax": c.s_tmax, "s_noise": c.s_noise,
+            })
+        }
+        _ => serde_json::Value::Null,
+    }
 }
 
 /// `ddpm-sample`: generates the images on every rank, writes them (rank 0) and prints a JSON summary.
@@ -117,7 +182,9 @@ pub fn run_sample(args: &SampleArgs, comm: &dyn Communicator) -> Result<()> {
         _ => args.clip,
     };
     settings.fused_update = !args.no_fused;
+    (settings.score_sde, settings.churn) = stochastic_options(args)?;
     let settings_clip = settings.clip_denoised;
+    let options = options_summary(&settings);
     let sampler = Sampler::new(diffusion.clone(), settings)?;
 
     let classifier = load_guidance_classifier(args, &run_cfg, &device, warn)?;
@@ -182,6 +249,7 @@ pub fn run_sample(args: &SampleArgs, comm: &dyn Communicator) -> Result<()> {
         "cfg": args.cfg,
         "classifier_scale": args.classifier.as_ref().map(|_| args.classifier_scale),
         "eta": args.eta,
+        "sampler_options": options,
         "clip": settings_clip,
         "weights": args.weights,
         "seed": args.seed,

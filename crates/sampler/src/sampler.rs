@@ -1,4 +1,5 @@
-//! The sampling loops: DDPM (ancestral), DDIM, DPM-Solver++(2M) and a Heun probability-flow ODE
+//! The sampling loops: DDPM (ancestral), DDIM, DPM-Solver++(2M), a Heun probability-flow ODE
+//! sampler, the score-SDE samplers (`sde`, `pc`; the loop is in [`crate::sde`]) and EDM's stochastic
 //! sampler, over any [`Denoiser`], with class labels, classifier-free and classifier guidance.
 //!
 //! # Timesteps
@@ -19,16 +20,26 @@
 //!   As in EDM, the largest level is capped at sigma = 80 (the training timestep nearest to it): above
 //!   that the sample is noise for all practical purposes (the cosine schedule ends near sigma = 2e4),
 //!   and starting from `x_T` at a smaller sigma only drops the negligible `x0 / sigma` part.
+//! - `sde` and `pc` run on a respaced chain chosen as for DDPM (default all T steps, Song et al.'s
+//!   N = 1000 for DDPM models); `pc` costs `corrector_steps + 1` evaluations per step.
+//! - `edm` is EDM Algorithm 2 on Heun's noise levels: level i is first raised to
+//!   `sigma_i (1 + gamma_i)`, `gamma_i = min(S_churn / N, sqrt 2 - 1)` where
+//!   `S_tmin <= sigma_i <= S_tmax`, snapped like the levels to a training timestep (never below level
+//!   i's), by adding `sqrt(sigma_hat^2 - sigma_i^2) S_noise z`; then Heun's step from there. With
+//!   S_churn = 0 it is exactly `heun`. Defaults: EDM's Table 5 settings for the ADM ImageNet-64
+//!   model (S_churn 80, S_tmin 0.05, S_tmax 50, S_noise 1.003), the discrete VP model closest to ours.
 //!
 //! # Randomness
 //! All noise is ddpm-rng `Stream::Sampler`, keyed by `(seed, step, global image index)`: `x_T` uses
-//! step 0 and the noise of loop iteration `i` (0-based, in sampling order) uses step `i + 1`. Element
+//! step 0 and the j-th noise tensor drawn after it (j = 1, 2, ..., in sampling order) uses step j:
+//! loop iteration `i` for DDPM / DDIM, level `i` (if churned) for EDM, and for `pc` the corrector
+//! draws then the predictor draw of each step (see [`crate::sde`]). Element
 //! `e` of image `g` is `StreamKey::new(seed, Stream::Sampler, step, g).normal(e)`, so an image depends
 //! only on the seed, its global index and its label: not on the batch it was in, nor on the rank that
 //! made it.
 
 use candle_core::{DType, Device, Tensor};
-use ddpm_diffusion::steps::DpmSolverPp2m;
+use ddpm_diffusion::steps::{edm_churn, edm_euler, edm_heun, DpmSolverPp2m, EdmChurn};
 use ddpm_diffusion::{space_timesteps, GaussianDiffusion, ModelVarType};
 use ddpm_kernels::{philox_normal, NoiseKey, StepNoise};
 use ddpm_rng::Stream;
@@ -36,6 +47,7 @@ use ddpm_rng::Stream;
 use crate::denoiser::Denoiser;
 use crate::error::{Result, SamplerError};
 use crate::guidance::{classifier_grad, guided_model_output, Guidance};
+use crate::sde::ScoreSdeOptions;
 use crate::steps::{
     ancestral_step, ddim_step, fused_step, guided_eps, DdimOptions, FusedUpdate, ScaledGrad,
 };
@@ -52,6 +64,12 @@ pub enum SamplerKind {
     Ddim,
     DpmSolver,
     Heun,
+    /// Reverse-SDE predictor alone (Euler-Maruyama by default), Song et al. 2021.
+    Sde,
+    /// Predictor-corrector: reverse-diffusion predictor + Langevin corrector, Song et al. 2021.
+    Pc,
+    /// Karras et al.'s stochastic sampler (EDM Algorithm 2).
+    Edm,
 }
 
 impl SamplerKind {
@@ -61,15 +79,21 @@ impl SamplerKind {
             SamplerKind::Ddim => "ddim",
             SamplerKind::DpmSolver => "dpm-solver",
             SamplerKind::Heun => "heun",
+            SamplerKind::Sde => "sde",
+            SamplerKind::Pc => "pc",
+            SamplerKind::Edm => "edm",
         }
     }
 
-    pub fn all() -> [SamplerKind; 4] {
+    pub fn all() -> [SamplerKind; 7] {
         [
             SamplerKind::Ddpm,
             SamplerKind::Ddim,
             SamplerKind::DpmSolver,
             SamplerKind::Heun,
+            SamplerKind::Sde,
+            SamplerKind::Pc,
+            SamplerKind::Edm,
         ]
     }
 }
@@ -84,8 +108,11 @@ impl std::str::FromStr for SamplerKind {
                 Ok(SamplerKind::DpmSolver)
             }
             "heun" | "ode" => Ok(SamplerKind::Heun),
+            "sde" | "euler-maruyama" | "em" => Ok(SamplerKind::Sde),
+            "pc" | "predictor-corrector" => Ok(SamplerKind::Pc),
+            "edm" | "edm-stochastic" => Ok(SamplerKind::Edm),
             other => Err(SamplerError::Config(format!(
-                "unknown sampler {other:?} (expected ddpm, ddim, dpm-solver or heun)"
+                "unknown sampler {other:?} (expected ddpm, ddim, dpm-solver, heun, sde, pc or edm)"
             ))),
         }
     }
@@ -111,6 +138,10 @@ pub struct SamplerSettings {
     /// no classifier guidance). It computes the same update as ddpm-diffusion's step functions in one
     /// pass over memory (equal to float rounding; tested).
     pub fused_update: bool,
+    /// Predictor, corrector steps and snr of `sde` / `pc` (see [`ScoreSdeOptions`]).
+    pub score_sde: ScoreSdeOptions,
+    /// EDM's S_churn, S_tmin, S_tmax, S_noise for `edm`; `None` = [`EdmChurn::IDDPM`].
+    pub churn: Option<EdmChurn>,
 }
 
 impl SamplerSettings {
@@ -121,6 +152,8 @@ impl SamplerSettings {
             eta: 0.0,
             clip_denoised: false,
             fused_update: true,
+            score_sde: ScoreSdeOptions::default(),
+            churn: None,
         }
     }
 
@@ -164,17 +197,22 @@ enum Plan {
     /// DDPM / DDIM on a respaced process.
     Respaced(Box<GaussianDiffusion>),
     DpmSolver(usize),
-    Heun {
+    /// Heun (EDM Algorithm 1) and EDM Algorithm 2: noise levels, their timesteps, and the churned
+    /// level `(timestep, sigma_hat)` each step starts from (the level itself without churn).
+    Karras {
         timesteps: Vec<usize>,
         sigmas: Vec<f64>,
+        hats: Vec<(usize, f64)>,
     },
+    /// Score-SDE predictor(-corrector) on a respaced chain.
+    Sde(Box<GaussianDiffusion>),
 }
 
 /// A configured sampler for one trained diffusion process.
 #[derive(Debug, Clone)]
 pub struct Sampler {
-    full: GaussianDiffusion,
-    settings: SamplerSettings,
+    pub(crate) full: GaussianDiffusion,
+    pub(crate) settings: SamplerSettings,
     plan: Plan,
 }
 
@@ -189,15 +227,18 @@ pub fn respacing_for(
     spec: Option<&str>,
 ) -> Result<Vec<usize>> {
     let spec = spec.map(str::trim).filter(|s| !s.is_empty());
+    let ancestral = matches!(kind, SamplerKind::Ddpm | SamplerKind::Sde | SamplerKind::Pc);
     Ok(match (kind, spec) {
-        (SamplerKind::Ddpm, None) => (0..num_timesteps).collect(),
+        (_, None) if ancestral => (0..num_timesteps).collect(),
         (SamplerKind::Ddim, None) => space_timesteps(num_timesteps, "ddim50")
             .or_else(|_| space_timesteps(num_timesteps, &50.min(num_timesteps).to_string()))?,
         (SamplerKind::Ddim, Some(s)) if plain_count(s).is_some() => {
             space_timesteps(num_timesteps, &format!("ddim{s}"))
                 .or_else(|_| space_timesteps(num_timesteps, s))?
         }
-        (SamplerKind::Ddpm | SamplerKind::Ddim, Some(s)) => space_timesteps(num_timesteps, s)?,
+        (_, Some(s)) if ancestral || kind == SamplerKind::Ddim => {
+            space_timesteps(num_timesteps, s)?
+        }
         (other, _) => {
             return Err(SamplerError::Config(format!(
                 "{other} does not run on a respaced process"
@@ -208,6 +249,49 @@ pub fn respacing_for(
 
 /// The largest noise level the Heun sampler starts from (EDM's choice for VP models).
 pub const HEUN_SIGMA_MAX: f64 = 80.0;
+
+/// The training timestep whose sigma (`sig`, increasing in t) is nearest to `s` in log sigma.
+fn nearest_timestep(sig: &[f64], s: f64) -> usize {
+    let target = s.ln();
+    let p = sig.partition_point(|&v| v.ln() < target);
+    match p {
+        0 => 0,
+        p if p >= sig.len() => sig.len() - 1,
+        p => {
+            if (sig[p].ln() - target).abs() < (target - sig[p - 1].ln()).abs() {
+                p
+            } else {
+                p - 1
+            }
+        }
+    }
+}
+
+/// EDM Algorithm 2's churned levels for the Karras levels `(timesteps, sigmas)` of
+/// [`heun_timesteps`]: level i is raised to `sigma_i (1 + gamma_i)`, snapped (as the levels are) to
+/// the nearest training timestep in log sigma and never below level i's own; `(t_i, sigma_i)` where
+/// gamma is 0 or the snap lands on level i itself.
+pub fn edm_churned_levels(
+    full: &GaussianDiffusion,
+    timesteps: &[usize],
+    sigmas: &[f64],
+    churn: &EdmChurn,
+) -> Vec<(usize, f64)> {
+    let sig = &full.schedule.sqrt_recipm1_alphas_cumprod;
+    let n = timesteps.len();
+    timesteps
+        .iter()
+        .zip(sigmas)
+        .map(|(&t, &s)| {
+            let gamma = churn.gamma(s, n);
+            if gamma == 0.0 {
+                return (t, s);
+            }
+            let th = nearest_timestep(sig, s * (1.0 + gamma)).max(t);
+            (th, sig[th])
+        })
+        .collect()
+}
 
 /// EDM's rho = 7 noise levels between the schedule's extremes, snapped to training timesteps
 /// (descending, unique), with their sigmas and a final 0.
@@ -231,20 +315,7 @@ pub fn heun_timesteps(full: &GaussianDiffusion, n: usize) -> Result<(Vec<usize>,
             let f = i as f64 / (n - 1) as f64;
             (smax.powf(1.0 / RHO) + f * (smin.powf(1.0 / RHO) - smax.powf(1.0 / RHO))).powf(RHO)
         };
-        // nearest training timestep in log sigma
-        let target = s.ln();
-        let p = sig.partition_point(|&v| v.ln() < target);
-        let t = match p {
-            0 => 0,
-            p if p >= big_t => big_t - 1,
-            p => {
-                if (sig[p].ln() - target).abs() < (target - sig[p - 1].ln()).abs() {
-                    p
-                } else {
-                    p - 1
-                }
-            }
-        };
+        let t = nearest_timestep(sig, s);
         if ts.last() != Some(&t) {
             ts.push(t);
         }
@@ -276,7 +347,13 @@ impl Sampler {
                 settings.kind
             )));
         }
-        if settings.clip_denoised && matches!(settings.kind, SamplerKind::Heun) {
+        crate::sde::validate_options(&settings)?;
+        if settings.clip_denoised
+            && !matches!(
+                settings.kind,
+                SamplerKind::Ddpm | SamplerKind::Ddim | SamplerKind::DpmSolver
+            )
+        {
             return Err(SamplerError::Config(format!(
                 "x0 clipping applies to ddpm, ddim and dpm-solver, not {}",
                 settings.kind
@@ -308,10 +385,28 @@ impl Sampler {
                 DpmSolverPp2m::with_lambda_min(&full.schedule, n, DPM_LAMBDA_MIN)?; // validates n
                 Plan::DpmSolver(n)
             }
-            SamplerKind::Heun => {
+            SamplerKind::Heun | SamplerKind::Edm => {
                 let (timesteps, sigmas) = heun_timesteps(&full, count(18)?)?;
-                Plan::Heun { timesteps, sigmas }
+                let hats = match (settings.kind, settings.churn) {
+                    (SamplerKind::Heun, _) => {
+                        timesteps.iter().copied().zip(sigmas.clone()).collect()
+                    }
+                    (_, churn) => edm_churned_levels(
+                        &full,
+                        &timesteps,
+                        &sigmas,
+                        &churn.unwrap_or(EdmChurn::IDDPM),
+                    ),
+                };
+                Plan::Karras {
+                    timesteps,
+                    sigmas,
+                    hats,
+                }
             }
+            SamplerKind::Sde | SamplerKind::Pc => Plan::Sde(Box::new(
+                full.respaced(&respacing_for(settings.kind, big_t, spec)?)?,
+            )),
         };
         Ok(Self {
             full,
@@ -332,15 +427,27 @@ impl Sampler {
     pub fn model_timesteps(&self) -> Vec<usize> {
         match &self.plan {
             Plan::Respaced(d) => d.timestep_map.iter().rev().copied().collect(),
+            Plan::Sde(d) => {
+                let (_, nc, _) = self.settings.score_sde.resolved(self.settings.kind);
+                d.timestep_map
+                    .iter()
+                    .rev()
+                    .flat_map(|&t| std::iter::repeat_n(t, nc + 1))
+                    .collect()
+            }
             Plan::DpmSolver(n) => {
                 DpmSolverPp2m::with_lambda_min(&self.full.schedule, *n, DPM_LAMBDA_MIN)
                     .map(|s| s.timesteps)
                     .unwrap_or_default()
             }
-            Plan::Heun { timesteps, sigmas } => {
+            Plan::Karras {
+                timesteps,
+                sigmas,
+                hats,
+            } => {
                 let mut v = Vec::new();
                 for i in 0..timesteps.len() {
-                    v.push(timesteps[i]);
+                    v.push(hats[i].0);
                     if sigmas[i + 1] > 0.0 {
                         v.push(timesteps[i + 1]);
                     }
@@ -438,15 +545,22 @@ impl Sampler {
             Plan::DpmSolver(n) => {
                 self.sample_dpm_solver(*n, model, guidance, labels.as_ref(), x, progress)?
             }
-            Plan::Heun { timesteps, sigmas } => self.sample_heun(
+            Plan::Karras {
                 timesteps,
                 sigmas,
+                hats,
+            } => self.sample_karras(
+                (timesteps, sigmas, hats),
                 model,
                 guidance,
+                batch,
                 labels.as_ref(),
                 x,
                 progress,
             )?,
+            Plan::Sde(d) => {
+                self.sample_sde(d, model, guidance, batch, labels.as_ref(), x, progress)?
+            }
         };
         // x - x is 0 for finite values and NaN for NaN or +-inf; its sum is 0 exactly when all are finite.
         let probe = x.to_dtype(DType::F64)?;
@@ -459,7 +573,7 @@ impl Sampler {
         Ok(x)
     }
 
-    fn grad<'g>(
+    pub(crate) fn grad<'g>(
         &self,
         guidance: &Guidance<'_>,
         x: &Tensor,
@@ -579,13 +693,16 @@ impl Sampler {
         Ok(x)
     }
 
+    /// Heun (EDM Algorithm 1) and, where a level's `hat` is above it, EDM Algorithm 2: the sample is
+    /// first raised to `sigma_hat` with noise step `i + 1`, then the same Euler / Heun step is taken
+    /// from there.
     #[allow(clippy::too_many_arguments)]
-    fn sample_heun(
+    fn sample_karras(
         &self,
-        timesteps: &[usize],
-        sigmas: &[f64],
+        (timesteps, sigmas, hats): (&[usize], &[f64], &[(usize, f64)]),
         model: &dyn Denoiser,
         guidance: &Guidance<'_>,
+        batch: &BatchSpec<'_>,
         labels: Option<&Tensor>,
         x_vp: Tensor,
         progress: &mut dyn FnMut(Progress<'_>),
@@ -604,12 +721,17 @@ impl Sampler {
             let g = self.grad(guidance, &x_in, &t_model, labels, &mut slot)?;
             guided_eps(full, &out, &x_in, &t_model, g)
         };
+        let churn = self.settings.churn.unwrap_or(EdmChurn::IDDPM);
         let mut x = x_vp.affine((1.0 + sigmas[0] * sigmas[0]).sqrt(), 0.0)?;
         for i in 0..timesteps.len() {
-            let (s, s_next) = (sigmas[i], sigmas[i + 1]);
-            let d = slope(&x, timesteps[i], s)?;
+            let ((t_hat, s), s_next) = (hats[i], sigmas[i + 1]);
+            if s > sigmas[i] {
+                let z = Self::noise(batch, i as u64 + 1)?;
+                x = edm_churn(&x, sigmas[i], s, churn.s_noise, &z)?;
+            }
+            let d = slope(&x, t_hat, s)?;
             evals += 1;
-            let euler = x.add(&d.affine(s_next - s, 0.0)?)?;
+            let euler = edm_euler(&x, s, s_next, &d)?;
             x = if s_next > 0.0 {
                 progress(Progress {
                     evals,
@@ -618,7 +740,7 @@ impl Sampler {
                 });
                 let d2 = slope(&euler, timesteps[i + 1], s_next)?;
                 evals += 1;
-                x.add(&d.add(&d2)?.affine(0.5 * (s_next - s), 0.0)?)?
+                edm_heun(&x, s, s_next, &d, &d2)?
             } else {
                 euler
             };

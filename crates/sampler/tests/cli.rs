@@ -215,6 +215,40 @@ fn every_sampler_and_guidance_from_the_command_line() {
             "CLF",
             "--no-fused",
         ],
+        vec![
+            "--sampler",
+            "sde",
+            "--steps",
+            "8",
+            "--num",
+            "4",
+            "--cfg",
+            "1",
+        ],
+        vec![
+            "--sampler",
+            "pc",
+            "--steps",
+            "5",
+            "--corrector-steps",
+            "2",
+            "--snr",
+            "0.1",
+            "--per-class",
+            "1",
+            "--classifier",
+            "CLF",
+        ],
+        vec![
+            "--sampler",
+            "edm",
+            "--steps",
+            "6",
+            "--s-churn",
+            "20",
+            "--num",
+            "3",
+        ],
     ];
     for (i, case) in cases.iter().enumerate() {
         let out = f.root.join(format!("s{i}.h5"));
@@ -235,6 +269,14 @@ fn every_sampler_and_guidance_from_the_command_line() {
         let summary: serde_json::Value = serde_json::from_str(stdout.trim())
             .unwrap_or_else(|e| panic!("{case:?}: {e}: {stdout}"));
         assert_eq!(summary["metric"], "sample");
+        if case.contains(&"pc") {
+            assert_eq!(summary["sampler_options"]["corrector_steps"], 2);
+            assert_eq!(summary["model_evals_per_image"], 15);
+        }
+        if case.contains(&"edm") {
+            assert_eq!(summary["sampler_options"]["s_churn"], 20.0);
+            assert_eq!(summary["sampler_options"]["s_noise"], 1.003);
+        }
         let (images, labels) = read_images(&out);
         let n = summary["num_images"].as_u64().unwrap() as usize;
         assert_eq!(images.len(), n * 64, "{case:?}");
@@ -287,6 +329,26 @@ fn every_sampler_and_guidance_from_the_command_line() {
         "{}",
         String::from_utf8_lossy(&o.stderr)
     );
+    // an option of another sampler is an error that names it
+    for (args, says) in [
+        (&["--sampler", "heun", "--snr", "0.1"][..], "pc only"),
+        (&["--sampler", "ddim", "--s-churn", "10"][..], "edm only"),
+        (
+            &["--sampler", "pc", "--corrector-steps", "0"][..],
+            "corrector step",
+        ),
+        (
+            &["--sampler", "sde", "--predictor", "heun"][..],
+            "unknown predictor",
+        ),
+    ] {
+        let mut c = bin("ddpm-sample");
+        c.arg("--checkpoint").arg(&f.run).args(args);
+        let o = c.output().unwrap();
+        assert!(!o.status.success(), "{args:?}");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
     let mut c = bin("ddpm-sample");
     c.arg("--checkpoint")
         .arg(f.root.join("nope"))
@@ -333,6 +395,17 @@ fn two_ranks_give_the_same_images_as_one() {
             "CLF",
             "--classifier-scale",
             "3",
+        ],
+        // a stochastic sampler with several noise draws per step (corrector + predictor)
+        vec![
+            "--sampler",
+            "pc",
+            "--steps",
+            "4",
+            "--num",
+            "5",
+            "--cfg",
+            "1",
         ],
     ] {
         let mut outs = Vec::new();

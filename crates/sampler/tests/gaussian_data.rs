@@ -17,8 +17,8 @@ use ddpm_diffusion::{
     BetaSchedule, GaussianDiffusion, LossType, ModelMeanType, ModelVarType, NoiseSchedule,
 };
 use ddpm_sampler::{
-    heun_timesteps, respacing_for, BatchSpec, Denoiser, Guidance, Result, Sampler, SamplerKind,
-    SamplerSettings,
+    edm_churned_levels, heun_timesteps, respacing_for, BatchSpec, Denoiser, EdmChurn, Guidance,
+    Predictor, Result, Sampler, SamplerKind, SamplerSettings,
 };
 
 const S: f64 = 0.5;
@@ -256,6 +256,132 @@ fn stochastic_samplers_have_the_predicted_variance() {
                         "{kind} full chain: predicted std {sd_pred}"
                     );
                 }
+            }
+        }
+    }
+}
+
+/// Output variance of the `sde` chain (Euler-Maruyama or reverse-diffusion predictor) from
+/// x_T ~ N(0, 1), written out from Song et al.'s update independently of the sampler: with the exact
+/// eps = c_e x every step is `x <- A x + sqrt(beta) z`.
+fn sde_variance(full: &GaussianDiffusion, chain: &GaussianDiffusion, predictor: Predictor) -> f64 {
+    let mut v = 1.0;
+    for k in (0..chain.num_timesteps()).rev() {
+        let a_model = full.schedule.alphas_cumprod[chain.timestep_map[k]];
+        let c_e = (1.0 - a_model).sqrt() / (a_model * S * S + 1.0 - a_model);
+        let beta = chain.schedule.betas[k];
+        let score = -c_e / (1.0 - chain.schedule.alphas_cumprod[k]).sqrt();
+        let a = match predictor {
+            Predictor::EulerMaruyama => 1.0 + 0.5 * beta + beta * score,
+            Predictor::ReverseDiffusion => 2.0 - (1.0 - beta).sqrt() + beta * score,
+        };
+        v = a * a * v + if k > 0 { beta } else { 0.0 };
+    }
+    v
+}
+
+/// Output variance of EDM Algorithm 2 on the sampler's own (churned) levels, written out from the
+/// paper: `x_hat = x + sqrt(sh^2 - s^2) S_noise z`, then Euler / Heun with the exact slope.
+fn edm_variance(full: &GaussianDiffusion, n: usize, churn: &EdmChurn) -> f64 {
+    let (ts, sigmas) = heun_timesteps(full, n).unwrap();
+    let hats = edm_churned_levels(full, &ts, &sigmas, churn);
+    let ac = &full.schedule.alphas_cumprod;
+    // d = g x_ve with g = eps gain / sqrt(1 + sigma^2)
+    let g = |t: usize, sigma: f64| {
+        let a = ac[t];
+        (1.0 - a).sqrt() / (a * S * S + 1.0 - a) / (1.0 + sigma * sigma).sqrt()
+    };
+    let mut v = 1.0 + sigmas[0] * sigmas[0];
+    for i in 0..ts.len() {
+        let ((th, sh), s1) = (hats[i], sigmas[i + 1]);
+        v += (sh * sh - sigmas[i] * sigmas[i]) * churn.s_noise * churn.s_noise;
+        let h = s1 - sh;
+        let g0 = g(th, sh);
+        let a = if s1 > 0.0 {
+            1.0 + 0.5 * h * (g0 + g(ts[i + 1], s1) * (1.0 + h * g0))
+        } else {
+            1.0 + h * g0
+        };
+        v *= a * a;
+    }
+    v
+}
+
+/// The score-SDE and EDM stochastic samplers driven by the exact model are linear Gaussian chains:
+/// their output std must match the variance recursion of their update to sampling error, and with
+/// all 1000 steps (sde) or many levels (edm) the data's std S, the closed form the reverse SDE
+/// targets. `pc`'s Langevin step size depends on the noise drawn, so only its full-chain std is
+/// compared with S.
+#[test]
+fn stochastic_sde_samplers_recover_the_data_variance() {
+    for schedule in [BetaSchedule::Linear, BetaSchedule::Cosine] {
+        let full = GaussianDiffusion::new(
+            NoiseSchedule::new(&schedule, 1000).unwrap(),
+            ModelMeanType::Epsilon,
+            ModelVarType::FixedSmall,
+            LossType::Mse,
+        );
+        let model = exact_model(&full);
+        let mut runs: Vec<(String, SamplerSettings, Option<f64>, f64)> = Vec::new();
+        for (predictor, steps, to_s) in [
+            (Predictor::EulerMaruyama, "", 0.015),
+            (Predictor::ReverseDiffusion, "", 0.015),
+            (Predictor::EulerMaruyama, "100", 1.0),
+            (Predictor::ReverseDiffusion, "50", 1.0),
+        ] {
+            let mut s = SamplerSettings::new(SamplerKind::Sde).steps(steps);
+            s.score_sde.predictor = Some(predictor);
+            let chain = full
+                .respaced(&respacing_for(SamplerKind::Sde, 1000, Some(steps)).unwrap())
+                .unwrap();
+            let sd = sde_variance(&full, &chain, predictor).sqrt();
+            runs.push((format!("sde {predictor:?} {steps}"), s, Some(sd), to_s));
+        }
+        for (n, churn, to_s) in [
+            (18, EdmChurn::IDDPM, 1.0),
+            (100, EdmChurn::IDDPM, 0.015),
+            (
+                40,
+                EdmChurn {
+                    s_churn: 10.0,
+                    s_noise: 1.007,
+                    ..EdmChurn::IDDPM
+                },
+                1.0,
+            ),
+        ] {
+            let mut s = SamplerSettings::new(SamplerKind::Edm).steps(n.to_string());
+            s.churn = Some(churn);
+            let sd = edm_variance(&full, n, &churn).sqrt();
+            runs.push((format!("edm {n} {churn:?}"), s, Some(sd), to_s));
+        }
+        let mut pc = SamplerSettings::new(SamplerKind::Pc);
+        pc.score_sde.snr = Some(0.16);
+        runs.push(("pc 1000".into(), pc, None, 0.03));
+        for (what, settings, sd_pred, to_s) in runs {
+            let sampler = Sampler::new(full.clone(), settings).unwrap();
+            let x = sampler
+                .sample(&model, &Guidance::none(), &batch(DType::F32, None))
+                .unwrap();
+            let (m, sd) = moments(&x);
+            eprintln!(
+                "{schedule:?} {what}: mean {m:+.4} std {sd:.4}, recursion {sd_pred:?}, data {S}"
+            );
+            assert!(m.abs() < 0.04, "{what}: mean {m}");
+            if let Some(p) = sd_pred {
+                assert!(
+                    (sd - p).abs() < 0.03 * p,
+                    "{schedule:?} {what}: std {sd} vs {p}"
+                );
+                assert!(
+                    (p - S).abs() < to_s * S,
+                    "{schedule:?} {what}: predicted {p} vs S"
+                );
+            } else {
+                assert!(
+                    (sd - S).abs() < to_s * S,
+                    "{schedule:?} {what}: std {sd} vs S"
+                );
             }
         }
     }

@@ -132,6 +132,9 @@ fn every_sampler_mode_gives_finite_samples() {
                 settings(SamplerKind::Ddim, "8"),
                 settings(SamplerKind::DpmSolver, "6"),
                 settings(SamplerKind::Heun, "5"),
+                settings(SamplerKind::Sde, "6"),
+                settings(SamplerKind::Pc, "4"),
+                settings(SamplerKind::Edm, "5"),
             ];
             let mut clipped = settings(SamplerKind::Ddpm, "10");
             clipped.clip_denoised = true;
@@ -172,7 +175,7 @@ fn every_sampler_mode_gives_finite_samples() {
             }
         }
     }
-    assert_eq!(runs, 3 * 3 * 7 * 3);
+    assert_eq!(runs, 3 * 3 * 10 * 3);
 }
 
 #[test]

@@ -8,6 +8,7 @@ pub mod guidance;
 pub mod min_snr;
 pub mod q_sample;
 pub mod schedules;
+pub mod sde_samplers;
 pub mod timestep_embedding;
 pub mod vb_terms;
 
@@ -87,6 +88,12 @@ pub const KNOWN: &[KnownFile] = &[
     KnownFile {
         name: "min_snr.json",
         case: min_snr::case,
+        top: no_top,
+        top_sections: &[],
+    },
+    KnownFile {
+        name: "sde_samplers.json",
+        case: sde_samplers::case,
         top: no_top,
         top_sections: &[],
     },

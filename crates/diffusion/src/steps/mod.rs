@@ -7,14 +7,21 @@
 pub mod ddim;
 pub mod ddpm;
 pub mod dpm_solver;
+pub mod edm;
 pub mod guidance;
+pub mod sde;
 
 pub use ddim::{ddim_reverse_step, ddim_sigmas, ddim_step, ddim_update, DdimStep, DiffusersDdim};
 pub use ddpm::{ddpm_step, ddpm_update, DdpmStep};
 pub use dpm_solver::{linspace_timesteps, DpmSolverPp2m, DpmSolverStep};
+pub use edm::{edm_churn, edm_euler, edm_heun, EdmChurn};
 pub use guidance::{
     cfg_combine, cfg_combine_model_output, cfg_combine_scale, condition_mean, condition_score,
     ConditionScore, ScaledGrad,
+};
+pub use sde::{
+    euler_maruyama_step, langevin_step, langevin_step_sizes, reverse_diffusion_step,
+    score_from_eps, LangevinStep, SdeStep,
 };
 
 use candle_core::Tensor;
