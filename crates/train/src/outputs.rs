@@ -81,12 +81,17 @@ fn preview_samples(
     } else {
         labels.len()
     };
-    let mut settings = SamplerSettings::new(SamplerKind::Ddim).steps(p.steps.to_string());
+    // A distilled student is previewed as it is meant to be sampled (its grid, no clipping, its
+    // guidance already folded in).
+    let distilled = cfg.distilled();
+    let steps = distilled.map_or(p.steps.to_string(), |d| d.student_spec());
+    let mut settings = SamplerSettings::new(SamplerKind::Ddim).steps(steps);
     settings.eta = p.eta;
-    settings.clip_denoised = true;
+    settings.clip_denoised = distilled.is_none();
     let sampler = Sampler::new(diffusion.clone(), settings)?;
     let guidance = Guidance {
-        cfg_scale: (p.guidance > 0.0 && m.num_classes.is_some()).then_some(p.guidance),
+        cfg_scale: (p.guidance > 0.0 && m.num_classes.is_some() && distilled.is_none())
+            .then_some(p.guidance),
         null_label: m.num_classes.map(|k| k as u32),
         classifier: None,
     };
