@@ -53,10 +53,16 @@ pub(crate) fn write_pictures(
     tracing::info!(
         path = %latest.display(),
         secs = format!("{:.1}", t0.elapsed().as_secs_f64()),
-        "preview samples (EMA {rate}, DDIM {} steps, rows = classes)",
-        p.steps
+        "preview samples (EMA {rate}, DDIM steps {}, rows = classes)",
+        preview_steps(cfg)
     );
     Ok((Some(latest), plot_path))
+}
+
+/// The preview's DDIM step spec: `preview.steps`, or a distilled student's own grid.
+fn preview_steps(cfg: &TrainConfig) -> String {
+    cfg.distilled()
+        .map_or(cfg.preview.steps.to_string(), |d| d.student_spec())
 }
 
 /// The preview grid's images, `[N, C, H, W]` in [-1, 1]: DDIM over `preview.steps` respaced steps
@@ -84,8 +90,7 @@ fn preview_samples(
     // A distilled student is previewed as it is meant to be sampled (its grid, no clipping, its
     // guidance already folded in).
     let distilled = cfg.distilled();
-    let steps = distilled.map_or(p.steps.to_string(), |d| d.student_spec());
-    let mut settings = SamplerSettings::new(SamplerKind::Ddim).steps(steps);
+    let mut settings = SamplerSettings::new(SamplerKind::Ddim).steps(preview_steps(cfg));
     settings.eta = p.eta;
     settings.clip_denoised = distilled.is_none();
     let sampler = Sampler::new(diffusion.clone(), settings)?;
