@@ -18,7 +18,10 @@ use serde::{Deserialize, Serialize};
 
 pub use ddpm_unet::{EncoderUNetConfig, UNetConfig};
 
+mod distill;
 mod hash;
+
+pub use distill::{DistillConfig, DistillWeighting};
 
 /// Keys left out of the config hash: they change what is logged, saved or previewed, or where, but
 /// not the training trajectory, so a run may be resumed with different values. `data.batch` is the
@@ -70,6 +73,9 @@ pub enum Task {
     Diffusion,
     /// Train a noise-aware classifier (`ddpm_unet::EncoderUNet`) on `x_t` for classifier guidance.
     Classifier,
+    /// One round of progressive distillation (the `[distill]` table): a student U-Net, initialised
+    /// from the teacher, learns to do in one DDIM step what the teacher does in two.
+    Distill,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -308,6 +314,9 @@ pub struct TrainConfig {
     /// hash the same).
     #[serde(default, skip_serializing_if = "StepConfig::is_default")]
     pub train: StepConfig,
+    /// task = "distill" only (see `distill.rs`); not serialised when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub distill: Option<DistillConfig>,
 }
 
 /// How one optimizer step is computed.
@@ -521,6 +530,7 @@ impl TrainConfig {
         self.validate_ema()?;
         self.validate_schedule()?;
         self.validate_preview()?;
+        self.validate_distill()?;
         self.validate_out_dir()
     }
 
@@ -558,6 +568,23 @@ impl TrainConfig {
             (Task::Classifier, None, Some(c)) => {
                 c.validate().map_err(|e| prefixed("classifier", e))?;
                 Some(c.num_classes)
+            }
+            (Task::Distill, _, Some(_)) => {
+                return Err(invalid(
+                    "classifier",
+                    "table is only used with task = \"classifier\"; remove it",
+                ))
+            }
+            // ddpm-train copies the teacher's [model] in before validating (crates/train/src/distill.rs)
+            (Task::Distill, None, None) => {
+                return Err(invalid(
+                    "model",
+                    "table is missing (task = \"distill\" takes the teacher's; run through ddpm-train --teacher)",
+                ))
+            }
+            (Task::Distill, Some(m), None) => {
+                m.validate().map_err(|e| prefixed("model", e))?;
+                m.num_classes
             }
         };
         Ok(num_classes)
@@ -978,6 +1005,7 @@ impl fmt::Display for Task {
         f.write_str(match self {
             Task::Diffusion => "diffusion",
             Task::Classifier => "classifier",
+            Task::Distill => "distill",
         })
     }
 }

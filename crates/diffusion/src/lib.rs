@@ -8,6 +8,7 @@
 //! host slices. Every formula is checked against reference vectors by the `conformance` test of
 //! `ddpm-tests`.
 
+pub mod distill;
 pub mod elbo;
 pub mod embedding;
 pub mod error;
@@ -19,6 +20,7 @@ pub mod snr;
 pub mod steps;
 pub mod tensor;
 
+pub use distill::{distill_losses, trailing_timesteps, DistillWeighting};
 pub use elbo::{ElboAccumulator, ElboBreakdown};
 pub use embedding::{timestep_embedding, timestep_embedding_f64, DEFAULT_MAX_PERIOD};
 pub use error::{DiffusionError, Result};

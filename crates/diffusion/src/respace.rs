@@ -19,6 +19,9 @@ fn respace_err(spec: &str, num_timesteps: usize, reason: impl Into<String>) -> D
 ///
 /// * `"ddimN"`: the smallest stride `i` in `1..T` with `len(range(0, T, i)) == N`, giving `{0, i, 2i, ..}`
 ///   (the DDIM paper's evenly strided schedule).
+/// * `"trailingN"`: `N` steps ending at `T - 1` ([`crate::distill::trailing_timesteps`]), the grid
+///   progressive-distillation students are trained on (each grid is every other point of the next
+///   finer one).
 /// * `"a,b,c"` (or a single `"N"`): split `0..T` into as many equal parts as there are counts (the first
 ///   `T % parts` parts get one extra step) and take `count` evenly spaced steps from each part. The
 ///   positions are accumulated in f64 and rounded half to even, exactly like Python's `round`;
@@ -28,6 +31,13 @@ pub fn space_timesteps(num_timesteps: usize, section_counts: &str) -> Result<Vec
     let err = |reason: String| respace_err(section_counts, num_timesteps, reason);
     if num_timesteps == 0 {
         return Err(err("the base process has no timesteps".into()));
+    }
+    if let Some(n) = spec.strip_prefix("trailing") {
+        let n: usize = n
+            .trim()
+            .parse()
+            .map_err(|_| err(format!("{n:?} after \"trailing\" is not a step count")))?;
+        return crate::distill::trailing_timesteps(num_timesteps, n);
     }
     if let Some(n) = spec.strip_prefix("ddim") {
         let desired: usize = n
@@ -129,6 +139,10 @@ mod tests {
         let d = space_timesteps(1000, "ddim30").unwrap();
         assert_eq!((d.len(), d[1]), (30, 34));
         assert_eq!(
+            space_timesteps(1000, "trailing4").unwrap(),
+            vec![249, 499, 749, 999]
+        );
+        assert_eq!(
             space_timesteps(100, "ddim10").unwrap(),
             (0..100).step_by(10).collect::<Vec<_>>()
         );
@@ -150,6 +164,8 @@ mod tests {
         assert!(space_timesteps(10, "11").is_err());
         assert!(space_timesteps(10, "ddim11").is_err());
         assert!(space_timesteps(10, "ddimx").is_err());
+        assert!(space_timesteps(10, "trailing11").is_err());
+        assert!(space_timesteps(10, "trailingx").is_err());
         assert!(space_timesteps(10, "a,b").is_err());
         assert!(space_timesteps(10, "0").is_err());
         assert!(space_timesteps(10, "").is_err());

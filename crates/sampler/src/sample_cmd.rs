@@ -23,12 +23,12 @@ pub struct SampleArgs {
     /// Run directory (its newest valid checkpoint) or one checkpoint directory.
     #[arg(long)]
     pub checkpoint: PathBuf,
-    /// ddpm | ddim | dpm-solver | heun | sde | pc | edm.
-    #[arg(long, default_value = "ddim")]
-    pub sampler: String,
+    /// ddpm | ddim | dpm-solver | heun | sde | pc | edm. Default: ddim.
+    #[arg(long)]
+    pub sampler: Option<String>,
     /// Steps: ddpm/ddim/sde/pc take improved-diffusion respacing strings ("ddim50", "250",
-    /// "10,20,30") or a number; dpm-solver, heun and edm a number. Defaults: ddpm/sde/pc all T, ddim 50,
-    /// dpm-solver 20, heun/edm 18 noise levels.
+    /// "10,20,30"), "trailingN" or a number; dpm-solver, heun and edm a number. Defaults: ddpm/sde/pc
+    /// all T, ddim 50 (a distilled student: its own "trailingN"), dpm-solver 20, heun/edm 18 noise levels.
     #[arg(long)]
     pub steps: Option<String>,
     /// Output HDF5 file (`images` uint8 [N,H,W,C], `labels`). Default: RUN/samples/<sampler>-<steps>.h5.
@@ -64,7 +64,8 @@ pub struct SampleArgs {
     /// DDIM eta (0 = deterministic).
     #[arg(long, default_value_t = 0.0)]
     pub eta: f64,
-    /// Clip predicted x0 to [-1, 1] (ddpm, ddim, dpm-solver). The default for those, as
+    /// Clip predicted x0 to [-1, 1] (ddpm, ddim, dpm-solver). The default for those (not for a
+    /// distilled student, whose "x0" is a one-step target rather than an image), as
     /// improved-diffusion's `clip_denoised=True`: with the cosine schedule alpha_bar at t = T-1 is
     /// ~2e-9, so an unclipped x0 estimate there magnifies the model's eps error ~30x into the next
     /// step, and samplers that start near T-1 (DDPM-1000, `--steps N` sections, DPM-Solver++)
@@ -173,12 +174,21 @@ pub fn run_sample(args: &SampleArgs, comm: &dyn Communicator) -> Result<()> {
     let device = select_device(&args.device, comm.local_rank())?;
     let weights: Weights = args.weights.parse()?;
     let diffusion = ckpt.diffusion()?;
-    let kind: SamplerKind = args.sampler.parse()?;
+    let kind: SamplerKind = args.sampler.as_deref().unwrap_or("ddim").parse()?;
+    let distilled = run_cfg.distilled();
+    // A distilled student's own sampler: DDIM on its grid, unless the flags say otherwise.
+    let steps = args.steps.clone().or_else(|| {
+        distilled
+            .filter(|_| kind == SamplerKind::Ddim)
+            .map(|d| d.student_spec())
+    });
     let mut settings = SamplerSettings::new(kind);
-    settings.steps = args.steps.clone();
+    settings.steps = steps.clone();
     settings.eta = args.eta;
     settings.clip_denoised = match kind {
-        SamplerKind::Ddpm | SamplerKind::Ddim | SamplerKind::DpmSolver => !args.no_clip,
+        SamplerKind::Ddpm | SamplerKind::Ddim | SamplerKind::DpmSolver if distilled.is_none() => {
+            !args.no_clip
+        }
         _ => args.clip,
     };
     settings.fused_update = !args.no_fused;
@@ -236,15 +246,22 @@ pub fn run_sample(args: &SampleArgs, comm: &dyn Communicator) -> Result<()> {
     if !rank0 {
         return Ok(());
     }
-    let (out_path, grid_path) =
-        write_outputs(args, &ckpt, &run_cfg, kind, plan, &out, num_classes)?;
+    let (out_path, grid_path) = write_outputs(
+        args,
+        &ckpt,
+        &run_cfg,
+        (kind, steps.as_deref()),
+        plan,
+        &out,
+        num_classes,
+    )?;
     let wall = start.elapsed().as_secs_f64();
     let summary = serde_json::json!({
         "metric": "sample",
         "checkpoint": ckpt.dir,
         "step": ckpt.step(),
         "sampler": kind.name(),
-        "steps": args.steps,
+        "steps": steps,
         "model_evals_per_image": sampler.num_model_evals(),
         "cfg": args.cfg,
         "classifier_scale": args.classifier.as_ref().map(|_| args.classifier_scale),
@@ -348,17 +365,13 @@ fn write_outputs(
     args: &SampleArgs,
     ckpt: &Checkpoint,
     run_cfg: &TrainConfig,
-    kind: SamplerKind,
+    (kind, steps): (SamplerKind, Option<&str>),
     plan: LabelPlan,
     out: &Generated,
     num_classes: Option<usize>,
 ) -> Result<(PathBuf, Option<PathBuf>)> {
     let n = out.n;
-    let steps_label = args
-        .steps
-        .clone()
-        .unwrap_or_else(|| "default".into())
-        .replace(',', "_");
+    let steps_label = steps.unwrap_or("default").replace(',', "_");
     let out_path = args.out.clone().unwrap_or_else(|| {
         ckpt.run_dir
             .join("samples")
@@ -378,7 +391,7 @@ fn write_outputs(
         ckpt.dir.display(),
         ckpt.step(),
         kind,
-        args.steps,
+        steps,
         args.weights,
         args.seed,
         args.cfg,

@@ -360,6 +360,56 @@ fn every_sampler_and_guidance_from_the_command_line() {
 }
 
 /// `mpirun -n 2 ddpm-sample` writes exactly the images (and labels) of a single process.
+/// A distillation round of the fixture's model: `ddpm-sample` without `--sampler`/`--steps` uses
+/// DDIM on the student's own grid without clipping; explicit flags override.
+#[test]
+fn a_distilled_student_samples_with_its_own_steps_by_default() {
+    let f = fixture();
+    let student = f.root.join("student");
+    let ov = ddpm_train::Overrides {
+        sets: vec![
+            "distill.teacher_steps=8".into(),
+            "distill.guidance=1.0".into(),
+        ],
+        steps: Some(2),
+        out: Some(student.clone()),
+        ..Default::default()
+    };
+    let cfg = ddpm_train::distill::load_config(None, Some(&f.run), &ov).unwrap();
+    let res = ddpm_train::train(
+        &cfg,
+        &ddpm_dist::SingleProcess::new(),
+        ddpm_train::TrainOptions::default(),
+    )
+    .unwrap();
+    assert_eq!(res.step, 2);
+    let sample = |extra: &[&str]| -> serde_json::Value {
+        let mut c = bin("ddpm-sample");
+        c.arg("--checkpoint")
+            .arg(&student)
+            .args(["--num", "3", "--no-grid", "--out"])
+            .arg(f.root.join("s.h5"))
+            .args(extra);
+        serde_json::from_str(run_ok(c).lines().last().unwrap()).unwrap()
+    };
+    let d = sample(&[]);
+    assert_eq!(d["sampler"], "ddim");
+    assert_eq!(d["steps"], "trailing4");
+    assert_eq!(d["model_evals_per_image"], 4);
+    assert_eq!(d["clip"], false);
+    let o = sample(&["--steps", "2", "--clip"]);
+    assert_eq!(
+        (o["steps"].as_str(), o["model_evals_per_image"].as_u64()),
+        (Some("2"), Some(2))
+    );
+    assert_eq!(o["clip"], true);
+    let h = sample(&["--sampler", "heun"]);
+    assert_eq!(
+        (h["sampler"].as_str(), h["steps"].is_null()),
+        (Some("heun"), true)
+    );
+}
+
 #[test]
 fn two_ranks_give_the_same_images_as_one() {
     let f = fixture();

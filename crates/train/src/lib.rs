@@ -7,6 +7,7 @@
 
 pub use ddpm_checkpoint as checkpoint;
 pub use ddpm_config as config;
+pub mod distill;
 pub mod ema;
 pub mod metrics;
 pub mod optim;

@@ -27,6 +27,14 @@ struct Cli {
     /// a checkpoint directory, or a run directory.
     #[arg(long, value_name = "auto|PATH")]
     resume: Option<String>,
+    /// The task, overriding the config's `task`: diffusion, classifier or distill.
+    #[arg(long, value_name = "TASK")]
+    task: Option<String>,
+    /// task = distill: the teacher, a run directory (its newest valid checkpoint) or a checkpoint
+    /// directory; implies `--task distill`. Without `--config` the teacher's config is the base
+    /// (change it with `--set`, e.g. `--set distill.teacher_steps=256`).
+    #[arg(long, value_name = "RUN_OR_CHECKPOINT")]
+    teacher: Option<PathBuf>,
     /// Where to train: `cpu`, or `cuda` (needs a build with `--features cuda`; one GPU per rank).
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -37,8 +45,8 @@ struct Cli {
 
 #[derive(Args, Clone)]
 struct ConfigArgs {
-    /// Training config (TOML).
-    #[arg(long, required = true)]
+    /// Training config (TOML). Required, except for `--teacher` (distillation).
+    #[arg(long)]
     config: Option<PathBuf>,
     /// Override a config value, e.g. `--set optim.lr=1e-4` (value parsed as TOML). Repeatable.
     #[arg(long = "set", value_name = "KEY=VALUE")]
@@ -126,22 +134,31 @@ fn main() -> ExitCode {
     }
 }
 
-fn run_training(cli: &Cli) -> Result<ExitCode> {
-    let cfg = {
-        let Some(path) = &cli.config.config else {
-            bail!("--config FILE is required")
-        };
-        let a = &cli.config;
-        TrainConfig::load(
-            path,
-            &Overrides {
-                sets: a.sets.clone(),
-                steps: a.steps,
-                batch: a.batch,
-                out: a.out.clone(),
-            },
-        )?
+/// The run's config: the file with the overrides, or for a distillation round (`--teacher`,
+/// `--task distill` or `task = "distill"`) the round's config built from its teacher.
+fn training_config(cli: &Cli) -> Result<TrainConfig> {
+    let a = &cli.config;
+    let mut ov = Overrides {
+        sets: a.sets.clone(),
+        steps: a.steps,
+        batch: a.batch,
+        out: a.out.clone(),
     };
+    if let Some(t) = &cli.task {
+        ov.sets.insert(0, format!("task={t}"));
+    }
+    let path = a.config.as_deref();
+    if cli.teacher.is_some() || ddpm_train::distill::requested(path, &ov.sets)? {
+        return ddpm_train::distill::load_config(path, cli.teacher.as_deref(), &ov);
+    }
+    let Some(path) = path else {
+        bail!("--config FILE is required")
+    };
+    Ok(TrainConfig::load(path, &ov)?)
+}
+
+fn run_training(cli: &Cli) -> Result<ExitCode> {
+    let cfg = training_config(cli)?;
     let resume = match cli.resume.as_deref() {
         None => None,
         Some("auto") => Some(ResumeFrom::Auto),

@@ -53,10 +53,16 @@ pub(crate) fn write_pictures(
     tracing::info!(
         path = %latest.display(),
         secs = format!("{:.1}", t0.elapsed().as_secs_f64()),
-        "preview samples (EMA {rate}, DDIM {} steps, rows = classes)",
-        p.steps
+        "preview samples (EMA {rate}, DDIM steps {}, rows = classes)",
+        preview_steps(cfg)
     );
     Ok((Some(latest), plot_path))
+}
+
+/// The preview's DDIM step spec: `preview.steps`, or a distilled student's own grid.
+fn preview_steps(cfg: &TrainConfig) -> String {
+    cfg.distilled()
+        .map_or(cfg.preview.steps.to_string(), |d| d.student_spec())
 }
 
 /// The preview grid's images, `[N, C, H, W]` in [-1, 1]: DDIM over `preview.steps` respaced steps
@@ -81,12 +87,16 @@ fn preview_samples(
     } else {
         labels.len()
     };
-    let mut settings = SamplerSettings::new(SamplerKind::Ddim).steps(p.steps.to_string());
+    // A distilled student is previewed as it is meant to be sampled (its grid, no clipping, its
+    // guidance already folded in).
+    let distilled = cfg.distilled();
+    let mut settings = SamplerSettings::new(SamplerKind::Ddim).steps(preview_steps(cfg));
     settings.eta = p.eta;
-    settings.clip_denoised = true;
+    settings.clip_denoised = distilled.is_none();
     let sampler = Sampler::new(diffusion.clone(), settings)?;
     let guidance = Guidance {
-        cfg_scale: (p.guidance > 0.0 && m.num_classes.is_some()).then_some(p.guidance),
+        cfg_scale: (p.guidance > 0.0 && m.num_classes.is_some() && distilled.is_none())
+            .then_some(p.guidance),
         null_label: m.num_classes.map(|k| k as u32),
         classifier: None,
     };

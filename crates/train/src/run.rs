@@ -31,7 +31,7 @@ impl Net {
 /// Builds the model of `cfg` with freshly initialised (seeded) parameters.
 pub(crate) fn build_net(cfg: &TrainConfig, device: &Device) -> Result<(Net, VarMap)> {
     Ok(match cfg.task {
-        Task::Diffusion => {
+        Task::Diffusion | Task::Distill => {
             let (m, vm) = UNet::init(
                 cfg.model.as_ref().expect("validated"),
                 cfg.seed,

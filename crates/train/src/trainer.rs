@@ -153,6 +153,8 @@ pub struct TrainLoop<'a> {
     names: Vec<String>,
     vars: Vec<Var>,
     diffusion: GaussianDiffusion,
+    /// The frozen teacher of a distillation round (task = "distill").
+    distill: Option<crate::distill::Distiller>,
     sqrt_ac: Vec<f32>,
     sqrt_1m_ac: Vec<f32>,
     num_classes: Option<usize>,
@@ -193,6 +195,10 @@ impl<'a> TrainLoop<'a> {
 
         let (net, varmap) = build_net(cfg, &device)?;
         let (names, vars): (Vec<String>, Vec<Var>) = sorted_vars(&varmap).into_iter().unzip();
+        let distill = crate::distill::Distiller::for_run(cfg, &device)?;
+        if let Some(d) = &distill {
+            d.init_student(&names, &vars)?;
+        }
         // Seeded initialisation already gives every rank the same values; the broadcast makes it a
         // guarantee (and checks every rank built the same shapes).
         let init: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
@@ -284,6 +290,7 @@ impl<'a> TrainLoop<'a> {
             names,
             vars,
             diffusion,
+            distill,
             sqrt_ac,
             sqrt_1m_ac,
             num_classes,
@@ -803,6 +810,10 @@ impl<'a> TrainLoop<'a> {
                     .sample(seed, step, first, b)
             }
             Task::Classifier => (vec![0; b], vec![1.0; b]),
+            Task::Distill => {
+                let d = self.distill.as_ref().expect("built for task = distill");
+                (d.timesteps(seed, step, first, b), vec![1.0; b])
+            }
         };
         let ts_u32: Vec<u32> = ts.iter().map(|&t| t as u32).collect();
         let pred = match self.cfg.diffusion.prediction {
@@ -830,9 +841,16 @@ impl<'a> TrainLoop<'a> {
             Net::Diffusion(m) => {
                 let y = self.dropped_labels(step, first, batch.labels.as_deref())?;
                 let out = m.forward(&noised.x_t, &t_model, y.as_ref(), &ctx)?;
-                let l =
-                    self.diffusion
-                        .training_losses(&out, &x0, &noised.x_t, &noised.noise, &ts)?;
+                let l = match &self.distill {
+                    Some(d) => d.losses(&out, &noised.x_t, &ts, y.as_ref())?,
+                    None => self.diffusion.training_losses(
+                        &out,
+                        &x0,
+                        &noised.x_t,
+                        &noised.noise,
+                        &ts,
+                    )?,
+                };
                 let per: Vec<f32> = l.loss.to_dtype(DType::F32)?.to_vec1()?;
                 let mse: Vec<f32> = l.mse.to_dtype(DType::F32)?.to_vec1()?;
                 let vb: Option<Vec<f32>> =
@@ -1025,7 +1043,7 @@ fn open_outputs(
 /// Checks the dataset against the model before training starts; errors name the config keys.
 fn check_dataset(cfg: &TrainConfig, ds: &ddpm_data::Hdf5Dataset) -> Result<Option<usize>> {
     let (size, ch, classes, table) = match cfg.task {
-        Task::Diffusion => {
+        Task::Diffusion | Task::Distill => {
             let m = cfg.model.as_ref().expect("validated");
             (m.image_size, m.in_channels, m.num_classes, "model")
         }

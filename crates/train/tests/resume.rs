@@ -79,17 +79,24 @@ fn exact_resume(
     n: u64,
 ) -> (Option<Vec<f64>>, Option<Vec<f64>>) {
     let f = common::fixture(40); // 40 / 8 = 5 batches per epoch: the runs cross epoch boundaries
+    exact_resume_with(
+        &f,
+        |out, steps| config(&f, out, steps, extra_diffusion, model_extra),
+        n,
+    )
+}
+
+/// [`exact_resume`] for the runs `config(out_dir, total_steps)` makes in `f`'s directory.
+fn exact_resume_with(
+    f: &common::Fixture,
+    config: impl Fn(&Path, u64) -> TrainConfig,
+    n: u64,
+) -> (Option<Vec<f64>>, Option<Vec<f64>>) {
     let full_dir = f.dir.path().join("full");
     let split_dir = f.dir.path().join("split");
-    let full = run(
-        &config(&f, &full_dir, 2 * n, extra_diffusion, model_extra),
-        false,
-    );
+    let full = run(&config(&full_dir, 2 * n), false);
     assert_eq!(full.step, 2 * n);
-    let first = run(
-        &config(&f, &split_dir, n, extra_diffusion, model_extra),
-        false,
-    );
+    let first = run(&config(&split_dir, n), false);
     assert_eq!(first.step, n);
     let ck = first.checkpoint.clone().unwrap();
     assert!(
@@ -97,10 +104,7 @@ fn exact_resume(
         "{}",
         ck.display()
     );
-    let second = run(
-        &config(&f, &split_dir, 2 * n, extra_diffusion, model_extra),
-        true,
-    );
+    let second = run(&config(&split_dir, 2 * n), true);
     assert_eq!(second.step, 2 * n);
     assert_eq!(
         second.step_losses.len() as u64,
@@ -164,6 +168,33 @@ fn resume_is_bit_exact_loss_aware_hybrid_v() {
     assert!(mid.iter().sum::<f64>() > 0.0, "{mid:?}");
     assert!(mid.iter().any(|&c| c < 10.0), "{mid:?}");
     assert!(end.iter().all(|&c| c == 10.0), "{end:?}");
+}
+
+/// A distillation round (eps teacher, guidance folded in, label and model dropout) resumes bit for
+/// bit: its grid points, noise and teacher targets are functions of (seed, step, example) and the
+/// teacher is frozen.
+#[test]
+fn resume_is_bit_exact_distill() {
+    let f = common::fixture(40);
+    let teacher = f.dir.path().join("teacher");
+    run(
+        &config(&f, &teacher, 3, "timesteps = 16", "dropout = 0.1"),
+        false,
+    );
+    let round = |out: &Path, steps: u64| {
+        let ov = Overrides {
+            sets: vec![
+                "distill.teacher_steps=8".into(),
+                "distill.guidance=0.5".into(),
+            ],
+            steps: Some(steps),
+            out: Some(out.to_path_buf()),
+            ..Default::default()
+        };
+        ddpm_train::distill::load_config(None, Some(&teacher), &ov).unwrap()
+    };
+    let (mid, _) = exact_resume_with(&f, round, 3);
+    assert!(mid.is_none(), "uniform sampling keeps no history");
 }
 
 #[test]
