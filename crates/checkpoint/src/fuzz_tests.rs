@@ -5,7 +5,7 @@
 use std::fs;
 use std::path::Path;
 
-use crate::mutate::{iterations, Mutator};
+use ddpm_io::mutate::{iterations, Mutator};
 use crate::{
     fixture_manifest, open_manifest, sha256_hex, verify_file, FileEntry, MANIFEST, MODEL_FILE,
 };
