@@ -1,9 +1,9 @@
 //! Every HDF5 file is read by a child process before this process opens it.
 //!
-//! libhdf5 is not memory-safe on damaged metadata. The fuzzer found, in Debian 12's 1.10.8, a
-//! use-after-free in `H5A__close` after a corrupt attribute message fails to decode, and an
-//! out-of-bounds `memcpy` in `H5HG_read` when a variable-length string points into a corrupt global
-//! heap. A crash inside the C library cannot be caught by the process that called it, and that
+//! libhdf5 is not memory-safe on damaged metadata. The fuzzer found, in Debian 12's 1.10.8,
+//! out-of-bounds reads in `H5HG_read` (and its `memcpy`) when a variable-length string points into a
+//! corrupt global heap, endless loops in `H5HG__protect`, and a use-after-free in `H5A__close` after
+//! a corrupt attribute message fails to decode. A crash inside the C library cannot be caught by the process that called it, and that
 //! process may be one rank of an MPI job. So [`Hdf5Dataset::open`](crate::Hdf5Dataset::open) first
 //! has a child do all the reading this process may do ([`check_in_this_process`]: open and validate,
 //! every chunk, the fingerprint), and only then opens the file itself. A child that finished with an
