@@ -5,10 +5,10 @@
 use std::fs;
 use std::path::Path;
 
-use crate::mutate::{iterations, Mutator};
 use crate::{
     fixture_manifest, open_manifest, sha256_hex, verify_file, FileEntry, MANIFEST, MODEL_FILE,
 };
+use ddpm_io::mutate::{iterations, Mutator};
 
 #[test]
 fn fuzz_manifest_json() {

@@ -26,8 +26,6 @@ use sha2::{Digest, Sha256};
 #[cfg(test)]
 mod fuzz_tests;
 pub mod lineage;
-#[cfg(any(test, feature = "fixtures"))]
-pub mod mutate;
 pub mod prune;
 pub mod reader;
 pub mod validate;

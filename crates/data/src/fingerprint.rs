@@ -17,14 +17,24 @@
 //! the N*H*W*C pixel bytes of `images` in dataset order (NHWC)
 //! ```
 //!
-//! # Cost
-//! One sequential pass over `images`, chunk by chunk through [`Hdf5Dataset::read_chunk`]: every chunk is
-//! read and decompressed once, as one `ddpm-data inspect` does, with one chunk in memory at a time
-//! (at most [`crate::limits::MAX_CHUNK_BYTES`]). The format's files carry no per-chunk checksums
-//! (the converters write deflate without Fletcher-32), so there is nothing cheaper that still covers
-//! every pixel. Callers that need it more than once should compute it once and pass it around.
+//! # Cost, and the cache
+//! Computing it is one sequential pass over `images`, chunk by chunk through
+//! [`Hdf5Dataset::read_chunk`], one chunk in memory at a time (at most
+//! [`crate::limits::MAX_CHUNK_BYTES`]). The format's files carry no per-chunk checksums (the
+//! converters write deflate without Fletcher-32), so there is nothing cheaper that still covers every
+//! pixel. The pass is done once per *file version*: the child that checks a file before it is opened
+//! ([`crate::probe`]) computes it, and the result is remembered, in the process and in a sidecar
+//! `FILE.ddpm-check.json` next to the file (written atomically when the directory is writable,
+//! never required), keyed by [`FileVersion`]: device, inode, size, mtime and ctime in nanoseconds.
+//! A re-converted file (a new inode), a node-local copy (another device or inode, its own entry) or
+//! any write to the file (a new ctime, which no user can set back) misses the cache and is read
+//! again, so the cache detects everything the full pass detects. A file changed less than
+//! [`RACY_SECS`] before it was read is not cached: timestamps are coarser than writes.
 
+use std::collections::HashMap;
 use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -161,9 +171,9 @@ impl FingerprintHasher {
     }
 }
 
-/// Computes the fingerprint of an opened dataset (see the module documentation for the definition and
-/// the cost). Errors name the file and `images` when a chunk cannot be read.
-pub fn fingerprint(ds: &Hdf5Dataset) -> Result<DatasetFingerprint> {
+/// Computes the fingerprint of an opened dataset by reading every chunk, in this process (see the
+/// module documentation). Errors name the file and `images` when a chunk cannot be read.
+pub fn compute(ds: &Hdf5Dataset) -> Result<DatasetFingerprint> {
     let mut h = FingerprintHasher::new(ds);
     for k in 0..ds.num_chunks() {
         h.update(&ds.read_chunk(k)?);
@@ -172,8 +182,124 @@ pub fn fingerprint(ds: &Hdf5Dataset) -> Result<DatasetFingerprint> {
 }
 
 impl Hdf5Dataset {
-    /// The dataset's content fingerprint; one pass over the images (see [`crate::fingerprint`]).
+    /// The dataset's content fingerprint: the one the checking child computed when the file was
+    /// opened, or from the cache, or one pass over the images (see [`crate::fingerprint`]).
     pub fn fingerprint(&self) -> Result<DatasetFingerprint> {
-        fingerprint(self)
+        if let Some(fp) = self
+            .checked_fingerprint()
+            .or_else(|| known(self.path(), self.version()))
+        {
+            return Ok(fp);
+        }
+        let fp = compute(self)?;
+        remember(self.path(), self.version(), &fp);
+        Ok(fp)
+    }
+}
+
+/// Which version of a file was read: equal only if no byte can have changed in between (short of
+/// a privileged user setting the clock back). `ctime` is part of it because `mtime` can be set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct FileVersion {
+    pub dev: u64,
+    pub ino: u64,
+    pub size: u64,
+    pub mtime_ns: i128,
+    pub ctime_ns: i128,
+}
+
+/// Files changed this recently are not cached (git's "racily clean" rule).
+pub const RACY_SECS: i128 = 2;
+
+impl FileVersion {
+    pub fn of(path: &Path) -> std::io::Result<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path)?;
+        let ns = |s: i64, n: i64| s as i128 * 1_000_000_000 + n as i128;
+        Ok(Self {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.size(),
+            mtime_ns: ns(m.mtime(), m.mtime_nsec()),
+            ctime_ns: ns(m.ctime(), m.ctime_nsec()),
+        })
+    }
+
+    fn settled(&self) -> bool {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as i128);
+        now - self.mtime_ns.max(self.ctime_ns) > RACY_SECS * 1_000_000_000
+    }
+}
+
+/// The sidecar: the last [`SIDECAR_ENTRIES`] versions (one per node that sees a shared file under
+/// its own device number) with their fingerprints.
+#[derive(Serialize, Deserialize)]
+struct Sidecar {
+    format: String,
+    entries: Vec<(FileVersion, DatasetFingerprint)>,
+}
+
+const SIDECAR_FORMAT: &str = "ddpm-data check cache v1";
+const SIDECAR_ENTRIES: usize = 8;
+
+fn sidecar_path(path: &Path) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".ddpm-check.json");
+    path.with_file_name(name)
+}
+
+fn read_sidecar(path: &Path) -> Option<Sidecar> {
+    use std::io::Read;
+    let mut text = String::new();
+    std::fs::File::open(sidecar_path(path))
+        .ok()?
+        .take(1 << 20)
+        .read_to_string(&mut text)
+        .ok()?;
+    serde_json::from_str::<Sidecar>(&text)
+        .ok()
+        .filter(|s| s.format == SIDECAR_FORMAT)
+}
+
+static MEMO: Mutex<Option<HashMap<FileVersion, DatasetFingerprint>>> = Mutex::new(None);
+
+/// The fingerprint of this exact version of `path`, when a child checked it before (in this
+/// process or, through the sidecar, in an earlier one). A hit also means "read through without a
+/// crash": [`Hdf5Dataset::open`] skips the check.
+pub fn known(path: &Path, version: &FileVersion) -> Option<DatasetFingerprint> {
+    let memo = MEMO.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(fp) = memo.as_ref().and_then(|m| m.get(version)) {
+        return Some(fp.clone());
+    }
+    drop(memo);
+    let (_, fp) = read_sidecar(path)?
+        .entries
+        .into_iter()
+        .find(|(v, _)| v == version)?;
+    Some(fp)
+}
+
+/// Records that `version` of `path` was read through and has fingerprint `fp` (see [`known`]);
+/// best effort, and nothing for a file that changed within [`RACY_SECS`].
+pub fn remember(path: &Path, version: &FileVersion, fp: &DatasetFingerprint) {
+    if !version.settled() {
+        return;
+    }
+    let mut memo = MEMO.lock().unwrap_or_else(|p| p.into_inner());
+    memo.get_or_insert_with(HashMap::new)
+        .insert(*version, fp.clone());
+    drop(memo);
+    let mut sc = read_sidecar(path).unwrap_or(Sidecar {
+        format: SIDECAR_FORMAT.into(),
+        entries: Vec::new(),
+    });
+    sc.entries.retain(|(v, _)| v != version);
+    sc.entries.insert(0, (*version, fp.clone()));
+    sc.entries.truncate(SIDECAR_ENTRIES);
+    let text = serde_json::to_string_pretty(&sc).unwrap_or_default();
+    if let Err(e) = ddpm_io::write_atomic(&sidecar_path(path), text.as_bytes()) {
+        tracing::debug!("not caching the fingerprint of {}: {e}", path.display());
     }
 }

@@ -61,14 +61,38 @@ pub struct Hdf5Dataset {
     num_classes: Option<usize>,
     class_names: Vec<String>,
     source: String,
+    version: crate::fingerprint::FileVersion,
+    /// What the checking child computed before this process opened the file ([`crate::probe`]).
+    checked_fingerprint: Option<crate::DatasetFingerprint>,
 }
 
 impl Hdf5Dataset {
     /// Opens and validates `path` against the format above. Labels are read (and range-checked) here,
-    /// images are not.
+    /// images are not. A file version this process has not seen checked is first read through by a
+    /// child process ([`crate::probe`]), so a file that crashes libhdf5 is an error naming it.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         check_container(path)?;
+        let version = crate::fingerprint::FileVersion::of(path)
+            .map_err(|e| DataError::io(path, "cannot stat", e))?;
+        let mut checked = crate::fingerprint::known(path, &version);
+        if checked.is_none() {
+            checked = crate::probe::check_in_child(path, &version)?;
+            if let Some(fp) = &checked {
+                crate::fingerprint::remember(path, &version, fp);
+            }
+        }
+        let mut ds = Self::open_in_this_process(path)?;
+        (ds.version, ds.checked_fingerprint) = (version, checked);
+        Ok(ds)
+    }
+
+    /// [`Self::open`] without the child: what the child itself runs. A file that crashes libhdf5
+    /// crashes this process.
+    pub fn open_in_this_process(path: &Path) -> Result<Self> {
+        check_container(path)?;
+        let version = crate::fingerprint::FileVersion::of(path)
+            .map_err(|e| DataError::io(path, "cannot stat", e))?;
         let file = hdf5::File::open(path)
             .map_err(|e| DataError::file(path, format!("cannot open as an HDF5 file: {e}")))?;
 
@@ -112,6 +136,8 @@ impl Hdf5Dataset {
             num_classes,
             class_names,
             source,
+            version,
+            checked_fingerprint: None,
         })
     }
 
@@ -165,6 +191,13 @@ impl Hdf5Dataset {
     }
     pub fn source(&self) -> &str {
         &self.source
+    }
+    /// The file version (device, inode, size, times) that was opened.
+    pub fn version(&self) -> &crate::fingerprint::FileVersion {
+        &self.version
+    }
+    pub(crate) fn checked_fingerprint(&self) -> Option<crate::DatasetFingerprint> {
+        self.checked_fingerprint.clone()
     }
 
     /// Reads images `start..start + count` as uint8 NHWC.

@@ -9,6 +9,8 @@
 //! - [`fingerprint`]: [`DatasetFingerprint`], what identifies a dataset's content across ranks and
 //!   resumptions.
 //! - [`limits`]: the bounds on every size read from a file.
+//! - [`probe`]: every HDF5 file is first read by a child process, so a file that crashes libhdf5
+//!   is an error naming it, not a dead process.
 //! - [`loader`]: [`Loader`], a background thread that turns the plan into f32 NCHW batches.
 //!
 //! The `ddpm-data` binary (`convert`, `inspect`, `shard-plan`) is a thin CLI over these.
@@ -24,6 +26,7 @@ pub mod inspect;
 pub mod limits;
 pub mod loader;
 pub mod plan;
+pub mod probe;
 pub mod progress;
 pub mod writer;
 

@@ -30,6 +30,17 @@ enum Cmd {
     Inspect(InspectArgs),
     /// Print, one per line, the example indices rank R reads in epoch E (exactly the loader's order).
     ShardPlan(ShardPlanArgs),
+    /// Print the content fingerprint (as training checks it) and what it cost: open (with the
+    /// checking child on a file version not seen before) and fingerprint, in ms.
+    Fingerprint(FingerprintArgs),
+}
+
+#[derive(Args)]
+struct FingerprintArgs {
+    file: PathBuf,
+    /// Read every chunk in this process, ignoring the cache (the cost of a cache miss).
+    #[arg(long)]
+    recompute: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -128,6 +139,7 @@ fn main() {
         Cmd::Convert(a) => run_convert(a),
         Cmd::Inspect(a) => run_inspect(a),
         Cmd::ShardPlan(a) => run_shard_plan(a),
+        Cmd::Fingerprint(a) => run_fingerprint(a),
     };
     if let Err(e) = result {
         eprintln!("ddpm-data: error: {e:#}");
@@ -251,6 +263,26 @@ fn run_inspect(a: InspectArgs) -> Result<()> {
         inspect::write_grid(&ds, out, a.grid_cols)?;
         println!("grid:      {}", out.display());
     }
+    Ok(())
+}
+
+fn run_fingerprint(a: FingerprintArgs) -> Result<()> {
+    let t = std::time::Instant::now();
+    let ds = Hdf5Dataset::open(&a.file)?;
+    let opened = t.elapsed();
+    let fp = if a.recompute {
+        ddpm_data::fingerprint::compute(&ds)?
+    } else {
+        ds.fingerprint()?
+    };
+    let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+    println!("fingerprint: {fp}");
+    println!(
+        "open {:.1} ms, fingerprint {:.1} ms{}",
+        ms(opened),
+        ms(t.elapsed() - opened),
+        if a.recompute { " (recomputed)" } else { "" }
+    );
     Ok(())
 }
 

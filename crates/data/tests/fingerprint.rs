@@ -101,3 +101,45 @@ fn inspect_prints_the_fingerprint() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains(&format!("fingerprint: {fp}")), "{text}");
 }
+
+/// The fingerprint is computed once per file version, by the child that checks the file before it
+/// is opened (`ddpm_data::probe`), equal to an in-process pass, and cached beside the file: a
+/// write in place (new ctime) or a copy (another inode) misses the cache and gets its own value.
+#[test]
+fn computed_once_per_file_version_and_never_stale() {
+    use ddpm_data::fingerprint::{compute, known};
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("c.h5");
+    let sidecar = dir.path().join("c.h5.ddpm-check.json");
+    let fp = write(&p, 2, Some(1), |_, _, _| {});
+    assert!(
+        !sidecar.exists(),
+        "a file just written is not cached (timestamps are coarse)"
+    );
+    std::thread::sleep(std::time::Duration::from_millis(2100));
+    let ds = Hdf5Dataset::open(&p).unwrap();
+    assert!(sidecar.exists());
+    assert_eq!(known(&p, ds.version()), Some(fp.clone()));
+    assert_eq!(compute(&ds).unwrap(), fp);
+    assert_eq!(ds.fingerprint().unwrap(), fp);
+    drop(ds);
+
+    let copy = dir.path().join("copy.h5");
+    std::fs::copy(&p, &copy).unwrap();
+    let v = ddpm_data::fingerprint::FileVersion::of(&copy).unwrap();
+    assert_eq!(known(&copy, &v), None);
+    assert_eq!(Hdf5Dataset::open(&copy).unwrap().fingerprint().unwrap(), fp);
+
+    // One pixel rewritten in place: same path, inode and size.
+    {
+        let f = hdf5::File::open_rw(&p).unwrap();
+        let img = f.dataset("images").unwrap();
+        img.write_slice(&ndarray::arr1(&[77u8]), (4, 1, 1, 1..2))
+            .unwrap();
+    }
+    let ds = Hdf5Dataset::open(&p).unwrap();
+    assert_eq!(known(&p, ds.version()), None);
+    let changed = ds.fingerprint().unwrap();
+    assert_ne!(changed.sha256, fp.sha256);
+    assert_eq!(changed, compute(&ds).unwrap());
+}

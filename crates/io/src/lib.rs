@@ -1,5 +1,5 @@
 //! Crash-safe file writes and PNG output, for every crate that leaves files behind (datasets,
-//! checkpoints, metrics, pictures, samples).
+//! checkpoints, metrics, pictures, samples); and [`mutate`], the fuzz tests' mutation engine.
 //!
 //! A reader (a resumed job, the sampler, a person copying a run) must never see a half-written file
 //! under its final name: a preempted job can be killed at any instruction. Data is written to a
@@ -9,6 +9,7 @@
 //! Must not depend on any other ddpm crate: it sits below all of them.
 
 mod atomic;
+pub mod mutate;
 mod png_out;
 
 pub use atomic::{

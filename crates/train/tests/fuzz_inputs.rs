@@ -1,5 +1,5 @@
 //! Bounded fuzz passes over the trainer's file readers: the TOML config and the safetensors files of
-//! a checkpoint. Mutations of valid fixtures (ddpm-checkpoint's `mutate`) must be accepted or
+//! a checkpoint. Mutations of valid fixtures (`ddpm_io::mutate`) must be accepted or
 //! rejected with an error naming the file, never panic or abort. The manifest reader has its own
 //! pass in ddpm-checkpoint. `DDPM_FUZZ_ITERS=N cargo test -p ddpm-train --test fuzz_inputs` runs N
 //! inputs per reader instead of the default.
@@ -9,8 +9,8 @@ mod common;
 use std::fs;
 
 use candle_core::Device;
-use ddpm_checkpoint::mutate::{iterations, Mutator};
 use ddpm_dist::SingleProcess;
+use ddpm_io::mutate::{iterations, Mutator};
 use ddpm_train::checkpoint::{self, Checkpoint};
 use ddpm_train::config::{Overrides, TrainConfig};
 use ddpm_train::trainer::{train, TrainOptions};
