@@ -18,6 +18,7 @@ pub mod schedule;
 pub mod snr;
 pub mod steps;
 pub mod tensor;
+pub mod vdm;
 
 pub use elbo::{ElboAccumulator, ElboBreakdown};
 pub use embedding::{timestep_embedding, timestep_embedding_f64, DEFAULT_MAX_PERIOD};

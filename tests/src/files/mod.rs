@@ -10,6 +10,7 @@ pub mod q_sample;
 pub mod schedules;
 pub mod timestep_embedding;
 pub mod vb_terms;
+pub mod vdm;
 
 use anyhow::{bail, Result};
 use ddpm_diffusion::{BetaSchedule, NoiseSchedule};
@@ -87,6 +88,12 @@ pub const KNOWN: &[KnownFile] = &[
     KnownFile {
         name: "min_snr.json",
         case: min_snr::case,
+        top: no_top,
+        top_sections: &[],
+    },
+    KnownFile {
+        name: "vdm.json",
+        case: vdm::case,
         top: no_top,
         top_sections: &[],
     },
