@@ -7,6 +7,7 @@
 
 pub use ddpm_checkpoint as checkpoint;
 pub use ddpm_config as config;
+mod continuous;
 pub mod ema;
 pub mod metrics;
 pub mod optim;
@@ -14,6 +15,7 @@ mod outputs;
 mod persist;
 pub mod plot;
 mod run;
+pub mod schedule_plot;
 pub mod signals;
 pub mod timesteps;
 pub mod trainer;
