@@ -309,6 +309,19 @@ impl Checkpoint {
     }
 }
 
+/// Names and shapes of a learned noise schedule's parameters, stored next to the U-Net's in the
+/// model and EMA files of a continuous-time run with `schedule = "learned"` (empty otherwise).
+fn schedule_shapes(cfg: &TrainConfig) -> Vec<(String, Vec<usize>)> {
+    match cfg.diffusion.continuous().map(|s| s.schedule) {
+        Some(ContinuousSchedule::Learned { hidden }) => PARAM_NAMES
+            .iter()
+            .zip([1, 1, 1, hidden, hidden, hidden])
+            .map(|(n, len)| (n.to_string(), vec![len]))
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -370,18 +383,5 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("has no EMA of rate 0.9"), "{e}");
-    }
-}
-
-/// Names and shapes of a learned noise schedule's parameters, stored next to the U-Net's in the
-/// model and EMA files of a continuous-time run with `schedule = "learned"` (empty otherwise).
-fn schedule_shapes(cfg: &TrainConfig) -> Vec<(String, Vec<usize>)> {
-    match cfg.diffusion.continuous().map(|s| s.schedule) {
-        Some(ContinuousSchedule::Learned { hidden }) => PARAM_NAMES
-            .iter()
-            .zip([1, 1, 1, hidden, hidden, hidden])
-            .map(|(n, len)| (n.to_string(), vec![len]))
-            .collect(),
-        _ => Vec::new(),
     }
 }

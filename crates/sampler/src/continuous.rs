@@ -131,8 +131,8 @@ pub fn sample_continuous(
     let at = |g: f64| vec![g; b.n];
     if kind == ContinuousKind::DpmSolverPp {
         let mut solver = DpmSolverPp2m::from_gammas(&gammas[..steps])?.with_clip(clip);
-        for i in 0..steps {
-            let eps = model.eps(&z, &at(gammas[i]), b.labels)?;
+        for &g in &gammas[..steps] {
+            let eps = model.eps(&z, &at(g), b.labels)?;
             z = solver.step(&eps, &z)?.x_next;
         }
         return Ok(z.clamp(-1f32, 1f32)?);
