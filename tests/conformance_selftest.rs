@@ -52,9 +52,9 @@ fn unmodified_copy_passes() {
 }
 
 #[test]
-fn repository_copy_has_all_ten_files_and_passes() {
+fn repository_copy_has_all_eleven_files_and_passes() {
     let r = run(&repo_refs());
-    assert_eq!(r.files, 10);
+    assert_eq!(r.files, 11);
     assert_eq!(r.failed, 0, "{:?}", r.failures);
 }
 
@@ -96,6 +96,35 @@ fn perturbed_expected_value_fails() {
     let r = run(dir.path());
     assert!(r.failed > 0);
     assert!(r.failures.iter().any(|f| f.contains("expected.x_t")));
+}
+
+#[test]
+fn perturbed_vdm_values_fail() {
+    // The learned schedule's derivative at t = 0.5: read by the host and the tensor check.
+    let dir = copy_with(&["vdm.json"], "vdm.json", |v| {
+        scale_number(&mut v["cases"][2]["expected"]["dgamma"][4], 1.0 + 1e-9, 0.0);
+    });
+    let r = run(dir.path());
+    assert_eq!(r.failed, 2, "{:?}", r.failures);
+    // A changed network weight moves every value of the learned case.
+    let dir = copy_with(&["vdm.json"], "vdm.json", |v| {
+        scale_number(&mut v["cases"][2]["schedule"]["w2"][3], 1.0 + 1e-6, 0.0);
+    });
+    assert!(run(dir.path()).failed > 5);
+    // The reconstruction term of the ELBO case.
+    let dir = copy_with(&["vdm.json"], "vdm.json", |v| {
+        scale_number(
+            &mut v["cases"][4]["expected"]["reconstruction_bpd"][1],
+            1.0 + 1e-9,
+            0.0,
+        );
+    });
+    let r = run(dir.path());
+    assert!(
+        r.failures.iter().any(|f| f.contains("reconstruction_bpd")),
+        "{:?}",
+        r.failures
+    );
 }
 
 #[test]

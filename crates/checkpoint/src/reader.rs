@@ -12,7 +12,9 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
+use ddpm_config::ContinuousSchedule;
 use ddpm_config::TrainConfig;
+use ddpm_diffusion::vdm::{schedule::PARAM_NAMES, MonotoneGammaInit};
 use ddpm_diffusion::GaussianDiffusion;
 use ddpm_unet::{EncoderUNet, UNet};
 
@@ -232,11 +234,13 @@ impl Checkpoint {
         }
     }
 
-    /// Verifies `file` and loads it, requiring exactly the parameter names and shapes of `skeleton`.
+    /// Verifies `file` and loads it, requiring exactly the parameter names and shapes of `skeleton`
+    /// plus `extra`.
     fn load_params(
         &self,
         file: &str,
         skeleton: &[(String, Tensor)],
+        extra: Vec<(String, Vec<usize>)>,
         device: &Device,
     ) -> Result<HashMap<String, Tensor>> {
         self.verify(file)?;
@@ -244,6 +248,7 @@ impl Checkpoint {
             .iter()
             .map(|(n, t)| (n.clone(), t.dims().to_vec()))
             .collect();
+        want.extend(extra);
         want.sort();
         self.load_tensors(file, &want, device)
     }
@@ -264,8 +269,23 @@ impl Checkpoint {
         // Built once on zeros just to learn the parameter names and shapes.
         let skeleton =
             UNet::new(&cfg, VarBuilder::zeros(DType::F32, &Device::Cpu)).map_err(net_err)?;
-        let tensors = self.load_params(&file, skeleton.named_parameters(), device)?;
+        let extra = schedule_shapes(&self.config()?);
+        let tensors = self.load_params(&file, skeleton.named_parameters(), extra, device)?;
         UNet::new(&cfg, VarBuilder::from_tensors(tensors, dtype, device)).map_err(net_err)
+    }
+
+    /// The learned noise schedule of a continuous-time checkpoint (`schedule = "learned"`) from the
+    /// chosen weights file (it is trained, and averaged, with the U-Net); `None` for other runs.
+    pub fn load_schedule(&self, which: Weights) -> Result<Option<MonotoneGammaInit>> {
+        if schedule_shapes(&self.config()?).is_empty() {
+            return Ok(None);
+        }
+        let file = self.weights_file(which)?;
+        let path = self.verify(&file)?;
+        let all = self.load_all(&file, &Device::Cpu)?;
+        MonotoneGammaInit::from_named(|n| all.get(n).cloned())
+            .map(Some)
+            .map_err(|e| bad(&path, e.to_string()))
     }
 
     /// The noise-aware classifier of a `task = "classifier"` checkpoint with the chosen weights.
@@ -283,9 +303,22 @@ impl Checkpoint {
         let net_err = |e: ddpm_unet::UNetError| bad(&self.dir.join(&file), e.to_string());
         let skeleton =
             EncoderUNet::new(&cfg, VarBuilder::zeros(DType::F32, &Device::Cpu)).map_err(net_err)?;
-        let tensors = self.load_params(&file, skeleton.named_parameters(), device)?;
+        let tensors = self.load_params(&file, skeleton.named_parameters(), Vec::new(), device)?;
         EncoderUNet::new(&cfg, VarBuilder::from_tensors(tensors, DType::F32, device))
             .map_err(net_err)
+    }
+}
+
+/// Names and shapes of a learned noise schedule's parameters, stored next to the U-Net's in the
+/// model and EMA files of a continuous-time run with `schedule = "learned"` (empty otherwise).
+fn schedule_shapes(cfg: &TrainConfig) -> Vec<(String, Vec<usize>)> {
+    match cfg.diffusion.continuous().map(|s| s.schedule) {
+        Some(ContinuousSchedule::Learned { hidden }) => PARAM_NAMES
+            .iter()
+            .zip([1, 1, 1, hidden, hidden, hidden])
+            .map(|(n, len)| (n.to_string(), vec![len]))
+            .collect(),
+        _ => Vec::new(),
     }
 }
 

@@ -18,9 +18,11 @@ use serde::{Deserialize, Serialize};
 
 pub use ddpm_unet::{EncoderUNetConfig, UNetConfig};
 
+mod continuous;
 mod distill;
 mod hash;
 
+pub use continuous::{ContinuousSchedule, ContinuousSpec, TimeKind, DEFAULT_SCHEDULE_HIDDEN};
 pub use distill::{DistillConfig, DistillWeighting};
 
 /// Keys left out of the config hash: they change what is logged, saved or previewed, or where, but
@@ -84,6 +86,8 @@ pub enum Schedule {
     #[default]
     Linear,
     Cosine,
+    /// VDM's learned monotone schedule (`time = "continuous"` only).
+    Learned,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -152,6 +156,19 @@ pub struct DiffusionConfig {
     /// default, a noise-aware classifier. Not serialised when true, so older configs hash the same.
     #[serde(default = "d_true", skip_serializing_if = "is_true")]
     pub classifier_noised: bool,
+    /// `"discrete"` (default) or `"continuous"` (VDM, see `continuous.rs`). Not serialised when
+    /// discrete, and the three keys below not when unset, so older configs hash the same.
+    #[serde(default, skip_serializing_if = "TimeKind::is_discrete")]
+    pub time: TimeKind,
+    /// Continuous time: `gamma(0)` (-13.3), the lowest noise level (log-SNR 13.3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gamma_min: Option<f64>,
+    /// Continuous time: `gamma(1)` (5), the highest noise level.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gamma_max: Option<f64>,
+    /// `schedule = "learned"`: hidden units of the monotone network (1024).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule_hidden: Option<usize>,
 }
 
 fn d_true() -> bool {
@@ -174,6 +191,10 @@ impl Default for DiffusionConfig {
             min_snr_gamma: None,
             label_dropout: 0.0,
             classifier_noised: true,
+            time: TimeKind::Discrete,
+            gamma_min: None,
+            gamma_max: None,
+            schedule_hidden: None,
         }
     }
 }
@@ -441,9 +462,15 @@ impl DiffusionConfig {
     /// evaluator all build it here.
     pub fn build(&self) -> ddpm_diffusion::Result<GaussianDiffusion> {
         use ddpm_diffusion::{BetaSchedule, LossType, ModelMeanType, ModelVarType, NoiseSchedule};
-        let schedule = match self.schedule {
-            Schedule::Linear => BetaSchedule::Linear,
-            Schedule::Cosine => BetaSchedule::Cosine,
+        let schedule = match (self.schedule, self.continuous()) {
+            (_, Some(spec)) => BetaSchedule::Custom(self.continuous_tables(&spec)?.betas),
+            (Schedule::Linear, None) => BetaSchedule::Linear,
+            (Schedule::Cosine, None) => BetaSchedule::Cosine,
+            (Schedule::Learned, None) => {
+                return Err(ddpm_diffusion::DiffusionError::InvalidSchedule(
+                    "schedule = \"learned\" needs time = \"continuous\"".into(),
+                ))
+            }
         };
         let mean = match self.prediction {
             Prediction::Eps => ModelMeanType::Epsilon,
@@ -599,6 +626,7 @@ impl TrainConfig {
                 format!("must be in 2..=100000, got {}", d.timesteps),
             ));
         }
+        d.validate_time(self.task)?;
         let learned = d.variance == Variance::LearnedRange;
         if let Some(m) = &self.model {
             if learned != m.learn_sigma {
@@ -996,6 +1024,7 @@ impl fmt::Display for Schedule {
         f.write_str(match self {
             Schedule::Linear => "linear",
             Schedule::Cosine => "cosine",
+            Schedule::Learned => "learned",
         })
     }
 }

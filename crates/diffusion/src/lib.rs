@@ -19,6 +19,7 @@ pub mod schedule;
 pub mod snr;
 pub mod steps;
 pub mod tensor;
+pub mod vdm;
 
 pub use distill::{distill_losses, trailing_timesteps, DistillWeighting};
 pub use elbo::{ElboAccumulator, ElboBreakdown};

@@ -39,6 +39,10 @@ pub enum Stream {
     ImportanceTimestep = 6,
     /// Per-epoch permutation of the data loader (ddpm-data; keyed by epoch, example 0).
     Shuffle = 7,
+    /// Continuous-time training: the draw of `z_0` in the reconstruction term.
+    DecoderNoise = 8,
+    /// Initial weights of a learned noise schedule (keyed by step 0, example 0).
+    ScheduleInit = 9,
     /// Dropout masks: `Dropout as u32 + layer_index` for each dropout layer.
     Dropout = 0x1000,
 }

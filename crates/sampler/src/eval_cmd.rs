@@ -51,6 +51,10 @@ pub struct BpdArgs {
     /// Where eval.jsonl goes (default: the run directory).
     #[arg(long)]
     pub out_dir: Option<PathBuf>,
+    /// Continuous-time models: draws of t per example for the diffusion term (the bound is their
+    /// mean; their spread gives the variance of the one-draw training estimate).
+    #[arg(long, default_value_t = 1)]
+    pub time_draws: usize,
 }
 
 /// `ddpm-eval fid`: Frechet distance in the features of a classifier trained on the data, and its
@@ -82,7 +86,7 @@ pub struct FidArgs {
 }
 
 /// Prints the JSON line and appends it to `dir/eval.jsonl` (atomically: the whole file is rewritten).
-fn emit(dir: &Path, value: &serde_json::Value) -> Result<()> {
+pub(crate) fn emit(dir: &Path, value: &serde_json::Value) -> Result<()> {
     let line = value.to_string();
     println!("{line}");
     std::fs::create_dir_all(dir)
@@ -100,7 +104,7 @@ fn emit(dir: &Path, value: &serde_json::Value) -> Result<()> {
 
 /// This rank's contiguous share `[lo, hi)` of `n` items: whole batches of `batch`, so every batch (and
 /// therefore every float result) is the same whatever the number of ranks.
-fn share(n: usize, batch: usize, comm: &dyn Communicator) -> (usize, usize) {
+pub(crate) fn share(n: usize, batch: usize, comm: &dyn Communicator) -> (usize, usize) {
     let b = rank_batches(n, batch, comm.world_size(), comm.rank());
     match (b.first(), b.last()) {
         (Some(f), Some(l)) => (f.0, l.0 + l.1),
@@ -119,6 +123,7 @@ pub fn run_bpd(args: &BpdArgs, comm: &dyn Communicator) -> Result<()> {
         no_clip,
         device,
         out_dir,
+        time_draws: _,
     } = args;
     let rank0 = comm.rank() == 0;
     let ckpt = Checkpoint::resolve(checkpoint, |e| {
@@ -126,6 +131,9 @@ pub fn run_bpd(args: &BpdArgs, comm: &dyn Communicator) -> Result<()> {
             eprintln!("warning: skipping checkpoint: {e}")
         }
     })?;
+    if let Some(spec) = ckpt.config()?.diffusion.continuous() {
+        return crate::continuous_cmd::run_bpd_continuous(args, &ckpt, spec, comm);
+    }
     let model_cfg = ckpt
         .config()?
         .model

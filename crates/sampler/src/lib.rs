@@ -19,6 +19,8 @@ macro_rules! bail_usage {
 }
 
 pub mod bpd;
+pub mod continuous;
+pub mod continuous_cmd;
 pub mod denoiser;
 pub mod device;
 pub mod error;

@@ -173,6 +173,9 @@ pub fn run_sample(args: &SampleArgs, comm: &dyn Communicator) -> Result<()> {
     })?;
     let device = select_device(&args.device, comm.local_rank())?;
     let weights: Weights = args.weights.parse()?;
+    if let Some(spec) = run_cfg.diffusion.continuous() {
+        return run_sample_continuous(args, &ckpt, &run_cfg, spec, weights, device, comm);
+    }
     let diffusion = ckpt.diffusion()?;
     let kind: SamplerKind = args.sampler.as_deref().unwrap_or("ddim").parse()?;
     let distilled = run_cfg.distilled();
@@ -283,6 +286,73 @@ pub fn run_sample(args: &SampleArgs, comm: &dyn Communicator) -> Result<()> {
 
 /// The noise-aware classifier of `--classifier` (its first EMA), after checking it was trained on the
 /// model's schedule.
+/// `ddpm-sample` for a continuous-time checkpoint (`continuous_cmd.rs`): ancestral, DDIM or
+/// DPM-Solver++ on the model's own (possibly learned) schedule; no guidance.
+fn run_sample_continuous(
+    args: &SampleArgs,
+    ckpt: &Checkpoint,
+    run_cfg: &TrainConfig,
+    spec: ddpm_config::ContinuousSpec,
+    weights: Weights,
+    device: Device,
+    comm: &dyn Communicator,
+) -> Result<()> {
+    use crate::continuous_cmd::{
+        generate_continuous, load_model, ContinuousSampleJob, DEFAULT_STEPS,
+    };
+    if args.cfg.is_some() || args.classifier.is_some() {
+        bail_usage!("--cfg / --classifier: guidance is not implemented for continuous-time models");
+    }
+    let kind: SamplerKind = args.sampler.parse()?;
+    let steps = match &args.steps {
+        None => DEFAULT_STEPS,
+        Some(s) => s.parse().map_err(|_| {
+            usage!("--steps {s:?}: a continuous-time model takes a number of steps")
+        })?,
+    };
+    let model = load_model(ckpt, spec, weights, &device)?;
+    let num_classes = model.unet.config().num_classes;
+    let (plan, n) = label_plan(args, num_classes)?;
+    let job = ContinuousSampleJob {
+        model: &model,
+        kind: args.sampler.parse()?,
+        steps,
+        clip: !args.no_clip,
+        n,
+        labels: plan.labels(n),
+        seed: args.seed,
+        batch: args.batch,
+        device,
+    };
+    let start = Instant::now();
+    let out = generate_continuous(&job, comm)?;
+    if comm.rank() != 0 {
+        return Ok(());
+    }
+    let (out_path, grid_path) = write_outputs(args, ckpt, run_cfg, kind, plan, &out, num_classes)?;
+    let wall = start.elapsed().as_secs_f64();
+    let summary = serde_json::json!({
+        "metric": "sample",
+        "time": "continuous",
+        "checkpoint": ckpt.dir,
+        "step": ckpt.step(),
+        "sampler": kind.name(),
+        "steps": steps,
+        "model_evals_per_image": steps,
+        "clip": !args.no_clip,
+        "weights": args.weights,
+        "seed": args.seed,
+        "num_images": n,
+        "world_size": comm.world_size(),
+        "seconds": wall,
+        "images_per_second": n as f64 / wall,
+        "out": out_path,
+        "grid": grid_path,
+    });
+    println!("{summary}");
+    Ok(())
+}
+
 fn load_guidance_classifier(
     args: &SampleArgs,
     run_cfg: &TrainConfig,

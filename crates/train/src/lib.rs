@@ -8,6 +8,7 @@
 pub use ddpm_checkpoint as checkpoint;
 pub use ddpm_config as config;
 pub mod distill;
+mod continuous;
 pub mod ema;
 pub mod metrics;
 pub mod optim;
@@ -15,6 +16,7 @@ mod outputs;
 mod persist;
 pub mod plot;
 mod run;
+pub mod schedule_plot;
 pub mod signals;
 pub mod timesteps;
 pub mod trainer;

@@ -57,7 +57,7 @@ impl Canvas {
         }
     }
 
-    /// Text in a 3x5 pixel font scaled by `scale` (digits, `. - e` and a few letters).
+    /// Text in a 3x5 pixel font scaled by `scale` (digits, `. - :` and a few lowercase letters).
     pub fn text(&mut self, x: i64, y: i64, s: &str, scale: i64, c: [u8; 3]) {
         for (k, ch) in s.chars().enumerate() {
             let glyph = glyph(ch);
@@ -106,12 +106,19 @@ fn glyph(c: char) -> [u8; 5] {
         'l' => [0b110, 0b010, 0b010, 0b010, 0b111],
         'o' => [0, 0b111, 0b101, 0b101, 0b111],
         ':' => [0, 0b010, 0, 0b010, 0],
+        'a' => [0, 0b011, 0b101, 0b101, 0b011],
+        'c' => [0, 0b111, 0b100, 0b100, 0b111],
+        'd' => [0b001, 0b111, 0b101, 0b101, 0b111],
+        'g' => [0, 0b111, 0b101, 0b111, 0b011],
+        'i' => [0b010, 0, 0b010, 0b010, 0b010],
+        'n' => [0, 0b110, 0b101, 0b101, 0b101],
+        'r' => [0, 0b111, 0b100, 0b100, 0b100],
         _ => [0; 5],
     }
 }
 
 /// Compact tick label: `0.0123`, `1.5e-4`, `2500`.
-fn fmt_tick(v: f64) -> String {
+pub(crate) fn fmt_tick(v: f64) -> String {
     if v == 0.0 {
         "0".into()
     } else if (1e-2..1e5).contains(&v.abs()) {

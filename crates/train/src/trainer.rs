@@ -30,6 +30,7 @@ use serde_json::{json, Map};
 use crate::checkpoint::{self, Checkpoint, CheckpointWriter, Manifest, OptimizerState, RngState};
 use crate::config::HASH_EXCLUDED_KEYS;
 use crate::config::{Loss, Prediction, Task, TrainConfig, Variance};
+use crate::continuous::{Continuous, ScheduleGraph};
 use crate::metrics::{num, MetricsLog, StepStats, Window, STEP_STATS_LEN};
 use crate::optim::{clip_by_global_norm, global_norm};
 use crate::persist;
@@ -140,6 +141,8 @@ struct LocalStep {
     ts: Vec<usize>,
     per_example: Vec<f64>,
     stats: StepStats,
+    /// Continuous time with a learned schedule: what its gradients are computed from.
+    schedule: Option<ScheduleGraph>,
 }
 
 /// One training job on one rank: the network, its parameters in a fixed (sorted) order, the
@@ -155,6 +158,8 @@ pub struct TrainLoop<'a> {
     diffusion: GaussianDiffusion,
     /// The frozen teacher of a distillation round (task = "distill").
     distill: Option<crate::distill::Distiller>,
+    /// `time = "continuous"`: the VDM process (its learned schedule's variables are in `vars`).
+    cont: Option<Continuous>,
     sqrt_ac: Vec<f32>,
     sqrt_1m_ac: Vec<f32>,
     num_classes: Option<usize>,
@@ -194,6 +199,15 @@ impl<'a> TrainLoop<'a> {
         let sqrt_1m_ac = as_f32(&diffusion.schedule.sqrt_one_minus_alphas_cumprod);
 
         let (net, varmap) = build_net(cfg, &device)?;
+        let cont = cfg
+            .diffusion
+            .continuous()
+            .map(|s| Continuous::new(s, cfg.seed, &device))
+            .transpose()?;
+        if let Some(c) = &cont {
+            let mut data = varmap.data().lock().expect("VarMap lock");
+            data.extend(c.vars());
+        }
         let (names, vars): (Vec<String>, Vec<Var>) = sorted_vars(&varmap).into_iter().unzip();
         let distill = crate::distill::Distiller::for_run(cfg, &device)?;
         if let Some(d) = &distill {
@@ -291,6 +305,7 @@ impl<'a> TrainLoop<'a> {
             vars,
             diffusion,
             distill,
+            cont,
             sqrt_ac,
             sqrt_1m_ac,
             num_classes,
@@ -387,16 +402,22 @@ impl<'a> TrainLoop<'a> {
                 micro = micro_batch(batch, j * mb, mb);
                 &micro
             };
-            let local = self.forward(step, part, rank_first + (j * mb) as u64)?;
+            let mut local = self.forward(step, part, rank_first + (j * mb) as u64)?;
             let gs = local.loss.backward()?;
+            let sched = match (&self.cont, local.schedule.take()) {
+                (Some(c), Some(g)) => c.schedule_grads(&g, &gs)?,
+                _ => Vec::new(),
+            };
+            let sched_grad = |v: &Var| sched.iter().find(|(id, _)| *id == v.as_tensor().id());
             let grads: Vec<Tensor> = self
                 .vars
                 .iter()
-                .map(|v| match gs.get(v.as_tensor()) {
+                .map(|v| match (gs.get(v.as_tensor()), sched_grad(v)) {
                     // detached: a gradient carries the backward graph (and through it the
                     // activations); anything kept across steps (moments) must not keep that alive
-                    Some(g) => Ok(g.detach()),
-                    None => v.as_tensor().zeros_like(),
+                    (Some(g), _) => Ok(g.detach()),
+                    (None, Some((_, g))) => Ok(g.clone()),
+                    (None, None) => v.as_tensor().zeros_like(),
                 })
                 .collect::<candle_core::Result<_>>()?;
             drop(gs);
@@ -757,7 +778,11 @@ impl<'a> TrainLoop<'a> {
 
     /// Previews are a by-product: a failure is logged, not allowed to end a long run.
     fn pictures(&mut self) {
-        let ema = self.preview_ema();
+        if let Some(c) = &self.cont {
+            self.schedule_plot(c);
+        }
+        // The preview grid samples the discrete process; continuous-time runs have none yet.
+        let ema = self.cont.is_none().then(|| self.preview_ema()).flatten();
         match crate::outputs::write_pictures(
             self.cfg,
             &self.run_dir,
@@ -796,7 +821,60 @@ impl<'a> TrainLoop<'a> {
     /// `rank * batch`, and every draw is keyed by `(seed, step, global example index)`.
     /// Forward and loss of `batch` for 0-based step `step`; its example 0 has position `first` in the
     /// step's global batch (the key of its timestep, noise and dropout).
+    /// `schedule.png` (rank 0): log-SNR against t of the run's (learned: current) schedule.
+    fn schedule_plot(&self, c: &Continuous) {
+        let lookup = |n: &str| {
+            let i = self.names.iter().position(|x| x == n)?;
+            Some(self.vars[i].as_tensor().clone())
+        };
+        let path = self.run_dir.join("schedule.png");
+        if let Err(e) = crate::schedule_plot::write(&path, &c.spec, lookup) {
+            tracing::warn!(step = self.st.step, "schedule plot failed: {e:#}");
+        }
+    }
+
+    /// The continuous-time forward of one micro-batch (`continuous.rs`).
+    fn forward_continuous(
+        &self,
+        c: &Continuous,
+        step: u64,
+        batch: &Batch,
+        first: u64,
+    ) -> Result<LocalStep> {
+        let Net::Diffusion(m) = &self.net else {
+            bail!("continuous time needs task = \"diffusion\" (validated)");
+        };
+        let seed = self.cfg.seed;
+        let x0 = Tensor::from_slice(&batch.images, batch.shape.to_vec(), &self.device)?;
+        let y = self.dropped_labels(step, first, batch.labels.as_deref())?;
+        let ctx = ForwardCtx::train(DropoutKey {
+            seed,
+            step,
+            first_example: first,
+        });
+        let key = NoiseKey {
+            seed,
+            step,
+            first_example: first,
+        };
+        let n = (self.comm.world_size() * self.cfg.train.accumulate * self.cfg.data.batch) as u64;
+        let mut s = c.forward(m, &x0, y.as_ref(), &ctx, key, n)?;
+        if !s.per_example.iter().all(|x| x.is_finite()) {
+            s.stats.nonfinite = 1.0;
+        }
+        Ok(LocalStep {
+            loss: s.loss,
+            ts: s.buckets,
+            per_example: s.per_example,
+            stats: s.stats,
+            schedule: s.graph,
+        })
+    }
+
     fn forward(&self, step: u64, batch: &Batch, first: u64) -> Result<LocalStep> {
+        if let Some(c) = &self.cont {
+            return self.forward_continuous(c, step, batch, first);
+        }
         let b = batch.shape[0];
         let seed = self.cfg.seed;
         let x0 = Tensor::from_slice(&batch.images, batch.shape.to_vec(), &self.device)?;
@@ -906,6 +984,7 @@ impl<'a> TrainLoop<'a> {
             ts,
             per_example,
             stats,
+            schedule: None,
         })
     }
 

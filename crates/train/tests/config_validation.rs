@@ -33,6 +33,57 @@ fn the_base_config_is_valid() {
     assert_eq!(c.data.batch, 8);
 }
 
+/// `time = "continuous"` and its keys: each mismatch names the key it is about.
+#[test]
+fn continuous_time_keys_are_validated() {
+    let ok = base("[diffusion]\ntime = \"continuous\"\nschedule = \"learned\"\nloss = \"vlb\"\n");
+    let c = TrainConfig::from_toml_str(&ok, &Overrides::default()).unwrap();
+    let spec = c.diffusion.continuous().unwrap();
+    assert_eq!((spec.gamma_min, spec.gamma_max), (-13.3, 5.0));
+    // the default stays discrete, and a discrete config hashes as before the keys existed
+    let d = TrainConfig::from_toml_str(&base(""), &Overrides::default()).unwrap();
+    assert!(d.diffusion.continuous().is_none());
+    assert!(!d.canonical_json().contains("\"time\""));
+    let cases: &[(&str, &str)] = &[
+        ("diffusion.prediction=\"v\"", "diffusion.prediction"),
+        ("diffusion.loss=\"simple\"", "diffusion.loss"),
+        (
+            "diffusion.timestep_sampling=\"loss_aware\"",
+            "diffusion.timestep_sampling",
+        ),
+        ("diffusion.min_snr_gamma=5", "diffusion.min_snr_gamma"),
+        ("diffusion.gamma_min=6", "diffusion.gamma_min"),
+        ("diffusion.schedule_hidden=0", "diffusion.schedule_hidden"),
+    ];
+    for (set, want) in cases {
+        let e = err_with(&ok, &[set]);
+        assert!(
+            e.contains(want),
+            "--set {set}: error {e:?} does not mention {want:?}"
+        );
+    }
+    let discrete = [
+        ("diffusion.schedule=\"learned\"", "diffusion.schedule"),
+        ("diffusion.gamma_max=3", "diffusion.gamma_max"),
+        ("diffusion.schedule_hidden=8", "diffusion.schedule_hidden"),
+    ];
+    for (set, want) in discrete {
+        let e = err_with(&base(""), &[set]);
+        assert!(
+            e.contains(want),
+            "--set {set}: error {e:?} does not mention {want:?}"
+        );
+    }
+    let fixed = err_with(
+        &ok,
+        &[
+            "diffusion.schedule=\"cosine\"",
+            "diffusion.schedule_hidden=8",
+        ],
+    );
+    assert!(fixed.contains("diffusion.schedule_hidden"), "{fixed}");
+}
+
 #[test]
 fn bad_values_name_their_key() {
     let cases: &[(&str, &str)] = &[

@@ -18,12 +18,17 @@ fn config(
     extra_diffusion: &str,
     model_extra: &str,
 ) -> TrainConfig {
+    // cosine unless the test names its own schedule
+    let schedule = match extra_diffusion.contains("schedule =") {
+        true => "",
+        false => "schedule = \"cosine\"\n",
+    };
     let text = common::tiny_config_text(
         &f.data,
         out,
         model_extra,
         &format!(
-            "[diffusion]\nschedule = \"cosine\"\nlabel_dropout = 0.2\n{extra_diffusion}\n\n\
+            "[diffusion]\n{schedule}label_dropout = 0.2\n{extra_diffusion}\n\n\
              [schedule]\ntotal_steps = {steps}\nlog_every = 1\ncheckpoint_every = 1000\nkeep_checkpoints = 2\n"
         ),
     );
@@ -146,6 +151,18 @@ fn exact_resume_with(
             .unwrap()
     };
     (counts(&ck), counts(second.checkpoint.as_ref().unwrap()))
+}
+
+/// Continuous time with the learned schedule: its parameters, their EMAs and AdamW moments, and
+/// the low-discrepancy times must all resume exactly too.
+#[test]
+fn resume_is_bit_exact_continuous_learned_schedule() {
+    let (mid, _) = exact_resume(
+        "time = \"continuous\"\nschedule = \"learned\"\nschedule_hidden = 16\nloss = \"vlb\"",
+        "",
+        3,
+    );
+    assert!(mid.is_none());
 }
 
 #[test]

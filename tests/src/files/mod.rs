@@ -11,6 +11,7 @@ pub mod schedules;
 pub mod sde_samplers;
 pub mod timestep_embedding;
 pub mod vb_terms;
+pub mod vdm;
 
 use anyhow::{bail, Result};
 use ddpm_diffusion::{BetaSchedule, NoiseSchedule};
@@ -94,6 +95,12 @@ pub const KNOWN: &[KnownFile] = &[
     KnownFile {
         name: "sde_samplers.json",
         case: sde_samplers::case,
+        top: no_top,
+        top_sections: &[],
+    },
+    KnownFile {
+        name: "vdm.json",
+        case: vdm::case,
         top: no_top,
         top_sections: &[],
     },

@@ -89,12 +89,30 @@ impl DpmSolverPp2m {
     }
 
     fn from_timesteps(schedule: &NoiseSchedule, timesteps: Vec<usize>) -> Result<Self> {
-        let n = timesteps.len();
         let ac = &schedule.alphas_cumprod;
-        let mut sigmas: Vec<f64> = timesteps
+        let sigmas: Vec<f64> = timesteps
             .iter()
             .map(|&t| ((1.0 - ac[t]) / ac[t]).sqrt())
             .collect();
+        Ok(Self::from_sigmas(timesteps, sigmas))
+    }
+
+    /// A solver over explicit noise levels `gamma = -log SNR` (decreasing; a continuous-time
+    /// schedule evaluated on the sampler's time grid, the final 0-noise step excluded). Its
+    /// `timesteps` are the step indices `0..n`; the caller maps them to its own times.
+    pub fn from_gammas(gammas: &[f64]) -> Result<Self> {
+        if gammas.is_empty() || gammas.windows(2).any(|w| w[1] >= w[0]) {
+            return Err(DiffusionError::InvalidUse(
+                "DPM-Solver++ needs at least one strictly decreasing noise level".into(),
+            ));
+        }
+        let sigmas = gammas.iter().map(|g| (0.5 * g).exp()).collect();
+        Ok(Self::from_sigmas((0..gammas.len()).collect(), sigmas))
+    }
+
+    /// `sigmas[i] = sqrt((1 - abar) / abar)` of each step; the final sigma = 0 is appended.
+    fn from_sigmas(timesteps: Vec<usize>, mut sigmas: Vec<f64>) -> Self {
+        let n = timesteps.len();
         sigmas.push(0.0);
         let alpha_t: Vec<f64> = sigmas.iter().map(|s| 1.0 / (s * s + 1.0).sqrt()).collect();
         let sigma_t: Vec<f64> = sigmas.iter().zip(&alpha_t).map(|(s, a)| s * a).collect();
@@ -103,7 +121,7 @@ impl DpmSolverPp2m {
             .zip(&sigma_t[..n])
             .map(|(a, s)| a.ln() - s.ln())
             .collect();
-        Ok(Self {
+        Self {
             timesteps,
             sigmas,
             alpha_t,
@@ -113,7 +131,7 @@ impl DpmSolverPp2m {
             step_index: 0,
             prev_x0: None,
             clip_x0: false,
-        })
+        }
     }
 
     /// Clamps every data prediction to [-1, 1] before it enters the update (static thresholding,
