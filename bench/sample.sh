@@ -53,8 +53,8 @@ run_candle() {
   RAYON_NUM_THREADS=$THREADS "$SAMPLE" --checkpoint "$CKPT" --sampler ddim --steps "$STEPS" --cfg "$CFG" \
     --num "$NUM" --batch "$NUM" --no-grid --out "$OUT/s.h5" --seed 0 --weights model >"$OUT/c.json"
   python3 -c 'import json,sys; d=json.loads(open(sys.argv[1]).read().strip().splitlines()[-1])
-print(f"candle: {d[\"num_images\"]} images in {d[\"seconds\"]:.2f} s, {d[\"images_per_second\"]:.3f} images/s")
-print(f"RESULT {sys.argv[2]} {d[\"seconds\"]:.4f}", file=open(sys.argv[3], "a"))' "$OUT/c.json" "$1" "$OUT/candle.txt"
+print("candle: {} images in {:.2f} s, {:.3f} images/s".format(d["num_images"], d["seconds"], d["images_per_second"]))
+print("RESULT {} {:.4f}".format(sys.argv[2], d["seconds"]), file=open(sys.argv[3], "a"))' "$OUT/c.json" "$1" "$OUT/candle.txt"
 }
 run_torch() {
   echo "== round $1/$ROUNDS: pytorch twin ($THREADS threads)"
