@@ -49,7 +49,8 @@ rate() { # metrics.jsonl -> median images/s of the windows after the first
   python3 -c 'import json, statistics, sys
 v = [json.loads(l).get("images_per_sec") for l in open(sys.argv[1])]
 v = [x for x in v if x][1:]
-print(f"{statistics.median(v):.1f} (windows: {" ".join(f"{x:.1f}" for x in v)})" if v else "n/a")' "$1"
+w = " ".join("%.1f" % x for x in v)
+print("%.1f (windows: %s)" % (statistics.median(v), w) if v else "n/a")' "$1"
 }
 
 args=(--config configs/quickstart.toml --steps "$STEPS" --no-progress
