@@ -13,6 +13,7 @@ import json
 import math
 import struct
 import time
+import tomllib
 
 import torch
 import torch.nn as nn
@@ -173,6 +174,29 @@ CONFIGS["tiny"] = dict(image_size=8, in_channels=3, model_channels=8, num_res_bl
                        num_head_channels=4, num_groups=4)
 
 
+
+
+def model_config(name):
+    """A preset, or "quickstart" / a path ending in .toml: the [model] table of that training config
+    (configs/quickstart.toml for "quickstart", relative to the repository root), as the Rust bench reads it."""
+    if name in CONFIGS:
+        return CONFIGS[name]
+    path = "configs/quickstart.toml" if name == "quickstart" else name
+    if not path.endswith(".toml"):
+        raise SystemExit(f"unknown model {name} (quickstart, {', '.join(CONFIGS)}, or a config .toml)")
+    with open(path, "rb") as f:
+        return dict(tomllib.load(f)["model"])
+
+
+def bench_labels(cfg, batch):
+    """Labels as training draws them (the Rust bench's rule): every tenth example has the null label
+    (num_classes, label dropout 0.1), the others cycle through the classes. None when unconditional."""
+    k = cfg.get("num_classes")
+    if not k:
+        return None
+    return torch.tensor([k if i % 10 == 9 else i % k for i in range(batch)], device=DEVICE)
+
+
 DEVICE = torch.device("cpu")
 AMP = None  # torch.bfloat16 under --amp bf16
 
@@ -203,17 +227,19 @@ def autocast():
 
 def bench(name, batch, reps, full_step=False):
     torch.manual_seed(0)
-    model = UNet(**CONFIGS[name]).to(DEVICE)
+    cfg = model_config(name)
+    model = UNet(**cfg).to(DEVICE)
     n = sum(p.numel() for p in model.parameters())
     print(f"{name}: parameters {n}")
     print(f"RESULT {name} params {n}")
-    s = CONFIGS[name]["image_size"]
-    x = torch.randn(batch, 3, s, s, device=DEVICE)
-    noise = torch.randn(batch, 3, s, s, device=DEVICE)
+    s, c = cfg["image_size"], cfg["in_channels"]
+    x = torch.randn(batch, c, s, s, device=DEVICE)
+    noise = torch.randn(batch, c, s, s, device=DEVICE)
     t = torch.tensor([float(i * 61 % 1000) for i in range(batch)], device=DEVICE)
+    y = bench_labels(cfg, batch)
     model.eval()
     with torch.no_grad(), autocast():
-        fwd = median_ms(reps, lambda: model(x, t))
+        fwd = median_ms(reps, lambda: model(x, t, y))
     print(f"{name}: forward batch {batch}: {fwd:.1f} ms")
     print(f"RESULT {name} forward {fwd:.3f}")
     model.train()
@@ -221,7 +247,7 @@ def bench(name, batch, reps, full_step=False):
     def step():
         model.zero_grad(set_to_none=True)
         with autocast():
-            loss = (model(x, t).float() - noise).pow(2).mean()
+            loss = (model(x, t, y).float() - noise).pow(2).mean()
         loss.backward()
 
     train = median_ms(reps, step)
@@ -241,7 +267,7 @@ def bench(name, batch, reps, full_step=False):
             xt = a.sqrt() * x + (1 - a).sqrt() * eps
             opt.zero_grad(set_to_none=True)
             with autocast():
-                loss = (model(xt, ts.float()).float() - eps).pow(2).mean()
+                loss = (model(xt, ts.float(), y).float() - eps).pow(2).mean()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
@@ -284,7 +310,7 @@ def write_safetensors(path, tensors, metadata):
 
 def export(path, name):
     torch.manual_seed(1)
-    cfg = CONFIGS[name]
+    cfg = model_config(name)
     model = UNet(**cfg).eval()
     with torch.no_grad():
         # Non-zero everywhere, including the zero-initialised layers; 1-D "weight"s are GroupNorm scales.

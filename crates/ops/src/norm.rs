@@ -7,6 +7,13 @@
 //! `dx = rstd * (gamma_c * dz - mean_g(gamma * dz) - x_hat * mean_g(gamma * dz * x_hat))`.
 //! The statistics are kept from the forward pass; the backward reads `x` and `dy` twice.
 //!
+//! The affine parameters may also be per example (`[B, C]`): a ResBlock with scale-shift
+//! conditioning computes `(norm(x) * gamma + beta) * (1 + scale) + shift` with `scale`, `shift`
+//! `[B, C]` from the timestep embedding, which is the same GroupNorm with per-example
+//! `gamma (1 + scale)` and `beta (1 + scale) + shift` (tiny `[B, C]` tensors), so the whole
+//! `silu(...)` is one pass over the activations instead of five (and as many zero-filled gradient
+//! buffers in the backward); the parameter gradients are then per example, not summed.
+//!
 //! [`group_norm_masked`] multiplies the output by a fixed mask (the ResBlock's dropout, which
 //! follows GroupNorm+SiLU) inside the same pass, and `dy` by it in the backward. As a separate
 //! `h * mask` node, dropout cost candle a forward pass, two backward multiplications (one of
@@ -26,9 +33,10 @@ use crate::elem::{lanes_sum, lanes_sum2, Elem, Uninit};
 use crate::runtime::fast_path_enabled;
 use crate::simd::avx2_variant;
 
-/// GroupNorm over `x [B, C, ...]` with per-channel affine `gamma`, `beta` (`[C]`), `groups`
-/// groups and variance epsilon `eps` (PyTorch's definition: biased variance), followed by SiLU
-/// when `silu`. Differentiable in all three tensors.
+/// GroupNorm over `x [B, C, ...]` with per-channel affine `gamma`, `beta` (`[C]`, or `[B, C]`
+/// for a different affine per example), `groups` groups and variance epsilon `eps` (PyTorch's
+/// definition: biased variance), followed by SiLU when `silu`. Differentiable in all three
+/// tensors.
 pub fn group_norm(
     x: &Tensor,
     gamma: &Tensor,
@@ -59,11 +67,13 @@ pub fn group_norm_masked(
     if groups == 0 || !c.is_multiple_of(groups) {
         bail!("group_norm: {c} channels do not split into {groups} groups");
     }
-    if gamma.dims() != [c] || beta.dims() != [c] {
+    let per_example = gamma.dims() == [dims[0], c];
+    if !(gamma.dims() == [c] || per_example) || beta.dims() != gamma.dims() {
         bail!(
-            "group_norm: gamma {:?} / beta {:?} must be [{c}]",
+            "group_norm: gamma {:?} / beta {:?} must both be [{c}] or [{}, {c}]",
             gamma.dims(),
-            beta.dims()
+            beta.dims(),
+            dims[0]
         );
     }
     if let Some(m) = mask {
@@ -115,6 +125,9 @@ fn composite(
     let (b, c) = (dims[0], dims[1]);
     let mut affine = vec![1usize; dims.len()];
     affine[1] = c;
+    if gamma.rank() == 2 {
+        affine[0] = b;
+    }
     let xg = x.reshape((b, groups, ()))?;
     let mean = xg.mean_keepdim(D::Minus1)?;
     let centred = xg.broadcast_sub(&mean)?;
@@ -141,13 +154,28 @@ struct GroupNormOp {
     stats: OnceLock<Vec<(f64, f64)>>,
 }
 
-/// Sizes: examples, channels, channels per group, values per channel.
+/// Sizes: examples, channels, channels per group, values per channel; whether gamma and beta
+/// are per example (`[B, C]`).
 #[derive(Clone, Copy)]
 struct Dims {
     b: usize,
     c: usize,
     cg: usize,
     s: usize,
+    per_example: bool,
+}
+
+impl Dims {
+    /// Index in gamma / beta of the first channel of (example, group) `i`.
+    #[inline(always)]
+    fn affine0(&self, i: usize, groups: usize) -> usize {
+        let c0 = (i % groups) * self.cg;
+        if self.per_example {
+            (i / groups) * self.c + c0
+        } else {
+            c0
+        }
+    }
 }
 
 impl GroupNormOp {
@@ -161,13 +189,14 @@ impl GroupNormOp {
         f(Some(slice::<T>(s, l)?))
     }
 
-    fn dims(&self, shape: &Shape) -> Dims {
+    fn dims(&self, shape: &Shape, gamma: &Shape) -> Dims {
         let d = shape.dims();
         Dims {
             b: d[0],
             c: d[1],
             cg: d[1] / self.groups,
             s: d[2..].iter().product(),
+            per_example: gamma.rank() == 2,
         }
     }
 }
@@ -255,7 +284,7 @@ fn forward_group<T: Elem>(
     mg: Option<&[T]>,
 ) -> (f64, f64) {
     let (mean, rstd) = stats(xg, op.eps);
-    let c0 = (i % op.groups) * d.cg;
+    let c0 = d.affine0(i, op.groups);
     for (j, (yc, xc)) in yg
         .chunks_exact_mut(d.s)
         .zip(xg.chunks_exact(d.s))
@@ -346,7 +375,7 @@ fn backward_group<T: Elem>(
     let dxg = unsafe { &mut *(dxg as *mut [MaybeUninit<T>] as *mut [T]) };
     let (mean, rstd) = stats[i];
     let (mean_t, rstd_t) = (T::from_f64(mean), T::from_f64(rstd));
-    let c0 = (i % op.groups) * d.cg;
+    let c0 = d.affine0(i, op.groups);
     let mut per_c = Vec::with_capacity(d.cg);
     let (mut s1, mut s2) = (0.0f64, 0.0f64);
     // Pass 1: dz into dx, channel sums.
@@ -403,16 +432,17 @@ fn backward_group<T: Elem>(
     per_c
 }
 
-/// Sums the per-(example, group) parameter gradients in a fixed order.
+/// Sums the per-(example, group) parameter gradients in a fixed order (per example: places them).
 fn reduce_param_grads<T: Elem>(
     op: &GroupNormOp,
     d: Dims,
     sums: Vec<Vec<(f64, f64)>>,
 ) -> (Vec<T>, Vec<T>) {
-    let mut dgamma = vec![0.0f64; d.c];
-    let mut dbeta = vec![0.0f64; d.c];
+    let n = if d.per_example { d.b * d.c } else { d.c };
+    let mut dgamma = vec![0.0f64; n];
+    let mut dbeta = vec![0.0f64; n];
     for (i, per_c) in sums.iter().enumerate() {
-        let c0 = (i % op.groups) * d.cg;
+        let c0 = d.affine0(i, op.groups);
         for (j, &(sdz, sdzx)) in per_c.iter().enumerate() {
             dbeta[c0 + j] += sdz;
             dgamma[c0 + j] += sdzx;
@@ -441,7 +471,7 @@ impl CustomOp3 for GroupNormOp {
         sb: &CpuStorage,
         lb: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let d = self.dims(lx.shape());
+        let d = self.dims(lx.shape(), lg.shape());
         macro_rules! run {
             ($t:ty) => {{
                 let (y, st) = self.with_mask::<$t, _>(|m| {
@@ -474,7 +504,7 @@ impl CustomOp3 for GroupNormOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let d = self.dims(x.shape());
+        let d = self.dims(x.shape(), gamma.shape());
         let (x, gamma, beta, grad) = (
             x.contiguous()?,
             gamma.contiguous()?,

@@ -173,6 +173,54 @@ fn group_norm_matches_candle_nn() {
 }
 
 #[test]
+fn group_norm_scale_shift_matches_composite() {
+    // silu(GroupNorm(x) * (1 + scale) + shift) with per-example scale, shift [B, C] (scale-shift
+    // conditioning) as one op with the per-example affine gamma (1 + scale), beta (1 + scale) + shift,
+    // against candle_nn's GroupNorm followed by the broadcast ops: forward and all gradients,
+    // including those reaching scale and shift through the small [B, C] ops.
+    let dims = [4usize, 64, 8, 8];
+    let var = |seed, d: &[usize], a, b| {
+        Var::from_tensor(&randn(seed, d, DType::F32).affine(a, b).unwrap()).unwrap()
+    };
+    let x = var(4, &dims, 3.0, 1.0);
+    let (g, b) = (var(5, &[64], 0.5, 1.0), var(6, &[64], 0.5, 0.0));
+    let (scale, shift) = (var(7, &[4, 64], 0.3, 0.0), var(8, &[4, 64], 0.3, 0.0));
+    let (gt, bt, st, sh) = (
+        g.as_tensor(),
+        b.as_tensor(),
+        scale.as_tensor(),
+        shift.as_tensor(),
+    );
+    let s1 = (st + 1.0).unwrap();
+    let ga = s1.broadcast_mul(gt).unwrap();
+    let be = (s1.broadcast_mul(bt).unwrap() + sh).unwrap();
+    let ours = ddpm_ops::group_norm(x.as_tensor(), &ga, &be, 32, 1e-5, true).unwrap();
+    let gn = candle_nn::GroupNorm::new(gt.clone(), bt.clone(), 64, 32, 1e-5).unwrap();
+    let theirs = gn
+        .forward(x.as_tensor())
+        .unwrap()
+        .broadcast_mul(&s1.reshape((4, 64, 1, 1)).unwrap())
+        .unwrap()
+        .broadcast_add(&sh.reshape((4, 64, 1, 1)).unwrap())
+        .unwrap()
+        .silu()
+        .unwrap();
+    let e = rel_err(&ours, &theirs);
+    assert!(
+        e < TOL,
+        "group_norm scale-shift: forward differs by {e:.2e}"
+    );
+    let inputs = [
+        ("dx", x.as_tensor()),
+        ("dgamma", gt),
+        ("dbeta", bt),
+        ("dscale", st),
+        ("dshift", sh),
+    ];
+    assert_same_grads("group_norm scale-shift", ours, theirs, 9, &inputs);
+}
+
+#[test]
 fn group_norm_masked_matches_composite() {
     // Fused GroupNorm+SiLU+mask against candle_nn's GroupNorm, silu and a multiplication, forward
     // and all three gradients; the same values bit for bit as the unfused `group_norm * mask`.

@@ -152,6 +152,32 @@ fn group_norm_masked() {
 }
 
 #[test]
+fn group_norm_per_example_affine() {
+    // gamma and beta [B, C] (a ResBlock's scale-shift conditioning folded into the affine), with
+    // and without a mask: per-example parameter gradients.
+    for (dims, groups, silu, masked) in [
+        (&[3usize, 6, 4, 5][..], 3, true, false),
+        (&[2, 4, 3, 3], 2, true, true),
+        (&[2, 4, 5], 4, false, false),
+    ] {
+        let (bsz, c) = (dims[0], dims[1]);
+        let x = randn(4, dims, DType::F64).affine(2.0, 0.5).unwrap();
+        let g = randn(5, &[bsz, c], DType::F64).affine(0.5, 1.0).unwrap();
+        let b = randn(6, &[bsz, c], DType::F64).affine(0.5, 0.0).unwrap();
+        let mask = masked.then(|| {
+            let m = randn(7, dims, DType::F64).ge(-0.5).unwrap();
+            m.to_dtype(DType::F64).unwrap().affine(1.25, 0.0).unwrap()
+        });
+        let worst = gradcheck(&[x, g, b], |t| {
+            ddpm_ops::group_norm_masked(&t[0], &t[1], &t[2], groups, 1e-5, silu, mask.as_ref())
+        });
+        println!(
+            "group_norm per-example {dims:?} silu {silu} mask {masked}: worst rel err {worst:.2e}"
+        );
+    }
+}
+
+#[test]
 fn cat_channels() {
     let a = randn(8, &[3, 2, 4, 5], DType::F64);
     let b = randn(9, &[3, 3, 4, 5], DType::F64);

@@ -115,3 +115,20 @@ fn empty_dimensions_are_errors_or_empty_results() {
         "{r:?}"
     );
 }
+
+#[test]
+fn group_norm_affine_shapes() {
+    // gamma and beta: both [C] or both [B, C]; anything else is an error before any work.
+    let x = t(&[2, 4, 3, 3], DType::F32);
+    let ok = |g: &[usize], b: &[usize]| {
+        ddpm_ops::group_norm(&x, &t(g, DType::F32), &t(b, DType::F32), 2, 1e-5, true).is_ok()
+    };
+    assert!(ok(&[4], &[4]));
+    assert!(ok(&[2, 4], &[2, 4]));
+    assert!(
+        !ok(&[3, 4], &[3, 4]),
+        "per-example affine for another batch size"
+    );
+    assert!(!ok(&[2, 4], &[4]), "gamma per example, beta per channel");
+    assert!(!ok(&[4, 2], &[4, 2]));
+}

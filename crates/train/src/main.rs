@@ -107,6 +107,8 @@ fn say(text: &str) {
 }
 
 fn main() -> ExitCode {
+    // Before any thread exists: thread counts, candle's spin-waiting pool, malloc (ddpm-ops).
+    ddpm_ops::init_cpu();
     let cli = Cli::parse();
     ddpm_dist::init_tracing("info");
     let result = match &cli.cmd {

@@ -68,12 +68,32 @@ fn parse_args() -> Args {
     a
 }
 
+/// `quickstart` is the `[model]` table of `configs/quickstart.toml` (read from the working
+/// directory, the repository root under bench/unet.sh), so the bench times exactly the model the
+/// quickstart trains; a name ending in `.toml` reads that config file's `[model]` table.
 fn config(name: &str) -> UNetConfig {
+    let from_file = |p: &str| {
+        UNetConfig::from_toml_file(std::path::Path::new(p))
+            .unwrap_or_else(|e| panic!("model {name}: {e}"))
+    };
     match name {
         "small" => UNetConfig::cifar10_small(),
         "cifar10" => UNetConfig::ho_cifar10(),
-        other => panic!("unknown model {other} (small, cifar10)"),
+        "quickstart" => from_file("configs/quickstart.toml"),
+        p if p.ends_with(".toml") => from_file(p),
+        other => panic!("unknown model {other} (quickstart, small, cifar10, or a config .toml)"),
     }
+}
+
+/// Labels for a class-conditional model as training draws them: every tenth example gets the
+/// null label (`num_classes`, label dropout 0.1), the others cycle through the classes. The
+/// PyTorch twin uses the same rule.
+fn bench_labels(cfg: &UNetConfig, batch: usize, dev: &Device) -> Option<Tensor> {
+    let k = cfg.num_classes?;
+    let y: Vec<u32> = (0..batch)
+        .map(|i| if i % 10 == 9 { k } else { i % k } as u32)
+        .collect();
+    Some(Tensor::from_vec(y, batch, dev).unwrap())
 }
 
 /// Median wall time in ms of `reps` runs after one warm-up run (on the CPU device).
@@ -134,8 +154,11 @@ fn bench_model(name: &str, batch: usize, reps: usize, dev: &Device, dtype: DType
         dev,
     )
     .unwrap();
+    let labels = bench_labels(&cfg, batch, dev);
     let fwd = time_ms_on(dev, reps, || {
-        let y = infer.forward(&x, &t, None, &ForwardCtx::eval()).unwrap();
+        let y = infer
+            .forward(&x, &t, labels.as_ref(), &ForwardCtx::eval())
+            .unwrap();
         assert_eq!(y.dims()[0], batch);
     });
     println!("{name}: forward batch {batch}: {fwd:.1} ms");
@@ -148,7 +171,7 @@ fn bench_model(name: &str, batch: usize, reps: usize, dev: &Device, dtype: DType
             first_example: 0,
         });
         step += 1;
-        let y = model.forward(&x, &t, None, &ctx).unwrap();
+        let y = model.forward(&x, &t, labels.as_ref(), &ctx).unwrap();
         let loss = (y - &noise).unwrap().sqr().unwrap().mean_all().unwrap();
         let grads = loss.backward().unwrap();
         assert!(grads.get(varmap.all_vars()[0].as_tensor()).is_some());

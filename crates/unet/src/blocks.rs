@@ -158,19 +158,12 @@ impl ResBlock {
             x.device(),
         )?;
         let h = if self.scale_shift {
+            // silu(norm(h) * (1 + scale) + shift) * mask as one fused GroupNorm pass.
             let h = self.in_conv.forward(&pre)?;
-            let e = e.reshape((b, 2 * c, 1, 1))?;
             let scale = e.narrow(1, 0, c)?;
             let shift = e.narrow(1, c, c)?;
-            let n = self.out_norm.forward(&h)?;
-            let h = n
-                .broadcast_mul(&(scale + 1.0)?)?
-                .broadcast_add(&shift)?
-                .silu()?;
-            match &mask {
-                Some(mask) => (h * mask)?,
-                None => h,
-            }
+            self.out_norm
+                .forward_scale_shift_silu(&h, &scale, &shift, mask.as_ref())?
         } else {
             // conv(pre) + bias + embedding, the embedding folded into a per-example conv bias
             // so the sum costs no pass over the activations; dropout fused into GroupNorm+SiLU.

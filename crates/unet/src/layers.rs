@@ -156,6 +156,22 @@ impl GroupNorm {
             mask,
         )
     }
+
+    /// `silu(self.forward(x) * (1 + scale) + shift) * mask` for per-example `scale`, `shift`
+    /// `[B, C]` (scale-shift conditioning), in one fused op: the same GroupNorm with the
+    /// per-example affine `gamma (1 + scale)`, `beta (1 + scale) + shift`.
+    pub fn forward_scale_shift_silu(
+        &self,
+        x: &Tensor,
+        scale: &Tensor,
+        shift: &Tensor,
+        mask: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
+        let scale1 = (scale + 1.0)?;
+        let gamma = scale1.broadcast_mul(&self.weight)?;
+        let beta = (scale1.broadcast_mul(&self.bias)? + shift)?;
+        ddpm_ops::group_norm_masked(x, &gamma, &beta, self.groups, self.eps, true, mask)
+    }
 }
 
 impl Module for GroupNorm {

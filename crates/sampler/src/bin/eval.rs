@@ -24,6 +24,8 @@ enum Cmd {
 }
 
 fn main() {
+    // Before any thread exists: thread counts, candle's spin-waiting pool, malloc (ddpm-ops).
+    ddpm_ops::init_cpu();
     let (comm, _) = ddpm_dist::start_or_exit("cpu", "warn");
     let cli = Cli::parse();
     let r = match &cli.cmd {

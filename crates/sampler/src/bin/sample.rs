@@ -19,6 +19,8 @@ struct Cli {
 }
 
 fn main() {
+    // Before any thread exists: thread counts, candle's spin-waiting pool, malloc (ddpm-ops).
+    ddpm_ops::init_cpu();
     let (comm, _) = ddpm_dist::start_or_exit("cpu", "warn");
     let cli = Cli::parse();
     ddpm_dist::or_fail(&*comm, run_sample(&cli.args, &*comm));
