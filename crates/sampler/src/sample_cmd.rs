@@ -303,7 +303,7 @@ fn run_sample_continuous(
     if args.cfg.is_some() || args.classifier.is_some() {
         bail_usage!("--cfg / --classifier: guidance is not implemented for continuous-time models");
     }
-    let kind: SamplerKind = args.sampler.parse()?;
+    let kind: SamplerKind = args.sampler.as_deref().unwrap_or("ddim").parse()?;
     let steps = match &args.steps {
         None => DEFAULT_STEPS,
         Some(s) => s.parse().map_err(|_| {
@@ -315,7 +315,7 @@ fn run_sample_continuous(
     let (plan, n) = label_plan(args, num_classes)?;
     let job = ContinuousSampleJob {
         model: &model,
-        kind: args.sampler.parse()?,
+        kind: args.sampler.as_deref().unwrap_or("ddim").parse()?,
         steps,
         clip: !args.no_clip,
         n,
@@ -329,7 +329,15 @@ fn run_sample_continuous(
     if comm.rank() != 0 {
         return Ok(());
     }
-    let (out_path, grid_path) = write_outputs(args, ckpt, run_cfg, kind, plan, &out, num_classes)?;
+    let (out_path, grid_path) = write_outputs(
+        args,
+        ckpt,
+        run_cfg,
+        (kind, args.steps.as_deref()),
+        plan,
+        &out,
+        num_classes,
+    )?;
     let wall = start.elapsed().as_secs_f64();
     let summary = serde_json::json!({
         "metric": "sample",

@@ -21,8 +21,8 @@ use ddpm_rng::Stream;
 use ddpm_sampler::{guided_model_output, Denoiser, Guidance, UNetDenoiser};
 use ddpm_unet::UNet;
 
-use crate::config::{apply_set, DistillWeighting, Overrides, TrainConfig};
 use crate::timesteps::TimestepSampler;
+use ddpm_config::{apply_set, DistillWeighting, Overrides, TrainConfig};
 
 fn warn_skipped(e: &ddpm_checkpoint::CheckpointError) {
     tracing::warn!("skipping checkpoint: {e}");

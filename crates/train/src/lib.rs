@@ -2,13 +2,10 @@
 //!
 //! The binary (`src/main.rs`) is a thin CLI over [`trainer::train`]; the library is public so tests
 //! and tools can drive training in-process. The config schema is `ddpm-config`'s, the checkpoint
-//! format `ddpm-checkpoint`'s, the preview sampler `ddpm-sampler`'s (re-exported under their
-//! old paths [`config`] and [`checkpoint`]).
+//! format `ddpm-checkpoint`'s, the preview sampler `ddpm-sampler`'s.
 
-pub use ddpm_checkpoint as checkpoint;
-pub use ddpm_config as config;
-pub mod distill;
 mod continuous;
+pub mod distill;
 pub mod ema;
 pub mod metrics;
 pub mod optim;
@@ -21,6 +18,6 @@ pub mod signals;
 pub mod timesteps;
 pub mod trainer;
 
-pub use config::{Overrides, Task, TrainConfig};
 pub use ddpm_checkpoint::{Checkpoint, Manifest};
+pub use ddpm_config::{Overrides, Task, TrainConfig};
 pub use trainer::{inspect_model, train, ResumeFrom, TrainLoop, TrainOptions, TrainOutcome};

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Result};
 use clap::{Args, Parser, Subcommand};
-use ddpm_train::config::{Overrides, TrainConfig};
+use ddpm_config::{Overrides, TrainConfig};
 use ddpm_train::signals::{StopFlag, EXIT_PREEMPTED};
 use ddpm_train::trainer::{train, ResumeFrom, TrainOptions};
 
@@ -83,7 +83,7 @@ impl ConfigArgs {
         };
         // inspect-model and check-config need no run directory
         let cfg = match TrainConfig::load(path, &ov) {
-            Err(ddpm_train::config::ConfigError::Invalid { key, .. })
+            Err(ddpm_config::ConfigError::Invalid { key, .. })
                 if key == "out_dir" && ov.out.is_none() =>
             {
                 let ov = Overrides {
@@ -120,7 +120,7 @@ fn main() -> ExitCode {
             say(c.to_toml().trim_end());
             say(&format!(
                 "# config hash (excluding {}): {}",
-                ddpm_train::config::HASH_EXCLUDED_KEYS.join(", "),
+                ddpm_config::HASH_EXCLUDED_KEYS.join(", "),
                 c.hash()
             ));
             ExitCode::SUCCESS

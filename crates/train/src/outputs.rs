@@ -8,10 +8,10 @@ use candle_core::{DType, Device, Tensor};
 use ddpm_diffusion::GaussianDiffusion;
 use ddpm_sampler::{BatchSpec, Guidance, Sampler, SamplerKind, SamplerSettings, UNetDenoiser};
 
-use crate::config::TrainConfig;
 use crate::metrics::MetricsLog;
 use crate::plot;
 use crate::run::unet_from_tensors;
+use ddpm_config::TrainConfig;
 
 /// The loss plot and, for a diffusion run, the EMA preview grid (`ema` = rate and weights by
 /// name). Returns (grid, plot) paths.

@@ -10,12 +10,12 @@ use ddpm_checkpoint::{self as checkpoint, Checkpoint};
 use ddpm_data::LoaderPosition;
 use ddpm_dist::Communicator;
 
-use crate::config::{TrainConfig, HASH_EXCLUDED_KEYS};
 use crate::ema::Ema;
 use crate::metrics::Window;
 use crate::optim::{AdamW, AdamWParams};
 use crate::run::State;
 use crate::timesteps::TimestepSampler;
+use ddpm_config::{TrainConfig, HASH_EXCLUDED_KEYS};
 
 /// Flattens a JSON value into `dotted.key -> value text` for config diffs.
 pub(crate) fn flatten(prefix: &str, v: &serde_json::Value, out: &mut BTreeMap<String, String>) {
@@ -86,7 +86,7 @@ pub(crate) fn fresh_state(cfg: &TrainConfig, vars: &[Var], num_timesteps: usize)
             .collect::<candle_core::Result<_>>()?,
         sampler: TimestepSampler::new(
             num_timesteps,
-            cfg.diffusion.timestep_sampling == crate::config::TimestepSampling::LossAware,
+            cfg.diffusion.timestep_sampling == ddpm_config::TimestepSampling::LossAware,
         ),
         window: Window::default(),
         skipped: 0,

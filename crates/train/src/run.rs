@@ -7,11 +7,11 @@ use candle_nn::{VarBuilder, VarMap};
 use ddpm_data::LoaderPosition;
 use ddpm_unet::{EncoderUNet, UNet};
 
-use crate::config::{Task, TrainConfig};
 use crate::ema::Ema;
 use crate::metrics::Window;
 use crate::optim::AdamW;
 use crate::timesteps::TimestepSampler;
+use ddpm_config::{Task, TrainConfig};
 
 /// The network being trained.
 pub(crate) enum Net {

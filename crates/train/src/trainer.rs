@@ -27,9 +27,6 @@ use ddpm_rng::{Stream, StreamKey};
 use ddpm_unet::{DropoutKey, ForwardCtx};
 use serde_json::{json, Map};
 
-use crate::checkpoint::{self, Checkpoint, CheckpointWriter, Manifest, OptimizerState, RngState};
-use crate::config::HASH_EXCLUDED_KEYS;
-use crate::config::{Loss, Prediction, Task, TrainConfig, Variance};
 use crate::continuous::{Continuous, ScheduleGraph};
 use crate::metrics::{num, MetricsLog, StepStats, Window, STEP_STATS_LEN};
 use crate::optim::{clip_by_global_norm, global_norm};
@@ -37,6 +34,11 @@ use crate::persist;
 use crate::run::{build_net, sorted_vars, Net, State};
 use crate::signals::StopFlag;
 use crate::timesteps::{TimestepSampler, HISTORY_PER_TERM};
+use ddpm_checkpoint::{
+    self as checkpoint, Checkpoint, CheckpointWriter, Manifest, OptimizerState, RngState,
+};
+use ddpm_config::HASH_EXCLUDED_KEYS;
+use ddpm_config::{Loss, Prediction, Task, TrainConfig, Variance};
 
 pub use crate::run::{inspect_model, unet_from_tensors};
 

@@ -8,9 +8,9 @@ mod common;
 use std::fs;
 use std::path::{Path, PathBuf};
 
+use ddpm_checkpoint::{self as checkpoint, Checkpoint};
+use ddpm_config::{Overrides, TrainConfig};
 use ddpm_dist::SingleProcess;
-use ddpm_train::checkpoint::{self, Checkpoint};
-use ddpm_train::config::{Overrides, TrainConfig};
 use ddpm_train::trainer::{train, ResumeFrom, TrainOptions, TrainOutcome};
 
 fn config(f: &common::Fixture, out: &Path, steps: u64, sets: &[&str]) -> TrainConfig {

@@ -4,7 +4,7 @@ mod common;
 
 use std::path::Path;
 
-use ddpm_train::config::{Overrides, TrainConfig};
+use ddpm_config::{Overrides, TrainConfig};
 
 fn base(extra: &str) -> String {
     common::tiny_config_text(
@@ -190,8 +190,8 @@ fn overrides_and_flags_apply() {
     };
     let c = TrainConfig::from_toml_str(&base(""), &ov).unwrap();
     assert_eq!(c.optim.lr, 1e-4);
-    assert_eq!(c.diffusion.schedule, ddpm_train::config::Schedule::Cosine);
-    assert_eq!(c.diffusion.prediction, ddpm_train::config::Prediction::V);
+    assert_eq!(c.diffusion.schedule, ddpm_config::Schedule::Cosine);
+    assert_eq!(c.diffusion.prediction, ddpm_config::Prediction::V);
     assert_eq!(c.ema.rates, vec![0.5]);
     assert_eq!(c.schedule.total_steps, 99);
     assert_eq!(c.data.batch, 3);

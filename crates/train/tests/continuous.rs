@@ -5,12 +5,12 @@
 mod common;
 
 use candle_core::Device;
+use ddpm_checkpoint::Checkpoint;
+use ddpm_config::Overrides;
 use ddpm_dist::SingleProcess;
 use ddpm_sampler::continuous::{elbo_batch, sample_continuous, ContinuousBatch, ContinuousKind};
 use ddpm_sampler::continuous_cmd::load_model;
 use ddpm_sampler::Weights;
-use ddpm_train::checkpoint::Checkpoint;
-use ddpm_train::config::Overrides;
 use ddpm_train::trainer::{train, TrainOptions};
 
 #[test]

@@ -8,9 +8,9 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
+use ddpm_checkpoint::{Checkpoint, Weights};
+use ddpm_config::{Overrides, Task, TrainConfig};
 use ddpm_dist::SingleProcess;
-use ddpm_train::checkpoint::{Checkpoint, Weights};
-use ddpm_train::config::{Overrides, Task, TrainConfig};
 use ddpm_train::distill::{load_config, Distiller};
 use ddpm_train::trainer::{train, TrainOptions};
 
@@ -103,7 +103,7 @@ fn two_rounds_bring_one_student_step_toward_two_teacher_steps() {
         ],
     );
     assert_eq!(r1.task, Task::Distill);
-    assert_eq!(r1.diffusion.prediction, ddpm_train::config::Prediction::V);
+    assert_eq!(r1.diffusion.prediction, ddpm_config::Prediction::V);
     let r1_ck = run(&r1);
     let (b1, a1) = gaps(&r1, &teacher_ck, &r1_ck);
 

@@ -9,10 +9,10 @@ mod common;
 use std::fs;
 
 use candle_core::Device;
+use ddpm_checkpoint::{self as checkpoint, Checkpoint};
+use ddpm_config::{Overrides, TrainConfig};
 use ddpm_dist::SingleProcess;
 use ddpm_io::mutate::{iterations, Mutator};
-use ddpm_train::checkpoint::{self, Checkpoint};
-use ddpm_train::config::{Overrides, TrainConfig};
 use ddpm_train::trainer::{train, TrainOptions};
 
 #[test]

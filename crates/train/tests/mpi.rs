@@ -47,14 +47,11 @@ fn losses(dir: &Path) -> Vec<f64> {
 fn model(dir: &Path, step: u64) -> Vec<Vec<f32>> {
     let ck = ddpm_train::Checkpoint::open_verified(
         &dir.join("checkpoints")
-            .join(ddpm_train::checkpoint::step_dir_name(step)),
+            .join(ddpm_checkpoint::step_dir_name(step)),
     )
     .unwrap();
     let mut t: Vec<_> = ck
-        .load_all(
-            ddpm_train::checkpoint::MODEL_FILE,
-            &candle_core::Device::Cpu,
-        )
+        .load_all(ddpm_checkpoint::MODEL_FILE, &candle_core::Device::Cpu)
         .unwrap()
         .into_iter()
         .collect();

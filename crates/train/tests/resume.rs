@@ -6,9 +6,9 @@ mod common;
 use std::fs;
 use std::path::Path;
 
+use ddpm_checkpoint::{self as checkpoint, Checkpoint};
+use ddpm_config::{Overrides, TrainConfig};
 use ddpm_dist::SingleProcess;
-use ddpm_train::checkpoint::{self, Checkpoint};
-use ddpm_train::config::{Overrides, TrainConfig};
 use ddpm_train::trainer::{read_metrics, train, ResumeFrom, TrainOptions};
 
 fn config(

@@ -6,7 +6,7 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use ddpm_train::checkpoint::{self, Checkpoint};
+use ddpm_checkpoint::{self as checkpoint, Checkpoint};
 
 const BIN: &str = env!("CARGO_BIN_EXE_ddpm-train");
 

@@ -3,9 +3,9 @@
 
 mod common;
 
+use ddpm_checkpoint::{self as checkpoint, Checkpoint};
+use ddpm_config::Overrides;
 use ddpm_dist::SingleProcess;
-use ddpm_train::checkpoint::{self, Checkpoint};
-use ddpm_train::config::Overrides;
 use ddpm_train::trainer::{read_metrics, train, TrainOptions};
 
 #[test]

@@ -3,8 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
+use ddpm_config::{Overrides, TrainConfig};
 use ddpm_data::{DatasetMeta, DatasetWriter, WriteOptions};
-use ddpm_train::config::{Overrides, TrainConfig};
 
 pub const SIZE: usize = 8;
 
