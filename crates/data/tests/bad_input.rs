@@ -137,7 +137,8 @@ fn wrong_dtype() {
 #[test]
 fn wrong_rank_and_shape() {
     let dir = tempfile::tempdir().unwrap();
-    let cases: [(&str, &[usize], Option<&[usize]>, &str); 4] = [
+    type Case<'a> = (&'a str, &'a [usize], Option<&'a [usize]>, &'a str);
+    let cases: [Case; 4] = [
         ("rank3.h5", &[4, 28, 28], Some(&[1, 28, 28]), "rank 3"),
         (
             "channels.h5",

@@ -248,12 +248,12 @@ fn ddim(
         let f = Tol::Mixed(TOL_F64);
         let ts: Vec<f64> = ddim.timesteps.iter().map(|&t| t as f64).collect();
         let prev: Vec<f64> = ddim.prev_timesteps.iter().map(|&t| t as f64).collect();
-        tally.vec_at(&what, &j, "timesteps", Path::F64, &ts, Tol::Abs(0.0))?;
-        tally.vec_at(&what, &j, "prev_timesteps", Path::F64, &prev, Tol::Abs(0.0))?;
-        tally.vec_at(&what, &j, "alpha_prod_t", Path::F64, &ddim.alpha_prod_t, f)?;
+        tally.vec_at(&what, j, "timesteps", Path::F64, &ts, Tol::Abs(0.0))?;
+        tally.vec_at(&what, j, "prev_timesteps", Path::F64, &prev, Tol::Abs(0.0))?;
+        tally.vec_at(&what, j, "alpha_prod_t", Path::F64, &ddim.alpha_prod_t, f)?;
         tally.vec_at(
             &what,
-            &j,
+            j,
             "alpha_prod_t_prev",
             Path::F64,
             &ddim.alpha_prod_t_prev,
@@ -271,9 +271,9 @@ fn ddim(
         samples.push(x.clone());
     }
     let samples = stack(&samples)?;
-    tally.tensor_at(&what, &j, "model_eps", path, &stack(&eps_all)?, tol)?;
-    tally.tensor_at(&what, &j, "pred_x0", path, &stack(&x0_all)?, tol)?;
-    tally.tensor_at(&what, &j, "samples", path, &samples, tol)?;
+    tally.tensor_at(&what, j, "model_eps", path, &stack(&eps_all)?, tol)?;
+    tally.tensor_at(&what, j, "pred_x0", path, &stack(&x0_all)?, tol)?;
+    tally.tensor_at(&what, j, "samples", path, &samples, tol)?;
     check_samples_diffusers(j, &what, &samples, dtype, tally)?;
     Ok(())
 }

@@ -140,11 +140,11 @@ fn cond_score(c: &J, tally: &mut FileTally) -> Result<()> {
             Tol::Abs(0.0),
         );
         let cs = condition_score(&d, &x_t, &t, &out.pred_xstart, &grad, scale)?;
-        tally.tensor_at(&what, &ps, "eps_guided", P, &cs.eps, TOL)?;
-        tally.tensor_at(&what, &ps, "pred_xstart_guided", P, &cs.pred_xstart, TOL)?;
-        tally.tensor_at(&what, &ps, "mean_guided", P, &cs.mean, TOL)?;
+        tally.tensor_at(&what, ps, "eps_guided", P, &cs.eps, TOL)?;
+        tally.tensor_at(&what, ps, "pred_xstart_guided", P, &cs.pred_xstart, TOL)?;
+        tally.tensor_at(&what, ps, "mean_guided", P, &cs.mean, TOL)?;
         let step = ddim_update(&d, &x_t, &t, &cs.pred_xstart, 0.0, None)?;
-        tally.tensor_at(&what, &ps, "ddim_eta0_x_prev", P, &step.x_prev, TOL)?;
+        tally.tensor_at(&what, ps, "ddim_eta0_x_prev", P, &step.x_prev, TOL)?;
     }
     Ok(())
 }
