@@ -59,7 +59,7 @@ rank_pid() {
 # wait_steps DIR N: until N steps are logged (the job trains), or fail after 600 s.
 wait_steps() {
   local t=0
-  while [ "$(wc -l <"$1/metrics.jsonl" 2>/dev/null || echo 0)" -lt "$2" ]; do
+  while [ "$( { wc -l <"$1/metrics.jsonl"; } 2>/dev/null || echo 0)" -lt "$2" ]; do
     kill -0 "$MPI_PID" 2>/dev/null || { cat "$LOG" >&2; echo "fault-stall: the job died early" >&2; exit 1; }
     sleep 0.5; t=$((t + 1))
     [ $t -lt 1200 ] || { echo "fault-stall: no training after 600 s" >&2; kill "$MPI_PID"; exit 1; }
