@@ -13,7 +13,7 @@ fn dev() -> Device {
 }
 
 /// Deterministic pseudo-random values in [-1, 1] (no RNG dependency needed for these tests).
-fn pseudo(n: usize, seed: u64) -> Vec<f64> {
+pub(crate) fn pseudo(n: usize, seed: u64) -> Vec<f64> {
     let mut s = seed
         .wrapping_mul(6364136223846793005)
         .wrapping_add(1442695040888963407);

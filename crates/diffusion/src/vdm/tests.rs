@@ -1,5 +1,6 @@
 //! Hand-checked values and finite-difference gradient checks (f64) of the continuous-time math.
 
+use crate::tests::pseudo;
 use candle_core::{DType, Device, Tensor};
 
 use super::loss::{alpha_sigma, q_sample};
@@ -17,23 +18,8 @@ fn v64(t: &Tensor) -> Vec<f64> {
     t.flatten_all().unwrap().to_vec1::<f64>().unwrap()
 }
 
-/// Deterministic pseudo-random values in [-1, 1) (no RNG dependency in this crate).
-fn wiggle(n: usize, seed: u64) -> Vec<f64> {
-    let mut s = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((s >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
-        })
-        .collect()
-}
-
 fn params(h: usize, seed: u64) -> MonotoneGammaInit {
-    let z = wiggle(3 * h, seed);
+    let z = pseudo(3 * h, seed);
     let mut p = MonotoneGammaInit::vdm(h, -9.0, 4.0, &z, 1.5);
     p.w1 = -0.7; // negative raw weights must still give an increasing gamma
     p
@@ -217,14 +203,14 @@ struct Example {
 
 fn example(seed: u64, t: f64) -> Example {
     let d = 12;
-    let x: Vec<f64> = wiggle(d, seed)
+    let x: Vec<f64> = pseudo(d, seed)
         .iter()
         .map(|v| (v * 127.5).round() / 127.5)
         .collect();
     Example {
         x,
-        eps: wiggle(d, seed + 1).iter().map(|v| 1.7 * v).collect(),
-        eps0: wiggle(d, seed + 2).iter().map(|v| 1.7 * v).collect(),
+        eps: pseudo(d, seed + 1).iter().map(|v| 1.7 * v).collect(),
+        eps0: pseudo(d, seed + 2).iter().map(|v| 1.7 * v).collect(),
         t,
     }
 }
