@@ -11,7 +11,7 @@ use crate::continuous::{
     elbo_batch, sample_continuous, ContinuousBatch, ContinuousBpdSums, ContinuousKind,
     ContinuousModel, HostGamma,
 };
-use crate::error::{Result, SamplerError};
+use crate::error::Result;
 use crate::eval_cmd::{emit, share, BpdArgs};
 use crate::generate::{rank_batches, Generated};
 use crate::images::{from_uint8_nhwc, to_uint8_nhwc};
@@ -72,23 +72,7 @@ pub fn generate_continuous(
         mine.extend(to_uint8_nhwc(&x)?);
     }
     let seconds = start.elapsed().as_secs_f64();
-    let local_images = mine.len() / (c * h * w);
-    let gathered = comm
-        .all_gather_bytes(&mine)
-        .map_err(|e| SamplerError::Model(format!("gathering images: {e}")))?;
-    let images = if comm.rank() == 0 {
-        gathered.concat()
-    } else {
-        Vec::new()
-    };
-    Ok(Generated {
-        images,
-        labels: job.labels.clone(),
-        n: job.n,
-        hwc: [h, w, c],
-        seconds,
-        local_images,
-    })
+    crate::generate::gather_images(comm, mine, job.n, job.labels.clone(), [h, w, c], seconds)
 }
 
 /// `ddpm-eval bpd` on a continuous-time checkpoint: the ELBO with its three terms, the diffusion

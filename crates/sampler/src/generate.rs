@@ -154,18 +154,30 @@ pub fn generate(job: &GenerateJob<'_>, comm: &dyn Communicator) -> Result<Genera
     if let Some(pb) = bar {
         pb.finish_and_clear();
     }
-    let local_images = mine.len() / (c * h * w);
+    gather_images(comm, mine, job.n, job.labels.clone(), [h, w, c], seconds)
+}
+
+/// Every rank's `mine` (uint8 NHWC images) gathered on rank 0 in rank order, checked to hold `n`
+/// images of `hwc`; other ranks get an empty `images`.
+pub(crate) fn gather_images(
+    comm: &dyn Communicator,
+    mine: Vec<u8>,
+    n: usize,
+    labels: Option<Vec<u32>>,
+    hwc: [usize; 3],
+    seconds: f64,
+) -> Result<Generated> {
+    let per_image = hwc.iter().product::<usize>();
+    let local_images = mine.len() / per_image;
     let gathered = comm
         .all_gather_bytes(&mine)
         .map_err(|e| SamplerError::Model(format!("gathering images: {e}")))?;
     let images = if comm.rank() == 0 {
         let all: Vec<u8> = gathered.concat();
-        if all.len() != job.n * c * h * w {
+        if all.len() != n * per_image {
             return Err(SamplerError::Model(format!(
-                "gathered {} bytes, expected {} images of {}",
-                all.len(),
-                job.n,
-                c * h * w
+                "gathered {} bytes, expected {n} images of {per_image}",
+                all.len()
             )));
         }
         all
@@ -174,9 +186,9 @@ pub fn generate(job: &GenerateJob<'_>, comm: &dyn Communicator) -> Result<Genera
     };
     Ok(Generated {
         images,
-        labels: job.labels.clone(),
-        n: job.n,
-        hwc: [h, w, c],
+        labels,
+        n,
+        hwc,
         seconds,
         local_images,
     })
