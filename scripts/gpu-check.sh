@@ -23,6 +23,8 @@
 #   resume       N steps, then --resume auto to 2N, on the GPU: metrics and the final checkpoint (weights,
 #                EMA, AdamW moments, RNG and loader state: every file's sha256) identical to the
 #                uninterrupted GPU run.
+#   bf16         the train run again with train.precision = "bf16": every step's loss within 2% of the
+#                GPU's f32 run (crates/train/tests/precision.rs measured at most 0.5% on the CPU).
 #   sample-ddim  ddpm-sample --device cuda, DDIM 20 steps, classifier-free guidance w=1.5, from the packed
 #   sample-dpm   CPU checkpoint and DPM-Solver++(2M) 10 steps, w=1.5; the same x_T noise as the packed CPU
 #                samples (Philox, bit-identical on both). uint8 images: mean |difference| <= 0.5 grey
@@ -286,6 +288,10 @@ run() {
   last=step_$(printf '%09d' $((2 * N)))
   check resume-metrics-exact 30 "${cmp[@]}" metrics "$WORK/full/metrics.jsonl" "$WORK/split/metrics.jsonl"
   check resume-checkpoint-exact 30 "${cmp[@]}" checkpoints "$WORK/full/checkpoints/$last" "$WORK/split/checkpoints/$last"
+  # mixed precision against the GPU's own f32 run (the CPU test's bound: every step within 2%)
+  train_args "$WORK/bf16" $((2 * N)) "$DEV" --set 'train.precision="bf16"'
+  check train-bf16-gpu 180 "$B/ddpm-train" "${TA[@]}"
+  check train-bf16-vs-f32 30 "${cmp[@]}" losses "$WORK/full/metrics.jsonl" "$WORK/bf16/metrics.jsonl" 2e-2 2e-2
 
   # 4. sampling on the GPU against the CPU samples from the same checkpoint and noise.
   check sample-ddim-gpu 120 "$B/ddpm-sample" --checkpoint "$REF/checkpoint" --device "$DEV" --sampler ddim --steps 20 \

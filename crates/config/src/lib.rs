@@ -348,9 +348,26 @@ pub struct StepConfig {
     /// (forward and backward each) and averages their gradients before the one all-reduce and
     /// optimizer update of the step. The global batch is `ranks x accumulate x data.batch`, and the
     /// step computes what one batch of `accumulate x data.batch` per rank would, up to summation
-    /// order: the same examples, timesteps, noise and dropout (see crates/train/src/step.rs).
+    /// order: the same examples, timesteps, noise and dropout (see `TrainLoop::forward_backward`).
     #[serde(default = "d_accumulate")]
     pub accumulate: usize,
+    /// The dtype of the forward and backward pass. The parameters, their gradients, the optimizer
+    /// state, the EMAs and the checkpoints stay f32 in either case.
+    #[serde(default)]
+    pub precision: Precision,
+}
+
+/// Compute precision of the training step (`train.precision`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Precision {
+    /// Everything in f32.
+    #[default]
+    F32,
+    /// Mixed precision as PyTorch's bf16 autocast: convolutions, matrix products and element-wise
+    /// ops run on bf16 copies of the f32 master weights; GroupNorm statistics, softmax, the loss
+    /// (and the VDM schedule) are computed in f32.
+    Bf16,
 }
 
 fn d_accumulate() -> usize {
@@ -361,6 +378,7 @@ impl Default for StepConfig {
     fn default() -> Self {
         Self {
             accumulate: d_accumulate(),
+            precision: Precision::default(),
         }
     }
 }

@@ -38,6 +38,11 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tenso
     if !(scale > 0.0 && scale.is_finite()) {
         bail!("attention: scale must be positive and finite, got {scale}");
     }
+    let on_cpu = q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu();
+    if on_cpu && fast_path_enabled() && crate::precision::is_half(q.dtype()) {
+        let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+        return attention(&f32(q)?, &f32(k)?, &f32(v)?, scale)?.to_dtype(q.dtype());
+    }
     // Empty tensors take candle's path: the kernel works in rows of `t`.
     let fast = fast_path_enabled()
         && n * d * t > 0

@@ -45,10 +45,15 @@ pub fn conv2d(
             );
         }
     }
+    let on_cpu = x.device().is_cpu() && weight.device().is_cpu();
+    if on_cpu && fast_path_enabled() && crate::precision::is_half(x.dtype()) {
+        let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+        let b = bias.map(f32).transpose()?;
+        return conv2d(&f32(x)?, &f32(weight)?, b.as_ref(), stride, padding)?.to_dtype(x.dtype());
+    }
     let dtypes_ok = matches!(x.dtype(), DType::F32 | DType::F64)
         && weight.dtype() == x.dtype()
         && bias.is_none_or(|b| b.dtype() == x.dtype());
-    let on_cpu = x.device().is_cpu() && weight.device().is_cpu();
     // Empty tensors take candle's path: the kernels split work by example and channel.
     let empty = x.elem_count() == 0 || weight.elem_count() == 0;
     if !(fast_path_enabled() && dtypes_ok && on_cpu) || empty {

@@ -20,7 +20,9 @@
 //!   four GEMMs on strided views.
 //!
 //! All ops work in f32 and f64 on the CPU (f64 so that finite-difference gradient checks are
-//! meaningful; the f64 path is the same code). Other devices and dtypes, or `DDPM_OPS=candle` in
+//! meaningful; the f64 path is the same code). bf16 and f16 inputs (mixed-precision training) are
+//! computed in f32 by GroupNorm, softmax and, on the CPU, conv2d and attention, and rounded back
+//! (`precision.rs`). Other devices and dtypes, or `DDPM_OPS=candle` in
 //! the environment, take candle's built-in ops, so a CUDA build behaves as before;
 //! `DDPM_OPS_WINOGRAD=0` keeps the im2col path for 3x3 convs and `DDPM_OPS_WINOGRAD4=0` uses
 //! F(2x2) only. Binaries call [`init_cpu`] first (thread count, candle's spin limit, malloc
@@ -38,6 +40,7 @@ mod elem;
 mod gemm;
 mod im2col;
 mod norm;
+mod precision;
 mod runtime;
 mod simd;
 mod softmax;

@@ -84,6 +84,20 @@ pub fn group_norm_masked(
             );
         }
     }
+    if crate::precision::is_half(x.dtype()) {
+        let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+        let m = mask.map(f32).transpose()?;
+        let y = group_norm_masked(
+            &f32(x)?,
+            &f32(gamma)?,
+            &f32(beta)?,
+            groups,
+            eps,
+            silu,
+            m.as_ref(),
+        )?;
+        return y.to_dtype(x.dtype());
+    }
     // Empty tensors take candle's path: the kernel works in whole groups.
     let fast = fast_path_enabled()
         && x.elem_count() > 0

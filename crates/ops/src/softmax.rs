@@ -27,6 +27,9 @@ pub fn softmax_scaled(x: &Tensor, scale: f64) -> Result<Tensor> {
     if !(scale > 0.0 && scale.is_finite()) {
         bail!("softmax: scale must be positive and finite, got {scale}");
     }
+    if crate::precision::is_half(x.dtype()) {
+        return softmax_scaled(&x.to_dtype(DType::F32)?, scale)?.to_dtype(x.dtype());
+    }
     // Empty tensors take candle's path: the kernel works in rows of the last dimension.
     let fast = fast_path_enabled()
         && x.elem_count() > 0

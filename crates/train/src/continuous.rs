@@ -141,7 +141,8 @@ impl Continuous {
         let s = &self.spec;
         let scale = 1000.0 / (s.gamma_max - s.gamma_min);
         let t_model = g.affine(scale, -s.gamma_min * scale)?;
-        let eps_hat = unet.forward(&z_t, &t_model, y, ctx)?;
+        // the loss in f32 whatever the compute precision (`train.precision`)
+        let eps_hat = unet.forward(&z_t, &t_model, y, ctx)?.to_dtype(DType::F32)?;
         let prior = vdm::prior_bpd(x0, &g1)?;
         let diffusion = vdm::diffusion_bpd_continuous(&eps, &eps_hat, &dg)?;
         let z0 = q_sample(x0, &eps0, &g0.broadcast_as(b)?.contiguous()?)?;

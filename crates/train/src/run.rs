@@ -11,7 +11,7 @@ use crate::ema::Ema;
 use crate::metrics::Window;
 use crate::optim::AdamW;
 use crate::timesteps::TimestepSampler;
-use ddpm_config::{Task, TrainConfig};
+use ddpm_config::{Precision, Task, TrainConfig};
 
 /// The network being trained.
 pub(crate) enum Net {
@@ -25,6 +25,36 @@ impl Net {
             Net::Diffusion(m) => m.num_parameters(),
             Net::Classifier(m) => m.num_parameters(),
         }
+    }
+}
+
+impl Net {
+    /// The network computing in `precision`'s dtype on casts of the f32 variables `vars` (named
+    /// `names`): rebuilt every step, because a cast is a copy that would not follow the optimizer's
+    /// in-place updates. The casts are differentiable, so the gradients land on the f32 variables
+    /// (the master weights). `None` for f32: the network itself computes then.
+    pub(crate) fn compute_view(
+        &self,
+        cfg: &TrainConfig,
+        names: &[String],
+        vars: &[Var],
+        device: &Device,
+    ) -> Result<Option<Net>> {
+        let dtype = match cfg.train.precision {
+            Precision::F32 => return Ok(None),
+            Precision::Bf16 => DType::BF16,
+        };
+        let map: std::collections::HashMap<String, Tensor> = names
+            .iter()
+            .cloned()
+            .zip(vars.iter().map(|v| v.as_tensor().clone()))
+            .collect();
+        // The HashMap backend casts each tensor to the builder's dtype on lookup.
+        let vb = VarBuilder::from_tensors(map, dtype, device);
+        Ok(Some(match self {
+            Net::Diffusion(m) => Net::Diffusion(UNet::new(m.config(), vb)?),
+            Net::Classifier(m) => Net::Classifier(EncoderUNet::new(m.config(), vb)?),
+        }))
     }
 }
 

@@ -838,12 +838,13 @@ impl<'a> TrainLoop<'a> {
     /// The continuous-time forward of one micro-batch (`continuous.rs`).
     fn forward_continuous(
         &self,
+        net: &Net,
         c: &Continuous,
         step: u64,
         batch: &Batch,
         first: u64,
     ) -> Result<LocalStep> {
-        let Net::Diffusion(m) = &self.net else {
+        let Net::Diffusion(m) = net else {
             bail!("continuous time needs task = \"diffusion\" (validated)");
         };
         let seed = self.cfg.seed;
@@ -874,8 +875,12 @@ impl<'a> TrainLoop<'a> {
     }
 
     fn forward(&self, step: u64, batch: &Batch, first: u64) -> Result<LocalStep> {
+        let view = self
+            .net
+            .compute_view(self.cfg, &self.names, &self.vars, &self.device)?;
+        let net = view.as_ref().unwrap_or(&self.net);
         if let Some(c) = &self.cont {
-            return self.forward_continuous(c, step, batch, first);
+            return self.forward_continuous(net, c, step, batch, first);
         }
         let b = batch.shape[0];
         let seed = self.cfg.seed;
@@ -917,10 +922,13 @@ impl<'a> TrainLoop<'a> {
         });
         let tcount = self.diffusion.num_timesteps();
         let mut stats = StepStats::default();
-        let (loss, per_example) = match &self.net {
+        let (loss, per_example) = match net {
             Net::Diffusion(m) => {
                 let y = self.dropped_labels(step, first, batch.labels.as_deref())?;
-                let out = m.forward(&noised.x_t, &t_model, y.as_ref(), &ctx)?;
+                // the loss in f32 whatever the compute precision
+                let out = m
+                    .forward(&noised.x_t, &t_model, y.as_ref(), &ctx)?
+                    .to_dtype(DType::F32)?;
                 let l = match &self.distill {
                     Some(d) => d.losses(&out, &noised.x_t, &ts, y.as_ref())?,
                     None => self.diffusion.training_losses(

@@ -165,6 +165,14 @@ fn resume_is_bit_exact_continuous_learned_schedule() {
     assert!(mid.is_none());
 }
 
+/// Mixed precision: the f32 master weights, moments and EMAs resume exactly, and so does the
+/// bf16 arithmetic done on them.
+#[test]
+fn resume_is_bit_exact_bf16() {
+    let (mid, _) = exact_resume("[train]\nprecision = \"bf16\"", "dropout = 0.1", 3);
+    assert!(mid.is_none());
+}
+
 #[test]
 fn resume_is_bit_exact_uniform_eps() {
     let (mid, _) = exact_resume("", "dropout = 0.1", 4);
