@@ -50,12 +50,34 @@ pub struct ContinuousModel {
     pub unet: UNet,
     pub spec: ContinuousSpec,
     pub gamma: HostGamma,
+    /// Classifier-free guidance weight `w` for sampling (`eps = (1 + w) eps_cond - w eps_uncond`,
+    /// as the discrete samplers); `None` for the plain model (and always for the ELBO).
+    pub cfg: Option<f64>,
 }
 
 impl ContinuousModel {
-    /// eps prediction at `z` with per-example noise levels `gamma` (the training conditioning).
+    /// eps prediction at `z` with per-example noise levels `gamma` (the training conditioning),
+    /// guided when `cfg` is set and labels are given: one forward pass on `[z, z]` with labels
+    /// `[y, null]`, the null label being `num_classes` (what label dropout trained).
     pub fn eps(&self, z: &Tensor, gamma: &[f64], y: Option<&Tensor>) -> Result<Tensor> {
-        let y = self.unet.config().num_classes.and(y);
+        let num_classes = self.unet.config().num_classes;
+        let y = num_classes.and(y);
+        let (Some(w), Some(y), Some(null)) = (self.cfg, y, num_classes) else {
+            return self.forward(z, gamma, y);
+        };
+        let b = z.dim(0)?;
+        let null_y = Tensor::full(null as u32, b, y.device())?.to_dtype(y.dtype())?;
+        let g2: Vec<f64> = gamma.iter().chain(gamma).copied().collect();
+        let out = self.forward(
+            &Tensor::cat(&[z, z], 0)?,
+            &g2,
+            Some(&Tensor::cat(&[y, &null_y], 0)?),
+        )?;
+        let (cond, uncond) = (out.narrow(0, 0, b)?, out.narrow(0, b, b)?);
+        Ok(ddpm_diffusion::steps::cfg_combine(&cond, &uncond, w)?)
+    }
+
+    fn forward(&self, z: &Tensor, gamma: &[f64], y: Option<&Tensor>) -> Result<Tensor> {
         let c: Vec<f32> = gamma
             .iter()
             .map(|&g| self.spec.model_input(g) as f32)

@@ -29,7 +29,12 @@ pub fn load_model(
 ) -> Result<ContinuousModel> {
     let unet = ckpt.load_unet(weights, DType::F32, device)?;
     let gamma = HostGamma::new(&spec, ckpt.load_schedule(weights)?)?;
-    Ok(ContinuousModel { unet, spec, gamma })
+    Ok(ContinuousModel {
+        unet,
+        spec,
+        gamma,
+        cfg: None,
+    })
 }
 
 /// What `ddpm-sample` asks of a continuous-time model.

@@ -287,7 +287,9 @@ pub fn run_sample(args: &SampleArgs, comm: &dyn Communicator) -> Result<()> {
 /// The noise-aware classifier of `--classifier` (its first EMA), after checking it was trained on the
 /// model's schedule.
 /// `ddpm-sample` for a continuous-time checkpoint (`continuous_cmd.rs`): ancestral, DDIM or
-/// DPM-Solver++ on the model's own (possibly learned) schedule; no guidance.
+/// DPM-Solver++ on the model's own (possibly learned) schedule, with classifier-free guidance
+/// (classifier guidance needs a noise-aware classifier on the same continuous schedule: none is
+/// trained yet).
 fn run_sample_continuous(
     args: &SampleArgs,
     ckpt: &Checkpoint,
@@ -300,8 +302,8 @@ fn run_sample_continuous(
     use crate::continuous_cmd::{
         generate_continuous, load_model, ContinuousSampleJob, DEFAULT_STEPS,
     };
-    if args.cfg.is_some() || args.classifier.is_some() {
-        bail_usage!("--cfg / --classifier: guidance is not implemented for continuous-time models");
+    if args.classifier.is_some() {
+        bail_usage!("--classifier: classifier guidance is not implemented for continuous-time models (--cfg is)");
     }
     let kind: SamplerKind = args.sampler.as_deref().unwrap_or("ddim").parse()?;
     let steps = match &args.steps {
@@ -310,9 +312,16 @@ fn run_sample_continuous(
             usage!("--steps {s:?}: a continuous-time model takes a number of steps")
         })?,
     };
-    let model = load_model(ckpt, spec, weights, &device)?;
+    let mut model = load_model(ckpt, spec, weights, &device)?;
+    model.cfg = args.cfg;
     let num_classes = model.unet.config().num_classes;
     let (plan, n) = label_plan(args, num_classes)?;
+    let guidance = Guidance {
+        cfg_scale: args.cfg,
+        null_label: num_classes.map(|k| k as u32),
+        classifier: None,
+    };
+    guidance.validate(plan.labels(n).as_deref())?;
     let job = ContinuousSampleJob {
         model: &model,
         kind: args.sampler.as_deref().unwrap_or("ddim").parse()?,
@@ -347,6 +356,7 @@ fn run_sample_continuous(
         "sampler": kind.name(),
         "steps": steps,
         "model_evals_per_image": steps,
+        "cfg": args.cfg,
         "clip": !args.no_clip,
         "weights": args.weights,
         "seed": args.seed,

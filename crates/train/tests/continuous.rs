@@ -46,8 +46,9 @@ fn learned_schedule_trains_saves_plots_and_samples() {
     let (g_mid, dg_mid) = learned.gamma_dgamma(0.5);
     assert!(g_mid > learned.gamma_0 && g_mid < learned.gamma_1 && dg_mid > 0.0);
 
-    let model = load_model(&ck, spec, Weights::Ema(None), &Device::Cpu).unwrap();
+    let mut model = load_model(&ck, spec, Weights::Ema(None), &Device::Cpu).unwrap();
     let labels = candle_core::Tensor::new(&[0u32, 1, 0], &Device::Cpu).unwrap();
+    guided_eps_is_the_cfg_combination(&mut model, &labels);
     for kind in [
         ContinuousKind::Ancestral,
         ContinuousKind::Ddim,
@@ -75,4 +76,46 @@ fn learned_schedule_trains_saves_plots_and_samples() {
     assert_eq!(s.count, 3.0);
     assert_eq!(s.draws, 12.0);
     assert!(s.total > 0.0 && s.prior > 0.0 && s.diffusion > 0.0 && s.reconstruction > 0.0);
+}
+
+/// Classifier-free guidance in continuous time: the guided eps is `(1 + w) eps(y) - w eps(null)`
+/// with the null label `num_classes` (2 here), from one forward pass on the doubled batch.
+fn guided_eps_is_the_cfg_combination(
+    model: &mut ddpm_sampler::continuous::ContinuousModel,
+    labels: &candle_core::Tensor,
+) {
+    let z = candle_core::Tensor::randn(0f32, 1f32, (3, 1, 8, 8), &Device::Cpu).unwrap();
+    let gamma = [-2.0, 0.5, 3.0];
+    let null = candle_core::Tensor::new(&[2u32, 2, 2], &Device::Cpu).unwrap();
+    model.cfg = None;
+    let cond = model.eps(&z, &gamma, Some(labels)).unwrap();
+    let uncond = model.eps(&z, &gamma, Some(&null)).unwrap();
+    model.cfg = Some(2.0);
+    let guided = model.eps(&z, &gamma, Some(labels)).unwrap();
+    model.cfg = None;
+    let want = ((cond.clone() * 3.0).unwrap() - (uncond.clone() * 2.0).unwrap()).unwrap();
+    let err: f32 = (guided - want)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap();
+    assert!(
+        err < 1e-5,
+        "guided eps differs from 3 cond - 2 uncond by {err}"
+    );
+    let gap: f32 = (cond - uncond)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap();
+    assert!(
+        gap > 1e-4,
+        "the labels do not change eps ({gap}): the check is empty"
+    );
 }
