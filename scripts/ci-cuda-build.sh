@@ -5,6 +5,7 @@
 # skipped when present), then builds, in target-cuda/ (kept apart from the CPU target dir):
 #   - ddpm-kernels and ddpm-gpu-selftest with `cuda`, and
 #   - every other workspace member that declares a `cuda` feature, with it,
+#   - ddpm-train and ddpm-sampler with `cudnn` (type-checked only),
 # then checks with cuobjdump that the ddpm-kernels fatbin holds sm_80/86/89/90 machine code and compute_90
 # PTX (scripts/check-fatbin.sh).
 # A clean build takes ~17 minutes on 2 cores (candle's CUDA kernels are most of it); an incremental one
@@ -39,4 +40,10 @@ echo "ci-cuda-build: building ${specs[*]} with feature cuda"
 features_csv=$(IFS=,; echo "${features[*]}")
 time cargo build --target-dir target-cuda "${args[@]}" --features "$features_csv"
 bash scripts/check-fatbin.sh target-cuda
+# The switchable cuDNN variant (feature `cudnn`: candle's cuDNN forward convolutions). cudarc loads
+# libcudnn at run time, so no cuDNN is needed here; `check` type-checks candle's cuDNN paths without
+# replacing the plain cuda binaries in target-cuda/debug that scripts/gpu-check.sh packs.
+echo "ci-cuda-build: checking ddpm-train and ddpm-sampler with feature cudnn"
+time cargo check --target-dir target-cuda -p ddpm-train -p ddpm-sampler --bins \
+  --features ddpm-train/cudnn,ddpm-sampler/cudnn
 echo "ci-cuda-build: ok (GPU code type-checked and linked, fatbin images checked; nothing was run: no GPU needed here)"

@@ -38,6 +38,9 @@
 # python3 with numpy and h5py compares the images (the PyTorch image of the device tool has them).
 # With $OUT set (the device tool), the full log and the self-test's markdown are written there.
 #
+# GPU_CHECK_CUDNN=1 packs binaries built with candle's cuDNN convolutions (feature `cudnn`) instead; the
+# GPU machine then needs libcudnn.so.9 too (the nvidia-cudnn-cu13 wheel, which PyTorch's CUDA wheels pull).
+#
 # GPU_CHECK_DRY_RUN=1 rehearses both halves on a machine without a GPU: `pack` takes the CPU build in
 # target/debug (no CUDA build, no fatbin check) and `run` passes --device cpu where it would pass cuda
 # (the self-test then fails: it needs a GPU). It checks this script, not the GPU.
@@ -71,12 +74,15 @@ pack() {
   # shellcheck disable=SC1091
   source .gpu/env.sh
   local T=target-cuda/debug
+  # GPU_CHECK_CUDNN=1: candle's cuDNN convolutions (needs libcudnn.so.9 on the GPU machine)
+  local cudnn=""
+  [ "${GPU_CHECK_CUDNN:-0}" = 1 ] && cudnn=,ddpm-train/cudnn,ddpm-sampler/cudnn,ddpm-unet/cudnn
   if [ "$DRY" = 1 ]; then
     T=target/debug
   elif [ "${GPU_CHECK_NO_BUILD:-0}" != 1 ]; then
     cargo build --target-dir target-cuda -p ddpm-train -p ddpm-sampler -p ddpm-gpu-selftest -p ddpm-data \
       -p ddpm-unet --bins --example bench_unet --no-default-features \
-      --features ddpm-train/cuda,ddpm-sampler/cuda,ddpm-gpu-selftest/cuda,ddpm-unet/cuda
+      --features ddpm-train/cuda,ddpm-sampler/cuda,ddpm-gpu-selftest/cuda,ddpm-unet/cuda${cudnn}
   fi
   [ "$DRY" = 1 ] || bash scripts/check-fatbin.sh target-cuda
   rm -rf "$PACK"

@@ -94,26 +94,15 @@ fn guided_eps_is_the_cfg_combination(
     let guided = model.eps(&z, &gamma, Some(labels)).unwrap();
     model.cfg = None;
     let want = ((cond.clone() * 3.0).unwrap() - (uncond.clone() * 2.0).unwrap()).unwrap();
-    let err: f32 = (guided - want)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar()
-        .unwrap();
+    let max_abs = |t: candle_core::Tensor| -> f32 {
+        t.abs().unwrap().max_all().unwrap().to_scalar().unwrap()
+    };
+    let err = max_abs((guided - want).unwrap());
     assert!(
         err < 1e-5,
         "guided eps differs from 3 cond - 2 uncond by {err}"
     );
-    let gap: f32 = (cond - uncond)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar()
-        .unwrap();
+    let gap = max_abs((cond - uncond).unwrap());
     assert!(
         gap > 1e-4,
         "the labels do not change eps ({gap}): the check is empty"
