@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Samplers compared on one trained model (issue 18's table): images per second, the evaluation
 # classifier's accuracy on the class-conditional samples and the classifier-feature FD, for DDPM-1000,
-# DDIM 50/20/8/4, DPM-Solver++ 20/10/8, Heun 18, PC, SDE and EDM (and distilled students if given).
+# DDIM 50/20/8/4 (and 8/4 on the students' trailing grid), DPM-Solver++ 20/10/8, Heun 18, PC, SDE and
+# EDM (and distilled students if given).
 # Every number is measured in this run; the script ends with a markdown table for bench/RESULTS.md.
 #
 #   bash bench/sampler-table.sh RUN_DIR EVAL_CLASSIFIER_RUN [TEST.h5]
@@ -14,7 +15,8 @@
 # models), PC_STEPS (1000; 2 model evaluations per step with one corrector step), SNR (0.16);
 # EDM_LEVELS (18), S_CHURN (80); ONLY (space-separated row names, e.g. "ddim8 pc") to run a subset;
 # STUDENTS ("label=RUN_DIR=ARG,ARG,..." entries, e.g. "student4=runs/fm-distill-4=--sampler,ddim,--steps,4")
-# for distilled students; BIN (target/release, built here when unset) the binaries. FD is biased upwards for small sample counts: compare rows of one run only.
+# for distilled students, sampled with STUDENT_W (empty: no --cfg, for students with the guidance
+# folded in by distill.guidance); BIN (target/release, built here when unset) the binaries. FD is biased upwards for small sample counts: compare rows of one run only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN=${1:?usage: bench/sampler-table.sh RUN_DIR EVAL_CLASSIFIER_RUN [TEST.h5]}
@@ -45,13 +47,14 @@ LOG=$OUT/results.jsonl
 : > "$LOG"
 echo "# $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, RAYON_NUM_THREADS=$RAYON_NUM_THREADS, CPU flags: $(grep -o -w 'avx512f\|avx2' /proc/cpuinfo | sort -u | tr '\n' ' ')"
 
-# row NAME CHECKPOINT ARGS...: generate PER_CLASS images per class, then score them; JSON lines into $LOG
+# row NAME CHECKPOINT W ARGS...: generate PER_CLASS images per class (guidance weight W; empty: none),
+# then score them; JSON lines into $LOG
 row() {
-  local name=$1 ckpt=$2
-  shift 2
+  local name=$1 ckpt=$2 w=$3
+  shift 3
   if [ -n "$ONLY" ] && ! [[ " $ONLY " == *" $name "* ]]; then return; fi
   local guide=()
-  [ -n "$W" ] && guide=(--cfg "$W")
+  [ -n "$w" ] && guide=(--cfg "$w")
   echo "== $name: ddpm-sample $* ${guide[*]}"
   "$BIN"/ddpm-sample --checkpoint "$ckpt" --out "$OUT/$name.h5" --per-class "$PER_CLASS" \
     "${guide[@]}" "$@" | python3 -c "import json,sys
@@ -64,17 +67,21 @@ for l in sys.stdin:
     d = json.loads(l); d['run'] = '$name'; print(json.dumps(d))" | tee -a "$LOG" | cut -c1-160
 }
 
-row ddpm1000 "$RUN" --sampler ddpm
-for n in 50 20 8 4; do row "ddim$n" "$RUN" --sampler ddim --steps "$n"; done
-for n in 20 10 8; do row "dpm$n" "$RUN" --sampler dpm-solver --steps "$n"; done
-row heun18 "$RUN" --sampler heun --steps 18
-row sde "$RUN" --sampler sde --steps "$SDE_STEPS"
-row pc "$RUN" --sampler pc --steps "$PC_STEPS" --snr "$SNR" --corrector-steps 1
-row edm "$RUN" --sampler edm --steps "$EDM_LEVELS" --s-churn "$S_CHURN"
+row ddpm1000 "$RUN" "$W" --sampler ddpm
+for n in 50 20 8 4; do row "ddim$n" "$RUN" "$W" --sampler ddim --steps "$n"; done
+# the distilled students' own grid (trailing, ending at t = T - 1): the like-for-like teacher rows
+for n in 8 4; do row "ddim${n}t" "$RUN" "$W" --sampler ddim --steps "trailing$n"; done
+for n in 20 10 8; do row "dpm$n" "$RUN" "$W" --sampler dpm-solver --steps "$n"; done
+row heun18 "$RUN" "$W" --sampler heun --steps 18
+row sde "$RUN" "$W" --sampler sde --steps "$SDE_STEPS"
+row pc "$RUN" "$W" --sampler pc --steps "$PC_STEPS" --snr "$SNR" --corrector-steps 1
+row edm "$RUN" "$W" --sampler edm --steps "$EDM_LEVELS" --s-churn "$S_CHURN"
+# Students distilled with distill.guidance = w have the guidance folded in: sampled without --cfg
+# (STUDENT_W empty), or with STUDENT_W for students distilled without guidance.
 for s in ${STUDENTS:-}; do
   IFS='=' read -r label dir args <<<"$s"
   IFS=',' read -r -a extra <<<"$args"
-  row "$label" "$dir" "${extra[@]}"
+  row "$label" "$dir" "${STUDENT_W:-}" "${extra[@]}"
 done
 
 python3 - "$LOG" <<'PY'
