@@ -16,7 +16,8 @@
 # EDM_LEVELS (18), S_CHURN (80); ONLY (space-separated row names, e.g. "ddim8 pc") to run a subset;
 # STUDENTS ("label=RUN_DIR=ARG,ARG,..." entries, e.g. "student4=runs/fm-distill-4=--sampler,ddim,--steps,4")
 # for distilled students, sampled with STUDENT_W (empty: no --cfg, for students with the guidance
-# folded in by distill.guidance); BIN (target/release, built here when unset) the binaries. FD is biased upwards for small sample counts: compare rows of one run only.
+# folded in by distill.guidance); TABLE_OUT ($RUN/sampler-table) where samples and results.jsonl go
+# (give parts of one table run separately their own); BIN (target/release, built here when unset) the binaries. FD is biased upwards for small sample counts: compare rows of one run only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN=${1:?usage: bench/sampler-table.sh RUN_DIR EVAL_CLASSIFIER_RUN [TEST.h5]}
@@ -41,7 +42,7 @@ fi
 if ! [ -f "$TEST" ]; then
   "$BIN"/ddpm-data convert --from fashion-mnist /usr/share/datasets/fashion-mnist --split test --out "$TEST"
 fi
-OUT=$RUN/sampler-table
+OUT=${TABLE_OUT:-$RUN/sampler-table}
 mkdir -p "$OUT"
 LOG=$OUT/results.jsonl
 : > "$LOG"
