@@ -160,6 +160,16 @@ fn from_teacher(
             diff.insert(k, v);
         }
     }
+    if tcfg.diffusion.prediction != ddpm_config::Prediction::V && tcfg.distilled().is_none() {
+        // The student starts from these weights but reads its output as v: near t = T an eps head
+        // then predicts the wrong thing entirely, and the first round spends its steps relearning it.
+        tracing::warn!(
+            teacher = %ck.dir.display(),
+            prediction = ?tcfg.diffusion.prediction,
+            "the teacher does not predict v: its student starts from an output head that means something else; \
+             train the teacher with diffusion.prediction = \"v\" or give this round many more steps"
+        );
+    }
     diff.insert("prediction".into(), "v".into());
     diff.insert("loss".into(), "simple".into());
     diff.insert("timestep_sampling".into(), "uniform".into());
