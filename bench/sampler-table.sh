@@ -17,7 +17,8 @@
 # STUDENTS ("label=RUN_DIR=ARG,ARG,..." entries, e.g. "student4=runs/fm-distill-4=--sampler,ddim,--steps,4")
 # for distilled students, sampled with STUDENT_W (empty: no --cfg, for students with the guidance
 # folded in by distill.guidance); TABLE_OUT ($RUN/sampler-table) where samples and results.jsonl go
-# (give parts of one table run separately their own); BIN (target/release, built here when unset) the binaries. FD is biased upwards for small sample counts: compare rows of one run only.
+# (give parts of one table run separately their own); BIN (target/release, built here when unset) the
+# binaries. FD is biased upwards for small sample counts: compare rows of one run only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN=${1:?usage: bench/sampler-table.sh RUN_DIR EVAL_CLASSIFIER_RUN [TEST.h5]}

@@ -160,7 +160,7 @@ fn from_teacher(
             diff.insert(k, v);
         }
     }
-    if tcfg.diffusion.prediction != ddpm_config::Prediction::V && tcfg.distilled().is_none() {
+    if tcfg.diffusion.prediction != ddpm_config::Prediction::V {
         // The student starts from these weights but reads its output as v: near t = T an eps head
         // then predicts the wrong thing entirely, and the first round spends its steps relearning it.
         tracing::warn!(
