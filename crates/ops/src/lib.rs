@@ -16,6 +16,8 @@
 //! - [`softmax_last_dim`] / [`softmax_scaled`]: softmax over the last dimension with backward
 //!   (`candle_nn::ops::softmax_last_dim` has none).
 //! - [`cat_channels`]: the decoder's skip concatenation, copied on all threads.
+//! - [`upsample_nearest2x`]: the decoder's nearest 2x upsampling, forward and 2x2-sum backward in
+//!   one parallel pass each.
 //! - [`attention`]: `v softmax(scale q^T k)^T` over channel-major q, k, v in one op, its backward
 //!   four GEMMs on strided views.
 //!
@@ -44,6 +46,7 @@ mod precision;
 mod runtime;
 mod simd;
 mod softmax;
+mod upsample;
 mod winograd;
 
 pub use attention::attention;
@@ -56,3 +59,4 @@ pub use runtime::{
     winograd4_enabled, winograd_enabled, DEFAULT_TILE_BYTES,
 };
 pub use softmax::{softmax_last_dim, softmax_scaled};
+pub use upsample::upsample_nearest2x;

@@ -187,6 +187,15 @@ fn cat_channels() {
 }
 
 #[test]
+fn upsample_nearest2x() {
+    // Odd sizes and enough planes for several parallel tasks; squared so the gradient reaching
+    // each input pixel depends on the four values it was copied to.
+    let x = randn(13, &[3, 7, 3, 5], DType::F64);
+    let worst = gradcheck(&[x], |t| ddpm_ops::upsample_nearest2x(&t[0])?.sqr());
+    println!("upsample_nearest2x: worst rel err {worst:.2e}");
+}
+
+#[test]
 fn softmax_last_dim() {
     let x = randn(7, &[3, 4, 7], DType::F64).affine(2.0, 0.0).unwrap();
     let worst = gradcheck(&[x], |t| ddpm_ops::softmax_last_dim(&t[0]));

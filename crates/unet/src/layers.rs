@@ -180,11 +180,9 @@ impl Module for GroupNorm {
     }
 }
 
-/// Nearest-neighbour x2 upsampling of `[B, C, H, W]` as a reshape + broadcast, whose gradient is a
-/// plain sum (candle 0.11's `upsample_nearest2d` backward is wrong when its input is reused).
+/// Nearest-neighbour x2 upsampling of `[B, C, H, W]` (ddpm-ops' op; its composite off the CPU has
+/// a plain-sum gradient, unlike candle 0.11's `upsample_nearest2d`, whose backward is wrong when its
+/// input is reused).
 pub fn upsample_nearest2x(x: &Tensor) -> candle_core::Result<Tensor> {
-    let (b, c, h, w) = x.dims4()?;
-    x.reshape((b, c, h, 1, w, 1))?
-        .broadcast_as((b, c, h, 2, w, 2))?
-        .reshape((b, c, 2 * h, 2 * w))
+    ddpm_ops::upsample_nearest2x(x)
 }
