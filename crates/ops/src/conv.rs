@@ -102,7 +102,7 @@ pub fn conv2d_grads(
 /// Checks a convolution's shapes and returns `(batch, cout, geometry)`: `x` `[B, cin, H, W]`,
 /// `weight` `[cout, cin, kh, kw]` with the same `cin`, a positive stride and a non-empty kernel
 /// that fits in the padded input.
-fn geometry(
+pub(crate) fn geometry(
     x: &[usize],
     w: &[usize],
     stride: usize,
@@ -154,13 +154,13 @@ fn geometry(
 }
 
 #[derive(Debug, Clone, Copy)]
-struct ConvOp {
-    stride: usize,
-    padding: usize,
+pub(crate) struct ConvOp {
+    pub(crate) stride: usize,
+    pub(crate) padding: usize,
 }
 
 impl ConvOp {
-    fn geom(&self, x: &Shape, w: &Shape) -> Result<(usize, usize, Geom)> {
+    pub(crate) fn geom(&self, x: &Shape, w: &Shape) -> Result<(usize, usize, Geom)> {
         geometry(x.dims(), w.dims(), self.stride, self.padding)
     }
 
@@ -198,7 +198,7 @@ impl ConvOp {
 
     /// Gradients for `(x, weight, bias)`; each computed only when `need` says so. The bias
     /// gradient is `[B, cout]` when `per_example_bias`, else `[cout]`.
-    fn backward(
+    pub(crate) fn backward(
         &self,
         x: &Tensor,
         weight: &Tensor,
@@ -395,7 +395,7 @@ fn cols<T>(data: &[T], ld: usize, p0: usize) -> Mat<T> {
 }
 
 /// `bias`: values and example stride (0: one `[cout]` bias for all; `cout`: `[B, cout]`).
-fn forward<T: Elem>(
+pub(crate) fn forward<T: Elem>(
     g: &Geom,
     b: usize,
     cout: usize,

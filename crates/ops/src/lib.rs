@@ -11,6 +11,8 @@
 //!   F(2x2, 3x3) (16 GEMMs, 2.25x fewer) on the others. Other shapes (stride 2, 1x1) are one GEMM per
 //!   example and direction (`W . im2col(x)`, `col2im(W^T . dY)`, `dY . im2col(x)^T`). GEMMs use
 //!   the `gemm` crate candle itself uses; work is spread over threads, scratch reused per thread.
+//! - [`conv2d_residual`]: `conv2d + residual` (a ResBlock's output conv and skip) in one op, so the
+//!   sum costs no serial pass and its backward one gradient accumulation instead of two.
 //! - [`group_norm`]: GroupNorm with an optional fused SiLU, statistics accumulated in f64, and a
 //!   two-pass backward; [`group_norm_masked`] also multiplies by a dropout mask in the same pass.
 //! - [`softmax_last_dim`] / [`softmax_scaled`]: softmax over the last dimension with backward
@@ -38,6 +40,7 @@
 mod attention;
 mod cat;
 mod conv;
+mod conv_residual;
 mod elem;
 mod gemm;
 mod im2col;
@@ -52,6 +55,7 @@ mod winograd;
 pub use attention::attention;
 pub use cat::cat_channels;
 pub use conv::{conv2d, conv2d_grads};
+pub use conv_residual::conv2d_residual;
 pub use norm::{group_norm, group_norm_masked};
 pub use runtime::{
     fast_path_enabled, init_cpu, num_threads, set_fast_path, set_num_threads, set_tile_bytes,

@@ -265,6 +265,34 @@ fn cat_channels_matches_candle() {
 }
 
 #[test]
+fn conv_residual_matches_conv_plus_add() {
+    let x = Var::from_tensor(&randn(31, &[4, 32, 14, 14], DType::F32)).unwrap();
+    let w = Var::from_tensor(
+        &randn(32, &[64, 32, 3, 3], DType::F32)
+            .affine(0.1, 0.0)
+            .unwrap(),
+    )
+    .unwrap();
+    let bias = Var::from_tensor(&randn(33, &[64], DType::F32)).unwrap();
+    let r = Var::from_tensor(&randn(34, &[4, 64, 14, 14], DType::F32)).unwrap();
+    let (xt, wt, bt, rt) = (
+        x.as_tensor(),
+        w.as_tensor(),
+        bias.as_tensor(),
+        r.as_tensor(),
+    );
+    let ours = ddpm_ops::conv2d_residual(xt, wt, bt, rt, 1, 1).unwrap();
+    let theirs = (ddpm_ops::conv2d(xt, wt, Some(bt), 1, 1).unwrap() + rt).unwrap();
+    // The same conv, then the same add: bitwise equal.
+    assert_eq!(rel_err(&ours, &theirs), 0.0);
+    let inputs = [("dx", xt), ("dw", wt), ("db", bt), ("dr", rt)];
+    assert_same_grads("conv2d_residual", ours, theirs, 35, &inputs);
+    let bad = randn(36, &[4, 64, 14, 13], DType::F32);
+    assert!(ddpm_ops::conv2d_residual(xt, wt, bt, &bad, 1, 1).is_err());
+    assert!(ddpm_ops::conv2d_residual(xt, wt, &bad, rt, 1, 1).is_err());
+}
+
+#[test]
 fn upsample_matches_candle() {
     let x = Var::from_tensor(&randn(13, &[4, 40, 7, 9], DType::F32)).unwrap();
     let ours = ddpm_ops::upsample_nearest2x(x.as_tensor()).unwrap();

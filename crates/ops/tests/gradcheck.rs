@@ -187,6 +187,30 @@ fn cat_channels() {
 }
 
 #[test]
+fn conv_residual() {
+    ddpm_ops::set_num_threads(3);
+    // Winograd (3x3, both F(2x2) and F(4x4) sizes), strided and 1x1 convs, residual squared in
+    // as well so its gradient is not only the output's.
+    for (b, cin, cout, hw, k, s) in [
+        (3, 3, 4, (5, 6), 3, 1),
+        (2, 16, 16, (9, 8), 3, 1),
+        (3, 2, 3, (7, 5), 3, 2),
+        (2, 3, 2, (4, 3), 1, 1),
+    ] {
+        let p = k / 2;
+        let (ho, wo) = ((hw.0 + 2 * p - k) / s + 1, (hw.1 + 2 * p - k) / s + 1);
+        let x = randn(21, &[b, cin, hw.0, hw.1], DType::F64);
+        let w = randn(22, &[cout, cin, k, k], DType::F64);
+        let bias = randn(23, &[cout], DType::F64);
+        let r = randn(24, &[b, cout, ho, wo], DType::F64);
+        let worst = gradcheck(&[x, w, bias, r], |t| {
+            ddpm_ops::conv2d_residual(&t[0], &t[1], &t[2], &t[3], s, p)? + t[3].sqr()?
+        });
+        println!("conv_residual b{b} {cin}->{cout} {hw:?} k{k} s{s}: worst rel err {worst:.2e}");
+    }
+}
+
+#[test]
 fn upsample_nearest2x() {
     // Odd sizes and enough planes for several parallel tasks; squared so the gradient reaching
     // each input pixel depends on the four values it was copied to.

@@ -172,12 +172,11 @@ impl ResBlock {
             let h = ddpm_ops::conv2d(&pre, &conv.weight, Some(&bias), conv.stride, conv.padding)?;
             self.out_norm.forward_silu_masked(&h, mask.as_ref())?
         };
-        let h = self.out_conv.forward(&h)?;
         let skip = match &self.skip {
             Some(conv) => conv.forward(x)?,
             None => x.clone(),
         };
-        Ok((skip + h)?)
+        Ok(self.out_conv.forward_residual(&h, &skip)?)
     }
 }
 

@@ -55,6 +55,20 @@ impl Conv2d {
     }
 }
 
+impl Conv2d {
+    /// `self.forward(x) + residual` in one op (a ResBlock's output conv and skip connection).
+    pub fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> candle_core::Result<Tensor> {
+        ddpm_ops::conv2d_residual(
+            x,
+            &self.weight,
+            &self.bias,
+            residual,
+            self.stride,
+            self.padding,
+        )
+    }
+}
+
 impl Module for Conv2d {
     /// ddpm-ops' GEMM conv with its own backward on CPU (candle's built-in conv elsewhere, or
     /// with `DDPM_OPS=candle`).
