@@ -137,7 +137,10 @@ pub fn set_fast_path(on: bool) {
 ///   adds of autograd's gradient accumulation, mostly) then run on the calling thread instead of
 ///   candle's own worker pool, which competed for the same two cores with rayon's pool; the
 ///   U-Net training step at 2 threads went from 870-985 to 839-886 ms (bench/RESULTS.md);
-/// - glibc malloc tuning, [`tune_malloc`].
+/// - glibc malloc tuning, [`tune_malloc`];
+/// - with 2+ threads, the calling thread becomes one of rayon's workers (worker 0): parallel
+///   ops fork from it instead of being handed to a pool thread while it sleeps; the
+///   quickstart U-Net's training step at 2 threads went from 338 to 311 ms (bench/RESULTS.md).
 ///
 /// Returns the thread count the kernels use.
 pub fn init_cpu() -> usize {
@@ -158,7 +161,25 @@ pub fn init_cpu() -> usize {
     if std::env::var_os("MALLOC_MMAP_THRESHOLD_").is_none() {
         tune_malloc();
     }
+    join_pool(threads);
     num_threads()
+}
+
+/// Makes the calling thread worker 0 of rayon's global pool of `threads` threads (when the pool
+/// does not exist yet and there are at least 2). Every parallel op then forks from the thread
+/// that runs the model, which works on its share itself, instead of handing the whole op to a
+/// pool thread and sleeping until it is done: two context switches less per op, and no third
+/// thread competing for two cores. Only for threads that live as long as the process (`main`),
+/// and only for at least 2 threads: a pool whose one thread is `main` would never run jobs that
+/// another thread hands it.
+fn join_pool(threads: usize) {
+    if threads >= 2 {
+        // An existing global pool (rayon used before this call) is kept as it is.
+        let _ = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .use_current_thread()
+            .build_global();
+    }
 }
 
 /// Keeps freed memory in glibc's heap instead of returning it to the kernel, so the next tensor
