@@ -80,6 +80,30 @@ pub(crate) unsafe fn gemm<T: Elem>(
         a.len,
         b.len
     );
+    if threads == 1
+        && a.cs == 1
+        && b.cs == 1
+        && std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()
+        && crate::sgemm512::available()
+    {
+        // SAFETY: T is f32 (checked), the operands lie within their views (checked above), the
+        // CPU has AVX-512F (checked) and `c` is the caller's promise.
+        unsafe {
+            crate::sgemm512::sgemm(
+                m,
+                n,
+                k,
+                c as *mut f32,
+                ldc,
+                accumulate,
+                a.ptr as *const f32,
+                a.rs,
+                b.ptr as *const f32,
+                b.rs,
+            )
+        };
+        return;
+    }
     let par = if threads > 1 {
         Parallelism::Rayon(threads)
     } else {

@@ -77,6 +77,28 @@ pub(crate) fn winograd_block_bytes(default: usize) -> usize {
     }
 }
 
+static SGEMM512: AtomicU8 = AtomicU8::new(UNSET);
+
+/// Whether f32 GEMMs of the convolutions use this crate's AVX-512 kernel on CPUs that have
+/// AVX-512F (default) rather than the `gemm` crate's. `DDPM_OPS_AVX512=0` (read on first use)
+/// or [`set_sgemm512`]`(false)` turns it off, for A/B comparisons.
+pub fn sgemm512_enabled() -> bool {
+    match SGEMM512.load(Ordering::Relaxed) {
+        ON => true,
+        OFF => false,
+        _ => {
+            let on = std::env::var("DDPM_OPS_AVX512").map_or(true, |v| v != "0");
+            SGEMM512.store(if on { ON } else { OFF }, Ordering::Relaxed);
+            on
+        }
+    }
+}
+
+/// Overrides `DDPM_OPS_AVX512` for the rest of the process (benchmarks, tests).
+pub fn set_sgemm512(on: bool) {
+    SGEMM512.store(if on { ON } else { OFF }, Ordering::Relaxed);
+}
+
 static WINOGRAD4: AtomicU8 = AtomicU8::new(UNSET);
 
 /// Whether Winograd convs on feature maps of 8+ pixels a side use F(4x4, 3x3) (default) rather

@@ -1,0 +1,240 @@
+//! An f32 GEMM kernel for AVX-512 CPUs, for the shape the Winograd convolutions and the 1x1 /
+//! im2col forwards use: row-major `A [m, k]` times row-major `B [k, n]` into row-major `C`.
+//!
+//! The `gemm` crate runs its AVX2 kernels on AVX-512 CPUs (its AVX-512 ones measured slower
+//! for the weight-gradient shape, bench/RESULTS.md), so half of each vector unit sat idle. Here
+//! each 12 x 32 block of `C` is held in 24 zmm registers while `k` runs: per `k`, two loads of
+//! `B`'s row (masked at the right edge, so no remainder loop), twelve broadcasts of `A`, 24
+//! FMAs. `B`'s 32-column panel is reused from L1 by every row block; nothing is packed (the
+//! operands of the Winograd plane products are a few KiB to a few hundred KiB).
+//!
+//! Each `C` element is `sum over k in order` of `a * b` with fused multiply-adds, one
+//! accumulator per element, so results do not depend on how `m` and `n` are blocked.
+
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::*;
+
+/// Rows of `C` per register block.
+#[cfg(target_arch = "x86_64")]
+const MR: usize = 12;
+/// Columns of `C` per register block (two zmm vectors).
+#[cfg(target_arch = "x86_64")]
+const NR: usize = 32;
+
+/// Whether [`sgemm`] can run here.
+pub(crate) fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        crate::runtime::sgemm512_enabled() && std::arch::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// `C = (accumulate ? C : 0) + A . B`; `A` row stride `lda`, `B` row stride `ldb`, `C` row
+/// stride `ldc`, all with unit column stride.
+///
+/// # Safety
+/// [`available`] must be true; `a` must be valid for reads of `m x k` with row stride `lda`, `b`
+/// of `k x n` with `ldb`, `c` for writes (and reads when accumulating) of `m x n` with `ldc`, not
+/// overlapping `a` or `b`.
+#[allow(clippy::too_many_arguments)]
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn sgemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    c: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+    a: *const f32,
+    lda: usize,
+    b: *const f32,
+    ldb: usize,
+) {
+    let mut j0 = 0;
+    while j0 < n {
+        let w = (n - j0).min(NR);
+        let mask = |lanes: usize| -> __mmask16 { ((1u32 << lanes.min(16)) - 1) as __mmask16 };
+        let masks = (mask(w), mask(w.saturating_sub(16)));
+        let mut i0 = 0;
+        while i0 < m {
+            let rows = (m - i0).min(MR);
+            let blk = Block {
+                k,
+                a: a.add(i0 * lda),
+                lda,
+                b: b.add(j0),
+                ldb,
+                c: c.add(i0 * ldc + j0),
+                ldc,
+                accumulate,
+                masks,
+            };
+            // One instantiation per row count, so the accumulators stay in registers.
+            match rows {
+                12 => blk.run::<12>(),
+                11 => blk.run::<11>(),
+                10 => blk.run::<10>(),
+                9 => blk.run::<9>(),
+                8 => blk.run::<8>(),
+                7 => blk.run::<7>(),
+                6 => blk.run::<6>(),
+                5 => blk.run::<5>(),
+                4 => blk.run::<4>(),
+                3 => blk.run::<3>(),
+                2 => blk.run::<2>(),
+                _ => blk.run::<1>(),
+            }
+            i0 += rows;
+        }
+        j0 += NR;
+    }
+}
+
+/// One register block of `C`: `R` rows, up to [`NR`] columns (lanes outside `masks` untouched).
+#[cfg(target_arch = "x86_64")]
+struct Block {
+    k: usize,
+    a: *const f32,
+    lda: usize,
+    b: *const f32,
+    ldb: usize,
+    c: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+    masks: (__mmask16, __mmask16),
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Block {
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn run<const R: usize>(&self) {
+        let (m0, m1) = self.masks;
+        let mut lo = [_mm512_setzero_ps(); R];
+        let mut hi = [_mm512_setzero_ps(); R];
+        for p in 0..self.k {
+            let row = self.b.add(p * self.ldb);
+            // Masked-off lanes are neither read nor faulted on.
+            let b0 = _mm512_maskz_loadu_ps(m0, row);
+            let b1 = _mm512_maskz_loadu_ps(m1, row.add(16));
+            for i in 0..R {
+                let av = _mm512_set1_ps(*self.a.add(i * self.lda + p));
+                lo[i] = _mm512_fmadd_ps(av, b0, lo[i]);
+                hi[i] = _mm512_fmadd_ps(av, b1, hi[i]);
+            }
+        }
+        for i in 0..R {
+            let out = self.c.add(i * self.ldc);
+            let (mut r0, mut r1) = (lo[i], hi[i]);
+            if self.accumulate {
+                r0 = _mm512_add_ps(r0, _mm512_maskz_loadu_ps(m0, out));
+                r1 = _mm512_add_ps(r1, _mm512_maskz_loadu_ps(m1, out.add(16)));
+            }
+            _mm512_mask_storeu_ps(out, m0, r0);
+            _mm512_mask_storeu_ps(out.add(16), m1, r1);
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn sgemm(
+    _m: usize,
+    _n: usize,
+    _k: usize,
+    _c: *mut f32,
+    _ldc: usize,
+    _accumulate: bool,
+    _a: *const f32,
+    _lda: usize,
+    _b: *const f32,
+    _ldb: usize,
+) {
+    unreachable!("sgemm512::available() is false off x86-64")
+}
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod tests {
+    use super::*;
+
+    /// Deterministic values in [-1, 1).
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 23) as f32) - 1.0
+            })
+            .collect()
+    }
+
+    /// Every edge of the register blocking (rows not a multiple of 12, columns not a multiple of
+    /// 32 or of 16, k = 0), strided operands, accumulation, and that nothing outside the `m x n`
+    /// block of `C` is written; against an f64 reference.
+    #[test]
+    fn matches_a_reference_on_every_edge() {
+        if !available() {
+            eprintln!("no AVX-512F on this CPU: the kernel is not used here, nothing to test");
+            return;
+        }
+        for &(m, n, k) in &[
+            (1, 1, 1),
+            (12, 32, 7),
+            (13, 33, 5),
+            (25, 17, 64),
+            (11, 47, 0),
+            (64, 100, 36),
+            (7, 16, 3),
+        ] {
+            let (lda, ldb, ldc) = (k + 3, n + 5, n + 2);
+            let a = values(m * lda, 1);
+            let b = values(k.max(1) * ldb, 2);
+            for accumulate in [false, true] {
+                let init = values((m + 1) * ldc, 3);
+                let mut c = init.clone();
+                // SAFETY: AVX-512F checked; the buffers hold the strided operands and output.
+                unsafe {
+                    sgemm(
+                        m,
+                        n,
+                        k,
+                        c.as_mut_ptr(),
+                        ldc,
+                        accumulate,
+                        a.as_ptr(),
+                        lda,
+                        b.as_ptr(),
+                        ldb,
+                    )
+                };
+                for i in 0..m + 1 {
+                    for j in 0..ldc {
+                        let got = c[i * ldc + j];
+                        if i >= m || j >= n {
+                            assert_eq!(got, init[i * ldc + j], "({i}, {j}) outside C written");
+                            continue;
+                        }
+                        let mut want: f64 = (0..k)
+                            .map(|p| a[i * lda + p] as f64 * b[p * ldb + j] as f64)
+                            .sum();
+                        if accumulate {
+                            want += init[i * ldc + j] as f64;
+                        }
+                        let tol = 1e-5 * (1.0 + k as f64);
+                        assert!(
+                            (got as f64 - want).abs() <= tol,
+                            "m {m} n {n} k {k} acc {accumulate}: ({i}, {j}) {got} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
