@@ -81,7 +81,6 @@ pub(crate) unsafe fn gemm<T: Elem>(
         b.len
     );
     if threads == 1
-        && a.cs == 1
         && b.cs == 1
         && std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()
         && crate::sgemm512::available()
@@ -97,7 +96,7 @@ pub(crate) unsafe fn gemm<T: Elem>(
                 ldc,
                 accumulate,
                 a.ptr as *const f32,
-                a.rs,
+                (a.rs, a.cs),
                 b.ptr as *const f32,
                 b.rs,
             )

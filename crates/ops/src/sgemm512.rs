@@ -1,12 +1,15 @@
-//! An f32 GEMM kernel for AVX-512 CPUs, for the shape the Winograd convolutions and the 1x1 /
-//! im2col forwards use: row-major `A [m, k]` times row-major `B [k, n]` into row-major `C`.
+//! An f32 GEMM kernel for AVX-512 CPUs: `C [m, n] (+)= A [m, k] . B [k, n]`, `C` and `B`
+//! row-major, `A` with any strides (a transposed `A` is a view with swapped strides). That is
+//! the shape of the convolutions' forward-shaped products (Winograd forward and input gradient,
+//! im2col forward and input gradient); the weight gradients (`B = X^T`) stay with `gemm`.
 //!
 //! The `gemm` crate runs its AVX2 kernels on AVX-512 CPUs (its AVX-512 ones measured slower
 //! for the weight-gradient shape, bench/RESULTS.md), so half of each vector unit sat idle. Here
 //! each 12 x 32 block of `C` is held in 24 zmm registers while `k` runs: per `k`, two loads of
 //! `B`'s row (masked at the right edge, so no remainder loop), twelve broadcasts of `A`, 24
-//! FMAs. `B`'s 32-column panel is reused from L1 by every row block; nothing is packed (the
-//! operands of the Winograd plane products are a few KiB to a few hundred KiB).
+//! FMAs. `B`'s 32-column panel is reused from L1 by every row block; nothing is packed. (Packing
+//! `B = X^T` panels for the weight gradients measured no faster than `gemm`'s kernel: the
+//! transposing copy ate the gain.)
 //!
 //! Each `C` element is `sum over k in order` of `a * b` with fused multiply-adds, one
 //! accumulator per element, so results do not depend on how `m` and `n` are blocked.
@@ -33,13 +36,13 @@ pub(crate) fn available() -> bool {
     }
 }
 
-/// `C = (accumulate ? C : 0) + A . B`; `A` row stride `lda`, `B` row stride `ldb`, `C` row
-/// stride `ldc`, all with unit column stride.
+/// `C = (accumulate ? C : 0) + A . B`: element `(i, p)` of `A` at `a + i * a_s.0 + p * a_s.1`,
+/// `(p, j)` of `B` at `b + p * ldb + j`, `C` row-major with row stride `ldc`.
 ///
 /// # Safety
-/// [`available`] must be true; `a` must be valid for reads of `m x k` with row stride `lda`, `b`
-/// of `k x n` with `ldb`, `c` for writes (and reads when accumulating) of `m x n` with `ldc`, not
-/// overlapping `a` or `b`.
+/// [`available`] must be true; `a` and `b` must be valid for reads of the `m x k` and `k x n`
+/// matrices they describe, `c` for writes (and reads when accumulating) of `m x n` with `ldc`,
+/// not overlapping `a` or `b`.
 #[allow(clippy::too_many_arguments)]
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
@@ -51,7 +54,7 @@ pub(crate) unsafe fn sgemm(
     ldc: usize,
     accumulate: bool,
     a: *const f32,
-    lda: usize,
+    a_s: (usize, usize),
     b: *const f32,
     ldb: usize,
 ) {
@@ -65,8 +68,8 @@ pub(crate) unsafe fn sgemm(
             let rows = (m - i0).min(MR);
             let blk = Block {
                 k,
-                a: a.add(i0 * lda),
-                lda,
+                a: a.add(i0 * a_s.0),
+                a_s,
                 b: b.add(j0),
                 ldb,
                 c: c.add(i0 * ldc + j0),
@@ -100,7 +103,7 @@ pub(crate) unsafe fn sgemm(
 struct Block {
     k: usize,
     a: *const f32,
-    lda: usize,
+    a_s: (usize, usize),
     b: *const f32,
     ldb: usize,
     c: *mut f32,
@@ -123,7 +126,7 @@ impl Block {
             let b0 = _mm512_maskz_loadu_ps(m0, row);
             let b1 = _mm512_maskz_loadu_ps(m1, row.add(16));
             for i in 0..R {
-                let av = _mm512_set1_ps(*self.a.add(i * self.lda + p));
+                let av = _mm512_set1_ps(*self.a.add(i * self.a_s.0 + p * self.a_s.1));
                 lo[i] = _mm512_fmadd_ps(av, b0, lo[i]);
                 hi[i] = _mm512_fmadd_ps(av, b1, hi[i]);
             }
@@ -151,7 +154,7 @@ pub(crate) unsafe fn sgemm(
     _ldc: usize,
     _accumulate: bool,
     _a: *const f32,
-    _lda: usize,
+    _a_s: (usize, usize),
     _b: *const f32,
     _ldb: usize,
 ) {
@@ -176,7 +179,7 @@ mod tests {
     }
 
     /// Every edge of the register blocking (rows not a multiple of 12, columns not a multiple of
-    /// 32 or of 16, k = 0), strided operands, accumulation, and that nothing outside the `m x n`
+    /// 32 or of 16, k = 0), strided operands and a transposed `A`, accumulation, and that nothing outside the `m x n`
     /// block of `C` is written; against an f64 reference.
     #[test]
     fn matches_a_reference_on_every_edge() {
@@ -193,45 +196,48 @@ mod tests {
             (64, 100, 36),
             (7, 16, 3),
         ] {
-            let (lda, ldb, ldc) = (k + 3, n + 5, n + 2);
-            let a = values(m * lda, 1);
-            let b = values(k.max(1) * ldb, 2);
-            for accumulate in [false, true] {
-                let init = values((m + 1) * ldc, 3);
-                let mut c = init.clone();
-                // SAFETY: AVX-512F checked; the buffers hold the strided operands and output.
-                unsafe {
-                    sgemm(
-                        m,
-                        n,
-                        k,
-                        c.as_mut_ptr(),
-                        ldc,
-                        accumulate,
-                        a.as_ptr(),
-                        lda,
-                        b.as_ptr(),
-                        ldb,
-                    )
-                };
-                for i in 0..m + 1 {
-                    for j in 0..ldc {
-                        let got = c[i * ldc + j];
-                        if i >= m || j >= n {
-                            assert_eq!(got, init[i * ldc + j], "({i}, {j}) outside C written");
-                            continue;
-                        }
-                        let mut want: f64 = (0..k)
-                            .map(|p| a[i * lda + p] as f64 * b[p * ldb + j] as f64)
-                            .sum();
-                        if accumulate {
-                            want += init[i * ldc + j] as f64;
-                        }
-                        let tol = 1e-5 * (1.0 + k as f64);
-                        assert!(
+            let ldc = n + 2;
+            // (A row, A column, B row, B column) strides: row-major, then transposed views.
+            for (a_s, ldb) in [((k + 3, 1), n + 5), ((1, m + 2), n + 3)] {
+                let a = values(m.max(1) * (k + 3) + k.max(1) * (m + 2), 1);
+                let b = values(k.max(1) * ldb, 2);
+                let at = |i: usize, p: usize| a[i * a_s.0 + p * a_s.1] as f64;
+                let bt = |p: usize, j: usize| b[p * ldb + j] as f64;
+                for accumulate in [false, true] {
+                    let init = values((m + 1) * ldc, 3);
+                    let mut c = init.clone();
+                    // SAFETY: AVX-512F checked; the buffers hold the strided operands and output.
+                    unsafe {
+                        sgemm(
+                            m,
+                            n,
+                            k,
+                            c.as_mut_ptr(),
+                            ldc,
+                            accumulate,
+                            a.as_ptr(),
+                            a_s,
+                            b.as_ptr(),
+                            ldb,
+                        )
+                    };
+                    for i in 0..m + 1 {
+                        for j in 0..ldc {
+                            let got = c[i * ldc + j];
+                            if i >= m || j >= n {
+                                assert_eq!(got, init[i * ldc + j], "({i}, {j}) outside C written");
+                                continue;
+                            }
+                            let mut want: f64 = (0..k).map(|p| at(i, p) * bt(p, j)).sum();
+                            if accumulate {
+                                want += init[i * ldc + j] as f64;
+                            }
+                            let tol = 1e-5 * (1.0 + k as f64);
+                            assert!(
                             (got as f64 - want).abs() <= tol,
-                            "m {m} n {n} k {k} acc {accumulate}: ({i}, {j}) {got} vs {want}"
+                            "m {m} n {n} k {k} {a_s:?} acc {accumulate}: ({i}, {j}) {got} vs {want}"
                         );
+                        }
                     }
                 }
             }
