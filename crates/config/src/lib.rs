@@ -351,6 +351,15 @@ pub struct StepConfig {
     /// order: the same examples, timesteps, noise and dropout (see `TrainLoop::forward_backward`).
     #[serde(default = "d_accumulate")]
     pub accumulate: usize,
+    /// With 2+ compute threads, split each micro-batch into one equal shard per thread and run
+    /// the shards' forward and backward side by side, each on its own thread (as single-thread
+    /// data-parallel ranks would, without their processes), then average their gradients. It
+    /// computes what `accumulate` does with that many more micro-batches (same examples,
+    /// timesteps, noise and dropout), and keeps both cores busy through the serial parts of
+    /// candle's autograd. Off, or when the micro-batch does not split evenly: one pass over the
+    /// whole micro-batch with every op threaded.
+    #[serde(default = "d_thread_shards")]
+    pub thread_shards: bool,
     /// The dtype of the forward and backward pass. The parameters, their gradients, the optimizer
     /// state, the EMAs and the checkpoints stay f32 in either case.
     #[serde(default)]
@@ -374,10 +383,15 @@ fn d_accumulate() -> usize {
     1
 }
 
+fn d_thread_shards() -> bool {
+    true
+}
+
 impl Default for StepConfig {
     fn default() -> Self {
         Self {
             accumulate: d_accumulate(),
+            thread_shards: d_thread_shards(),
             precision: Precision::default(),
         }
     }

@@ -5,16 +5,21 @@ use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 static THREADS: AtomicUsize = AtomicUsize::new(0);
 
 /// Threads the kernels split work over: candle's own count (`RAYON_NUM_THREADS`, else the
-/// physical cores), read once. candle's `get_num_threads` re-reads `/proc/cpuinfo` on every call
-/// when `RAYON_NUM_THREADS` is unset; see [`init_cpu`].
+/// physical cores), read once; inside a smaller rayon pool (a trainer running one shard of the
+/// batch per thread, each in a one-thread pool), that pool's size. candle's `get_num_threads`
+/// re-reads `/proc/cpuinfo` on every call when `RAYON_NUM_THREADS` is unset; see [`init_cpu`].
 pub fn num_threads() -> usize {
-    match THREADS.load(Ordering::Relaxed) {
+    let n = match THREADS.load(Ordering::Relaxed) {
         0 => {
             let n = candle_core::utils::get_num_threads().max(1);
             THREADS.store(n, Ordering::Relaxed);
             n
         }
         n => n,
+    };
+    match rayon::current_thread_index() {
+        Some(_) => n.min(rayon::current_num_threads()),
+        None => n,
     }
 }
 

@@ -172,6 +172,8 @@ pub struct TrainLoop<'a> {
     st: State,
     loader: Loader,
     sync: GradientSync,
+    /// `train.thread_shards`: one single-thread pool per shard of each micro-batch (empty: off).
+    shard_pools: Vec<rayon::ThreadPool>,
     log: Option<MetricsLog>,
     bar: Option<indicatif::ProgressBar>,
     metrics: LoopMetrics,
@@ -297,6 +299,13 @@ impl<'a> TrainLoop<'a> {
             step_losses: Vec::new(),
         };
         let metrics = LoopMetrics::new(persist::adamw_params(cfg).lr_at(st.step));
+        let shard_pools = shard_pools(cfg, &device)?;
+        if root && !shard_pools.is_empty() {
+            tracing::info!(
+                shards = shard_pools.len(),
+                "train.thread_shards: each micro-batch split over the compute threads"
+            );
+        }
         Ok(Self {
             cfg,
             comm,
@@ -317,6 +326,7 @@ impl<'a> TrainLoop<'a> {
             st,
             loader,
             sync,
+            shard_pools,
             log,
             bar,
             metrics,
@@ -404,55 +414,76 @@ impl<'a> TrainLoop<'a> {
                 micro = micro_batch(batch, j * mb, mb);
                 &micro
             };
-            let mut local = self.forward(step, part, rank_first + (j * mb) as u64)?;
-            let gs = local.loss.backward()?;
-            let sched = match (&self.cont, local.schedule.take()) {
-                (Some(c), Some(g)) => c.schedule_grads(&g, &gs)?,
-                _ => Vec::new(),
-            };
-            let sched_grad = |v: &Var| sched.iter().find(|(id, _)| *id == v.as_tensor().id());
-            let grads: Vec<Tensor> = self
-                .vars
-                .iter()
-                .map(|v| match (gs.get(v.as_tensor()), sched_grad(v)) {
-                    // detached: a gradient carries the backward graph (and through it the
-                    // activations); anything kept across steps (moments) must not keep that alive
-                    (Some(g), _) => Ok(g.detach()),
-                    (None, Some((_, g))) => Ok(g.clone()),
-                    (None, None) => v.as_tensor().zeros_like(),
-                })
-                .collect::<candle_core::Result<_>>()?;
-            drop(gs);
-            acc = Some(match acc {
-                None => (local, grads),
-                Some((mut sum, sum_grads)) => {
-                    let stats: Vec<f64> = sum
-                        .stats
-                        .to_vec()
-                        .iter()
-                        .zip(local.stats.to_vec())
-                        .map(|(a, b)| a + b)
-                        .collect();
-                    sum.stats = StepStats::from_slice(&stats);
-                    sum.ts.extend(local.ts);
-                    sum.per_example.extend(local.per_example);
-                    let grads = sum_grads
-                        .iter()
-                        .zip(&grads)
-                        .map(|(a, g)| a + g)
-                        .collect::<candle_core::Result<_>>()?;
-                    (sum, grads)
-                }
-            });
+            let next = self.sharded_step(step, part, rank_first + (j * mb) as u64)?;
+            acc = Some(add_parts(acc, next)?);
         }
         let (local, grads) = acc.expect("train.accumulate >= 1 (validated)");
-        if k == 1 {
-            return Ok((local, grads));
+        Ok((local, scale_grads(grads, k)?))
+    }
+
+    /// [`Self::micro_step`] of `part`, split into one equal shard per thread of `shard_pools`
+    /// when there are any (`train.thread_shards`): each shard runs on its own thread, in a
+    /// one-thread pool, so the serial parts of candle's autograd run side by side instead of
+    /// one after the other. Shard `i` is examples `first + i * len ..` of the step's global
+    /// batch, keyed as in [`Self::forward_backward`], so this computes what `accumulate` does
+    /// with that many micro-batches. Gradients are the shards' mean, added in shard order.
+    fn sharded_step(
+        &self,
+        step: u64,
+        part: &Batch,
+        first: u64,
+    ) -> Result<(LocalStep, Vec<Tensor>)> {
+        let n = self.shard_pools.len();
+        if n < 2 || !part.shape[0].is_multiple_of(n) {
+            return self.micro_step(step, part, first);
         }
-        let inv = 1.0 / k as f64;
-        let grads = grads
+        let len = part.shape[0] / n;
+        let results: Vec<Result<(LocalStep, Vec<Tensor>)>> = std::thread::scope(|s| {
+            let handles: Vec<_> = self
+                .shard_pools
+                .iter()
+                .enumerate()
+                .map(|(i, pool)| {
+                    let shard = micro_batch(part, i * len, len);
+                    let at = first + (i * len) as u64;
+                    s.spawn(move || pool.install(|| self.micro_step(step, &shard, at)))
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(anyhow!("the thread of a batch shard panicked")))
+                })
+                .collect()
+        });
+        let mut acc = None;
+        for r in results {
+            acc = Some(add_parts(acc, r?)?);
+        }
+        let (local, grads) = acc.expect("at least two shards");
+        Ok((local, scale_grads(grads, n)?))
+    }
+
+    /// Forward, loss and backward of one micro-batch (or shard); gradients in parameter order.
+    fn micro_step(&self, step: u64, part: &Batch, first: u64) -> Result<(LocalStep, Vec<Tensor>)> {
+        let mut local = self.forward(step, part, first)?;
+        let gs = local.loss.backward()?;
+        let sched = match (&self.cont, local.schedule.take()) {
+            (Some(c), Some(g)) => c.schedule_grads(&g, &gs)?,
+            _ => Vec::new(),
+        };
+        let sched_grad = |v: &Var| sched.iter().find(|(id, _)| *id == v.as_tensor().id());
+        let grads: Vec<Tensor> = self
+            .vars
             .iter()
-            .map(|g| g.affine(inv, 0.0))
+            .map(|v| match (gs.get(v.as_tensor()), sched_grad(v)) {
+                // detached: a gradient carries the backward graph (and through it the
+                // activations); anything kept across steps (moments) must not keep that alive
+                (Some(g), _) => Ok(g.detach()),
+                (None, Some((_, g))) => Ok(g.clone()),
+                (None, None) => v.as_tensor().zeros_like(),
+            })
             .collect::<candle_core::Result<_>>()?;
         Ok((local, grads))
     }
@@ -1186,6 +1217,69 @@ pub fn read_metrics(run_dir: &Path) -> Result<Vec<serde_json::Value>> {
 }
 
 /// Examples `start .. start + len` of `batch` (a micro-batch of gradient accumulation).
+/// `acc + next`: statistics and gradients summed, timesteps and per-example losses appended
+/// (the loss tensor kept is the first part's; it is not used after its backward).
+fn add_parts(
+    acc: Option<(LocalStep, Vec<Tensor>)>,
+    next: (LocalStep, Vec<Tensor>),
+) -> Result<(LocalStep, Vec<Tensor>)> {
+    let Some((mut sum, sum_grads)) = acc else {
+        return Ok(next);
+    };
+    let (local, grads) = next;
+    let stats: Vec<f64> = sum
+        .stats
+        .to_vec()
+        .iter()
+        .zip(local.stats.to_vec())
+        .map(|(a, b)| a + b)
+        .collect();
+    sum.stats = StepStats::from_slice(&stats);
+    sum.ts.extend(local.ts);
+    sum.per_example.extend(local.per_example);
+    let grads = sum_grads
+        .iter()
+        .zip(&grads)
+        .map(|(a, g)| a + g)
+        .collect::<candle_core::Result<_>>()?;
+    Ok((sum, grads))
+}
+
+/// The mean of `parts` summed gradient sets (unchanged for one).
+fn scale_grads(grads: Vec<Tensor>, parts: usize) -> Result<Vec<Tensor>> {
+    if parts == 1 {
+        return Ok(grads);
+    }
+    let inv = 1.0 / parts as f64;
+    Ok(grads
+        .iter()
+        .map(|g| g.affine(inv, 0.0))
+        .collect::<candle_core::Result<_>>()?)
+}
+
+/// One single-thread rayon pool per batch shard (`train.thread_shards`); none (one threaded
+/// pass per micro-batch) when that is off, off the CPU, with one compute thread, or when
+/// `data.batch` does not split evenly over the threads.
+fn shard_pools(cfg: &TrainConfig, device: &Device) -> Result<Vec<rayon::ThreadPool>> {
+    let threads = ddpm_ops::num_threads();
+    if !cfg.train.thread_shards
+        || !device.is_cpu()
+        || threads < 2
+        || !cfg.data.batch.is_multiple_of(threads)
+    {
+        return Ok(Vec::new());
+    }
+    (0..threads)
+        .map(|i| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(1)
+                .thread_name(move |_| format!("ddpm-shard-{i}"))
+                .build()
+                .context("starting the batch shard threads")
+        })
+        .collect()
+}
+
 fn micro_batch(batch: &Batch, start: usize, len: usize) -> Batch {
     let per: usize = batch.shape[1..].iter().product();
     let mut shape = batch.shape;

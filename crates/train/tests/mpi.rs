@@ -1,5 +1,6 @@
 //! The trainer on 2 MPI ranks: per-rank batch B on 2 ranks equals batch 2B on one rank (the same
-//! computation up to summation order), and resume on 2 ranks is exact. Needs `mpirun` (OpenMPI or
+//! computation up to summation order), and resume on 2 ranks is exact; likewise for one process
+//! whose batch is split over its threads (`train.thread_shards`). Needs `mpirun` (OpenMPI or
 //! MPICH, installed by scripts/setup.sh); the test fails, rather than skips, without it.
 
 mod common;
@@ -28,8 +29,12 @@ fn mpirun(n: usize, args: &[&str]) {
 }
 
 fn single(args: &[&str]) {
+    single_threads(1, args)
+}
+
+fn single_threads(threads: usize, args: &[&str]) {
     let o = Command::new(BIN)
-        .env("RAYON_NUM_THREADS", "1")
+        .env("RAYON_NUM_THREADS", threads.to_string())
         .args(args)
         .output()
         .unwrap();
@@ -277,6 +282,45 @@ fn accumulation_matches_one_batch_on_one_and_two_ranks_and_resumes_exactly() {
         );
     }
     assert_eq!(model(&d("split"), 20), model(&d("acc2"), 20));
+}
+
+/// `train.thread_shards` (on by default): with 2 compute threads one process splits its batch of
+/// 8 into 2 shards of 4 that run side by side. That computes what one pass over the 8 examples
+/// does, within the 2-rank tolerance; it is not bit for bit the one-pass run (so the shards did
+/// run: with the switch ignored both runs would be the same program); and it resumes exactly.
+#[test]
+fn thread_shards_match_one_pass_and_resume_exactly() {
+    let f = common::fixture(48);
+    let cfg = write_config(&f);
+    let d = |n: &str| f.dir.path().join(n);
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let run = |extra: &[&str], out: &str| {
+        let out = s(&d(out));
+        let mut args = vec![
+            "--config",
+            &cfg,
+            "--no-progress",
+            "--batch",
+            "8",
+            "--out",
+            &out,
+        ];
+        args.extend_from_slice(extra);
+        single_threads(2, &args);
+    };
+    run(&[], "shards");
+    run(&["--set", "train.thread_shards=false"], "one");
+    assert_same_training(&d("shards"), &d("one"));
+    let bits = |dir: &Path| -> Vec<u64> { losses(dir).iter().map(|l| l.to_bits()).collect() };
+    assert_ne!(
+        bits(&d("shards")),
+        bits(&d("one")),
+        "sharded and one-pass runs are bitwise equal: the batch was not split"
+    );
+    run(&["--steps", "10"], "split");
+    run(&["--resume", "auto"], "split");
+    assert_eq!(bits(&d("split")), bits(&d("shards")));
+    assert_eq!(model(&d("split"), 20), model(&d("shards"), 20));
 }
 
 /// A distillation round (`--teacher`, guidance folded in, label and model dropout) on 2 ranks x 4
