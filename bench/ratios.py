@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """Ratios for bench/unet.sh: candle's and PyTorch's `RESULT <round> <model> <metric> <values..>`
 lines -> per-round figures, each side's median over the rounds, and their ratio (the best round of
-each side as a second column). The last line is the ratio line of the quickstart model, or of the
-first model when quickstart was not run:
+each side as a second column). With `train_shards` results (ddpm-train's default CPU step: the
+batch split over the threads, `train.thread_shards`) a line compares that with PyTorch's ordinary
+step. The last line is the ratio line of the quickstart model, or of the first model when
+quickstart was not run:
 
     cpu ratio candle/pytorch: train-step X, forward Y
 """
@@ -38,10 +40,20 @@ def main():
             rounds = " / ".join(f"{a:.0f}:{b:.0f}" for a, b in zip(cv, tv))
             print(f"  {k:8s} candle {mc:9.1f} ms  pytorch {mt:9.1f} ms  ratio {mc / mt:.2f}"
                   f"  (best rounds {min(cv) / min(tv):.2f}; rounds candle:pytorch ms {rounds})")
+        if (m, "train_shards") in c:
+            # ddpm-train's default CPU step (train.thread_shards) against PyTorch's ordinary step.
+            cv, tv = c[(m, "train_shards")], t[(m, "train")]
+            mc, mt = statistics.median(cv), statistics.median(tv)
+            med[(m, "train_shards")] = mc / mt
+            rounds = " / ".join(f"{a:.0f}:{b:.0f}" for a, b in zip(cv, tv))
+            print(f"  train, batch split over the threads as ddpm-train does: candle {mc:9.1f} ms"
+                  f"  pytorch {mt:9.1f} ms  ratio {mc / mt:.2f}  (rounds {rounds})")
     key = ("small", "conv_64_64_k3_s1_32")
     if key in c and key in t:
         print(f"  small conv 64->64 3x3 32x32 fwd, first round: {c[key][0]:.1f}/{t[key][0]:.1f} ms")
     m = "quickstart" if "quickstart" in models else models[0]
+    if (m, "train_shards") in med:
+        print(f"cpu ratio candle/pytorch, training step as ddpm-train runs it: {med[(m, 'train_shards')]:.2f}")
     print(f"cpu ratio candle/pytorch: train-step {med[(m, 'train')]:.2f}, forward {med[(m, 'forward')]:.2f}")
 
 

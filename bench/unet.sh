@@ -20,7 +20,10 @@
 # PyTorch's (the best round of each side is a second column). PyTorch is installed into bench/.venv
 # from PyPI when missing (`pip install torch numpy`; ~5 GB with its CUDA wheels). The binary is built
 # where cargo puts it (CARGO_TARGET_DIR and .cargo/config are honoured: the path is cargo's own
-# answer). The last line is
+# answer). With 2+ threads candle also times the step as ddpm-train runs it on the CPU (the batch split
+# into one shard per thread, train.thread_shards), reported against PyTorch's ordinary step as
+#   cpu ratio candle/pytorch, training step as ddpm-train runs it: Z
+# The last line is
 #   cpu ratio candle/pytorch: train-step X, forward Y
 # for the quickstart model (the first model when quickstart is not in MODELS), or an error line.
 set -euo pipefail

@@ -178,7 +178,80 @@ fn bench_model(name: &str, batch: usize, reps: usize, dev: &Device, dtype: DType
     });
     println!("{name}: forward+backward batch {batch}: {train:.1} ms");
     println!("RESULT {name} train {train:.3}");
+    let threads = ddpm_ops::num_threads();
+    if dev.is_cpu() && threads >= 2 && batch.is_multiple_of(threads) {
+        let sharded = train_shards(&model, &varmap, (&x, &t, &noise), labels.as_ref(), reps);
+        println!("{name}: forward+backward as {threads} shards side by side: {sharded:.1} ms");
+        println!("RESULT {name} train_shards {sharded:.3}");
+    }
     train
+}
+
+/// The training step as `ddpm-train` runs it by default on the CPU (`train.thread_shards`): the
+/// batch split into one shard per thread, each shard's forward and backward on its own thread in
+/// a one-thread pool, the shards' gradients then summed. Median ms over `reps` after a warm-up.
+fn train_shards(
+    model: &UNet,
+    varmap: &candle_nn::VarMap,
+    (x, t, noise): (&Tensor, &Tensor, &Tensor),
+    labels: Option<&Tensor>,
+    reps: usize,
+) -> f64 {
+    let n = ddpm_ops::num_threads();
+    let len = x.dims()[0] / n;
+    let pools: Vec<rayon::ThreadPool> = (0..n)
+        .map(|_| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(1)
+                .build()
+                .unwrap()
+        })
+        .collect();
+    let vars = varmap.all_vars();
+    let shard = |i: usize, step: u64| -> Vec<Tensor> {
+        let part = |v: &Tensor| v.narrow(0, i * len, len).unwrap();
+        let ctx = ForwardCtx::train(DropoutKey {
+            seed: 0,
+            step,
+            first_example: (i * len) as u64,
+        });
+        let y = model
+            .forward(&part(x), &part(t), labels.map(part).as_ref(), &ctx)
+            .unwrap();
+        let loss = (y - part(noise))
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .mean_all()
+            .unwrap();
+        let grads = loss.backward().unwrap();
+        vars.iter()
+            .map(|v| grads.get(v.as_tensor()).unwrap().detach())
+            .collect()
+    };
+    let mut step = 0u64;
+    time_ms_on(&Device::Cpu, reps, || {
+        step += 1;
+        let parts: Vec<Vec<Tensor>> = std::thread::scope(|s| {
+            let hs: Vec<_> = pools
+                .iter()
+                .enumerate()
+                .map(|(i, p)| {
+                    let shard = &shard;
+                    s.spawn(move || p.install(|| shard(i, step)))
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let sum: Vec<Tensor> = (0..vars.len())
+            .map(|j| {
+                parts[1..]
+                    .iter()
+                    .fold(parts[0][j].clone(), |a, p| (a + &p[j]).unwrap())
+            })
+            .collect();
+        assert_eq!(sum.len(), vars.len());
+    })
 }
 
 /// Every convolution of the model: (cin, cout, kernel, stride, input resolution).
