@@ -50,20 +50,12 @@ static WINOGRAD: AtomicU8 = AtomicU8::new(UNSET);
 /// im2col GEMM. `DDPM_OPS_WINOGRAD=0` in the environment (read on first use) or
 /// [`set_winograd`]`(false)` turns it off.
 pub fn winograd_enabled() -> bool {
-    match WINOGRAD.load(Ordering::Relaxed) {
-        ON => true,
-        OFF => false,
-        _ => {
-            let on = std::env::var("DDPM_OPS_WINOGRAD").map_or(true, |v| v != "0");
-            WINOGRAD.store(if on { ON } else { OFF }, Ordering::Relaxed);
-            on
-        }
-    }
+    switch(&WINOGRAD, "DDPM_OPS_WINOGRAD", "0")
 }
 
 /// Overrides `DDPM_OPS_WINOGRAD` for the rest of the process (benchmarks, tests).
 pub fn set_winograd(on: bool) {
-    WINOGRAD.store(if on { ON } else { OFF }, Ordering::Relaxed);
+    set_switch(&WINOGRAD, on);
 }
 
 static WINOGRAD_BLOCK_BYTES: AtomicUsize = AtomicUsize::new(0);
@@ -88,20 +80,12 @@ static SGEMM512: AtomicU8 = AtomicU8::new(UNSET);
 /// AVX-512F (default) rather than the `gemm` crate's. `DDPM_OPS_AVX512=0` (read on first use)
 /// or [`set_sgemm512`]`(false)` turns it off, for A/B comparisons.
 pub fn sgemm512_enabled() -> bool {
-    match SGEMM512.load(Ordering::Relaxed) {
-        ON => true,
-        OFF => false,
-        _ => {
-            let on = std::env::var("DDPM_OPS_AVX512").map_or(true, |v| v != "0");
-            SGEMM512.store(if on { ON } else { OFF }, Ordering::Relaxed);
-            on
-        }
-    }
+    switch(&SGEMM512, "DDPM_OPS_AVX512", "0")
 }
 
 /// Overrides `DDPM_OPS_AVX512` for the rest of the process (benchmarks, tests).
 pub fn set_sgemm512(on: bool) {
-    SGEMM512.store(if on { ON } else { OFF }, Ordering::Relaxed);
+    set_switch(&SGEMM512, on);
 }
 
 static WINOGRAD4: AtomicU8 = AtomicU8::new(UNSET);
@@ -110,45 +94,47 @@ static WINOGRAD4: AtomicU8 = AtomicU8::new(UNSET);
 /// than F(2x2, 3x3). `DDPM_OPS_WINOGRAD4=0` (read on first use) or [`set_winograd4`]`(false)`
 /// turns it off.
 pub fn winograd4_enabled() -> bool {
-    match WINOGRAD4.load(Ordering::Relaxed) {
-        ON => true,
-        OFF => false,
-        _ => {
-            let on = std::env::var("DDPM_OPS_WINOGRAD4").map_or(true, |v| v != "0");
-            WINOGRAD4.store(if on { ON } else { OFF }, Ordering::Relaxed);
-            on
-        }
-    }
+    switch(&WINOGRAD4, "DDPM_OPS_WINOGRAD4", "0")
 }
 
 /// Overrides `DDPM_OPS_WINOGRAD4` for the rest of the process (benchmarks, tests).
 pub fn set_winograd4(on: bool) {
-    WINOGRAD4.store(if on { ON } else { OFF }, Ordering::Relaxed);
+    set_switch(&WINOGRAD4, on);
 }
 
 const UNSET: u8 = 0;
 const ON: u8 = 1;
 const OFF: u8 = 2;
+
+/// An on/off setting, default on: off when the environment variable `var` is `off` (read on first
+/// use), unless [`set_switch`] decided first.
+fn switch(state: &AtomicU8, var: &str, off: &str) -> bool {
+    match state.load(Ordering::Relaxed) {
+        ON => true,
+        OFF => false,
+        _ => {
+            let on = std::env::var(var).map_or(true, |v| v != off);
+            set_switch(state, on);
+            on
+        }
+    }
+}
+
+fn set_switch(state: &AtomicU8, on: bool) {
+    state.store(if on { ON } else { OFF }, Ordering::Relaxed);
+}
 static FAST: AtomicU8 = AtomicU8::new(UNSET);
 
 /// Whether CPU f32/f64 tensors take this crate's kernels. Default on; `DDPM_OPS=candle` in the
 /// environment (read on first use) or [`set_fast_path`]`(false)` selects candle's built-in ops,
 /// for A/B comparisons of speed and of training curves.
 pub fn fast_path_enabled() -> bool {
-    match FAST.load(Ordering::Relaxed) {
-        ON => true,
-        OFF => false,
-        _ => {
-            let on = std::env::var("DDPM_OPS").map_or(true, |v| v != "candle");
-            FAST.store(if on { ON } else { OFF }, Ordering::Relaxed);
-            on
-        }
-    }
+    switch(&FAST, "DDPM_OPS", "candle")
 }
 
 /// Overrides `DDPM_OPS` for the rest of the process.
 pub fn set_fast_path(on: bool) {
-    FAST.store(if on { ON } else { OFF }, Ordering::Relaxed);
+    set_switch(&FAST, on);
 }
 
 /// Process setup for CPU training and sampling; call first thing in `main`, before any thread
