@@ -356,8 +356,9 @@ pub struct StepConfig {
     /// data-parallel ranks would, without their processes), then average their gradients. It
     /// computes what `accumulate` does with that many more micro-batches (same examples,
     /// timesteps, noise and dropout), and keeps both cores busy through the serial parts of
-    /// candle's autograd. Off, or when the micro-batch does not split evenly: one pass over the
-    /// whole micro-batch with every op threaded.
+    /// candle's autograd. Off, when the micro-batch does not split evenly, or for models of more
+    /// than 20M parameters (where repeating the per-parameter work in every shard costs more
+    /// than it saves): one pass over the whole micro-batch with every op threaded.
     #[serde(default = "d_thread_shards")]
     pub thread_shards: bool,
     /// The dtype of the forward and backward pass. The parameters, their gradients, the optimizer

@@ -299,7 +299,7 @@ impl<'a> TrainLoop<'a> {
             step_losses: Vec::new(),
         };
         let metrics = LoopMetrics::new(persist::adamw_params(cfg).lr_at(st.step));
-        let shard_pools = shard_pools(cfg, &device)?;
+        let shard_pools = shard_pools(cfg, &device, net.num_parameters())?;
         if root && !shard_pools.is_empty() {
             tracing::info!(
                 shards = shard_pools.len(),
@@ -1257,19 +1257,26 @@ fn scale_grads(grads: Vec<Tensor>, parts: usize) -> Result<Vec<Tensor>> {
         .collect::<candle_core::Result<_>>()?)
 }
 
-/// One single-thread rayon pool per batch shard (`train.thread_shards`); none (one threaded
-/// pass per micro-batch) when that is off, off the CPU, with one compute thread, or when
-/// `data.batch` does not split evenly over the threads.
-fn shard_pools(cfg: &TrainConfig, device: &Device) -> Result<Vec<rayon::ThreadPool>> {
-    let threads = ddpm_ops::num_threads();
-    if !cfg.train.thread_shards
-        || !device.is_cpu()
-        || threads < 2
-        || !cfg.data.batch.is_multiple_of(threads)
-    {
-        return Ok(Vec::new());
-    }
-    (0..threads)
+/// Models above this many parameters train faster in one threaded pass than in shards: each
+/// shard repeats the per-parameter work (kernel transforms, weight-gradient reductions, the
+/// gradient sum). Measured at 2 threads (bench/RESULTS.md, session 9): shards -13% step time at
+/// 1.1M parameters, -6% at 9M, +15% at 35.7M.
+const SHARD_MAX_PARAMS: usize = 20_000_000;
+
+/// One single-thread rayon pool per batch shard (`train.thread_shards`), as many as
+/// [`shard_count`] says.
+fn shard_pools(
+    cfg: &TrainConfig,
+    device: &Device,
+    params: usize,
+) -> Result<Vec<rayon::ThreadPool>> {
+    let n = shard_count(
+        cfg.train.thread_shards && device.is_cpu(),
+        ddpm_ops::num_threads(),
+        cfg.data.batch,
+        params,
+    );
+    (0..n)
         .map(|i| {
             rayon::ThreadPoolBuilder::new()
                 .num_threads(1)
@@ -1278,6 +1285,18 @@ fn shard_pools(cfg: &TrainConfig, device: &Device) -> Result<Vec<rayon::ThreadPo
                 .context("starting the batch shard threads")
         })
         .collect()
+}
+
+/// Shards per micro-batch: one per compute thread when sharding is `allowed` (on, on the CPU),
+/// there are 2+ threads, the micro-batch splits evenly and the model has at most
+/// [`SHARD_MAX_PARAMS`] parameters; else 0 (one threaded pass).
+fn shard_count(allowed: bool, threads: usize, batch: usize, params: usize) -> usize {
+    let split = allowed && threads >= 2 && batch.is_multiple_of(threads);
+    if split && params <= SHARD_MAX_PARAMS {
+        threads
+    } else {
+        0
+    }
 }
 
 fn micro_batch(batch: &Batch, start: usize, len: usize) -> Batch {
@@ -1294,5 +1313,21 @@ fn micro_batch(batch: &Batch, start: usize, len: usize) -> Batch {
         indices: batch.indices[start..start + len].to_vec(),
         epoch: batch.epoch,
         batch_index: batch.batch_index,
+    }
+}
+
+#[cfg(test)]
+mod shard_tests {
+    use super::*;
+
+    #[test]
+    fn shards_only_where_they_pay() {
+        assert_eq!(shard_count(true, 2, 32, 1_142_337), 2);
+        assert_eq!(shard_count(true, 4, 32, 8_952_067), 4);
+        // the 35.7M U-Net trains faster in one pass
+        assert_eq!(shard_count(true, 2, 16, 35_746_307), 0);
+        assert_eq!(shard_count(false, 2, 32, 1_000), 0);
+        assert_eq!(shard_count(true, 1, 32, 1_000), 0);
+        assert_eq!(shard_count(true, 3, 32, 1_000), 0);
     }
 }
