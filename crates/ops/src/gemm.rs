@@ -173,4 +173,92 @@ mod tests {
             )
         };
     }
+
+    /// Deterministic values in [-1, 1).
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 23) as f32) - 1.0
+            })
+            .collect()
+    }
+
+    /// The f32 GEMM this CPU dispatches to (`sgemm512` where AVX-512F is present, else `gemm`'s)
+    /// against an f64 reference: every edge of sgemm512's register blocking (rows not a multiple
+    /// of 12, columns not a multiple of 32 or 16, k = 0), a strided and a transposed `A`,
+    /// accumulation, and nothing written outside the `m x n` block of `C`.
+    #[test]
+    fn f32_gemm_matches_a_reference_on_every_edge() {
+        eprintln!(
+            "f32 kernel on this CPU: {}",
+            if crate::sgemm512::available() {
+                "sgemm512 (AVX-512)"
+            } else {
+                "gemm crate"
+            }
+        );
+        for &(m, n, k) in &[
+            (1, 1, 1),
+            (12, 32, 7),
+            (13, 33, 5),
+            (25, 17, 64),
+            (11, 47, 0),
+            (64, 100, 36),
+            (7, 16, 3),
+        ] {
+            let ldc = n + 2;
+            // (A row, A column, B row, B column) strides: row-major, then transposed views.
+            for (a_s, ldb) in [((k + 3, 1), n + 5), ((1, m + 2), n + 3)] {
+                let a = values(m.max(1) * (k + 3) + k.max(1) * (m + 2), 1);
+                let b = values(k.max(1) * ldb, 2);
+                let at = |i: usize, p: usize| a[i * a_s.0 + p * a_s.1] as f64;
+                let bt = |p: usize, j: usize| b[p * ldb + j] as f64;
+                for accumulate in [false, true] {
+                    let init = values((m + 1) * ldc, 3);
+                    let mut c = init.clone();
+                    let av = if a_s.1 == 1 {
+                        Mat::rows(&a, a_s.0)
+                    } else {
+                        Mat::rows(&a, a_s.1).t()
+                    };
+                    // SAFETY: c holds (m + 1) rows of ldc >= n values; the views hold A and B.
+                    unsafe {
+                        gemm(
+                            m,
+                            n,
+                            k,
+                            c.as_mut_ptr(),
+                            ldc,
+                            accumulate,
+                            av,
+                            Mat::rows(&b, ldb),
+                            1,
+                        )
+                    };
+                    for i in 0..m + 1 {
+                        for j in 0..ldc {
+                            let got = c[i * ldc + j];
+                            if i >= m || j >= n {
+                                assert_eq!(got, init[i * ldc + j], "({i}, {j}) outside C written");
+                                continue;
+                            }
+                            let mut want: f64 = (0..k).map(|p| at(i, p) * bt(p, j)).sum();
+                            if accumulate {
+                                want += init[i * ldc + j] as f64;
+                            }
+                            let tol = 1e-5 * (1.0 + k as f64);
+                            assert!(
+                            (got as f64 - want).abs() <= tol,
+                            "m {m} n {n} k {k} {a_s:?} acc {accumulate}: ({i}, {j}) {got} vs {want}"
+                        );
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
