@@ -4,7 +4,7 @@
 //! im2col forward and input gradient); the weight gradients (`B = X^T`) stay with `gemm`.
 //!
 //! The `gemm` crate runs its AVX2 kernels on AVX-512 CPUs (its AVX-512 ones measured slower
-//! for the weight-gradient shape, bench/RESULTS.md), so half of each vector unit sat idle. Here
+//! for the weight-gradient shape, bench/RESULTS.md), and packs both operands first. Here
 //! each 12 x 32 block of `C` is held in 24 zmm registers while `k` runs: per `k`, two loads of
 //! `B`'s row (masked at the right edge, so no remainder loop), twelve broadcasts of `A`, 24
 //! FMAs. `B`'s 32-column panel is reused from L1 by every row block; nothing is packed. (Packing
