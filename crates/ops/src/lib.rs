@@ -62,9 +62,10 @@ pub use conv::{conv2d, conv2d_grads};
 pub use conv_residual::conv2d_residual;
 pub use norm::{group_norm, group_norm_masked};
 pub use runtime::{
-    fast_path_enabled, init_cpu, num_threads, set_fast_path, set_num_threads, set_sgemm512,
-    set_tile_bytes, set_winograd, set_winograd4, set_winograd_block_bytes, sgemm512_enabled,
-    tile_bytes, tune_malloc, winograd4_enabled, winograd_enabled, DEFAULT_TILE_BYTES,
+    fast_path_enabled, gather_enabled, init_cpu, num_threads, set_fast_path, set_gather,
+    set_num_threads, set_sgemm512, set_tile_bytes, set_winograd, set_winograd4,
+    set_winograd_block_bytes, sgemm512_enabled, tile_bytes, tune_malloc, winograd4_enabled,
+    winograd_enabled, DEFAULT_TILE_BYTES,
 };
 pub use softmax::{softmax_last_dim, softmax_scaled};
 pub use upsample::upsample_nearest2x;

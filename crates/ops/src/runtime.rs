@@ -88,6 +88,20 @@ pub fn set_sgemm512(on: bool) {
     set_switch(&SGEMM512, on);
 }
 
+static GATHER: AtomicU8 = AtomicU8::new(UNSET);
+
+/// Whether the f32 Winograd tile transforms use the gathered vector kernels (AVX-512 or AVX2,
+/// default) rather than the scalar loops; both give bitwise the same results.
+/// `DDPM_OPS_GATHER=0` (read on first use) or [`set_gather`]`(false)` turns them off.
+pub fn gather_enabled() -> bool {
+    switch(&GATHER, "DDPM_OPS_GATHER", "0")
+}
+
+/// Overrides `DDPM_OPS_GATHER` for the rest of the process (benchmarks, tests).
+pub fn set_gather(on: bool) {
+    set_switch(&GATHER, on);
+}
+
 static WINOGRAD4: AtomicU8 = AtomicU8::new(UNSET);
 
 /// Whether Winograd convs on feature maps of 8+ pixels a side use F(4x4, 3x3) (default) rather

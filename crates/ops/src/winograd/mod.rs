@@ -442,6 +442,8 @@ pub(crate) fn weight_grad<V: Variant, T: Elem>(
 
 mod f2;
 mod f4;
+mod gathered;
+mod lanes;
 
 #[cfg(test)]
 mod tests {
