@@ -7,6 +7,7 @@
 
 use rayon::prelude::*;
 
+use super::lanes::{Arith, Isa};
 use super::{kernel_planes, SharedOut, Tiles, KERNEL_CHUNK};
 use crate::elem::Elem;
 
@@ -65,6 +66,25 @@ fn kernel_grad_transform<T: Elem>(du: &[T], cout: usize, cin: usize) -> Vec<T> {
     dg
 }
 
+/// `B^T d` for a 4-vector `d` (of scalars or of vectors of tiles).
+#[inline(always)]
+fn bt4<X: Arith>(d: [X; 4]) -> [X; 4] {
+    let [d0, d1, d2, d3] = d;
+    [d0 - d2, d1 + d2, d2 - d1, d1 - d3]
+}
+
+/// `A^T m` for a 4-vector `m`: 2 results.
+#[inline(always)]
+fn at4<X: Arith>(m: [X; 4]) -> [X; 2] {
+    [m[0] + m[1] + m[2], m[1] - m[2] - m[3]]
+}
+
+/// `A y` for a 2-vector `y`: 4 results.
+#[inline(always)]
+fn a2<X: Arith>(y: [X; 2]) -> [X; 4] {
+    [y[0], y[0] + y[1], y[0] - y[1], -y[1]]
+}
+
 /// Splits tiles `t0..t1` into runs within one tile row: `(example, tile row, first tile
 /// column, count, offset of the run in the block)`.
 fn row_runs(
@@ -99,6 +119,14 @@ fn four_mut<T>(v: &mut [T], o: [usize; 4], len: usize) -> [&mut [T]; 4] {
 /// one reads even[k], odd[k], even[k+1], odd[k+1].
 #[inline(always)]
 fn input_transform<T: Elem>(x: &[T], c: usize, tl: &Tiles, blk: (usize, usize), v: &mut [T]) {
+    if !vector::input(Isa::detect(), x, c, tl, blk, v) {
+        input_scalar(x, c, tl, blk, v);
+    }
+}
+
+/// [`input_transform`] along tile rows.
+#[inline(always)]
+fn input_scalar<T: Elem>(x: &[T], c: usize, tl: &Tiles, blk: (usize, usize), v: &mut [T]) {
     let ld = blk.1 - blk.0;
     let plane = c * ld;
     // Rows padded to whole 8-lane vectors: the vertical step runs over all of them (entries
@@ -156,10 +184,7 @@ fn input_transform<T: Elem>(x: &[T], c: usize, tl: &Tiles, blk: (usize, usize), 
                 let [q0, q1, q2, q3] = four_mut(dst, [0, cap, 2 * cap, 3 * cap], len);
                 let (d0, d1, d2, d3) = (&d0[..len], &d1[..len], &d2[..len], &d3[..len]);
                 for k in 0..len {
-                    q0[k] = d0[k] - d2[k];
-                    q1[k] = d1[k] + d2[k];
-                    q2[k] = d2[k] - d1[k];
-                    q3[k] = d1[k] - d3[k];
+                    [q0[k], q1[k], q2[k], q3[k]] = bt4([d0[k], d1[k], d2[k], d3[k]]);
                 }
             }
             // Horizontal B per row q: (E[k] - E[k+1], O[k] + E[k+1], E[k+1] - O[k], O[k] - O[k+1]).
@@ -169,10 +194,7 @@ fn input_transform<T: Elem>(x: &[T], c: usize, tl: &Tiles, blk: (usize, usize), 
                 let at = |p: usize| (q * 4 + p) * plane + ci * ld + j0;
                 let [v0, v1, v2, v3] = four_mut(v, [at(0), at(1), at(2), at(3)], n);
                 for k in 0..n {
-                    v0[k] = e0[k] - e1[k];
-                    v1[k] = o0[k] + e1[k];
-                    v2[k] = e1[k] - o0[k];
-                    v3[k] = o0[k] - o1[k];
+                    [v0[k], v1[k], v2[k], v3[k]] = bt4([e0[k], o0[k], e1[k], o1[k]]);
                 }
             }
         }
@@ -190,6 +212,14 @@ fn grad_output_transform<T: Elem>(
     blk: (usize, usize),
     dm: &mut [T],
 ) {
+    if !vector::grad_output(Isa::detect(), dy, c, tl, blk, dm) {
+        grad_output_scalar(dy, c, tl, blk, dm);
+    }
+}
+
+/// [`grad_output_transform`] along tile rows.
+#[inline(always)]
+fn grad_output_scalar<T: Elem>(dy: &[T], c: usize, tl: &Tiles, blk: (usize, usize), dm: &mut [T]) {
     let ld = blk.1 - blk.0;
     let plane = c * ld;
     let cap = tl.tw;
@@ -223,23 +253,11 @@ fn grad_output_transform<T: Elem>(
             }
             // Along the columns: (p, p + q, p - q, -q) per row, then the same down the 2 rows.
             for s in 0..4 {
-                let col = |r: usize, k: usize| {
-                    let (p, q) = (pe[r * cap + k], po[r * cap + k]);
-                    match s {
-                        0 => p,
-                        1 => p + q,
-                        2 => p - q,
-                        _ => -q,
-                    }
-                };
+                let col = |r: usize, k: usize| a2([pe[r * cap + k], po[r * cap + k]])[s];
                 let at = |r: usize| (r * 4 + s) * plane + ci * ld + j0;
                 let [d0, d1, d2, d3] = four_mut(dm, [at(0), at(1), at(2), at(3)], n);
                 for k in 0..n {
-                    let (top, bot) = (col(0, k), col(1, k));
-                    d0[k] = top;
-                    d1[k] = top + bot;
-                    d2[k] = top - bot;
-                    d3[k] = -bot;
+                    [d0[k], d1[k], d2[k], d3[k]] = a2([col(0, k), col(1, k)]);
                 }
             }
         }
@@ -250,6 +268,21 @@ fn grad_output_transform<T: Elem>(
 /// (`[b, c, h, w]`, see [`SharedOut`]); vectorised over the tiles of a row.
 #[inline(always)]
 fn output_transform<T: Elem>(
+    m: &[T],
+    c: usize,
+    tl: &Tiles,
+    blk: (usize, usize),
+    y: SharedOut<T>,
+    bias: Option<(&[T], usize)>,
+) {
+    if !vector::output(Isa::detect(), m, c, tl, blk, y, bias) {
+        output_scalar(m, c, tl, blk, y, bias);
+    }
+}
+
+/// [`output_transform`] along tile rows.
+#[inline(always)]
+fn output_scalar<T: Elem>(
     m: &[T],
     c: usize,
     tl: &Tiles,
@@ -275,8 +308,7 @@ fn output_transform<T: Elem>(
                 let (s0, s1) = sv.split_at_mut(4 * cap);
                 let (s0, s1) = (&mut s0[p * cap..p * cap + n], &mut s1[p * cap..p * cap + n]);
                 for k in 0..n {
-                    s0[k] = m0[k] + m1[k] + m2[k];
-                    s1[k] = m1[k] - m2[k] - m3[k];
+                    [s0[k], s1[k]] = at4([m0[k], m1[k], m2[k], m3[k]]);
                 }
             }
             let b = bias.map_or(T::ZERO, |(b, stride)| b[e * stride + co]);
@@ -295,8 +327,8 @@ fn output_transform<T: Elem>(
                 );
                 let (ev, ov) = (&mut even[..n], &mut odd[..n]);
                 for k in 0..n {
-                    ev[k] = s0[k] + s1[k] + s2[k] + b;
-                    ov[k] = s1[k] - s2[k] - s3[k] + b;
+                    let [e, o] = at4([s0[k], s1[k], s2[k], s3[k]]);
+                    (ev[k], ov[k]) = (e + b, o + b);
                 }
                 let x0 = 2 * tx0;
                 let len = (tl.w - x0).min(2 * n);
@@ -314,5 +346,175 @@ fn output_transform<T: Elem>(
                 }
             }
         }
+    }
+}
+
+/// The gathered vector transforms ([`super::gathered`]), as F(4x4)'s: the arithmetic of the
+/// scalar ones above in the same order, `N` tiles per vector; false when they cannot run.
+// Tile coordinates index both the register arrays and the addresses: plain index loops.
+#[allow(clippy::needless_range_loop)]
+mod vector {
+    use super::super::gathered::{Job, Transform};
+    use super::super::lanes::{Isa, Lanes};
+    use super::super::{SharedOut, Tiles};
+    use super::{a2, at4, bt4};
+    use crate::elem::Elem;
+
+    /// `V = B^T d B` ([`super::input_transform`]).
+    pub(super) fn input<T: Elem>(
+        isa: Option<Isa>,
+        x: &[T],
+        c: usize,
+        tl: &Tiles,
+        blk: (usize, usize),
+        v: &mut [T],
+    ) -> bool {
+        Job::to_planes(isa, x, c, tl, blk, v, (2, 1, 16)).is_some_and(|j| j.run::<Input>())
+    }
+
+    struct Input;
+
+    impl Transform for Input {
+        #[inline(always)]
+        unsafe fn run<L: Lanes>(j: &Job) {
+            let w = j.tl.w as i32;
+            for g in (0..j.ld).step_by(L::N) {
+                let n = (j.ld - g).min(L::N);
+                let (idx, rows, cols) = j.grid.masks::<L, 4>(g, j.tl);
+                for ci in 0..j.c {
+                    let src = j.src.add(ci * j.tl.h * j.tl.w);
+                    // t[p] = B^T down column p of the tiles.
+                    let mut t = [[L::k(0.0); 4]; 4];
+                    for p in 0..4 {
+                        let mut d = [L::k(0.0); 4];
+                        for r in 0..4 {
+                            let at = L::add_i(idx, r as i32 * w + p as i32);
+                            d[r] = L::gather(src, at, L::and(rows[r], cols[p]));
+                        }
+                        t[p] = bt4(d);
+                    }
+                    let out = j.dst.add(ci * j.ld + g);
+                    for q in 0..4 {
+                        let o = bt4([t[0][q], t[1][q], t[2][q], t[3][q]]);
+                        for p in 0..4 {
+                            o[p].store(out.add((q * 4 + p) * j.plane()), n);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// `dM = A dY A^T` ([`super::grad_output_transform`]).
+    pub(super) fn grad_output<T: Elem>(
+        isa: Option<Isa>,
+        dy: &[T],
+        c: usize,
+        tl: &Tiles,
+        blk: (usize, usize),
+        dm: &mut [T],
+    ) -> bool {
+        Job::to_planes(isa, dy, c, tl, blk, dm, (2, 0, 16)).is_some_and(|j| j.run::<GradOutput>())
+    }
+
+    struct GradOutput;
+
+    impl Transform for GradOutput {
+        #[inline(always)]
+        unsafe fn run<L: Lanes>(j: &Job) {
+            let w = j.tl.w as i32;
+            for g in (0..j.ld).step_by(L::N) {
+                let n = (j.ld - g).min(L::N);
+                let (idx, rows, cols) = j.grid.masks::<L, 2>(g, j.tl);
+                for ci in 0..j.c {
+                    let src = j.src.add(ci * j.tl.h * j.tl.w);
+                    // t[r] = A along row r of the tiles' output gradients.
+                    let mut t = [[L::k(0.0); 4]; 2];
+                    for r in 0..2 {
+                        let mut d = [L::k(0.0); 2];
+                        for s in 0..2 {
+                            let at = L::add_i(idx, r as i32 * w + s as i32);
+                            d[s] = L::gather(src, at, L::and(rows[r], cols[s]));
+                        }
+                        t[r] = a2(d);
+                    }
+                    let out = j.dst.add(ci * j.ld + g);
+                    for s in 0..4 {
+                        let o = a2([t[0][s], t[1][s]]);
+                        for i in 0..4 {
+                            o[i].store(out.add((i * 4 + s) * j.plane()), n);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// `y = A^T M A (+ bias)` ([`super::output_transform`]).
+    pub(super) fn output<T: Elem>(
+        isa: Option<Isa>,
+        m: &[T],
+        c: usize,
+        tl: &Tiles,
+        blk: (usize, usize),
+        y: SharedOut<T>,
+        bias: Option<(&[T], usize)>,
+    ) -> bool {
+        Job::to_image(isa, m, c, tl, blk, y, bias, (2, 16)).is_some_and(|j| j.run::<Output>())
+    }
+
+    struct Output;
+
+    impl Transform for Output {
+        #[inline(always)]
+        unsafe fn run<L: Lanes>(j: &Job) {
+            let w = j.tl.w as i32;
+            let (bias, ref offsets, per_channel) = j.bias;
+            for g in (0..j.ld).step_by(L::N) {
+                let n = (j.ld - g).min(L::N);
+                let (idx, rows, cols) = j.grid.masks::<L, 2>(g, j.tl);
+                let bi = L::load_i(offsets[g..].as_ptr());
+                for co in 0..j.c {
+                    let src = j.src.add(co * j.ld + g);
+                    // t[p] = A^T down column p of the tiles' M.
+                    let mut t = [[L::k(0.0); 2]; 4];
+                    for p in 0..4 {
+                        let mut d = [L::k(0.0); 4];
+                        for r in 0..4 {
+                            d[r] = L::load(src.add((r * 4 + p) * j.plane()), n);
+                        }
+                        t[p] = at4(d);
+                    }
+                    let b = L::gather(bias.add(co * per_channel as usize), bi, L::first(n));
+                    let dst = j.dst.add(co * j.tl.h * j.tl.w);
+                    for r in 0..2 {
+                        let o = at4([t[0][r], t[1][r], t[2][r], t[3][r]]);
+                        for s in 0..2 {
+                            let at = L::add_i(idx, r as i32 * w + s as i32);
+                            (o[s] + b).scatter(dst, at, L::and(rows[r], cols[s]));
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::gathered::check;
+    use super::*;
+
+    /// Every gathered F(2x2) transform gives bitwise the scalar one's results, on every
+    /// instruction set this CPU has.
+    #[test]
+    fn gathered_transforms_match_the_scalar_ones_bitwise() {
+        check::gathered_match_scalar(&check::Variant {
+            m: 2,
+            planes: 16,
+            input: (input_scalar::<f32>, vector::input::<f32>),
+            grad_output: (grad_output_scalar::<f32>, vector::grad_output::<f32>),
+            output: (output_scalar::<f32>, vector::output::<f32>),
+        });
     }
 }

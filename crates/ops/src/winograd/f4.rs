@@ -414,16 +414,11 @@ fn output_scalar<T: Elem>(
 // Tile coordinates index both the register arrays and the addresses: plain index loops.
 #[allow(clippy::needless_range_loop)]
 mod vector {
-    use super::super::gathered::{self, Grid, Kernel};
-    use super::super::lanes::{as_f32, as_f32_mut, Isa, Lanes};
+    use super::super::gathered::{Job, Transform};
+    use super::super::lanes::{Isa, Lanes};
     use super::super::{SharedOut, Tiles};
     use super::{a4, at6, bt6, P};
     use crate::elem::Elem;
-
-    /// Elements of a `[b, c, h, w]` tensor of the batch `tl` tiles.
-    fn elems(tl: &Tiles, c: usize) -> usize {
-        tl.total / tl.per * c * tl.h * tl.w
-    }
 
     /// `V = B^T d B` ([`super::input_transform`]).
     pub(super) fn input<T: Elem>(
@@ -434,87 +429,40 @@ mod vector {
         blk: (usize, usize),
         v: &mut [T],
     ) -> bool {
-        let (Some(isa), Some(x), Some(v)) = (isa, as_f32(x), as_f32_mut(v)) else {
-            return false;
-        };
-        let Some(grid) = Grid::new(tl, 4, 1, blk, c) else {
-            return false;
-        };
-        let ld = blk.1 - blk.0;
-        assert!(x.len() >= elems(tl, c) && v.len() >= P * c * ld);
-        let k = Input {
-            x: x.as_ptr(),
-            c,
-            tl,
-            grid: &grid,
-            ld,
-            v: v.as_mut_ptr(),
-        };
-        gathered::run(&k, isa);
-        true
+        Job::to_planes(isa, x, c, tl, blk, v, (4, 1, P)).is_some_and(|j| j.run::<Input>())
     }
 
-    /// Arguments of [`input`]'s kernel (the slices checked long enough).
-    struct Input<'a> {
-        x: *const f32,
-        c: usize,
-        tl: &'a Tiles,
-        grid: &'a Grid,
-        ld: usize,
-        v: *mut f32,
-    }
+    struct Input;
 
-    impl Kernel for Input<'_> {
+    impl Transform for Input {
         #[inline(always)]
-        unsafe fn run<L: Lanes>(&self) {
-            let w = self.tl.w as i32;
-            let (ld, plane) = (self.ld, self.c * self.ld);
-            for g in (0..ld).step_by(L::N) {
-                let n = (ld - g).min(L::N);
-                let (idx, rows, cols) = masks::<L, 6>(self.grid, g, self.tl);
-                for ci in 0..self.c {
-                    let src = self.x.add(ci * self.tl.h * self.tl.w);
+        unsafe fn run<L: Lanes>(j: &Job) {
+            let w = j.tl.w as i32;
+            for g in (0..j.ld).step_by(L::N) {
+                let n = (j.ld - g).min(L::N);
+                let (idx, rows, cols) = j.grid.masks::<L, 6>(g, j.tl);
+                for ci in 0..j.c {
+                    let src = j.src.add(ci * j.tl.h * j.tl.w);
                     // t[p] = B^T down column p of the tiles.
                     let mut t = [[L::k(0.0); 6]; 6];
-                    for (p, tp) in t.iter_mut().enumerate() {
+                    for p in 0..6 {
                         let mut d = [L::k(0.0); 6];
-                        for (r, dr) in d.iter_mut().enumerate() {
+                        for r in 0..6 {
                             let at = L::add_i(idx, r as i32 * w + p as i32);
-                            *dr = L::gather(src, at, L::and(rows[r], cols[p]));
+                            d[r] = L::gather(src, at, L::and(rows[r], cols[p]));
                         }
-                        *tp = bt6(d);
+                        t[p] = bt6(d);
                     }
-                    let out = self.v.add(ci * ld + g);
+                    let out = j.dst.add(ci * j.ld + g);
                     for i in 0..6 {
                         let o = bt6([t[0][i], t[1][i], t[2][i], t[3][i], t[4][i], t[5][i]]);
-                        for (q, val) in o.into_iter().enumerate() {
-                            val.store(out.add((i * 6 + q) * plane), n);
+                        for q in 0..6 {
+                            o[q].store(out.add((i * 6 + q) * j.plane()), n);
                         }
                     }
                 }
             }
         }
-    }
-
-    /// Lanes `g..g + N` of the grid: tile indices, and which of the `S` rows and columns from
-    /// each tile's corner lie inside the image.
-    #[inline(always)]
-    unsafe fn masks<L: Lanes, const S: usize>(
-        grid: &Grid,
-        g: usize,
-        tl: &Tiles,
-    ) -> (L::I, [L::M; S], [L::M; S]) {
-        let idx = L::load_i(grid.idx[g..].as_ptr());
-        let (y, x) = (
-            L::load_i(grid.y[g..].as_ptr()),
-            L::load_i(grid.x[g..].as_ptr()),
-        );
-        let (mut rows, mut cols) = ([L::first(0); S], [L::first(0); S]);
-        for k in 0..S {
-            rows[k] = L::within(L::add_i(y, k as i32), tl.h as i32);
-            cols[k] = L::within(L::add_i(x, k as i32), tl.w as i32);
-        }
-        (idx, rows, cols)
     }
 
     /// `dM = A dY A^T` ([`super::grad_output_transform`]).
@@ -526,61 +474,35 @@ mod vector {
         blk: (usize, usize),
         dm: &mut [T],
     ) -> bool {
-        let (Some(isa), Some(dy), Some(dm)) = (isa, as_f32(dy), as_f32_mut(dm)) else {
-            return false;
-        };
-        let Some(grid) = Grid::new(tl, 4, 0, blk, c) else {
-            return false;
-        };
-        let ld = blk.1 - blk.0;
-        assert!(dy.len() >= elems(tl, c) && dm.len() >= P * c * ld);
-        let k = GradOutput {
-            dy: dy.as_ptr(),
-            c,
-            tl,
-            grid: &grid,
-            ld,
-            dm: dm.as_mut_ptr(),
-        };
-        gathered::run(&k, isa);
-        true
+        Job::to_planes(isa, dy, c, tl, blk, dm, (4, 0, P)).is_some_and(|j| j.run::<GradOutput>())
     }
 
-    /// Arguments of [`grad_output`]'s kernel.
-    struct GradOutput<'a> {
-        dy: *const f32,
-        c: usize,
-        tl: &'a Tiles,
-        grid: &'a Grid,
-        ld: usize,
-        dm: *mut f32,
-    }
+    struct GradOutput;
 
-    impl Kernel for GradOutput<'_> {
+    impl Transform for GradOutput {
         #[inline(always)]
-        unsafe fn run<L: Lanes>(&self) {
-            let w = self.tl.w as i32;
-            let (ld, plane) = (self.ld, self.c * self.ld);
-            for g in (0..ld).step_by(L::N) {
-                let n = (ld - g).min(L::N);
-                let (idx, rows, cols) = masks::<L, 4>(self.grid, g, self.tl);
-                for ci in 0..self.c {
-                    let src = self.dy.add(ci * self.tl.h * self.tl.w);
+        unsafe fn run<L: Lanes>(j: &Job) {
+            let w = j.tl.w as i32;
+            for g in (0..j.ld).step_by(L::N) {
+                let n = (j.ld - g).min(L::N);
+                let (idx, rows, cols) = j.grid.masks::<L, 4>(g, j.tl);
+                for ci in 0..j.c {
+                    let src = j.src.add(ci * j.tl.h * j.tl.w);
                     // t[s] = A down column s of the tiles' output gradients.
                     let mut t = [[L::k(0.0); 6]; 4];
-                    for (s, ts) in t.iter_mut().enumerate() {
+                    for s in 0..4 {
                         let mut d = [L::k(0.0); 4];
-                        for (r, dr) in d.iter_mut().enumerate() {
+                        for r in 0..4 {
                             let at = L::add_i(idx, r as i32 * w + s as i32);
-                            *dr = L::gather(src, at, L::and(rows[r], cols[s]));
+                            d[r] = L::gather(src, at, L::and(rows[r], cols[s]));
                         }
-                        *ts = a4(d);
+                        t[s] = a4(d);
                     }
-                    let out = self.dm.add(ci * ld + g);
+                    let out = j.dst.add(ci * j.ld + g);
                     for i in 0..6 {
                         let o = a4([t[0][i], t[1][i], t[2][i], t[3][i]]);
-                        for (q, val) in o.into_iter().enumerate() {
-                            val.store(out.add((i * 6 + q) * plane), n);
+                        for q in 0..6 {
+                            o[q].store(out.add((i * 6 + q) * j.plane()), n);
                         }
                     }
                 }
@@ -598,85 +520,38 @@ mod vector {
         y: SharedOut<T>,
         bias: Option<(&[T], usize)>,
     ) -> bool {
-        let (Some(isa), Some(m)) = (isa, as_f32(m)) else {
-            return false;
-        };
-        let bias = match bias {
-            Some((b, stride)) => match as_f32(b) {
-                Some(b) => Some((b, stride)),
-                None => return false,
-            },
-            None => None,
-        };
-        let Some(grid) = Grid::new(tl, 4, 0, blk, c) else {
-            return false;
-        };
-        let ld = blk.1 - blk.0;
-        assert!(m.len() >= P * c * ld);
-        // Each tile's bias offset (its example's row of `bias`); without bias, lanes of zeros.
-        let zeros = [0f32; 1];
-        let (b, bidx) = match bias {
-            Some((b, stride)) => {
-                let examples = tl.total / tl.per;
-                assert!(b.len() >= (examples - 1) * stride + c);
-                let bidx: Vec<i32> = grid.e.iter().map(|&e| e * stride as i32).collect();
-                (b.as_ptr(), bidx)
-            }
-            None => (zeros.as_ptr(), vec![0; grid.e.len()]),
-        };
-        let k = Output {
-            m: m.as_ptr(),
-            c,
-            tl,
-            grid: &grid,
-            ld,
-            y: y.0 as *mut f32,
-            bias: (b, bias.is_some(), &bidx),
-        };
-        gathered::run(&k, isa);
-        true
+        Job::to_image(isa, m, c, tl, blk, y, bias, (4, P)).is_some_and(|j| j.run::<Output>())
     }
 
-    /// Arguments of [`output`]'s kernel: `bias` is (its values, whether per channel, each
-    /// lane's offset).
-    struct Output<'a> {
-        m: *const f32,
-        c: usize,
-        tl: &'a Tiles,
-        grid: &'a Grid,
-        ld: usize,
-        y: *mut f32,
-        bias: (*const f32, bool, &'a [i32]),
-    }
+    struct Output;
 
-    impl Kernel for Output<'_> {
+    impl Transform for Output {
         #[inline(always)]
-        unsafe fn run<L: Lanes>(&self) {
-            let w = self.tl.w as i32;
-            let (ld, plane) = (self.ld, self.c * self.ld);
-            let (bias, per_channel, bidx) = self.bias;
-            for g in (0..ld).step_by(L::N) {
-                let n = (ld - g).min(L::N);
-                let (idx, rows, cols) = masks::<L, 4>(self.grid, g, self.tl);
-                let bi = L::load_i(bidx[g..].as_ptr());
-                for co in 0..self.c {
-                    let src = self.m.add(co * ld + g);
+        unsafe fn run<L: Lanes>(j: &Job) {
+            let w = j.tl.w as i32;
+            let (bias, ref offsets, per_channel) = j.bias;
+            for g in (0..j.ld).step_by(L::N) {
+                let n = (j.ld - g).min(L::N);
+                let (idx, rows, cols) = j.grid.masks::<L, 4>(g, j.tl);
+                let bi = L::load_i(offsets[g..].as_ptr());
+                for co in 0..j.c {
+                    let src = j.src.add(co * j.ld + g);
                     // t[q] = A^T down column q of the tiles' M.
                     let mut t = [[L::k(0.0); 4]; 6];
-                    for (q, tq) in t.iter_mut().enumerate() {
+                    for q in 0..6 {
                         let mut d = [L::k(0.0); 6];
-                        for (i, di) in d.iter_mut().enumerate() {
-                            *di = L::load(src.add((i * 6 + q) * plane), n);
+                        for i in 0..6 {
+                            d[i] = L::load(src.add((i * 6 + q) * j.plane()), n);
                         }
-                        *tq = at6(d);
+                        t[q] = at6(d);
                     }
                     let b = L::gather(bias.add(co * per_channel as usize), bi, L::first(n));
-                    let dst = self.y.add(co * self.tl.h * self.tl.w);
+                    let dst = j.dst.add(co * j.tl.h * j.tl.w);
                     for r in 0..4 {
                         let o = at6([t[0][r], t[1][r], t[2][r], t[3][r], t[4][r], t[5][r]]);
-                        for (s, val) in o.into_iter().enumerate() {
+                        for s in 0..4 {
                             let at = L::add_i(idx, r as i32 * w + s as i32);
-                            (val + b).scatter(dst, at, L::and(rows[r], cols[s]));
+                            (o[s] + b).scatter(dst, at, L::and(rows[r], cols[s]));
                         }
                     }
                 }
@@ -687,95 +562,19 @@ mod vector {
 
 #[cfg(test)]
 mod tests {
-    use super::super::lanes::Isa;
+    use super::super::gathered::check;
     use super::*;
 
-    /// The instruction sets this CPU can run the gathered kernels with.
-    fn isas() -> Vec<Isa> {
-        let mut v = Vec::new();
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx512f") {
-                v.push(Isa::Avx512);
-            }
-            if crate::simd::has_avx2_fma() {
-                v.push(Isa::Avx2);
-            }
-        }
-        v
-    }
-
-    fn noise(n: usize, seed: u32) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(2654435761).max(1);
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 17;
-                s ^= s << 5;
-                (s % 2001) as f32 / 1000.0 - 1.0
-            })
-            .collect()
-    }
-
-    /// Shapes with partial tiles at the bottom and right, tile rows shorter and longer than a
-    /// vector, and blocks that start and end inside tile rows and examples.
-    /// Batch, channels, height, width, block of tiles.
-    type Case = (usize, usize, usize, usize, (usize, usize));
-
-    const CASES: [Case; 5] = [
-        (3, 5, 8, 8, (0, 12)),
-        (2, 3, 7, 9, (1, 11)),
-        (4, 2, 13, 6, (3, 29)),
-        (2, 4, 28, 28, (5, 98)),
-        (1, 17, 10, 33, (0, 27)),
-    ];
-
-    /// Every gathered transform gives bitwise the scalar one's results, on every instruction
-    /// set the CPU has (it fails when a mask, an index or the order of the arithmetic is off).
+    /// Every gathered F(4x4) transform gives bitwise the scalar one's results, on every
+    /// instruction set this CPU has.
     #[test]
     fn gathered_transforms_match_the_scalar_ones_bitwise() {
-        let isas = isas();
-        for (b, c, h, w, blk) in CASES {
-            let tl = Tiles::new(b, h, w, 4);
-            assert!(blk.1 <= tl.total);
-            let x = noise(b * c * h * w, (b * 100 + h) as u32);
-            let ld = blk.1 - blk.0;
-            let mut want = vec![f32::NAN; P * c * ld];
-            input_scalar(&x, c, &tl, blk, &mut want);
-            let mut want_dm = vec![f32::NAN; P * c * ld];
-            grad_output_scalar(&x, c, &tl, blk, &mut want_dm);
-            let m = noise(P * c * ld, 7 + c as u32);
-            let bias = noise(b * c + 3, 11);
-            for bias in [None, Some((&bias[..], c + 1))] {
-                let mut want_y = vec![f32::NAN; b * c * h * w];
-                output_scalar(&m, c, &tl, blk, SharedOut(want_y.as_mut_ptr()), bias);
-                for &isa in &isas {
-                    let mut got = vec![f32::NAN; P * c * ld];
-                    assert!(vector::input(Some(isa), &x, c, &tl, blk, &mut got));
-                    assert_eq!(
-                        bits(&got),
-                        bits(&want),
-                        "input {isa:?} {b}x{c}x{h}x{w} {blk:?}"
-                    );
-                    let mut got = vec![f32::NAN; P * c * ld];
-                    assert!(vector::grad_output(Some(isa), &x, c, &tl, blk, &mut got));
-                    assert_eq!(bits(&got), bits(&want_dm), "dM {isa:?} {b}x{c}x{h}x{w}");
-                    let mut got = vec![f32::NAN; b * c * h * w];
-                    let y = SharedOut(got.as_mut_ptr());
-                    assert!(vector::output(Some(isa), &m, c, &tl, blk, y, bias));
-                    // NaN outside the block's tiles in both: compared as bits.
-                    assert_eq!(
-                        bits(&got),
-                        bits(&want_y),
-                        "y {isa:?} {b}x{c}x{h}x{w} {blk:?}"
-                    );
-                }
-            }
-        }
-        eprintln!("gathered transforms checked on {isas:?}");
-    }
-
-    fn bits(v: &[f32]) -> Vec<u32> {
-        v.iter().map(|x| x.to_bits()).collect()
+        check::gathered_match_scalar(&check::Variant {
+            m: 4,
+            planes: P,
+            input: (input_scalar::<f32>, vector::input::<f32>),
+            grad_output: (grad_output_scalar::<f32>, vector::grad_output::<f32>),
+            output: (output_scalar::<f32>, vector::output::<f32>),
+        });
     }
 }

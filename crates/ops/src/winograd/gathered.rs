@@ -8,8 +8,9 @@
 //! tile element of all of them with one masked gather, transform in registers and store whole
 //! vectors into the planes: no scratch, no padded copy of the image.
 
-use super::lanes::{Isa, Lanes};
-use super::Tiles;
+use super::lanes::{as_f32, as_f32_mut, Isa, Lanes};
+use super::{SharedOut, Tiles};
+use crate::elem::Elem;
 
 /// Tiles of one block, padded to whole vectors: each tile's top-left pixel `(y, x)` (its output
 /// tile's corner plus the variant's offset) and the index of that pixel in a `[b, c, h, w]`
@@ -56,36 +57,283 @@ impl Grid {
         }
         Some(g)
     }
+
+    /// Lanes `g..g + N`: tile indices, and which of the `S` rows and columns from each tile's
+    /// top-left pixel lie inside the image.
+    ///
+    /// # Safety
+    /// `L`'s instruction set must be present (see [`Lanes`]).
+    #[inline(always)]
+    pub unsafe fn masks<L: Lanes, const S: usize>(
+        &self,
+        g: usize,
+        tl: &Tiles,
+    ) -> (L::I, [L::M; S], [L::M; S]) {
+        let idx = L::load_i(self.idx[g..].as_ptr());
+        let (y, x) = (
+            L::load_i(self.y[g..].as_ptr()),
+            L::load_i(self.x[g..].as_ptr()),
+        );
+        let (mut rows, mut cols) = ([L::first(0); S], [L::first(0); S]);
+        for k in 0..S {
+            rows[k] = L::within(L::add_i(y, k as i32), tl.h as i32);
+            cols[k] = L::within(L::add_i(x, k as i32), tl.w as i32);
+        }
+        (idx, rows, cols)
+    }
+}
+
+/// One block's transform between a `[b, c, h, w]` tensor (the image side) and `planes` planes
+/// `[c, ld]` (the tile side), its slices checked and turned into pointers.
+pub(crate) struct Job<'a> {
+    /// What the transform reads: the image, or the planes.
+    pub src: *const f32,
+    /// What it writes: the planes, or the image (each pixel by one tile only).
+    pub dst: *mut f32,
+    pub c: usize,
+    pub tl: &'a Tiles,
+    pub grid: Grid,
+    /// Tiles in the block.
+    pub ld: usize,
+    /// Per-example bias of an output transform: its values from channel 0, each lane's offset
+    /// to its example's row, and whether it is per channel (else one 0 for all).
+    pub bias: (*const f32, Vec<i32>, bool),
+    isa: Isa,
+}
+
+/// One zero, the bias of an output transform without one.
+static ZERO: [f32; 1] = [0.0];
+
+impl<'a> Job<'a> {
+    /// Image `src` to planes `dst` for a variant with `m x m` output tiles read from `off`
+    /// pixels above and left of each tile's corner; `None` if it cannot run (no `isa`, not f32,
+    /// indices beyond i32). Panics if a slice is too short.
+    #[allow(clippy::too_many_arguments)]
+    pub fn to_planes<T: Elem>(
+        isa: Option<Isa>,
+        src: &[T],
+        c: usize,
+        tl: &'a Tiles,
+        blk: (usize, usize),
+        dst: &mut [T],
+        (m, off, planes): (usize, i32, usize),
+    ) -> Option<Job<'a>> {
+        let (isa, src, dst) = (isa?, as_f32(src)?, as_f32_mut(dst)?);
+        let grid = Grid::new(tl, m, off, blk, c)?;
+        let ld = blk.1 - blk.0;
+        assert!(src.len() >= elems(tl, c) && dst.len() >= planes * c * ld);
+        let bias = (ZERO.as_ptr(), vec![0; grid.e.len()], false);
+        let (src, dst) = (src.as_ptr(), dst.as_mut_ptr());
+        Some(Job {
+            src,
+            dst,
+            c,
+            tl,
+            grid,
+            ld,
+            bias,
+            isa,
+        })
+    }
+
+    /// Planes `src` to image `y` (+ bias `b[e * stride + channel]`), as [`Job::to_planes`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn to_image<T: Elem>(
+        isa: Option<Isa>,
+        src: &[T],
+        c: usize,
+        tl: &'a Tiles,
+        blk: (usize, usize),
+        y: SharedOut<T>,
+        bias: Option<(&[T], usize)>,
+        (m, planes): (usize, usize),
+    ) -> Option<Job<'a>> {
+        let (isa, src) = (isa?, as_f32(src)?);
+        let grid = Grid::new(tl, m, 0, blk, c)?;
+        let ld = blk.1 - blk.0;
+        assert!(src.len() >= planes * c * ld);
+        let bias = match bias {
+            Some((b, stride)) => {
+                let b = as_f32(b)?;
+                assert!(b.len() >= (tl.total / tl.per - 1) * stride + c);
+                let offsets = grid.e.iter().map(|&e| e * stride as i32).collect();
+                (b.as_ptr(), offsets, true)
+            }
+            None => (ZERO.as_ptr(), vec![0; grid.e.len()], false),
+        };
+        let dst = y.0 as *mut f32;
+        Some(Job {
+            src: src.as_ptr(),
+            dst,
+            c,
+            tl,
+            grid,
+            ld,
+            bias,
+            isa,
+        })
+    }
+
+    /// Elements in one plane: `c` channels of the block's tiles.
+    pub fn plane(&self) -> usize {
+        self.c * self.ld
+    }
+
+    /// Runs transform `K`; true (for the callers' "done").
+    pub fn run<K: Transform>(&self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            #[target_feature(enable = "avx512f")]
+            unsafe fn zmm<K: Transform>(j: &Job) {
+                K::run::<super::lanes::Z>(j)
+            }
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn ymm<K: Transform>(j: &Job) {
+                K::run::<super::lanes::Y>(j)
+            }
+            // SAFETY: `isa` came from `Isa::detect` (or a test's check of the CPU's features).
+            match self.isa {
+                Isa::Avx512 => unsafe { zmm::<K>(self) },
+                Isa::Avx2 => unsafe { ymm::<K>(self) },
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        unreachable!("no vector set is detected off x86-64");
+        true
+    }
+}
+
+/// Elements of a `[b, c, h, w]` tensor of the batch `tl` tiles.
+fn elems(tl: &Tiles, c: usize) -> usize {
+    tl.total / tl.per * c * tl.h * tl.w
 }
 
 /// A transform written once for any vector width.
-pub(crate) trait Kernel {
+pub(crate) trait Transform {
     /// # Safety
-    /// Only called by [`run`], on a CPU with `L`'s instruction set.
-    unsafe fn run<L: Lanes>(&self);
+    /// Only called by [`Job::run`], on a CPU with `L`'s instruction set. The kernel must read
+    /// and write only inside the tensors `j` describes, and write each output pixel from one
+    /// tile.
+    unsafe fn run<L: Lanes>(j: &Job);
 }
 
-/// Runs `k` with `isa`'s vectors.
-pub(crate) fn run(k: &impl Kernel, isa: Isa) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        #[target_feature(enable = "avx512f")]
-        unsafe fn zmm<K: Kernel>(k: &K) {
-            k.run::<super::lanes::Z>()
+/// The check both variants' gathered transforms pass: bitwise the scalar results.
+#[cfg(test)]
+pub(crate) mod check {
+    use super::super::lanes::Isa;
+    use super::super::{SharedOut, Tiles};
+
+    type Blk = (usize, usize);
+    type Bias<'a> = Option<(&'a [f32], usize)>;
+    pub(crate) type ToPlanes = fn(&[f32], usize, &Tiles, Blk, &mut [f32]);
+    pub(crate) type ToPlanesV = fn(Option<Isa>, &[f32], usize, &Tiles, Blk, &mut [f32]) -> bool;
+    pub(crate) type ToImage = fn(&[f32], usize, &Tiles, Blk, SharedOut<f32>, Bias);
+    pub(crate) type ToImageV =
+        fn(Option<Isa>, &[f32], usize, &Tiles, Blk, SharedOut<f32>, Bias) -> bool;
+
+    /// A variant's output tile side, planes, and (scalar, vector) transforms.
+    pub(crate) struct Variant {
+        pub m: usize,
+        pub planes: usize,
+        pub input: (ToPlanes, ToPlanesV),
+        pub grad_output: (ToPlanes, ToPlanesV),
+        pub output: (ToImage, ToImageV),
+    }
+
+    /// The instruction sets this CPU can run the gathered kernels with.
+    fn isas() -> Vec<Isa> {
+        let mut v = Vec::new();
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                v.push(Isa::Avx512);
+            }
+            if crate::simd::has_avx2_fma() {
+                v.push(Isa::Avx2);
+            }
         }
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn ymm<K: Kernel>(k: &K) {
-            k.run::<super::lanes::Y>()
-        }
-        // SAFETY: `isa` came from `Isa::detect`, which checked the CPU's features.
-        match isa {
-            Isa::Avx512 => unsafe { zmm(k) },
-            Isa::Avx2 => unsafe { ymm(k) },
+        v
+    }
+
+    fn noise(n: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(2654435761).max(1);
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                // Some exact zeros: the sign of a negated zero is checked too.
+                ((s % 2001) as f32 / 1000.0 - 1.0) * !s.is_multiple_of(7) as u8 as f32
+            })
+            .collect()
+    }
+
+    /// Panics naming `what` and the first slot whose bits differ.
+    fn same_bits(got: &[f32], want: &[f32], what: &str) {
+        assert_eq!(got.len(), want.len());
+        if let Some(i) = (0..got.len()).find(|&i| got[i].to_bits() != want[i].to_bits()) {
+            panic!(
+                "{what}: slot {i} is {:e}, the scalar transform gives {:e}",
+                got[i], want[i]
+            );
         }
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        let _ = (k, isa);
-        unreachable!("Isa::detect finds no vector set off x86-64")
+
+    /// Batch, channels, height, width: partial tiles at the bottom and right, tile rows shorter
+    /// and longer than a vector. Blocks start and end inside tile rows and examples.
+    const SHAPES: [(usize, usize, usize, usize); 5] = [
+        (3, 5, 8, 8),
+        (2, 3, 7, 9),
+        (4, 2, 13, 6),
+        (2, 4, 28, 28),
+        (1, 17, 10, 33),
+    ];
+
+    /// Runs every transform of `v` both ways on each shape and instruction set and asserts the
+    /// same bits (NaN-filled outputs, so a slot one side leaves unwritten also differs). Fails
+    /// when a mask, an index or the order of the arithmetic is off.
+    pub(crate) fn gathered_match_scalar(v: &Variant) {
+        let isas = isas();
+        for (b, c, h, w) in SHAPES {
+            let tl = Tiles::new(b, h, w, v.m);
+            for blk in [
+                (0, tl.total),
+                (1, tl.total - 2),
+                (tl.total / 3, tl.total / 3 + 19),
+            ] {
+                let blk = (blk.0, blk.1.min(tl.total));
+                let ld = blk.1 - blk.0;
+                let x = noise(b * c * h * w, (b * 100 + h) as u32);
+                let m = noise(v.planes * c * ld, 7 + c as u32);
+                let bias = noise(b * (c + 1), 11);
+                for (i, (scalar, vector)) in [v.input, v.grad_output].into_iter().enumerate() {
+                    let mut want = vec![f32::NAN; v.planes * c * ld];
+                    scalar(&x, c, &tl, blk, &mut want);
+                    for &isa in &isas {
+                        let mut got = vec![f32::NAN; v.planes * c * ld];
+                        assert!(vector(Some(isa), &x, c, &tl, blk, &mut got));
+                        let what = ["input", "grad_output"][i];
+                        same_bits(
+                            &got,
+                            &want,
+                            &format!("{what} {isa:?} {b}x{c}x{h}x{w} {blk:?}"),
+                        );
+                    }
+                }
+                for bias in [None, Some((&bias[..], c + 1))] {
+                    let mut want = vec![f32::NAN; b * c * h * w];
+                    (v.output.0)(&m, c, &tl, blk, SharedOut(want.as_mut_ptr()), bias);
+                    for &isa in &isas {
+                        let mut got = vec![f32::NAN; b * c * h * w];
+                        let y = SharedOut(got.as_mut_ptr());
+                        assert!((v.output.1)(Some(isa), &m, c, &tl, blk, y, bias));
+                        let with = bias.is_some();
+                        let what = format!("output {isa:?} {b}x{c}x{h}x{w} {blk:?} bias {with}");
+                        same_bits(&got, &want, &what);
+                    }
+                }
+            }
+        }
+        eprintln!("gathered transforms (m = {}) checked on {isas:?}", v.m);
     }
 }

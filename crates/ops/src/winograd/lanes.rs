@@ -8,13 +8,14 @@
 //! one scalar at a time. No fused multiply-add is used, so every result is bitwise the scalar
 //! loop's.
 
-use std::ops::{Add, Mul, Sub};
+use std::ops::{Add, Mul, Neg, Sub};
 
 use crate::elem::Elem;
 
-/// What a transform formula needs: `+`, `-`, `*` and constants.
+/// What a transform formula needs: `+`, `-`, `*`, negation (the sign flipped, as for scalars)
+/// and constants.
 pub(crate) trait Arith:
-    Copy + Add<Output = Self> + Sub<Output = Self> + Mul<Output = Self>
+    Copy + Add<Output = Self> + Sub<Output = Self> + Mul<Output = Self> + Neg<Output = Self>
 {
     /// The constant `v` (in every lane).
     fn k(v: f64) -> Self;
@@ -103,7 +104,7 @@ pub(crate) use x86::{Y, Z};
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
-    use std::ops::{Add, Mul, Sub};
+    use std::ops::{Add, Mul, Neg, Sub};
 
     use super::{Arith, Lanes};
 
@@ -133,6 +134,27 @@ mod x86 {
     binop!(Y, Add, add, _mm256_add_ps);
     binop!(Y, Sub, sub, _mm256_sub_ps);
     binop!(Y, Mul, mul, _mm256_mul_ps);
+
+    impl Neg for Z {
+        type Output = Z;
+        #[inline(always)]
+        fn neg(self) -> Z {
+            // SAFETY: see `binop!`. The sign bit flipped (0 - x would turn -0 into +0).
+            Z(unsafe {
+                let sign = _mm512_set1_epi32(i32::MIN);
+                _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(self.0), sign))
+            })
+        }
+    }
+
+    impl Neg for Y {
+        type Output = Y;
+        #[inline(always)]
+        fn neg(self) -> Y {
+            // SAFETY: see `binop!`.
+            Y(unsafe { _mm256_xor_ps(self.0, _mm256_set1_ps(-0.0)) })
+        }
+    }
 
     impl Arith for Z {
         #[inline(always)]
