@@ -81,10 +81,11 @@ pub(crate) unsafe fn gemm<T: Elem>(
         b.len
     );
     if threads == 1
-        && b.cs == 1
+        && (b.cs == 1 || b.rs == 1)
         && std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()
         && crate::sgemm512::available()
     {
+        let b_t = b.cs != 1;
         // SAFETY: T is f32 (checked), the operands lie within their views (checked above), the
         // CPU has AVX-512F (checked) and `c` is the caller's promise.
         unsafe {
@@ -97,8 +98,7 @@ pub(crate) unsafe fn gemm<T: Elem>(
                 accumulate,
                 a.ptr as *const f32,
                 (a.rs, a.cs),
-                b.ptr as *const f32,
-                b.rs,
+                (b.ptr as *const f32, if b_t { b.cs } else { b.rs }, b_t),
             )
         };
         return;
@@ -189,8 +189,9 @@ mod tests {
 
     /// The f32 GEMM this CPU dispatches to (`sgemm512` where AVX-512F is present, else `gemm`'s)
     /// against an f64 reference: every edge of sgemm512's register blocking (rows not a multiple
-    /// of 12, columns not a multiple of 32 or 16, k = 0), a strided and a transposed `A`,
-    /// accumulation, and nothing written outside the `m x n` block of `C`.
+    /// of 12, columns not a multiple of 32 or 16, k = 0 and k not a multiple of 16), a strided
+    /// and a transposed `A` and `B`, accumulation, and nothing written outside the `m x n`
+    /// block of `C`.
     #[test]
     fn f32_gemm_matches_a_reference_on_every_edge() {
         eprintln!(
@@ -209,14 +210,24 @@ mod tests {
             (11, 47, 0),
             (64, 100, 36),
             (7, 16, 3),
+            (5, 40, 17),
         ] {
             let ldc = n + 2;
-            // (A row, A column, B row, B column) strides: row-major, then transposed views.
-            for (a_s, ldb) in [((k + 3, 1), n + 5), ((1, m + 2), n + 3)] {
+            // A row-major or transposed; B row-major (row stride ldb) or transposed (a column
+            // of B at every ldb values).
+            for (a_s, ldb, b_t) in [
+                ((k + 3, 1), n + 5, false),
+                ((1, m + 2), n + 3, false),
+                ((k + 3, 1), k + 4, true),
+                ((1, m + 2), k + 1, true),
+            ] {
                 let a = values(m.max(1) * (k + 3) + k.max(1) * (m + 2), 1);
-                let b = values(k.max(1) * ldb, 2);
+                let b = values(k.max(1) * ldb + n * ldb, 2);
                 let at = |i: usize, p: usize| a[i * a_s.0 + p * a_s.1] as f64;
-                let bt = |p: usize, j: usize| b[p * ldb + j] as f64;
+                let bt = |p: usize, j: usize| match b_t {
+                    false => b[p * ldb + j] as f64,
+                    true => b[j * ldb + p] as f64,
+                };
                 for accumulate in [false, true] {
                     let init = values((m + 1) * ldc, 3);
                     let mut c = init.clone();
@@ -225,20 +236,13 @@ mod tests {
                     } else {
                         Mat::rows(&a, a_s.1).t()
                     };
-                    // SAFETY: c holds (m + 1) rows of ldc >= n values; the views hold A and B.
-                    unsafe {
-                        gemm(
-                            m,
-                            n,
-                            k,
-                            c.as_mut_ptr(),
-                            ldc,
-                            accumulate,
-                            av,
-                            Mat::rows(&b, ldb),
-                            1,
-                        )
+                    let bv = if b_t {
+                        Mat::rows(&b, ldb).t()
+                    } else {
+                        Mat::rows(&b, ldb)
                     };
+                    // SAFETY: c holds (m + 1) rows of ldc >= n values; the views hold A and B.
+                    unsafe { gemm(m, n, k, c.as_mut_ptr(), ldc, accumulate, av, bv, 1) };
                     for i in 0..m + 1 {
                         for j in 0..ldc {
                             let got = c[i * ldc + j];
@@ -252,9 +256,10 @@ mod tests {
                             }
                             let tol = 1e-5 * (1.0 + k as f64);
                             assert!(
-                            (got as f64 - want).abs() <= tol,
-                            "m {m} n {n} k {k} {a_s:?} acc {accumulate}: ({i}, {j}) {got} vs {want}"
-                        );
+                                (got as f64 - want).abs() <= tol,
+                                "m {m} n {n} k {k} {a_s:?} B^T {b_t} acc {accumulate}: \
+                                 ({i}, {j}) {got} vs {want}"
+                            );
                         }
                     }
                 }
