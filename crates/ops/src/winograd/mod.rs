@@ -228,8 +228,11 @@ unsafe impl<T: Send> Sync for SharedOut<T> {}
 /// and done serially they were ~2% of a 2-thread training step, on one core.
 pub(crate) const KERNEL_CHUNK: usize = 1024;
 
-/// `U` as `PLANES` planes from per-kernel `t(g)` (each kernel's `PLANES` values), kernels in
-/// parallel, then scattered into the planes, each plane its own task.
+/// `U` as `PLANES` planes from per-kernel `t(g)` (each kernel's `PLANES` values): chunks of
+/// kernels in parallel, each writing its kernels' values straight into the planes (`PLANES`
+/// sequential write streams per task). Collecting per-kernel arrays first and then filling
+/// each plane from them read the whole array once per plane: for 256 x 256 kernels 36 passes
+/// over 9 MiB, 3x the time of the conv's GEMMs on an 8x8 map.
 ///
 /// `w` must hold exactly `plane` 3x3 kernels: every slot of `U` is then written once. Any other
 /// length panics here, before an uninitialised slot could be read.
@@ -244,22 +247,23 @@ pub(crate) fn kernel_planes<T: Elem, const P: usize>(
         "winograd kernel transform: {} weights are not {plane} 3x3 kernels",
         w.len()
     );
-    let per_kernel: Vec<[T; P]> = w
-        .par_chunks_exact(9)
-        .with_min_len(KERNEL_CHUNK)
-        .map(t)
-        .collect();
     let mut u = Uninit::<T>::new(P * plane);
-    u.slots()
-        .par_chunks_mut(plane)
+    let out = SharedOut(u.slots().as_mut_ptr() as *mut T);
+    w.par_chunks(9 * KERNEL_CHUNK)
         .enumerate()
-        .for_each(|(k, dst)| {
-            for (d, src) in dst.iter_mut().zip(&per_kernel) {
-                d.write(src[k]);
+        .for_each(|(c, chunk)| {
+            let out = out;
+            for (i, g) in chunk.chunks_exact(9).enumerate() {
+                let o = c * KERNEL_CHUNK + i;
+                for (k, v) in t(g).into_iter().enumerate() {
+                    // SAFETY: o < plane (w holds `plane` kernels), so slot k * plane + o lies in
+                    // `u`; each (k, o) is written by this kernel's task only.
+                    unsafe { out.0.add(k * plane + o).write(v) };
+                }
             }
         });
-    // SAFETY: P planes of `plane` values, each written by its task: `per_kernel` has `plane`
-    // entries (checked above), so each plane's zip writes all of its slots.
+    // SAFETY: P planes of `plane` values: kernel o wrote slot k * plane + o for every k < P,
+    // and `w` has `plane` kernels (checked above).
     unsafe { u.assume_init() }
 }
 
