@@ -224,6 +224,17 @@ pub(crate) struct SharedOut<T>(pub *mut T);
 unsafe impl<T: Send> Send for SharedOut<T> {}
 unsafe impl<T: Send> Sync for SharedOut<T> {}
 
+impl<T> SharedOut<T> {
+    /// The address of element `i` (a method, so that closures capture the whole `SharedOut`).
+    ///
+    /// # Safety
+    /// `i` must lie within the output.
+    #[inline(always)]
+    pub unsafe fn at(self, i: usize) -> *mut T {
+        self.0.add(i)
+    }
+}
+
 /// Kernels per parallel task of the kernel transforms: they run once per conv and direction,
 /// and done serially they were ~2% of a 2-thread training step, on one core.
 pub(crate) const KERNEL_CHUNK: usize = 1024;
@@ -252,13 +263,12 @@ pub(crate) fn kernel_planes<T: Elem, const P: usize>(
     w.par_chunks(9 * KERNEL_CHUNK)
         .enumerate()
         .for_each(|(c, chunk)| {
-            let out = out;
             for (i, g) in chunk.chunks_exact(9).enumerate() {
                 let o = c * KERNEL_CHUNK + i;
                 for (k, v) in t(g).into_iter().enumerate() {
                     // SAFETY: o < plane (w holds `plane` kernels), so slot k * plane + o lies in
                     // `u`; each (k, o) is written by this kernel's task only.
-                    unsafe { out.0.add(k * plane + o).write(v) };
+                    unsafe { out.at(k * plane + o).write(v) };
                 }
             }
         });
