@@ -5,10 +5,8 @@
 //! even and odd (padded) columns, so that tile `k` reads columns `2k .. 2k + 3` as `even[k],
 //! odd[k], even[k + 1], odd[k + 1]`.
 
-use rayon::prelude::*;
-
 use super::lanes::{Arith, Isa};
-use super::{kernel_planes, SharedOut, Tiles, KERNEL_CHUNK};
+use super::{kernel_grads, kernel_planes, KernelForms, SharedOut, Tiles};
 use crate::elem::Elem;
 
 /// F(2x2, 3x3).
@@ -21,49 +19,65 @@ impl_variant!(F2 {
     MIN_BLOCK: 32
 });
 
-/// `U[k][co][ci] = (G g G^T)[k]` for `w` `[cout, cin, 3, 3]`; 16 planes `[cout, cin]`.
-fn kernel_transform<T: Elem>(w: &[T], cout: usize, cin: usize) -> Vec<T> {
-    let half = T::from_f64(0.5);
-    let g1 = |a: T, b: T, c: T| [a, half * (a + b + c), half * (a - b + c), c];
-    kernel_planes::<T, 16>(w, cout * cin, |g| {
+/// `G g` for 3-vectors: 4 results.
+#[inline(always)]
+fn g_col<X: Arith>(a: X, b: X, c: X) -> [X; 4] {
+    let half = X::k(0.5);
+    [a, half * (a + b + c), half * (a - b + c), c]
+}
+
+/// `G^T u` for 4-vectors: 3 results.
+#[inline(always)]
+fn gt_col<X: Arith>(u: [X; 4]) -> [X; 3] {
+    let half = X::k(0.5);
+    [
+        u[0] + half * (u[1] + u[2]),
+        half * (u[1] - u[2]),
+        half * (u[1] + u[2]) + u[3],
+    ]
+}
+
+impl KernelForms<16> for F2 {
+    #[inline(always)]
+    fn u<X: Arith>(g: [X; 9]) -> [X; 16] {
         // Columns, then rows: t = G g (4x3), u = t G^T (4x4).
-        let cols: [[T; 4]; 3] = std::array::from_fn(|s| g1(g[s], g[3 + s], g[6 + s]));
-        let mut u = [T::ZERO; 16];
+        let mut cols = [[X::k(0.0); 4]; 3];
+        for s in 0..3 {
+            cols[s] = g_col(g[s], g[3 + s], g[6 + s]);
+        }
+        let mut u = [X::k(0.0); 16];
         for r in 0..4 {
-            u[r * 4..r * 4 + 4].copy_from_slice(&g1(cols[0][r], cols[1][r], cols[2][r]));
+            u[r * 4..r * 4 + 4].copy_from_slice(&g_col(cols[0][r], cols[1][r], cols[2][r]));
         }
         u
-    })
+    }
+
+    #[inline(always)]
+    fn dg<X: Arith>(du: [X; 16]) -> [X; 9] {
+        // Rows first: t[r] = G^T applied to row r of dU (4x3), then down the columns.
+        let mut t = [[X::k(0.0); 3]; 4];
+        for r in 0..4 {
+            t[r] = gt_col([du[r * 4], du[r * 4 + 1], du[r * 4 + 2], du[r * 4 + 3]]);
+        }
+        let mut out = [X::k(0.0); 9];
+        for s in 0..3 {
+            let col = gt_col([t[0][s], t[1][s], t[2][s], t[3][s]]);
+            for r in 0..3 {
+                out[r * 3 + s] = col[r];
+            }
+        }
+        out
+    }
+}
+
+/// `U[k][co][ci] = (G g G^T)[k]` for `w` `[cout, cin, 3, 3]`; 16 planes `[cout, cin]`.
+fn kernel_transform<T: Elem>(w: &[T], cout: usize, cin: usize) -> Vec<T> {
+    kernel_planes::<T, F2, 16>(w, cout * cin)
 }
 
 /// `dg = G^T dU G` for 16 planes `[cout, cin]`; returns `[cout, cin, 3, 3]`.
 fn kernel_grad_transform<T: Elem>(du: &[T], cout: usize, cin: usize) -> Vec<T> {
-    let half = T::from_f64(0.5);
-    let gt = |u: [T; 4]| {
-        [
-            u[0] + half * (u[1] + u[2]),
-            half * (u[1] - u[2]),
-            half * (u[1] + u[2]) + u[3],
-        ]
-    };
-    let plane = cout * cin;
-    let mut dg = vec![T::ZERO; 9 * plane];
-    dg.par_chunks_exact_mut(9)
-        .with_min_len(KERNEL_CHUNK)
-        .enumerate()
-        .for_each(|(o, out)| {
-            let at = |r: usize, s: usize| du[(r * 4 + s) * plane + o];
-            // Rows (over the second index) first: t[r] = G^T applied to row r of dU (4x3).
-            let t: [[T; 3]; 4] =
-                std::array::from_fn(|r| gt([at(r, 0), at(r, 1), at(r, 2), at(r, 3)]));
-            for s in 0..3 {
-                let col = gt([t[0][s], t[1][s], t[2][s], t[3][s]]);
-                for r in 0..3 {
-                    out[r * 3 + s] = col[r];
-                }
-            }
-        });
-    dg
+    kernel_grads::<T, F2, 16>(du, cout * cin)
 }
 
 /// `B^T d` for a 4-vector `d` (of scalars or of vectors of tiles).
@@ -516,5 +530,11 @@ mod tests {
             grad_output: (grad_output_scalar::<f32>, vector::grad_output::<f32>),
             output: (output_scalar::<f32>, vector::output::<f32>),
         });
+    }
+
+    /// The vector kernel transforms match the scalar ones bitwise.
+    #[test]
+    fn vector_kernel_transforms_match_the_scalar_ones_bitwise() {
+        check::kernel_forms_match::<F2, 16>();
     }
 }

@@ -14,10 +14,8 @@
 //! width; tiles are gathered from a zero-padded copy of each image plane, so there is no
 //! bounds test per tile.
 
-use rayon::prelude::*;
-
 use super::lanes::{Arith, Isa};
-use super::{kernel_planes, SharedOut, Tiles};
+use super::{kernel_grads, kernel_planes, KernelForms, SharedOut, Tiles};
 use crate::elem::Elem;
 
 /// Planes of transformed data: 6x6 per tile.
@@ -35,11 +33,6 @@ impl_variant!(F4 {
     BLOCK_BYTES: 1 << 22,
     MIN_BLOCK: 16
 });
-
-#[inline(always)]
-fn c<T: Elem>(v: f64) -> T {
-    T::from_f64(v)
-}
 
 /// `B^T d` for a 6-vector `d` (of scalars or of vectors of tiles).
 #[inline(always)]
@@ -133,9 +126,9 @@ fn apply_a<T: Elem>(y: [&[T]; 4], o: [&mut [T]; 6]) {
 
 /// `G g` for 3-vectors: 6 results.
 #[inline(always)]
-fn g_col<T: Elem>(a: T, b: T, cc: T) -> [T; 6] {
-    let (q, s, t) = (c::<T>(0.25), c::<T>(1.0 / 6.0), c::<T>(1.0 / 24.0));
-    let tw = c::<T>(1.0 / 12.0);
+fn g_col<X: Arith>(a: X, b: X, cc: X) -> [X; 6] {
+    let (q, s, t) = (X::k(0.25), X::k(1.0 / 6.0), X::k(1.0 / 24.0));
+    let tw = X::k(1.0 / 12.0);
     [
         q * a,
         -s * (a + b + cc),
@@ -148,9 +141,9 @@ fn g_col<T: Elem>(a: T, b: T, cc: T) -> [T; 6] {
 
 /// `G^T u` for 6-vectors: 3 results.
 #[inline(always)]
-fn gt_col<T: Elem>(u: [T; 6]) -> [T; 3] {
-    let (q, s, t) = (c::<T>(0.25), c::<T>(1.0 / 6.0), c::<T>(1.0 / 24.0));
-    let tw = c::<T>(1.0 / 12.0);
+fn gt_col<X: Arith>(u: [X; 6]) -> [X; 3] {
+    let (q, s, t) = (X::k(0.25), X::k(1.0 / 6.0), X::k(1.0 / 24.0));
+    let tw = X::k(1.0 / 12.0);
     [
         q * u[0] - s * (u[1] + u[2]) + t * (u[3] + u[4]),
         s * (u[2] - u[1]) + tw * (u[3] - u[4]),
@@ -158,36 +151,56 @@ fn gt_col<T: Elem>(u: [T; 6]) -> [T; 3] {
     ]
 }
 
-/// `U[k][co][ci] = (G g G^T)[k]` for `w` `[cout, cin, 3, 3]`; 36 planes `[cout, cin]`.
-fn kernel_transform<T: Elem>(w: &[T], cout: usize, cin: usize) -> Vec<T> {
-    kernel_planes::<T, P>(w, cout * cin, |g| {
-        let cols: [[T; 6]; 3] = std::array::from_fn(|s| g_col(g[s], g[3 + s], g[6 + s]));
-        let mut u = [T::ZERO; P];
+impl KernelForms<P> for F4 {
+    #[inline(always)]
+    fn u<X: Arith>(g: [X; 9]) -> [X; P] {
+        // Columns, then rows: t = G g (6x3), u = t G^T (6x6).
+        let mut cols = [[X::k(0.0); 6]; 3];
+        for s in 0..3 {
+            cols[s] = g_col(g[s], g[3 + s], g[6 + s]);
+        }
+        let mut u = [X::k(0.0); P];
         for r in 0..6 {
-            u[r * 6..r * 6 + 6].copy_from_slice(&g_col(cols[0][r], cols[1][r], cols[2][r]));
+            let row = g_col(cols[0][r], cols[1][r], cols[2][r]);
+            u[r * 6..r * 6 + 6].copy_from_slice(&row);
         }
         u
-    })
+    }
+
+    #[inline(always)]
+    fn dg<X: Arith>(du: [X; P]) -> [X; 9] {
+        // Rows first: t[r] = G^T applied to row r of dU (6x3), then down the columns.
+        let mut t = [[X::k(0.0); 3]; 6];
+        for r in 0..6 {
+            let row = [
+                du[r * 6],
+                du[r * 6 + 1],
+                du[r * 6 + 2],
+                du[r * 6 + 3],
+                du[r * 6 + 4],
+                du[r * 6 + 5],
+            ];
+            t[r] = gt_col(row);
+        }
+        let mut out = [X::k(0.0); 9];
+        for s in 0..3 {
+            let col = gt_col([t[0][s], t[1][s], t[2][s], t[3][s], t[4][s], t[5][s]]);
+            for r in 0..3 {
+                out[r * 3 + s] = col[r];
+            }
+        }
+        out
+    }
+}
+
+/// `U[k][co][ci] = (G g G^T)[k]` for `w` `[cout, cin, 3, 3]`; 36 planes `[cout, cin]`.
+fn kernel_transform<T: Elem>(w: &[T], cout: usize, cin: usize) -> Vec<T> {
+    kernel_planes::<T, F4, P>(w, cout * cin)
 }
 
 /// `dg = G^T dU G` for 36 planes `[cout, cin]`; returns `[cout, cin, 3, 3]`.
 fn kernel_grad_transform<T: Elem>(du: &[T], cout: usize, cin: usize) -> Vec<T> {
-    let plane = cout * cin;
-    let mut dg = vec![T::ZERO; 9 * plane];
-    dg.par_chunks_exact_mut(9)
-        .with_min_len(512)
-        .enumerate()
-        .for_each(|(o, out)| {
-            let at = |r: usize, s: usize| du[(r * 6 + s) * plane + o];
-            let t: [[T; 3]; 6] = std::array::from_fn(|r| gt_col(std::array::from_fn(|s| at(r, s))));
-            for s in 0..3 {
-                let col = gt_col(std::array::from_fn(|r| t[r][s]));
-                for r in 0..3 {
-                    out[r * 3 + s] = col[r];
-                }
-            }
-        });
-    dg
+    kernel_grads::<T, F4, P>(du, cout * cin)
 }
 
 /// `n` disjoint mutable windows of `len` values of `v` at increasing offsets.
@@ -576,5 +589,11 @@ mod tests {
             grad_output: (grad_output_scalar::<f32>, vector::grad_output::<f32>),
             output: (output_scalar::<f32>, vector::output::<f32>),
         });
+    }
+
+    /// The vector kernel transforms match the scalar ones bitwise.
+    #[test]
+    fn vector_kernel_transforms_match_the_scalar_ones_bitwise() {
+        check::kernel_forms_match::<F4, P>();
     }
 }

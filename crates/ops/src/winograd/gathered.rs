@@ -8,8 +8,10 @@
 //! tile element of all of them with one masked gather, transform in registers and store whole
 //! vectors into the planes: no scratch, no padded copy of the image.
 
+use std::marker::PhantomData;
+
 use super::lanes::{as_f32, as_f32_mut, Isa, Lanes};
-use super::{SharedOut, Tiles};
+use super::{KernelForms, SharedOut, Tiles};
 use crate::elem::Elem;
 
 /// Tiles of one block, padded to whole vectors: each tile's top-left pixel `(y, x)` (its output
@@ -181,25 +183,162 @@ impl<'a> Job<'a> {
 
     /// Runs transform `K`; true (for the callers' "done").
     pub fn run<K: Transform>(&self) -> bool {
-        #[cfg(target_arch = "x86_64")]
-        {
-            #[target_feature(enable = "avx512f")]
-            unsafe fn zmm<K: Transform>(j: &Job) {
-                K::run::<super::lanes::Z>(j)
+        run_with(self.isa, &Bound::<K>(self, PhantomData));
+        true
+    }
+}
+
+/// A job bound to its transform.
+struct Bound<'j, 'a, K>(&'j Job<'a>, PhantomData<K>);
+
+impl<K: Transform> Vectorised for Bound<'_, '_, K> {
+    #[inline(always)]
+    unsafe fn run<L: Lanes>(&self) {
+        K::run::<L>(self.0)
+    }
+}
+
+/// Work written once for any vector width.
+pub(crate) trait Vectorised {
+    /// # Safety
+    /// Only called by [`run_with`], on a CPU with `L`'s instruction set.
+    unsafe fn run<L: Lanes>(&self);
+}
+
+/// Runs `k` with `isa`'s vectors.
+pub(crate) fn run_with(isa: Isa, k: &impl Vectorised) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f")]
+        unsafe fn zmm<K: Vectorised>(k: &K) {
+            k.run::<super::lanes::Z>()
+        }
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn ymm<K: Vectorised>(k: &K) {
+            k.run::<super::lanes::Y>()
+        }
+        // SAFETY: `isa` came from `Isa::detect` (or a test's check of the CPU's features).
+        match isa {
+            Isa::Avx512 => unsafe { zmm(k) },
+            Isa::Avx2 => unsafe { ymm(k) },
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = k;
+        unreachable!("no vector set is detected off x86-64: {isa:?}")
+    }
+}
+
+/// Offsets of consecutive 3x3 kernels, one per lane.
+static KERNEL_LANES: [i32; 16] = [
+    0, 9, 18, 27, 36, 45, 54, 63, 72, 81, 90, 99, 108, 117, 126, 135,
+];
+
+/// [`super::kernel_planes`]' work for the kernels in `w` (kernel `o0` first), `N` kernels per
+/// vector: false, having done nothing, when it cannot run (no `isa`, not f32).
+pub(crate) fn kernels_to_planes<T: Elem, K: KernelForms<P>, const P: usize>(
+    isa: Option<Isa>,
+    w: &[T],
+    o0: usize,
+    plane: usize,
+    out: SharedOut<T>,
+) -> bool {
+    let (Some(isa), Some(w)) = (isa, as_f32(w)) else {
+        return false;
+    };
+    assert!(o0 + w.len() / 9 <= plane);
+    let out = SharedOut(out.0 as *mut f32);
+    run_with(
+        isa,
+        &KernelsToPlanes::<K, P> {
+            w,
+            o0,
+            plane,
+            out,
+            k: PhantomData,
+        },
+    );
+    true
+}
+
+struct KernelsToPlanes<'a, K, const P: usize> {
+    w: &'a [f32],
+    o0: usize,
+    plane: usize,
+    out: SharedOut<f32>,
+    k: PhantomData<K>,
+}
+
+impl<K: KernelForms<P>, const P: usize> Vectorised for KernelsToPlanes<'_, K, P> {
+    #[inline(always)]
+    unsafe fn run<L: Lanes>(&self) {
+        let kernels = self.w.len() / 9;
+        let lanes = L::load_i(KERNEL_LANES.as_ptr());
+        for g0 in (0..kernels).step_by(L::N) {
+            let n = (kernels - g0).min(L::N);
+            let src = self.w.as_ptr().add(g0 * 9);
+            let mut g = [L::k(0.0); 9];
+            for (r, gr) in g.iter_mut().enumerate() {
+                *gr = L::gather(src, L::add_i(lanes, r as i32), L::first(n));
             }
-            #[target_feature(enable = "avx2,fma")]
-            unsafe fn ymm<K: Transform>(j: &Job) {
-                K::run::<super::lanes::Y>(j)
-            }
-            // SAFETY: `isa` came from `Isa::detect` (or a test's check of the CPU's features).
-            match self.isa {
-                Isa::Avx512 => unsafe { zmm::<K>(self) },
-                Isa::Avx2 => unsafe { ymm::<K>(self) },
+            for (k, v) in K::u(g).into_iter().enumerate() {
+                v.store(self.out.at(k * self.plane + self.o0 + g0), n);
             }
         }
-        #[cfg(not(target_arch = "x86_64"))]
-        unreachable!("no vector set is detected off x86-64");
-        true
+    }
+}
+
+/// [`super::kernel_grads`]' work for kernels `o0..` (as many as `dg` holds), as
+/// [`kernels_to_planes`].
+pub(crate) fn planes_to_kernels<T: Elem, K: KernelForms<P>, const P: usize>(
+    isa: Option<Isa>,
+    du: &[T],
+    o0: usize,
+    plane: usize,
+    dg: &mut [T],
+) -> bool {
+    let (Some(isa), Some(du), Some(dg)) = (isa, as_f32(du), as_f32_mut(dg)) else {
+        return false;
+    };
+    assert!(du.len() >= P * plane && o0 + dg.len() / 9 <= plane);
+    run_with(
+        isa,
+        &PlanesToKernels::<K, P> {
+            du,
+            o0,
+            plane,
+            dg: dg.as_mut_ptr(),
+            n: dg.len() / 9,
+            k: PhantomData,
+        },
+    );
+    true
+}
+
+struct PlanesToKernels<'a, K, const P: usize> {
+    du: &'a [f32],
+    o0: usize,
+    plane: usize,
+    dg: *mut f32,
+    n: usize,
+    k: PhantomData<K>,
+}
+
+impl<K: KernelForms<P>, const P: usize> Vectorised for PlanesToKernels<'_, K, P> {
+    #[inline(always)]
+    unsafe fn run<L: Lanes>(&self) {
+        let lanes = L::load_i(KERNEL_LANES.as_ptr());
+        for g0 in (0..self.n).step_by(L::N) {
+            let n = (self.n - g0).min(L::N);
+            let mut d = [L::k(0.0); P];
+            for (k, dk) in d.iter_mut().enumerate() {
+                *dk = L::load(self.du.as_ptr().add(k * self.plane + self.o0 + g0), n);
+            }
+            for (r, v) in K::dg(d).into_iter().enumerate() {
+                v.scatter(self.dg.add(g0 * 9), L::add_i(lanes, r as i32), L::first(n));
+            }
+        }
     }
 }
 
@@ -221,7 +360,7 @@ pub(crate) trait Transform {
 #[cfg(test)]
 pub(crate) mod check {
     use super::super::lanes::Isa;
-    use super::super::{SharedOut, Tiles};
+    use super::super::{KernelForms, SharedOut, Tiles};
 
     type Blk = (usize, usize);
     type Bias<'a> = Option<(&'a [f32], usize)>;
@@ -335,5 +474,43 @@ pub(crate) mod check {
             }
         }
         eprintln!("gathered transforms (m = {}) checked on {isas:?}", v.m);
+    }
+
+    /// The vector kernel transforms of `K` give bitwise the scalar formulas' results, on every
+    /// instruction set this CPU has, for a count of kernels that is no multiple of a vector.
+    pub(crate) fn kernel_forms_match<K: KernelForms<P>, const P: usize>() {
+        let n = 16 * 3 + 5;
+        let w = noise(9 * n, 5);
+        let du = noise(P * n, 6);
+        let mut want_u = vec![f32::NAN; P * n];
+        let mut want_dg = vec![f32::NAN; 9 * n];
+        for o in 0..n {
+            let g: [f32; 9] = std::array::from_fn(|r| w[o * 9 + r]);
+            for (k, v) in K::u(g).into_iter().enumerate() {
+                want_u[k * n + o] = v;
+            }
+            let d: [f32; P] = std::array::from_fn(|k| du[k * n + o]);
+            want_dg[o * 9..o * 9 + 9].copy_from_slice(&K::dg(d));
+        }
+        for isa in isas() {
+            let mut u = vec![f32::NAN; P * n];
+            assert!(super::kernels_to_planes::<f32, K, P>(
+                Some(isa),
+                &w,
+                0,
+                n,
+                SharedOut(u.as_mut_ptr())
+            ));
+            same_bits(&u, &want_u, &format!("kernel transform {isa:?}"));
+            let mut dg = vec![f32::NAN; 9 * n];
+            assert!(super::planes_to_kernels::<f32, K, P>(
+                Some(isa),
+                &du,
+                0,
+                n,
+                &mut dg
+            ));
+            same_bits(&dg, &want_dg, &format!("kernel gradient {isa:?}"));
+        }
     }
 }

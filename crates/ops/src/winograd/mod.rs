@@ -24,6 +24,7 @@ use crate::elem::{Elem, Uninit};
 use crate::gemm::{gemm, Mat};
 use crate::im2col::Geom;
 use crate::runtime::num_threads;
+use lanes::{Arith, Isa};
 
 pub(crate) use f2::F2;
 pub(crate) use f4::F4;
@@ -239,18 +240,26 @@ impl<T> SharedOut<T> {
 /// and done serially they were ~2% of a 2-thread training step, on one core.
 pub(crate) const KERNEL_CHUNK: usize = 1024;
 
-/// `U` as `PLANES` planes from per-kernel `t(g)` (each kernel's `PLANES` values): chunks of
-/// kernels in parallel, each writing its kernels' values straight into the planes (`PLANES`
-/// sequential write streams per task). Collecting per-kernel arrays first and then filling
-/// each plane from them read the whole array once per plane: for 256 x 256 kernels 36 passes
-/// over 9 MiB, 3x the time of the conv's GEMMs on an 8x8 map.
+/// A variant's kernel transforms as formulas over scalars or vectors of kernels.
+pub(crate) trait KernelForms<const P: usize> {
+    /// `G g G^T` of a 3x3 kernel `g` (row-major): `P` values.
+    fn u<X: Arith>(g: [X; 9]) -> [X; P];
+    /// `G^T dU G`: the 3x3 kernel gradient from the `P` values of `dU`.
+    fn dg<X: Arith>(du: [X; P]) -> [X; 9];
+}
+
+/// `U` as `P` planes `[plane]` of [`KernelForms::u`] of each kernel of `w`: chunks of kernels in
+/// parallel, each writing its kernels' values straight into the planes (`P` sequential write
+/// streams per task; f32 `N` kernels at a time with [`gathered`]'s vectors). Collecting
+/// per-kernel arrays first and then filling each plane from them read the whole array once per
+/// plane: for 256 x 256 kernels 36 passes over 9 MiB, 3x the time of the conv's GEMMs on an
+/// 8x8 map.
 ///
 /// `w` must hold exactly `plane` 3x3 kernels: every slot of `U` is then written once. Any other
 /// length panics here, before an uninitialised slot could be read.
-pub(crate) fn kernel_planes<T: Elem, const P: usize>(
+pub(crate) fn kernel_planes<T: Elem, K: KernelForms<P>, const P: usize>(
     w: &[T],
     plane: usize,
-    t: impl Fn(&[T]) -> [T; P] + Sync + Send,
 ) -> Vec<T> {
     assert_eq!(
         Some(w.len()),
@@ -260,21 +269,54 @@ pub(crate) fn kernel_planes<T: Elem, const P: usize>(
     );
     let mut u = Uninit::<T>::new(P * plane);
     let out = SharedOut(u.slots().as_mut_ptr() as *mut T);
+    let isa = Isa::detect();
     w.par_chunks(9 * KERNEL_CHUNK)
         .enumerate()
         .for_each(|(c, chunk)| {
+            let o0 = c * KERNEL_CHUNK;
+            if gathered::kernels_to_planes::<T, K, P>(isa, chunk, o0, plane, out) {
+                return;
+            }
             for (i, g) in chunk.chunks_exact(9).enumerate() {
-                let o = c * KERNEL_CHUNK + i;
-                for (k, v) in t(g).into_iter().enumerate() {
-                    // SAFETY: o < plane (w holds `plane` kernels), so slot k * plane + o lies in
-                    // `u`; each (k, o) is written by this kernel's task only.
-                    unsafe { out.at(k * plane + o).write(v) };
+                let g: [T; 9] = std::array::from_fn(|r| g[r]);
+                for (k, v) in K::u(g).into_iter().enumerate() {
+                    // SAFETY: o0 + i < plane (w holds `plane` kernels), so slot k * plane + o0
+                    // + i lies in `u`; each (k, kernel) is written by this kernel's task only.
+                    unsafe { out.at(k * plane + o0 + i).write(v) };
                 }
             }
         });
     // SAFETY: P planes of `plane` values: kernel o wrote slot k * plane + o for every k < P,
     // and `w` has `plane` kernels (checked above).
     unsafe { u.assume_init() }
+}
+
+/// `dg` (`[plane, 3, 3]`) = [`KernelForms::dg`] of each kernel's values in the `P` planes
+/// `[plane]` of `du`; chunks of kernels in parallel as [`kernel_planes`].
+pub(crate) fn kernel_grads<T: Elem, K: KernelForms<P>, const P: usize>(
+    du: &[T],
+    plane: usize,
+) -> Vec<T> {
+    assert_eq!(
+        du.len(),
+        P * plane,
+        "winograd kernel gradient: planes of {plane}"
+    );
+    let mut dg = vec![T::ZERO; 9 * plane];
+    let isa = Isa::detect();
+    dg.par_chunks_mut(9 * KERNEL_CHUNK)
+        .enumerate()
+        .for_each(|(c, out)| {
+            let o0 = c * KERNEL_CHUNK;
+            if gathered::planes_to_kernels::<T, K, P>(isa, du, o0, plane, out) {
+                return;
+            }
+            for (i, dst) in out.chunks_exact_mut(9).enumerate() {
+                let d: [T; P] = std::array::from_fn(|k| du[k * plane + o0 + i]);
+                dst.copy_from_slice(&K::dg(d));
+            }
+        });
+    dg
 }
 
 /// The `PLANES` GEMMs `out[k] (+)= lhs[k] . rhs[k]` of a block, with planes of the given shapes.
@@ -463,19 +505,50 @@ mod lanes;
 mod tests {
     use super::*;
 
-    /// Two planes' worth of slots but one kernel: before the length check, the second slot of
-    /// each plane stayed uninitialised and `assume_init` returned it as a value.
-    #[test]
-    #[should_panic(expected = "are not 2 3x3 kernels")]
-    fn kernel_planes_refuses_too_few_kernels() {
-        let w = [1f32; 9];
-        let _ = kernel_planes::<f32, 4>(&w, 2, |g| [g[0]; 4]);
+    /// A kernel form that keeps the first weight (and minus the last).
+    struct Probe;
+    impl KernelForms<2> for Probe {
+        fn u<X: Arith>(g: [X; 9]) -> [X; 2] {
+            [g[0], -g[8]]
+        }
+        fn dg<X: Arith>(du: [X; 2]) -> [X; 9] {
+            [
+                du[0], du[1], du[0], du[1], du[0], du[1], du[0], du[1], du[0],
+            ]
+        }
     }
 
+    /// Three planes' worth of slots but one kernel: before the length check, the second slot of
+    /// each plane stayed uninitialised and `assume_init` returned it as a value.
     #[test]
-    fn kernel_planes_writes_every_slot() {
-        let w: Vec<f64> = (0..27).map(|i| i as f64).collect();
-        let u = kernel_planes::<f64, 2>(&w, 3, |g| [g[0], -g[8]]);
-        assert_eq!(u, vec![0.0, 9.0, 18.0, -8.0, -17.0, -26.0]);
+    #[should_panic(expected = "are not 3 3x3 kernels")]
+    fn kernel_planes_refuses_too_few_kernels() {
+        let w = [1f32; 9];
+        let _ = kernel_planes::<f32, Probe, 2>(&w, 3);
+    }
+
+    /// Every slot written, in f64 (scalar) and f32 (vector where the CPU has it), with more
+    /// kernels than a chunk and than a vector, so that tails are covered.
+    #[test]
+    fn kernel_planes_and_grads_write_every_slot() {
+        let n = KERNEL_CHUNK + 21;
+        let w: Vec<f64> = (0..9 * n).map(|i| i as f64).collect();
+        let want: Vec<f64> = (0..n)
+            .map(|o| 9.0 * o as f64)
+            .chain((0..n).map(|o| -(9.0 * o as f64 + 8.0)))
+            .collect();
+        assert_eq!(kernel_planes::<f64, Probe, 2>(&w, n), want);
+        let w32: Vec<f32> = w.iter().map(|&v| v as f32).collect();
+        let want32: Vec<f32> = want.iter().map(|&v| v as f32).collect();
+        assert_eq!(kernel_planes::<f32, Probe, 2>(&w32, n), want32);
+        let dg32 = kernel_grads::<f32, Probe, 2>(&want32, n);
+        let dg64 = kernel_grads::<f64, Probe, 2>(&want, n);
+        for o in 0..n {
+            let (a, b) = (want[o], want[n + o]);
+            let expect = [a, b, a, b, a, b, a, b, a];
+            assert_eq!(&dg64[o * 9..o * 9 + 9], &expect);
+            let got: Vec<f64> = dg32[o * 9..o * 9 + 9].iter().map(|&v| v as f64).collect();
+            assert_eq!(got, expect.map(|v| v as f32 as f64));
+        }
     }
 }
