@@ -427,13 +427,16 @@ fn output_scalar<T: Elem>(
 // Tile coordinates index both the register arrays and the addresses: plain index loops.
 #[allow(clippy::needless_range_loop)]
 mod vector {
-    use super::super::gathered::{Job, Transform};
-    use super::super::lanes::{Isa, Lanes};
+    use std::cell::RefCell;
+
+    use super::super::gathered::{run_with, Job, Padded, Transform, Vectorised};
+    use super::super::lanes::{as_f32, as_f32_mut, Isa, Lanes};
     use super::super::{SharedOut, Tiles};
     use super::{a4, at6, bt6, P};
     use crate::elem::Elem;
 
-    /// `V = B^T d B` ([`super::input_transform`]).
+    /// `V = B^T d B` ([`super::input_transform`]), from a zero-bordered copy of each channel
+    /// ([`Padded`]): no masks, and the six pixels of a tile row fetched as three pairs.
     pub(super) fn input<T: Elem>(
         isa: Option<Isa>,
         x: &[T],
@@ -442,35 +445,56 @@ mod vector {
         blk: (usize, usize),
         v: &mut [T],
     ) -> bool {
-        Job::to_planes(isa, x, c, tl, blk, v, (4, 1, P)).is_some_and(|j| j.run::<Input>())
+        let (Some(isa), Some(x), Some(v)) = (isa, as_f32(x), as_f32_mut(v)) else {
+            return false;
+        };
+        let Some(pad) = Padded::new(tl, 4, blk) else {
+            return false;
+        };
+        let ld = blk.1 - blk.0;
+        assert!(x.len() >= tl.total / tl.per * c * tl.h * tl.w && v.len() >= P * c * ld);
+        let pad = RefCell::new(pad);
+        run_with(isa, &Input { x, c, pad, ld, v: v.as_mut_ptr() });
+        true
     }
 
-    struct Input;
+    struct Input<'a> {
+        x: &'a [f32],
+        c: usize,
+        pad: RefCell<Padded>,
+        ld: usize,
+        v: *mut f32,
+    }
 
-    impl Transform for Input {
+    impl Vectorised for Input<'_> {
         #[inline(always)]
-        unsafe fn run<L: Lanes>(j: &Job) {
-            let w = j.tl.w as i32;
-            for g in (0..j.ld).step_by(L::N) {
-                let n = (j.ld - g).min(L::N);
-                let (idx, rows, cols) = j.grid.masks::<L, 6>(g, j.tl);
-                for ci in 0..j.c {
-                    let src = j.src.add(ci * j.tl.h * j.tl.w);
+        unsafe fn run<L: Lanes>(&self) {
+            let mut pad = self.pad.borrow_mut();
+            let (ld, plane, pw) = (self.ld, self.c * self.ld, pad.pw() as i32);
+            for ci in 0..self.c {
+                pad.fill(self.x, self.c, ci);
+                let src = pad.ptr();
+                for g in (0..ld).step_by(L::N) {
+                    let n = (ld - g).min(L::N);
+                    let idx = L::load_i(pad.idx[g..].as_ptr());
+                    // d[r][p]: pixel (r, p) of the tiles.
+                    let mut d = [[L::k(0.0); 6]; 6];
+                    for r in 0..6 {
+                        for q in 0..3 {
+                            let at = L::add_i(idx, r as i32 * pw + 2 * q as i32);
+                            (d[r][2 * q], d[r][2 * q + 1]) = L::gather_pairs(src, at);
+                        }
+                    }
                     // t[p] = B^T down column p of the tiles.
                     let mut t = [[L::k(0.0); 6]; 6];
                     for p in 0..6 {
-                        let mut d = [L::k(0.0); 6];
-                        for r in 0..6 {
-                            let at = L::add_i(idx, r as i32 * w + p as i32);
-                            d[r] = L::gather(src, at, L::and(rows[r], cols[p]));
-                        }
-                        t[p] = bt6(d);
+                        t[p] = bt6([d[0][p], d[1][p], d[2][p], d[3][p], d[4][p], d[5][p]]);
                     }
-                    let out = j.dst.add(ci * j.ld + g);
+                    let out = self.v.add(ci * ld + g);
                     for i in 0..6 {
                         let o = bt6([t[0][i], t[1][i], t[2][i], t[3][i], t[4][i], t[5][i]]);
                         for q in 0..6 {
-                            o[q].store(out.add((i * 6 + q) * j.plane()), n);
+                            o[q].store(out.add((i * 6 + q) * plane), n);
                         }
                     }
                 }

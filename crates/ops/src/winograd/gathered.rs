@@ -85,6 +85,76 @@ impl Grid {
     }
 }
 
+/// One channel of a block's examples copied into zero-bordered planes, so that tiles can be
+/// gathered without masks (and in pairs of neighbouring pixels, see [`Lanes::gather_pairs`]).
+/// Each example gets `ph x pw` values: the image at row and column offset 1, zeros around it
+/// (written once: each channel's copy overwrites the same interior rows). Only the image rows
+/// the block's tiles read are copied.
+pub(crate) struct Padded {
+    buf: Vec<f32>,
+    /// (example, first image row, end image row) per example of the block, in order.
+    runs: Vec<(usize, usize, usize)>,
+    ph: usize,
+    pw: usize,
+    h: usize,
+    w: usize,
+    /// Per tile of the block (padded to whole vectors with 0): the index of its top-left input
+    /// pixel, `off = 1` above and left of its output corner, in `buf`.
+    pub idx: Vec<i32>,
+}
+
+impl Padded {
+    /// The padded planes for tiles `blk` of `m x m` outputs read from `(m + 2) x (m + 2)`
+    /// patches; `None` when the copy would not be indexable with i32.
+    pub fn new(tl: &Tiles, m: usize, blk: (usize, usize)) -> Option<Padded> {
+        let (ph, pw) = (m * tl.th + 2, m * tl.tw + 2);
+        let runs: Vec<(usize, usize, usize)> = tl
+            .example_runs(blk)
+            .into_iter()
+            .map(|(e, t0, t1)| {
+                let (ty0, ty1) = ((t0 - e * tl.per) / tl.tw, (t1 - 1 - e * tl.per) / tl.tw);
+                (e, (m * ty0).saturating_sub(1), (m * ty1 + m + 1).min(tl.h))
+            })
+            .collect();
+        let len = runs.len().checked_mul(ph)?.checked_mul(pw)?;
+        if len >= (i32::MAX / 2) as usize {
+            return None;
+        }
+        let mut idx = vec![0i32; (blk.1 - blk.0).next_multiple_of(PAD)];
+        let mut run = 0;
+        for (j, t) in (blk.0..blk.1).enumerate() {
+            let (e, ty, tx) = tl.locate(t);
+            while runs[run].0 != e {
+                run += 1;
+            }
+            idx[j] = (run * ph * pw + m * ty * pw + m * tx) as i32;
+        }
+        let buf = vec![0f32; len];
+        Some(Padded { buf, runs, ph, pw, h: tl.h, w: tl.w, idx })
+    }
+
+    /// Copies channel `ci` of `x` (`[b, c, h, w]`) in.
+    pub fn fill(&mut self, x: &[f32], c: usize, ci: usize) {
+        let (h, w, pw) = (self.h, self.w, self.pw);
+        for (r, &(e, y0, y1)) in self.runs.iter().enumerate() {
+            let img = &x[(e * c + ci) * h * w..(e * c + ci + 1) * h * w];
+            let dst = &mut self.buf[r * self.ph * pw..(r + 1) * self.ph * pw];
+            for y in y0..y1 {
+                dst[(y + 1) * pw + 1..(y + 1) * pw + 1 + w].copy_from_slice(&img[y * w..(y + 1) * w]);
+            }
+        }
+    }
+
+    pub fn ptr(&self) -> *const f32 {
+        self.buf.as_ptr()
+    }
+
+    /// Values per padded row.
+    pub fn pw(&self) -> usize {
+        self.pw
+    }
+}
+
 /// One block's transform between a `[b, c, h, w]` tensor (the image side) and `planes` planes
 /// `[c, ld]` (the tile side), its slices checked and turned into pointers.
 pub(crate) struct Job<'a> {
