@@ -567,6 +567,8 @@ mod vector {
         unsafe fn run<L: Lanes>(j: &Job) {
             let w = j.tl.w as i32;
             let (bias, ref offsets, per_channel) = j.bias;
+            // Tiles start at even columns: with an even width, pixel pairs never straddle it.
+            let pairs = j.tl.w % 2 == 0;
             for g in (0..j.ld).step_by(L::N) {
                 let n = (j.ld - g).min(L::N);
                 let (idx, rows, cols) = j.grid.masks::<L, 4>(g, j.tl);
@@ -586,9 +588,18 @@ mod vector {
                     let dst = j.dst.add(co * j.tl.h * j.tl.w);
                     for r in 0..4 {
                         let o = at6([t[0][r], t[1][r], t[2][r], t[3][r], t[4][r], t[5][r]]);
-                        for s in 0..4 {
+                        let o = [o[0] + b, o[1] + b, o[2] + b, o[3] + b];
+                        for s in (0..4).step_by(2) {
                             let at = L::add_i(idx, r as i32 * w + s as i32);
-                            (o[s] + b).scatter(dst, at, L::and(rows[r], cols[s]));
+                            if pairs {
+                                // Even width: a pair is inside exactly when its second pixel is.
+                                let m = L::and(rows[r], cols[s + 1]);
+                                L::scatter_pairs(o[s], o[s + 1], dst, at, m);
+                            } else {
+                                o[s].scatter(dst, at, L::and(rows[r], cols[s]));
+                                let at = L::add_i(at, 1);
+                                o[s + 1].scatter(dst, at, L::and(rows[r], cols[s + 1]));
+                            }
                         }
                     }
                 }

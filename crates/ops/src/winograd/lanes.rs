@@ -62,6 +62,13 @@ pub(crate) unsafe trait Lanes: Arith {
         let all = Self::first(Self::N);
         (Self::gather(base, idx, all), Self::gather(base, Self::add_i(idx, 1), all))
     }
+    /// `base[idx] = a`, `base[idx + 1] = b` in the lanes of `m` (indices of distinct lanes at
+    /// least 2 apart): one 64-bit scatter element per pair on AVX-512.
+    #[inline(always)]
+    unsafe fn scatter_pairs(a: Self, b: Self, base: *mut f32, idx: Self::I, m: Self::M) {
+        a.scatter(base, idx, m);
+        b.scatter(base, Self::add_i(idx, 1), m);
+    }
 }
 
 /// The vector instruction set the gathered transforms run with, if any.
@@ -250,6 +257,18 @@ mod x86 {
                 Z(_mm512_permutex2var_ps(lo, even, hi)),
                 Z(_mm512_permutex2var_ps(lo, odd, hi)),
             )
+        }
+        #[inline(always)]
+        unsafe fn scatter_pairs(a: Self, b: Self, base: *mut f32, idx: __m512i, m: __mmask16) {
+            // [a0 b0 a1 b1 .. a7 b7] and [a8 b8 .. a15 b15], one 64-bit element per pair.
+            let first = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+            let second = _mm512_add_epi32(first, _mm512_set1_epi32(8));
+            let lo = _mm512_castps_pd(_mm512_permutex2var_ps(a.0, first, b.0));
+            let hi = _mm512_castps_pd(_mm512_permutex2var_ps(a.0, second, b.0));
+            let base = base as *mut f64;
+            _mm512_mask_i32scatter_pd::<4>(base, m as __mmask8, _mm512_castsi512_si256(idx), lo);
+            let idx_hi = _mm512_extracti64x4_epi64::<1>(idx);
+            _mm512_mask_i32scatter_pd::<4>(base, (m >> 8) as __mmask8, idx_hi, hi);
         }
     }
 
