@@ -568,7 +568,7 @@ mod vector {
             let w = j.tl.w as i32;
             let (bias, ref offsets, per_channel) = j.bias;
             // Tiles start at even columns: with an even width, pixel pairs never straddle it.
-            let pairs = j.tl.w % 2 == 0;
+            let pairs = j.tl.w.is_multiple_of(2);
             for g in (0..j.ld).step_by(L::N) {
                 let n = (j.ld - g).min(L::N);
                 let (idx, rows, cols) = j.grid.masks::<L, 4>(g, j.tl);
