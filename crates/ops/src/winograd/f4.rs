@@ -472,7 +472,7 @@ mod vector {
             let mut pad = self.pad.borrow_mut();
             let (ld, plane, pw) = (self.ld, self.c * self.ld, pad.pw() as i32);
             for ci in 0..self.c {
-                pad.fill(self.x, self.c, ci);
+                pad.fill::<L>(self.x, self.c, ci);
                 let src = pad.ptr();
                 for g in (0..ld).step_by(L::N) {
                     let n = (ld - g).min(L::N);

@@ -133,14 +133,28 @@ impl Padded {
         Some(Padded { buf, runs, ph, pw, h: tl.h, w: tl.w, idx })
     }
 
-    /// Copies channel `ci` of `x` (`[b, c, h, w]`) in.
-    pub fn fill(&mut self, x: &[f32], c: usize, ci: usize) {
+    /// Copies channel `ci` of `x` (`[b, c, h, w]`) in, a vector at a time (the rows are short:
+    /// a `memcpy` call per row cost more than the copy).
+    ///
+    /// # Safety
+    /// `L`'s instruction set must be present.
+    #[inline(always)]
+    pub unsafe fn fill<L: Lanes>(&mut self, x: &[f32], c: usize, ci: usize) {
         let (h, w, pw) = (self.h, self.w, self.pw);
+        let plane = &x[ci * h * w..];
+        let buf = self.buf.as_mut_ptr();
         for (r, &(e, y0, y1)) in self.runs.iter().enumerate() {
-            let img = &x[(e * c + ci) * h * w..(e * c + ci + 1) * h * w];
-            let dst = &mut self.buf[r * self.ph * pw..(r + 1) * self.ph * pw];
+            assert!((e * c + 1) * h * w <= plane.len());
+            let img = plane.as_ptr().add(e * c * h * w);
+            let dst = buf.add(r * self.ph * pw);
             for y in y0..y1 {
-                dst[(y + 1) * pw + 1..(y + 1) * pw + 1 + w].copy_from_slice(&img[y * w..(y + 1) * w]);
+                // SAFETY: row y < h of the image (asserted above); padded row y + 1 < ph,
+                // columns 1..=w < pw of this example's padded plane.
+                let (src, out) = (img.add(y * w), dst.add((y + 1) * pw + 1));
+                for x0 in (0..w).step_by(L::N) {
+                    let n = (w - x0).min(L::N);
+                    L::load(src.add(x0), n).store(out.add(x0), n);
+                }
             }
         }
     }
