@@ -368,13 +368,16 @@ fn output_scalar<T: Elem>(
 // Tile coordinates index both the register arrays and the addresses: plain index loops.
 #[allow(clippy::needless_range_loop)]
 mod vector {
-    use super::super::gathered::{Job, Transform};
-    use super::super::lanes::{Isa, Lanes};
+    use std::cell::RefCell;
+
+    use super::super::gathered::{run_with, Job, Padded, Transform, Vectorised};
+    use super::super::lanes::{as_f32, as_f32_mut, Isa, Lanes};
     use super::super::{SharedOut, Tiles};
     use super::{a2, at4, bt4};
     use crate::elem::Elem;
 
-    /// `V = B^T d B` ([`super::input_transform`]).
+    /// `V = B^T d B` ([`super::input_transform`]), from a zero-bordered copy of each channel
+    /// as F(4x4)'s: the four pixels of a tile row fetched as two pairs.
     pub(super) fn input<T: Elem>(
         isa: Option<Isa>,
         x: &[T],
@@ -383,35 +386,57 @@ mod vector {
         blk: (usize, usize),
         v: &mut [T],
     ) -> bool {
-        Job::to_planes(isa, x, c, tl, blk, v, (2, 1, 16)).is_some_and(|j| j.run::<Input>())
+        let (Some(isa), Some(x), Some(v)) = (isa, as_f32(x), as_f32_mut(v)) else {
+            return false;
+        };
+        let Some(pad) = Padded::new(tl, 2, blk) else {
+            return false;
+        };
+        let ld = blk.1 - blk.0;
+        assert!(x.len() >= tl.total / tl.per * c * tl.h * tl.w && v.len() >= 16 * c * ld);
+        let pad = RefCell::new(pad);
+        run_with(isa, &Input { x, c, pad, ld, v: v.as_mut_ptr() });
+        true
     }
 
-    struct Input;
+    struct Input<'a> {
+        x: &'a [f32],
+        c: usize,
+        pad: RefCell<Padded>,
+        ld: usize,
+        v: *mut f32,
+    }
 
-    impl Transform for Input {
+    impl Vectorised for Input<'_> {
         #[inline(always)]
-        unsafe fn run<L: Lanes>(j: &Job) {
-            let w = j.tl.w as i32;
-            for g in (0..j.ld).step_by(L::N) {
-                let n = (j.ld - g).min(L::N);
-                let (idx, rows, cols) = j.grid.masks::<L, 4>(g, j.tl);
-                for ci in 0..j.c {
-                    let src = j.src.add(ci * j.tl.h * j.tl.w);
+        unsafe fn run<L: Lanes>(&self) {
+            let mut pad = self.pad.borrow_mut();
+            let (ld, plane, pw) = (self.ld, self.c * self.ld, pad.pw() as i32);
+            let all = L::first(L::N);
+            for ci in 0..self.c {
+                pad.fill::<L>(self.x, self.c, ci);
+                let src = pad.ptr();
+                for g in (0..ld).step_by(L::N) {
+                    let n = (ld - g).min(L::N);
+                    let idx = L::load_i(pad.idx[g..].as_ptr());
+                    // d[r][p]: pixel (r, p) of the tiles.
+                    let mut d = [[L::k(0.0); 4]; 4];
+                    for r in 0..4 {
+                        for q in 0..2 {
+                            let at = L::add_i(idx, r as i32 * pw + 2 * q as i32);
+                            (d[r][2 * q], d[r][2 * q + 1]) = L::gather_pairs(src, at, all);
+                        }
+                    }
                     // t[p] = B^T down column p of the tiles.
                     let mut t = [[L::k(0.0); 4]; 4];
                     for p in 0..4 {
-                        let mut d = [L::k(0.0); 4];
-                        for r in 0..4 {
-                            let at = L::add_i(idx, r as i32 * w + p as i32);
-                            d[r] = L::gather(src, at, L::and(rows[r], cols[p]));
-                        }
-                        t[p] = bt4(d);
+                        t[p] = bt4([d[0][p], d[1][p], d[2][p], d[3][p]]);
                     }
-                    let out = j.dst.add(ci * j.ld + g);
+                    let out = self.v.add(ci * ld + g);
                     for q in 0..4 {
                         let o = bt4([t[0][q], t[1][q], t[2][q], t[3][q]]);
                         for p in 0..4 {
-                            o[p].store(out.add((q * 4 + p) * j.plane()), n);
+                            o[p].store(out.add((q * 4 + p) * plane), n);
                         }
                     }
                 }

@@ -471,6 +471,7 @@ mod vector {
         unsafe fn run<L: Lanes>(&self) {
             let mut pad = self.pad.borrow_mut();
             let (ld, plane, pw) = (self.ld, self.c * self.ld, pad.pw() as i32);
+            let all = L::first(L::N);
             for ci in 0..self.c {
                 pad.fill::<L>(self.x, self.c, ci);
                 let src = pad.ptr();
@@ -482,7 +483,7 @@ mod vector {
                     for r in 0..6 {
                         for q in 0..3 {
                             let at = L::add_i(idx, r as i32 * pw + 2 * q as i32);
-                            (d[r][2 * q], d[r][2 * q + 1]) = L::gather_pairs(src, at);
+                            (d[r][2 * q], d[r][2 * q + 1]) = L::gather_pairs(src, at, all);
                         }
                     }
                     // t[p] = B^T down column p of the tiles.
@@ -520,20 +521,33 @@ mod vector {
         #[inline(always)]
         unsafe fn run<L: Lanes>(j: &Job) {
             let w = j.tl.w as i32;
+            // Tiles start at even columns: with an even width, pixel pairs never straddle it.
+            let pairs = j.tl.w.is_multiple_of(2);
             for g in (0..j.ld).step_by(L::N) {
                 let n = (j.ld - g).min(L::N);
                 let (idx, rows, cols) = j.grid.masks::<L, 4>(g, j.tl);
                 for ci in 0..j.c {
                     let src = j.src.add(ci * j.tl.h * j.tl.w);
                     // t[s] = A down column s of the tiles' output gradients.
+                    // d[s][r]: pixel (r, s) of the tiles' output gradients.
+                    let mut d = [[L::k(0.0); 4]; 4];
+                    for r in 0..4 {
+                        for s in (0..4).step_by(2) {
+                            let at = L::add_i(idx, r as i32 * w + s as i32);
+                            if pairs {
+                                // Even width: a pair is inside exactly when its second pixel is.
+                                let m = L::and(rows[r], cols[s + 1]);
+                                (d[s][r], d[s + 1][r]) = L::gather_pairs(src, at, m);
+                            } else {
+                                d[s][r] = L::gather(src, at, L::and(rows[r], cols[s]));
+                                let (at, m) = (L::add_i(at, 1), L::and(rows[r], cols[s + 1]));
+                                d[s + 1][r] = L::gather(src, at, m);
+                            }
+                        }
+                    }
                     let mut t = [[L::k(0.0); 6]; 4];
                     for s in 0..4 {
-                        let mut d = [L::k(0.0); 4];
-                        for r in 0..4 {
-                            let at = L::add_i(idx, r as i32 * w + s as i32);
-                            d[r] = L::gather(src, at, L::and(rows[r], cols[s]));
-                        }
-                        t[s] = a4(d);
+                        t[s] = a4(d[s]);
                     }
                     let out = j.dst.add(ci * j.ld + g);
                     for i in 0..6 {

@@ -54,13 +54,12 @@ pub(crate) unsafe trait Lanes: Arith {
     unsafe fn gather(base: *const f32, idx: Self::I, m: Self::M) -> Self;
     /// `base[idx] = self` in the lanes of `m`; the indices of those lanes must be distinct.
     unsafe fn scatter(self, base: *mut f32, idx: Self::I, m: Self::M);
-    /// `(base[idx], base[idx + 1])` in every lane (all addresses readable): the two values of
-    /// a pair that lie side by side. AVX-512 fetches each pair with one 64-bit gather element,
-    /// half the elements of two 32-bit gathers.
+    /// `(base[idx], base[idx + 1])` in the lanes of `m`, zeros in the others (whose pairs are
+    /// not read): the two values of a pair that lie side by side. AVX-512 fetches each pair
+    /// with one 64-bit gather element, half the elements of two 32-bit gathers.
     #[inline(always)]
-    unsafe fn gather_pairs(base: *const f32, idx: Self::I) -> (Self, Self) {
-        let all = Self::first(Self::N);
-        (Self::gather(base, idx, all), Self::gather(base, Self::add_i(idx, 1), all))
+    unsafe fn gather_pairs(base: *const f32, idx: Self::I, m: Self::M) -> (Self, Self) {
+        (Self::gather(base, idx, m), Self::gather(base, Self::add_i(idx, 1), m))
     }
     /// `base[idx] = a`, `base[idx + 1] = b` in the lanes of `m` (indices of distinct lanes at
     /// least 2 apart): one 64-bit scatter element per pair on AVX-512.
@@ -246,10 +245,13 @@ mod x86 {
             _mm512_mask_i32scatter_ps::<4>(base, m, idx, self.0)
         }
         #[inline(always)]
-        unsafe fn gather_pairs(base: *const f32, idx: __m512i) -> (Self, Self) {
+        unsafe fn gather_pairs(base: *const f32, idx: __m512i, m: __mmask16) -> (Self, Self) {
             // Lanes 0-7 and 8-15 as pairs [a0 b0 a1 b1 ..], then split into a and b.
-            let lo = _mm512_i32gather_pd::<4>(_mm512_castsi512_si256(idx), base as *const f64);
-            let hi = _mm512_i32gather_pd::<4>(_mm512_extracti64x4_epi64::<1>(idx), base as *const f64);
+            let (base, zero) = (base as *const f64, _mm512_setzero_pd());
+            let idx_hi = _mm512_extracti64x4_epi64::<1>(idx);
+            let lo_idx = _mm512_castsi512_si256(idx);
+            let lo = _mm512_mask_i32gather_pd::<4>(zero, m as __mmask8, lo_idx, base);
+            let hi = _mm512_mask_i32gather_pd::<4>(zero, (m >> 8) as __mmask8, idx_hi, base);
             let (lo, hi) = (_mm512_castpd_ps(lo), _mm512_castpd_ps(hi));
             let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
             let odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
