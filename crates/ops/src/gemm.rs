@@ -1,6 +1,7 @@
 //! A strided matrix view and the one GEMM call every kernel goes through.
 
 use gemm::Parallelism;
+use rayon::prelude::*;
 
 use crate::elem::Elem;
 
@@ -56,6 +57,10 @@ impl<T> Mat<T> {
 /// `C[m, n] = (accumulate ? C : 0) + A[m, k] . B[k, n]`, with `C` row-major at `c` with row
 /// stride `ldc`. Without `accumulate`, `C` is only written, so it may start uninitialised.
 ///
+/// f32 products with a row-major or transposed `B` run [`crate::sgemm512`] on AVX-512 CPUs
+/// (`threads` tasks over column ranges of whole register blocks); the rest run the `gemm`
+/// crate with `threads`.
+///
 /// Panics (before reading anything) if `a` or `b` does not hold an `m x k` or `k x n` matrix:
 /// the public ops validate shapes first, so this only fires on an internal bug.
 ///
@@ -80,27 +85,44 @@ pub(crate) unsafe fn gemm<T: Elem>(
         a.len,
         b.len
     );
-    if threads == 1
-        && (b.cs == 1 || b.rs == 1)
+    if (b.cs == 1 || b.rs == 1)
         && std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()
         && crate::sgemm512::available()
     {
         let b_t = b.cs != 1;
-        // SAFETY: T is f32 (checked), the operands lie within their views (checked above), the
-        // CPU has AVX-512F (checked) and `c` is the caller's promise.
-        unsafe {
-            crate::sgemm512::sgemm(
-                m,
-                n,
-                k,
-                c as *mut f32,
-                ldc,
-                accumulate,
-                a.ptr as *const f32,
-                (a.rs, a.cs),
-                (b.ptr as *const f32, if b_t { b.cs } else { b.rs }, b_t),
-            )
+        // Addresses as integers, so that the column tasks can share them.
+        let (a_p, b_p, c_p) = (a.ptr as usize, b.ptr as usize, c as usize);
+        let ldb = if b_t { b.cs } else { b.rs };
+        // Columns j0..j0 + w of C and B (a transposed B's columns are its rows).
+        let part = |j0: usize, w: usize| {
+            let b0 = b_p as *const f32;
+            let bj = if b_t { b0.add(j0 * ldb) } else { b0.add(j0) };
+            // SAFETY: T is f32 (checked), the operands lie within their views (checked above),
+            // the CPU has AVX-512F (checked); the column ranges are disjoint and `c` is the
+            // caller's promise.
+            unsafe {
+                crate::sgemm512::sgemm(
+                    m,
+                    w,
+                    k,
+                    (c_p as *mut f32).add(j0),
+                    ldc,
+                    accumulate,
+                    a_p as *const f32,
+                    (a.rs, a.cs),
+                    (bj, ldb, b_t),
+                )
+            };
         };
+        // Threads split the columns in whole 32-column register blocks.
+        let chunk = n.div_ceil(threads.max(1)).next_multiple_of(32);
+        if threads <= 1 || n <= chunk {
+            part(0, n);
+        } else {
+            (0..n.div_ceil(chunk))
+                .into_par_iter()
+                .for_each(|t| part(t * chunk, chunk.min(n - t * chunk)));
+        }
         return;
     }
     let par = if threads > 1 {
@@ -190,8 +212,8 @@ mod tests {
     /// The f32 GEMM this CPU dispatches to (`sgemm512` where AVX-512F is present, else `gemm`'s)
     /// against an f64 reference: every edge of sgemm512's register blocking (rows not a multiple
     /// of 12, columns not a multiple of 32 or 16, k = 0 and k not a multiple of 16), a strided
-    /// and a transposed `A` and `B`, accumulation, and nothing written outside the `m x n`
-    /// block of `C`.
+    /// and a transposed `A` and `B`, accumulation, columns split over threads, and nothing
+    /// written outside the `m x n` block of `C`.
     #[test]
     fn f32_gemm_matches_a_reference_on_every_edge() {
         eprintln!(
@@ -211,6 +233,7 @@ mod tests {
             (64, 100, 36),
             (7, 16, 3),
             (5, 40, 17),
+            (9, 100, 20),
         ] {
             let ldc = n + 2;
             // A row-major or transposed; B row-major (row stride ldb) or transposed (a column
@@ -228,7 +251,7 @@ mod tests {
                     false => b[p * ldb + j] as f64,
                     true => b[j * ldb + p] as f64,
                 };
-                for accumulate in [false, true] {
+                for (accumulate, threads) in [(false, 1), (true, 1), (false, 3), (true, 2)] {
                     let init = values((m + 1) * ldc, 3);
                     let mut c = init.clone();
                     let av = if a_s.1 == 1 {
@@ -242,7 +265,7 @@ mod tests {
                         Mat::rows(&b, ldb)
                     };
                     // SAFETY: c holds (m + 1) rows of ldc >= n values; the views hold A and B.
-                    unsafe { gemm(m, n, k, c.as_mut_ptr(), ldc, accumulate, av, bv, 1) };
+                    unsafe { gemm(m, n, k, c.as_mut_ptr(), ldc, accumulate, av, bv, threads) };
                     for i in 0..m + 1 {
                         for j in 0..ldc {
                             let got = c[i * ldc + j];
@@ -257,8 +280,8 @@ mod tests {
                             let tol = 1e-5 * (1.0 + k as f64);
                             assert!(
                                 (got as f64 - want).abs() <= tol,
-                                "m {m} n {n} k {k} {a_s:?} B^T {b_t} acc {accumulate}: \
-                                 ({i}, {j}) {got} vs {want}"
+                                "m {m} n {n} k {k} {a_s:?} B^T {b_t} acc {accumulate} \
+                                 threads {threads}: ({i}, {j}) {got} vs {want}"
                             );
                         }
                     }
