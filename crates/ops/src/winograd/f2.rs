@@ -5,7 +5,8 @@
 //! even and odd (padded) columns, so that tile `k` reads columns `2k .. 2k + 3` as `even[k],
 //! odd[k], even[k + 1], odd[k + 1]`.
 
-use super::lanes::{Arith, Isa};
+use super::gathered::PaddedInput;
+use super::lanes::Arith;
 use super::{kernel_grads, kernel_planes, KernelForms, SharedOut, Tiles};
 use crate::elem::Elem;
 
@@ -132,14 +133,6 @@ fn four_mut<T>(v: &mut [T], o: [usize; 4], len: usize) -> [&mut [T]; 4] {
 /// (padded) columns, the vertical transform combines those rows, and tile `k` of the horizontal
 /// one reads even[k], odd[k], even[k+1], odd[k+1].
 #[inline(always)]
-fn input_transform<T: Elem>(x: &[T], c: usize, tl: &Tiles, blk: (usize, usize), v: &mut [T]) {
-    if !vector::input(Isa::detect(), x, c, tl, blk, v) {
-        input_scalar(x, c, tl, blk, v);
-    }
-}
-
-/// [`input_transform`] along tile rows.
-#[inline(always)]
 fn input_scalar<T: Elem>(x: &[T], c: usize, tl: &Tiles, blk: (usize, usize), v: &mut [T]) {
     let ld = blk.1 - blk.0;
     let plane = c * ld;
@@ -219,20 +212,6 @@ fn input_scalar<T: Elem>(x: &[T], c: usize, tl: &Tiles, blk: (usize, usize), v: 
 /// With a tile's outputs `p = dY[2k]`, `q = dY[2k + 1]` in a row, `A (p, q) = (p, p + q,
 /// p - q, -q)`; vectorised over the tiles of a row as [`input_transform`].
 #[inline(always)]
-fn grad_output_transform<T: Elem>(
-    dy: &[T],
-    c: usize,
-    tl: &Tiles,
-    blk: (usize, usize),
-    dm: &mut [T],
-) {
-    if !vector::grad_output(Isa::detect(), dy, c, tl, blk, dm) {
-        grad_output_scalar(dy, c, tl, blk, dm);
-    }
-}
-
-/// [`grad_output_transform`] along tile rows.
-#[inline(always)]
 fn grad_output_scalar<T: Elem>(dy: &[T], c: usize, tl: &Tiles, blk: (usize, usize), dm: &mut [T]) {
     let ld = blk.1 - blk.0;
     let plane = c * ld;
@@ -280,21 +259,6 @@ fn grad_output_scalar<T: Elem>(dy: &[T], c: usize, tl: &Tiles, blk: (usize, usiz
 
 /// `y = A^T M A (+ bias)` for tiles `t0..t1` from 16 planes `[c, ld]`, written into `y`
 /// (`[b, c, h, w]`, see [`SharedOut`]); vectorised over the tiles of a row.
-#[inline(always)]
-fn output_transform<T: Elem>(
-    m: &[T],
-    c: usize,
-    tl: &Tiles,
-    blk: (usize, usize),
-    y: SharedOut<T>,
-    bias: Option<(&[T], usize)>,
-) {
-    if !vector::output(Isa::detect(), m, c, tl, blk, y, bias) {
-        output_scalar(m, c, tl, blk, y, bias);
-    }
-}
-
-/// [`output_transform`] along tile rows.
 #[inline(always)]
 fn output_scalar<T: Elem>(
     m: &[T],
@@ -363,100 +327,26 @@ fn output_scalar<T: Elem>(
     }
 }
 
+/// The gathered input transform ([`super::gathered::input`], from a zero-bordered copy of each
+/// channel) with this variant's `B^T`.
+impl PaddedInput<4> for F2 {
+    #[inline(always)]
+    fn bt<X: Arith>(d: [X; 4]) -> [X; 4] {
+        bt4(d)
+    }
+}
+
 /// The gathered vector transforms ([`super::gathered`]), as F(4x4)'s: the arithmetic of the
 /// scalar ones above in the same order, `N` tiles per vector; false when they cannot run.
 // Tile coordinates index both the register arrays and the addresses: plain index loops.
 #[allow(clippy::needless_range_loop)]
 mod vector {
-    use std::cell::RefCell;
+    use super::super::gathered::{Job, Transform};
+    use super::super::lanes::Lanes;
+    use super::{a2, at4};
 
-    use super::super::gathered::{run_with, Job, Padded, Transform, Vectorised};
-    use super::super::lanes::{as_f32, as_f32_mut, Isa, Lanes};
-    use super::super::{SharedOut, Tiles};
-    use super::{a2, at4, bt4};
-    use crate::elem::Elem;
-
-    /// `V = B^T d B` ([`super::input_transform`]), from a zero-bordered copy of each channel
-    /// as F(4x4)'s: the four pixels of a tile row fetched as two pairs.
-    pub(super) fn input<T: Elem>(
-        isa: Option<Isa>,
-        x: &[T],
-        c: usize,
-        tl: &Tiles,
-        blk: (usize, usize),
-        v: &mut [T],
-    ) -> bool {
-        let (Some(isa), Some(x), Some(v)) = (isa, as_f32(x), as_f32_mut(v)) else {
-            return false;
-        };
-        let Some(pad) = Padded::new(tl, 2, blk) else {
-            return false;
-        };
-        let ld = blk.1 - blk.0;
-        assert!(x.len() >= tl.total / tl.per * c * tl.h * tl.w && v.len() >= 16 * c * ld);
-        let pad = RefCell::new(pad);
-        run_with(isa, &Input { x, c, pad, ld, v: v.as_mut_ptr() });
-        true
-    }
-
-    struct Input<'a> {
-        x: &'a [f32],
-        c: usize,
-        pad: RefCell<Padded>,
-        ld: usize,
-        v: *mut f32,
-    }
-
-    impl Vectorised for Input<'_> {
-        #[inline(always)]
-        unsafe fn run<L: Lanes>(&self) {
-            let mut pad = self.pad.borrow_mut();
-            let (ld, plane, pw) = (self.ld, self.c * self.ld, pad.pw() as i32);
-            let all = L::first(L::N);
-            for ci in 0..self.c {
-                pad.fill::<L>(self.x, self.c, ci);
-                let src = pad.ptr();
-                for g in (0..ld).step_by(L::N) {
-                    let n = (ld - g).min(L::N);
-                    let idx = L::load_i(pad.idx[g..].as_ptr());
-                    // d[r][p]: pixel (r, p) of the tiles.
-                    let mut d = [[L::k(0.0); 4]; 4];
-                    for r in 0..4 {
-                        for q in 0..2 {
-                            let at = L::add_i(idx, r as i32 * pw + 2 * q as i32);
-                            (d[r][2 * q], d[r][2 * q + 1]) = L::gather_pairs(src, at, all);
-                        }
-                    }
-                    // t[p] = B^T down column p of the tiles.
-                    let mut t = [[L::k(0.0); 4]; 4];
-                    for p in 0..4 {
-                        t[p] = bt4([d[0][p], d[1][p], d[2][p], d[3][p]]);
-                    }
-                    let out = self.v.add(ci * ld + g);
-                    for q in 0..4 {
-                        let o = bt4([t[0][q], t[1][q], t[2][q], t[3][q]]);
-                        for p in 0..4 {
-                            o[p].store(out.add((q * 4 + p) * plane), n);
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    /// `dM = A dY A^T` ([`super::grad_output_transform`]).
-    pub(super) fn grad_output<T: Elem>(
-        isa: Option<Isa>,
-        dy: &[T],
-        c: usize,
-        tl: &Tiles,
-        blk: (usize, usize),
-        dm: &mut [T],
-    ) -> bool {
-        Job::to_planes(isa, dy, c, tl, blk, dm, (2, 0, 16)).is_some_and(|j| j.run::<GradOutput>())
-    }
-
-    struct GradOutput;
+    /// `dM = A dY A^T` ([`super::grad_output_scalar`]).
+    pub(crate) struct GradOutput;
 
     impl Transform for GradOutput {
         #[inline(always)]
@@ -489,20 +379,8 @@ mod vector {
         }
     }
 
-    /// `y = A^T M A (+ bias)` ([`super::output_transform`]).
-    pub(super) fn output<T: Elem>(
-        isa: Option<Isa>,
-        m: &[T],
-        c: usize,
-        tl: &Tiles,
-        blk: (usize, usize),
-        y: SharedOut<T>,
-        bias: Option<(&[T], usize)>,
-    ) -> bool {
-        Job::to_image(isa, m, c, tl, blk, y, bias, (2, 16)).is_some_and(|j| j.run::<Output>())
-    }
-
-    struct Output;
+    /// `y = A^T M A (+ bias)` ([`super::output_scalar`]).
+    pub(crate) struct Output;
 
     impl Transform for Output {
         #[inline(always)]
@@ -541,7 +419,7 @@ mod vector {
 
 #[cfg(test)]
 mod tests {
-    use super::super::gathered::check;
+    use super::super::gathered::{self, check};
     use super::*;
 
     /// Every gathered F(2x2) transform gives bitwise the scalar one's results, on every
@@ -551,9 +429,15 @@ mod tests {
         check::gathered_match_scalar(&check::Variant {
             m: 2,
             planes: 16,
-            input: (input_scalar::<f32>, vector::input::<f32>),
-            grad_output: (grad_output_scalar::<f32>, vector::grad_output::<f32>),
-            output: (output_scalar::<f32>, vector::output::<f32>),
+            input: (input_scalar::<f32>, gathered::input::<f32, F2, 4>),
+            grad_output: (
+                grad_output_scalar::<f32>,
+                gathered::grad_output::<f32, F2, vector::GradOutput>,
+            ),
+            output: (
+                output_scalar::<f32>,
+                gathered::output::<f32, F2, vector::Output>,
+            ),
         });
     }
 

@@ -14,7 +14,8 @@
 //! width; tiles are gathered from a zero-padded copy of each image plane, so there is no
 //! bounds test per tile.
 
-use super::lanes::{Arith, Isa};
+use super::gathered::PaddedInput;
+use super::lanes::Arith;
 use super::{kernel_grads, kernel_planes, KernelForms, SharedOut, Tiles};
 use crate::elem::Elem;
 
@@ -265,14 +266,6 @@ fn gather<T: Elem, const S: usize>(
 
 /// `V = B^T d B` of the block's tiles of `x` (`[b, c, h, w]`) into 36 planes `[c, ld]`.
 #[inline(always)]
-fn input_transform<T: Elem>(x: &[T], c: usize, tl: &Tiles, blk: (usize, usize), v: &mut [T]) {
-    if !vector::input(Isa::detect(), x, c, tl, blk, v) {
-        input_scalar(x, c, tl, blk, v);
-    }
-}
-
-/// [`input_transform`] one tile element at a time.
-#[inline(always)]
 fn input_scalar<T: Elem>(x: &[T], c: usize, tl: &Tiles, blk: (usize, usize), v: &mut [T]) {
     let ld = blk.1 - blk.0;
     let plane = c * ld;
@@ -305,20 +298,6 @@ fn input_scalar<T: Elem>(x: &[T], c: usize, tl: &Tiles, blk: (usize, usize), v: 
 }
 
 /// `dM = A dY A^T` of the block's tiles of `dy` (`[b, c, h, w]`) into 36 planes `[c, ld]`.
-#[inline(always)]
-fn grad_output_transform<T: Elem>(
-    dy: &[T],
-    c: usize,
-    tl: &Tiles,
-    blk: (usize, usize),
-    dm: &mut [T],
-) {
-    if !vector::grad_output(Isa::detect(), dy, c, tl, blk, dm) {
-        grad_output_scalar(dy, c, tl, blk, dm);
-    }
-}
-
-/// [`grad_output_transform`] one tile element at a time.
 #[inline(always)]
 fn grad_output_scalar<T: Elem>(dy: &[T], c: usize, tl: &Tiles, blk: (usize, usize), dm: &mut [T]) {
     let ld = blk.1 - blk.0;
@@ -353,21 +332,6 @@ fn grad_output_scalar<T: Elem>(dy: &[T], c: usize, tl: &Tiles, blk: (usize, usiz
 
 /// `y = A^T M A (+ bias)` for the block's tiles from 36 planes `[c, ld]`, written into `y`
 /// (`[b, c, h, w]`; each pixel belongs to one tile, so blocks write disjoint pixels).
-#[inline(always)]
-fn output_transform<T: Elem>(
-    m: &[T],
-    c: usize,
-    tl: &Tiles,
-    blk: (usize, usize),
-    y: SharedOut<T>,
-    bias: Option<(&[T], usize)>,
-) {
-    if !vector::output(Isa::detect(), m, c, tl, blk, y, bias) {
-        output_scalar(m, c, tl, blk, y, bias);
-    }
-}
-
-/// [`output_transform`] one tile element at a time.
 #[inline(always)]
 fn output_scalar<T: Elem>(
     m: &[T],
@@ -421,101 +385,27 @@ fn output_scalar<T: Elem>(
     }
 }
 
+/// The gathered input transform ([`super::gathered::input`], from a zero-bordered copy of each
+/// channel) with this variant's `B^T`.
+impl PaddedInput<6> for F4 {
+    #[inline(always)]
+    fn bt<X: Arith>(d: [X; 6]) -> [X; 6] {
+        bt6(d)
+    }
+}
+
 /// The gathered vector transforms ([`super::gathered`]): the same arithmetic in the same order
 /// as the scalar ones above, `N` tiles per vector. Each returns false, having done nothing,
 /// when it cannot run: no vector set (`isa`), not f32, or indices beyond i32.
 // Tile coordinates index both the register arrays and the addresses: plain index loops.
 #[allow(clippy::needless_range_loop)]
 mod vector {
-    use std::cell::RefCell;
+    use super::super::gathered::{Job, Transform};
+    use super::super::lanes::Lanes;
+    use super::{a4, at6};
 
-    use super::super::gathered::{run_with, Job, Padded, Transform, Vectorised};
-    use super::super::lanes::{as_f32, as_f32_mut, Isa, Lanes};
-    use super::super::{SharedOut, Tiles};
-    use super::{a4, at6, bt6, P};
-    use crate::elem::Elem;
-
-    /// `V = B^T d B` ([`super::input_transform`]), from a zero-bordered copy of each channel
-    /// ([`Padded`]): no masks, and the six pixels of a tile row fetched as three pairs.
-    pub(super) fn input<T: Elem>(
-        isa: Option<Isa>,
-        x: &[T],
-        c: usize,
-        tl: &Tiles,
-        blk: (usize, usize),
-        v: &mut [T],
-    ) -> bool {
-        let (Some(isa), Some(x), Some(v)) = (isa, as_f32(x), as_f32_mut(v)) else {
-            return false;
-        };
-        let Some(pad) = Padded::new(tl, 4, blk) else {
-            return false;
-        };
-        let ld = blk.1 - blk.0;
-        assert!(x.len() >= tl.total / tl.per * c * tl.h * tl.w && v.len() >= P * c * ld);
-        let pad = RefCell::new(pad);
-        run_with(isa, &Input { x, c, pad, ld, v: v.as_mut_ptr() });
-        true
-    }
-
-    struct Input<'a> {
-        x: &'a [f32],
-        c: usize,
-        pad: RefCell<Padded>,
-        ld: usize,
-        v: *mut f32,
-    }
-
-    impl Vectorised for Input<'_> {
-        #[inline(always)]
-        unsafe fn run<L: Lanes>(&self) {
-            let mut pad = self.pad.borrow_mut();
-            let (ld, plane, pw) = (self.ld, self.c * self.ld, pad.pw() as i32);
-            let all = L::first(L::N);
-            for ci in 0..self.c {
-                pad.fill::<L>(self.x, self.c, ci);
-                let src = pad.ptr();
-                for g in (0..ld).step_by(L::N) {
-                    let n = (ld - g).min(L::N);
-                    let idx = L::load_i(pad.idx[g..].as_ptr());
-                    // d[r][p]: pixel (r, p) of the tiles.
-                    let mut d = [[L::k(0.0); 6]; 6];
-                    for r in 0..6 {
-                        for q in 0..3 {
-                            let at = L::add_i(idx, r as i32 * pw + 2 * q as i32);
-                            (d[r][2 * q], d[r][2 * q + 1]) = L::gather_pairs(src, at, all);
-                        }
-                    }
-                    // t[p] = B^T down column p of the tiles.
-                    let mut t = [[L::k(0.0); 6]; 6];
-                    for p in 0..6 {
-                        t[p] = bt6([d[0][p], d[1][p], d[2][p], d[3][p], d[4][p], d[5][p]]);
-                    }
-                    let out = self.v.add(ci * ld + g);
-                    for i in 0..6 {
-                        let o = bt6([t[0][i], t[1][i], t[2][i], t[3][i], t[4][i], t[5][i]]);
-                        for q in 0..6 {
-                            o[q].store(out.add((i * 6 + q) * plane), n);
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    /// `dM = A dY A^T` ([`super::grad_output_transform`]).
-    pub(super) fn grad_output<T: Elem>(
-        isa: Option<Isa>,
-        dy: &[T],
-        c: usize,
-        tl: &Tiles,
-        blk: (usize, usize),
-        dm: &mut [T],
-    ) -> bool {
-        Job::to_planes(isa, dy, c, tl, blk, dm, (4, 0, P)).is_some_and(|j| j.run::<GradOutput>())
-    }
-
-    struct GradOutput;
+    /// `dM = A dY A^T` ([`super::grad_output_scalar`]).
+    pub(crate) struct GradOutput;
 
     impl Transform for GradOutput {
         #[inline(always)]
@@ -561,20 +451,8 @@ mod vector {
         }
     }
 
-    /// `y = A^T M A (+ bias)` ([`super::output_transform`]).
-    pub(super) fn output<T: Elem>(
-        isa: Option<Isa>,
-        m: &[T],
-        c: usize,
-        tl: &Tiles,
-        blk: (usize, usize),
-        y: SharedOut<T>,
-        bias: Option<(&[T], usize)>,
-    ) -> bool {
-        Job::to_image(isa, m, c, tl, blk, y, bias, (4, P)).is_some_and(|j| j.run::<Output>())
-    }
-
-    struct Output;
+    /// `y = A^T M A (+ bias)` ([`super::output_scalar`]).
+    pub(crate) struct Output;
 
     impl Transform for Output {
         #[inline(always)]
@@ -624,7 +502,7 @@ mod vector {
 
 #[cfg(test)]
 mod tests {
-    use super::super::gathered::check;
+    use super::super::gathered::{self, check};
     use super::*;
 
     /// Every gathered F(4x4) transform gives bitwise the scalar one's results, on every
@@ -634,9 +512,15 @@ mod tests {
         check::gathered_match_scalar(&check::Variant {
             m: 4,
             planes: P,
-            input: (input_scalar::<f32>, vector::input::<f32>),
-            grad_output: (grad_output_scalar::<f32>, vector::grad_output::<f32>),
-            output: (output_scalar::<f32>, vector::output::<f32>),
+            input: (input_scalar::<f32>, gathered::input::<f32, F4, 6>),
+            grad_output: (
+                grad_output_scalar::<f32>,
+                gathered::grad_output::<f32, F4, vector::GradOutput>,
+            ),
+            output: (
+                output_scalar::<f32>,
+                gathered::output::<f32, F4, vector::Output>,
+            ),
         });
     }
 

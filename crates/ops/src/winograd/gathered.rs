@@ -8,10 +8,11 @@
 //! tile element of all of them with one masked gather, transform in registers and store whole
 //! vectors into the planes: no scratch, no padded copy of the image.
 
+use std::cell::RefCell;
 use std::marker::PhantomData;
 
-use super::lanes::{as_f32, as_f32_mut, Isa, Lanes};
-use super::{KernelForms, SharedOut, Tiles};
+use super::lanes::{as_f32, as_f32_mut, Arith, Isa, Lanes};
+use super::{KernelForms, SharedOut, Tiles, Variant};
 use crate::elem::Elem;
 
 /// Tiles of one block, padded to whole vectors: each tile's top-left pixel `(y, x)` (its output
@@ -130,7 +131,15 @@ impl Padded {
             idx[j] = (run * ph * pw + m * ty * pw + m * tx) as i32;
         }
         let buf = vec![0f32; len];
-        Some(Padded { buf, runs, ph, pw, h: tl.h, w: tl.w, idx })
+        Some(Padded {
+            buf,
+            runs,
+            ph,
+            pw,
+            h: tl.h,
+            w: tl.w,
+            idx,
+        })
     }
 
     /// Copies channel `ci` of `x` (`[b, c, h, w]`) in, a vector at a time (the rows are short:
@@ -162,10 +171,121 @@ impl Padded {
     pub fn ptr(&self) -> *const f32 {
         self.buf.as_ptr()
     }
+}
 
-    /// Values per padded row.
-    pub fn pw(&self) -> usize {
-        self.pw
+/// A variant's input transform `B^T d B` of `S x S` tiles (`S = M + 2`), as a formula for
+/// `B^T` applied to one column of `S` values.
+pub(crate) trait PaddedInput<const S: usize>: Variant {
+    fn bt<X: Arith>(d: [X; S]) -> [X; S];
+}
+
+/// `V` of the block's tiles of `x` (`[b, c, h, w]`) into `K::PLANES` planes `[c, ld]`, one
+/// channel at a time through a [`Padded`] copy, the `S` pixels of a tile row fetched as `S / 2`
+/// pairs; false, having done nothing, when it cannot run (no `isa`, not f32, indices beyond
+/// i32).
+pub(crate) fn input<T: Elem, K: PaddedInput<S>, const S: usize>(
+    isa: Option<Isa>,
+    x: &[T],
+    c: usize,
+    tl: &Tiles,
+    blk: (usize, usize),
+    v: &mut [T],
+) -> bool {
+    let (Some(isa), Some(x), Some(v)) = (isa, as_f32(x), as_f32_mut(v)) else {
+        return false;
+    };
+    let Some(pad) = Padded::new(tl, K::M, blk) else {
+        return false;
+    };
+    let ld = blk.1 - blk.0;
+    assert!(S == K::M + 2 && S.is_multiple_of(2) && K::PLANES == S * S);
+    assert!(x.len() >= elems(tl, c) && v.len() >= K::PLANES * c * ld);
+    let pad = RefCell::new(pad);
+    let job = FromPadded::<K, S> {
+        x,
+        c,
+        pad,
+        ld,
+        v: v.as_mut_ptr(),
+        k: PhantomData,
+    };
+    run_with(isa, &job);
+    true
+}
+
+/// `dM` of the block's tiles of `dy` into `V::PLANES` planes `[c, ld]` with transform `K`, as
+/// [`input`].
+pub(crate) fn grad_output<T: Elem, V: Variant, K: Transform>(
+    isa: Option<Isa>,
+    dy: &[T],
+    c: usize,
+    tl: &Tiles,
+    blk: (usize, usize),
+    dm: &mut [T],
+) -> bool {
+    Job::to_planes(isa, dy, c, tl, blk, dm, (V::M, 0, V::PLANES)).is_some_and(|j| j.run::<K>())
+}
+
+/// `y (+ bias)` of the block's tiles from `V::PLANES` planes `[c, ld]` with transform `K`, as
+/// [`input`].
+pub(crate) fn output<T: Elem, V: Variant, K: Transform>(
+    isa: Option<Isa>,
+    m: &[T],
+    c: usize,
+    tl: &Tiles,
+    blk: (usize, usize),
+    y: SharedOut<T>,
+    bias: Option<(&[T], usize)>,
+) -> bool {
+    Job::to_image(isa, m, c, tl, blk, y, bias, (V::M, V::PLANES)).is_some_and(|j| j.run::<K>())
+}
+
+struct FromPadded<'a, K, const S: usize> {
+    x: &'a [f32],
+    c: usize,
+    pad: RefCell<Padded>,
+    ld: usize,
+    v: *mut f32,
+    k: PhantomData<K>,
+}
+
+// Tile coordinates index both the register arrays and the addresses: plain index loops.
+#[allow(clippy::needless_range_loop)]
+impl<K: PaddedInput<S>, const S: usize> Vectorised for FromPadded<'_, K, S> {
+    #[inline(always)]
+    unsafe fn run<L: Lanes>(&self) {
+        let mut pad = self.pad.borrow_mut();
+        let (ld, plane, pw) = (self.ld, self.c * self.ld, pad.pw as i32);
+        let all = L::first(L::N);
+        for ci in 0..self.c {
+            pad.fill::<L>(self.x, self.c, ci);
+            for g in (0..ld).step_by(L::N) {
+                let (n, idx) = ((ld - g).min(L::N), L::load_i(pad.idx[g..].as_ptr()));
+                // d[p][r]: pixel (r, p) of the tiles.
+                let mut d = [[L::k(0.0); S]; S];
+                for r in 0..S {
+                    for q in (0..S).step_by(2) {
+                        let at = L::add_i(idx, r as i32 * pw + q as i32);
+                        (d[q][r], d[q + 1][r]) = L::gather_pairs(pad.ptr(), at, all);
+                    }
+                }
+                // t[p] = B^T down column p, then along the rows into the planes.
+                let mut t = [[L::k(0.0); S]; S];
+                for p in 0..S {
+                    t[p] = K::bt(d[p]);
+                }
+                let out = self.v.add(ci * ld + g);
+                for i in 0..S {
+                    let mut row = [L::k(0.0); S];
+                    for p in 0..S {
+                        row[p] = t[p][i];
+                    }
+                    for (q, val) in K::bt(row).into_iter().enumerate() {
+                        val.store(out.add((i * S + q) * plane), n);
+                    }
+                }
+            }
+        }
     }
 }
 

@@ -59,7 +59,10 @@ pub(crate) unsafe trait Lanes: Arith {
     /// with one 64-bit gather element, half the elements of two 32-bit gathers.
     #[inline(always)]
     unsafe fn gather_pairs(base: *const f32, idx: Self::I, m: Self::M) -> (Self, Self) {
-        (Self::gather(base, idx, m), Self::gather(base, Self::add_i(idx, 1), m))
+        (
+            Self::gather(base, idx, m),
+            Self::gather(base, Self::add_i(idx, 1), m),
+        )
     }
     /// `base[idx] = a`, `base[idx + 1] = b` in the lanes of `m` (indices of distinct lanes at
     /// least 2 apart): one 64-bit scatter element per pair on AVX-512.

@@ -77,19 +77,22 @@ pub(crate) trait Variant {
     );
 }
 
-/// `impl Variant for $ty` from the invoking module's transform functions, which both variants
-/// name alike (`kernel_transform`, `kernel_grad_transform`, `input_transform`,
-/// `output_transform`, `grad_output_transform`); the last three are called through AVX2+FMA
-/// builds of themselves where the CPU has them.
+/// `impl Variant for $ty` from the invoking module's functions, which both variants name
+/// alike: `kernel_transform`, `kernel_grad_transform`, the scalar tile transforms
+/// `input_scalar`, `output_scalar`, `grad_output_scalar` (called through AVX2+FMA builds of
+/// themselves where the CPU has them) and the gathered ones ([`gathered`], with the transforms
+/// of its `vector` module), which run first and report whether they could (f32 on a CPU with
+/// AVX2 or AVX-512).
 macro_rules! impl_variant {
     ($ty:ident { M: $m:expr, PLANES: $planes:expr, BLOCK_BYTES: $bytes:expr, MIN_BLOCK: $min:expr }) => {
+        const S: usize = $m + 2;
         $crate::simd::avx2_variant!(fn input_transform_simd<T>(
             x: &[T],
             c: usize,
             tl: &Tiles,
             t: (usize, usize),
             v: &mut [T],
-        ) -> () = input_transform);
+        ) -> () = input_scalar);
         $crate::simd::avx2_variant!(fn output_transform_simd<T>(
             m: &[T],
             c: usize,
@@ -97,14 +100,14 @@ macro_rules! impl_variant {
             t: (usize, usize),
             y: SharedOut<T>,
             bias: Option<(&[T], usize)>,
-        ) -> () = output_transform);
+        ) -> () = output_scalar);
         $crate::simd::avx2_variant!(fn grad_output_transform_simd<T>(
             dy: &[T],
             c: usize,
             tl: &Tiles,
             t: (usize, usize),
             dm: &mut [T],
-        ) -> () = grad_output_transform);
+        ) -> () = grad_output_scalar);
 
         impl $crate::winograd::Variant for $ty {
             const M: usize = $m;
@@ -125,7 +128,10 @@ macro_rules! impl_variant {
                 blk: (usize, usize),
                 v: &mut [T],
             ) {
-                input_transform_simd(x, c, tl, blk, v)
+                let isa = $crate::winograd::lanes::Isa::detect();
+                if !$crate::winograd::gathered::input::<T, $ty, S>(isa, x, c, tl, blk, v) {
+                    input_transform_simd(x, c, tl, blk, v)
+                }
             }
             fn output_transform<T: Elem>(
                 m: &[T],
@@ -135,7 +141,11 @@ macro_rules! impl_variant {
                 y: SharedOut<T>,
                 bias: Option<(&[T], usize)>,
             ) {
-                output_transform_simd(m, c, tl, blk, y, bias)
+                let isa = $crate::winograd::lanes::Isa::detect();
+                use $crate::winograd::gathered::output;
+                if !output::<T, $ty, vector::Output>(isa, m, c, tl, blk, y, bias) {
+                    output_transform_simd(m, c, tl, blk, y, bias)
+                }
             }
             fn grad_output_transform<T: Elem>(
                 dy: &[T],
@@ -144,7 +154,11 @@ macro_rules! impl_variant {
                 blk: (usize, usize),
                 dm: &mut [T],
             ) {
-                grad_output_transform_simd(dy, c, tl, blk, dm)
+                let isa = $crate::winograd::lanes::Isa::detect();
+                use $crate::winograd::gathered::grad_output;
+                if !grad_output::<T, $ty, vector::GradOutput>(isa, dy, c, tl, blk, dm) {
+                    grad_output_transform_simd(dy, c, tl, blk, dm)
+                }
             }
         }
     };
