@@ -5,7 +5,7 @@
 //! even and odd (padded) columns, so that tile `k` reads columns `2k .. 2k + 3` as `even[k],
 //! odd[k], even[k + 1], odd[k + 1]`.
 
-use super::gathered::PaddedInput;
+use super::gathered::TileForms;
 use super::lanes::Arith;
 use super::{kernel_grads, kernel_planes, KernelForms, SharedOut, Tiles};
 use crate::elem::Elem;
@@ -327,93 +327,28 @@ fn output_scalar<T: Elem>(
     }
 }
 
-/// The gathered input transform ([`super::gathered::input`], from a zero-bordered copy of each
-/// channel) with this variant's `B^T`.
-impl PaddedInput<4> for F2 {
+/// The tile transforms' formulas, for the gathered transforms ([`super::gathered`]).
+impl TileForms<4, 2> for F2 {
     #[inline(always)]
     fn bt<X: Arith>(d: [X; 4]) -> [X; 4] {
         bt4(d)
     }
-}
-
-/// The gathered vector transforms ([`super::gathered`]), as F(4x4)'s: the arithmetic of the
-/// scalar ones above in the same order, `N` tiles per vector; false when they cannot run.
-// Tile coordinates index both the register arrays and the addresses: plain index loops.
-#[allow(clippy::needless_range_loop)]
-mod vector {
-    use super::super::gathered::{Job, Transform};
-    use super::super::lanes::Lanes;
-    use super::{a2, at4};
-
-    /// `dM = A dY A^T` ([`super::grad_output_scalar`]).
-    pub(crate) struct GradOutput;
-
-    impl Transform for GradOutput {
-        #[inline(always)]
-        unsafe fn run<L: Lanes>(j: &Job) {
-            let w = j.tl.w as i32;
-            for g in (0..j.ld).step_by(L::N) {
-                let n = (j.ld - g).min(L::N);
-                let (idx, rows, cols) = j.grid.masks::<L, 2>(g, j.tl);
-                for ci in 0..j.c {
-                    let src = j.src.add(ci * j.tl.h * j.tl.w);
-                    // t[r] = A along row r of the tiles' output gradients.
-                    let mut t = [[L::k(0.0); 4]; 2];
-                    for r in 0..2 {
-                        let mut d = [L::k(0.0); 2];
-                        for s in 0..2 {
-                            let at = L::add_i(idx, r as i32 * w + s as i32);
-                            d[s] = L::gather(src, at, L::and(rows[r], cols[s]));
-                        }
-                        t[r] = a2(d);
-                    }
-                    let out = j.dst.add(ci * j.ld + g);
-                    for s in 0..4 {
-                        let o = a2([t[0][s], t[1][s]]);
-                        for i in 0..4 {
-                            o[i].store(out.add((i * 4 + s) * j.plane()), n);
-                        }
-                    }
-                }
-            }
-        }
+    #[inline(always)]
+    fn at<X: Arith>(m: [X; 4]) -> [X; 2] {
+        at4(m)
     }
-
-    /// `y = A^T M A (+ bias)` ([`super::output_scalar`]).
-    pub(crate) struct Output;
-
-    impl Transform for Output {
-        #[inline(always)]
-        unsafe fn run<L: Lanes>(j: &Job) {
-            let w = j.tl.w as i32;
-            let (bias, ref offsets, per_channel) = j.bias;
-            for g in (0..j.ld).step_by(L::N) {
-                let n = (j.ld - g).min(L::N);
-                let (idx, rows, cols) = j.grid.masks::<L, 2>(g, j.tl);
-                let bi = L::load_i(offsets[g..].as_ptr());
-                for co in 0..j.c {
-                    let src = j.src.add(co * j.ld + g);
-                    // t[p] = A^T down column p of the tiles' M.
-                    let mut t = [[L::k(0.0); 2]; 4];
-                    for p in 0..4 {
-                        let mut d = [L::k(0.0); 4];
-                        for r in 0..4 {
-                            d[r] = L::load(src.add((r * 4 + p) * j.plane()), n);
-                        }
-                        t[p] = at4(d);
-                    }
-                    let b = L::gather(bias.add(co * per_channel as usize), bi, L::first(n));
-                    let dst = j.dst.add(co * j.tl.h * j.tl.w);
-                    for r in 0..2 {
-                        let o = at4([t[0][r], t[1][r], t[2][r], t[3][r]]);
-                        for s in 0..2 {
-                            let at = L::add_i(idx, r as i32 * w + s as i32);
-                            (o[s] + b).scatter(dst, at, L::and(rows[r], cols[s]));
-                        }
-                    }
-                }
+    /// Along the rows first, as [`grad_output_scalar`].
+    #[inline(always)]
+    fn grad<X: Arith>(d: [[X; 2]; 2]) -> [[X; 4]; 4] {
+        let t = [a2([d[0][0], d[1][0]]), a2([d[0][1], d[1][1]])];
+        let mut o = [[X::k(0.0); 4]; 4];
+        for s in 0..4 {
+            let col = a2([t[0][s], t[1][s]]);
+            for (i, oi) in o.iter_mut().enumerate() {
+                oi[s] = col[i];
             }
         }
+        o
     }
 }
 
@@ -429,15 +364,12 @@ mod tests {
         check::gathered_match_scalar(&check::Variant {
             m: 2,
             planes: 16,
-            input: (input_scalar::<f32>, gathered::input::<f32, F2, 4>),
+            input: (input_scalar::<f32>, gathered::input::<f32, F2, 4, 2>),
             grad_output: (
                 grad_output_scalar::<f32>,
-                gathered::grad_output::<f32, F2, vector::GradOutput>,
+                gathered::grad_output::<f32, F2, 4, 2>,
             ),
-            output: (
-                output_scalar::<f32>,
-                gathered::output::<f32, F2, vector::Output>,
-            ),
+            output: (output_scalar::<f32>, gathered::output::<f32, F2, 4, 2>),
         });
     }
 

@@ -14,7 +14,7 @@
 //! width; tiles are gathered from a zero-padded copy of each image plane, so there is no
 //! bounds test per tile.
 
-use super::gathered::PaddedInput;
+use super::gathered::TileForms;
 use super::lanes::Arith;
 use super::{kernel_grads, kernel_planes, KernelForms, SharedOut, Tiles};
 use crate::elem::Elem;
@@ -385,118 +385,25 @@ fn output_scalar<T: Elem>(
     }
 }
 
-/// The gathered input transform ([`super::gathered::input`], from a zero-bordered copy of each
-/// channel) with this variant's `B^T`.
-impl PaddedInput<6> for F4 {
+/// The tile transforms' formulas, for the gathered transforms ([`super::gathered`]).
+impl TileForms<6, 4> for F4 {
     #[inline(always)]
     fn bt<X: Arith>(d: [X; 6]) -> [X; 6] {
         bt6(d)
     }
-}
-
-/// The gathered vector transforms ([`super::gathered`]): the same arithmetic in the same order
-/// as the scalar ones above, `N` tiles per vector. Each returns false, having done nothing,
-/// when it cannot run: no vector set (`isa`), not f32, or indices beyond i32.
-// Tile coordinates index both the register arrays and the addresses: plain index loops.
-#[allow(clippy::needless_range_loop)]
-mod vector {
-    use super::super::gathered::{Job, Transform};
-    use super::super::lanes::Lanes;
-    use super::{a4, at6};
-
-    /// `dM = A dY A^T` ([`super::grad_output_scalar`]).
-    pub(crate) struct GradOutput;
-
-    impl Transform for GradOutput {
-        #[inline(always)]
-        unsafe fn run<L: Lanes>(j: &Job) {
-            let w = j.tl.w as i32;
-            // Tiles start at even columns: with an even width, pixel pairs never straddle it.
-            let pairs = j.tl.w.is_multiple_of(2);
-            for g in (0..j.ld).step_by(L::N) {
-                let n = (j.ld - g).min(L::N);
-                let (idx, rows, cols) = j.grid.masks::<L, 4>(g, j.tl);
-                for ci in 0..j.c {
-                    let src = j.src.add(ci * j.tl.h * j.tl.w);
-                    // t[s] = A down column s of the tiles' output gradients.
-                    // d[s][r]: pixel (r, s) of the tiles' output gradients.
-                    let mut d = [[L::k(0.0); 4]; 4];
-                    for r in 0..4 {
-                        for s in (0..4).step_by(2) {
-                            let at = L::add_i(idx, r as i32 * w + s as i32);
-                            if pairs {
-                                // Even width: a pair is inside exactly when its second pixel is.
-                                let m = L::and(rows[r], cols[s + 1]);
-                                (d[s][r], d[s + 1][r]) = L::gather_pairs(src, at, m);
-                            } else {
-                                d[s][r] = L::gather(src, at, L::and(rows[r], cols[s]));
-                                let (at, m) = (L::add_i(at, 1), L::and(rows[r], cols[s + 1]));
-                                d[s + 1][r] = L::gather(src, at, m);
-                            }
-                        }
-                    }
-                    let mut t = [[L::k(0.0); 6]; 4];
-                    for s in 0..4 {
-                        t[s] = a4(d[s]);
-                    }
-                    let out = j.dst.add(ci * j.ld + g);
-                    for i in 0..6 {
-                        let o = a4([t[0][i], t[1][i], t[2][i], t[3][i]]);
-                        for q in 0..6 {
-                            o[q].store(out.add((i * 6 + q) * j.plane()), n);
-                        }
-                    }
-                }
-            }
-        }
+    #[inline(always)]
+    fn at<X: Arith>(m: [X; 6]) -> [X; 4] {
+        at6(m)
     }
-
-    /// `y = A^T M A (+ bias)` ([`super::output_scalar`]).
-    pub(crate) struct Output;
-
-    impl Transform for Output {
-        #[inline(always)]
-        unsafe fn run<L: Lanes>(j: &Job) {
-            let w = j.tl.w as i32;
-            let (bias, ref offsets, per_channel) = j.bias;
-            // Tiles start at even columns: with an even width, pixel pairs never straddle it.
-            let pairs = j.tl.w.is_multiple_of(2);
-            for g in (0..j.ld).step_by(L::N) {
-                let n = (j.ld - g).min(L::N);
-                let (idx, rows, cols) = j.grid.masks::<L, 4>(g, j.tl);
-                let bi = L::load_i(offsets[g..].as_ptr());
-                for co in 0..j.c {
-                    let src = j.src.add(co * j.ld + g);
-                    // t[q] = A^T down column q of the tiles' M.
-                    let mut t = [[L::k(0.0); 4]; 6];
-                    for q in 0..6 {
-                        let mut d = [L::k(0.0); 6];
-                        for i in 0..6 {
-                            d[i] = L::load(src.add((i * 6 + q) * j.plane()), n);
-                        }
-                        t[q] = at6(d);
-                    }
-                    let b = L::gather(bias.add(co * per_channel as usize), bi, L::first(n));
-                    let dst = j.dst.add(co * j.tl.h * j.tl.w);
-                    for r in 0..4 {
-                        let o = at6([t[0][r], t[1][r], t[2][r], t[3][r], t[4][r], t[5][r]]);
-                        let o = [o[0] + b, o[1] + b, o[2] + b, o[3] + b];
-                        for s in (0..4).step_by(2) {
-                            let at = L::add_i(idx, r as i32 * w + s as i32);
-                            if pairs {
-                                // Even width: a pair is inside exactly when its second pixel is.
-                                let m = L::and(rows[r], cols[s + 1]);
-                                L::scatter_pairs(o[s], o[s + 1], dst, at, m);
-                            } else {
-                                o[s].scatter(dst, at, L::and(rows[r], cols[s]));
-                                let at = L::add_i(at, 1);
-                                o[s + 1].scatter(dst, at, L::and(rows[r], cols[s + 1]));
-                            }
-                        }
-                    }
-                }
-            }
+    /// Down the columns first, as [`grad_output_scalar`].
+    #[inline(always)]
+    fn grad<X: Arith>(d: [[X; 4]; 4]) -> [[X; 6]; 6] {
+        let t = [a4(d[0]), a4(d[1]), a4(d[2]), a4(d[3])];
+        let mut o = [[X::k(0.0); 6]; 6];
+        for (i, oi) in o.iter_mut().enumerate() {
+            *oi = a4([t[0][i], t[1][i], t[2][i], t[3][i]]);
         }
+        o
     }
 }
 
@@ -512,15 +419,12 @@ mod tests {
         check::gathered_match_scalar(&check::Variant {
             m: 4,
             planes: P,
-            input: (input_scalar::<f32>, gathered::input::<f32, F4, 6>),
+            input: (input_scalar::<f32>, gathered::input::<f32, F4, 6, 4>),
             grad_output: (
                 grad_output_scalar::<f32>,
-                gathered::grad_output::<f32, F4, vector::GradOutput>,
+                gathered::grad_output::<f32, F4, 6, 4>,
             ),
-            output: (
-                output_scalar::<f32>,
-                gathered::output::<f32, F4, vector::Output>,
-            ),
+            output: (output_scalar::<f32>, gathered::output::<f32, F4, 6, 4>),
         });
     }
 

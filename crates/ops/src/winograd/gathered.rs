@@ -173,17 +173,24 @@ impl Padded {
     }
 }
 
-/// A variant's input transform `B^T d B` of `S x S` tiles (`S = M + 2`), as a formula for
-/// `B^T` applied to one column of `S` values.
-pub(crate) trait PaddedInput<const S: usize>: Variant {
+/// A variant's tile transforms as formulas over scalars or vectors of tiles, for `M x M` output
+/// tiles read from `S x S` input tiles (`S = M + 2`). Each is the scalar transform's arithmetic
+/// in the scalar transform's order, so that the gathered transforms give its bits.
+pub(crate) trait TileForms<const S: usize, const M: usize>: Variant {
+    /// `B^T d` for one column `d` of a tile.
     fn bt<X: Arith>(d: [X; S]) -> [X; S];
+    /// `A^T m` for one column `m` of a tile's `M` planes.
+    fn at<X: Arith>(m: [X; S]) -> [X; M];
+    /// `A dY A^T` of one tile of output gradients given by columns (`d[s][r]`: pixel `(r, s)`);
+    /// `[i][q]` goes to plane `i * S + q`.
+    fn grad<X: Arith>(d: [[X; M]; M]) -> [[X; S]; S];
 }
 
 /// `V` of the block's tiles of `x` (`[b, c, h, w]`) into `K::PLANES` planes `[c, ld]`, one
 /// channel at a time through a [`Padded`] copy, the `S` pixels of a tile row fetched as `S / 2`
 /// pairs; false, having done nothing, when it cannot run (no `isa`, not f32, indices beyond
 /// i32).
-pub(crate) fn input<T: Elem, K: PaddedInput<S>, const S: usize>(
+pub(crate) fn input<T: Elem, K: TileForms<S, M>, const S: usize, const M: usize>(
     isa: Option<Isa>,
     x: &[T],
     c: usize,
@@ -201,7 +208,7 @@ pub(crate) fn input<T: Elem, K: PaddedInput<S>, const S: usize>(
     assert!(S == K::M + 2 && S.is_multiple_of(2) && K::PLANES == S * S);
     assert!(x.len() >= elems(tl, c) && v.len() >= K::PLANES * c * ld);
     let pad = RefCell::new(pad);
-    let job = FromPadded::<K, S> {
+    let job = FromPadded::<K, S, M> {
         x,
         c,
         pad,
@@ -213,9 +220,10 @@ pub(crate) fn input<T: Elem, K: PaddedInput<S>, const S: usize>(
     true
 }
 
-/// `dM` of the block's tiles of `dy` into `V::PLANES` planes `[c, ld]` with transform `K`, as
+/// `dM = A dY A^T` of the block's tiles of `dy` (`[b, c, h, w]`) into `K::PLANES` planes
+/// `[c, ld]`, gathered straight from `dy` with masks (pixel pairs where the width is even), as
 /// [`input`].
-pub(crate) fn grad_output<T: Elem, V: Variant, K: Transform>(
+pub(crate) fn grad_output<T: Elem, K: TileForms<S, M>, const S: usize, const M: usize>(
     isa: Option<Isa>,
     dy: &[T],
     c: usize,
@@ -223,12 +231,16 @@ pub(crate) fn grad_output<T: Elem, V: Variant, K: Transform>(
     blk: (usize, usize),
     dm: &mut [T],
 ) -> bool {
-    Job::to_planes(isa, dy, c, tl, blk, dm, (V::M, 0, V::PLANES)).is_some_and(|j| j.run::<K>())
+    let Some(job) = Job::to_planes(isa, dy, c, tl, blk, dm, (M, 0, K::PLANES)) else {
+        return false;
+    };
+    run_with(job.isa, &GradOutput::<K, S, M>(&job, PhantomData));
+    true
 }
 
-/// `y (+ bias)` of the block's tiles from `V::PLANES` planes `[c, ld]` with transform `K`, as
-/// [`input`].
-pub(crate) fn output<T: Elem, V: Variant, K: Transform>(
+/// `y = A^T M A (+ bias)` of the block's tiles from `K::PLANES` planes `[c, ld]`, scattered into
+/// `y` (pixel pairs where the width is even), as [`input`].
+pub(crate) fn output<T: Elem, K: TileForms<S, M>, const S: usize, const M: usize>(
     isa: Option<Isa>,
     m: &[T],
     c: usize,
@@ -237,10 +249,114 @@ pub(crate) fn output<T: Elem, V: Variant, K: Transform>(
     y: SharedOut<T>,
     bias: Option<(&[T], usize)>,
 ) -> bool {
-    Job::to_image(isa, m, c, tl, blk, y, bias, (V::M, V::PLANES)).is_some_and(|j| j.run::<K>())
+    let Some(job) = Job::to_image(isa, m, c, tl, blk, y, bias, (M, K::PLANES)) else {
+        return false;
+    };
+    run_with(job.isa, &Output::<K, S, M>(&job, PhantomData));
+    true
 }
 
-struct FromPadded<'a, K, const S: usize> {
+struct GradOutput<'j, 'a, K, const S: usize, const M: usize>(&'j Job<'a>, PhantomData<K>);
+
+// Tile coordinates index both the register arrays and the addresses: plain index loops.
+#[allow(clippy::needless_range_loop)]
+impl<K: TileForms<S, M>, const S: usize, const M: usize> Vectorised
+    for GradOutput<'_, '_, K, S, M>
+{
+    #[inline(always)]
+    unsafe fn run<L: Lanes>(&self) {
+        let j = self.0;
+        let w = j.tl.w as i32;
+        // Tiles start at even columns: with an even width, pixel pairs never straddle it.
+        let pairs = j.tl.w.is_multiple_of(2);
+        for g in (0..j.ld).step_by(L::N) {
+            let n = (j.ld - g).min(L::N);
+            let (idx, rows, cols) = j.grid.masks::<L, M>(g, j.tl);
+            for ci in 0..j.c {
+                let src = j.src.add(ci * j.tl.h * j.tl.w);
+                // d[s][r]: pixel (r, s) of the tiles' output gradients.
+                let mut d = [[L::k(0.0); M]; M];
+                for r in 0..M {
+                    for s in (0..M).step_by(2) {
+                        let at = L::add_i(idx, r as i32 * w + s as i32);
+                        if pairs {
+                            // Even width: a pair is inside exactly when its second pixel is.
+                            let m = L::and(rows[r], cols[s + 1]);
+                            (d[s][r], d[s + 1][r]) = L::gather_pairs(src, at, m);
+                        } else {
+                            d[s][r] = L::gather(src, at, L::and(rows[r], cols[s]));
+                            let (at, m) = (L::add_i(at, 1), L::and(rows[r], cols[s + 1]));
+                            d[s + 1][r] = L::gather(src, at, m);
+                        }
+                    }
+                }
+                let out = j.dst.add(ci * j.ld + g);
+                for (i, row) in K::grad(d).into_iter().enumerate() {
+                    for (q, val) in row.into_iter().enumerate() {
+                        val.store(out.add((i * S + q) * j.plane()), n);
+                    }
+                }
+            }
+        }
+    }
+}
+
+struct Output<'j, 'a, K, const S: usize, const M: usize>(&'j Job<'a>, PhantomData<K>);
+
+// Tile coordinates index both the register arrays and the addresses: plain index loops.
+#[allow(clippy::needless_range_loop)]
+impl<K: TileForms<S, M>, const S: usize, const M: usize> Vectorised for Output<'_, '_, K, S, M> {
+    #[inline(always)]
+    unsafe fn run<L: Lanes>(&self) {
+        let j = self.0;
+        let w = j.tl.w as i32;
+        let (bias, ref offsets, per_channel) = j.bias;
+        let pairs = j.tl.w.is_multiple_of(2);
+        for g in (0..j.ld).step_by(L::N) {
+            let n = (j.ld - g).min(L::N);
+            let (idx, rows, cols) = j.grid.masks::<L, M>(g, j.tl);
+            let bi = L::load_i(offsets[g..].as_ptr());
+            for co in 0..j.c {
+                let src = j.src.add(co * j.ld + g);
+                // t[q] = A^T down column q of the tiles' planes.
+                let mut t = [[L::k(0.0); M]; S];
+                for q in 0..S {
+                    let mut d = [L::k(0.0); S];
+                    for i in 0..S {
+                        d[i] = L::load(src.add((i * S + q) * j.plane()), n);
+                    }
+                    t[q] = K::at(d);
+                }
+                let b = L::gather(bias.add(co * per_channel as usize), bi, L::first(n));
+                let dst = j.dst.add(co * j.tl.h * j.tl.w);
+                for r in 0..M {
+                    let mut row = [L::k(0.0); S];
+                    for q in 0..S {
+                        row[q] = t[q][r];
+                    }
+                    let mut o = K::at(row);
+                    for v in o.iter_mut() {
+                        *v = *v + b;
+                    }
+                    for s in (0..M).step_by(2) {
+                        let at = L::add_i(idx, r as i32 * w + s as i32);
+                        if pairs {
+                            // Even width: a pair is inside exactly when its second pixel is.
+                            let m = L::and(rows[r], cols[s + 1]);
+                            L::scatter_pairs(o[s], o[s + 1], dst, at, m);
+                        } else {
+                            o[s].scatter(dst, at, L::and(rows[r], cols[s]));
+                            let at = L::add_i(at, 1);
+                            o[s + 1].scatter(dst, at, L::and(rows[r], cols[s + 1]));
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+struct FromPadded<'a, K, const S: usize, const M: usize> {
     x: &'a [f32],
     c: usize,
     pad: RefCell<Padded>,
@@ -251,7 +367,7 @@ struct FromPadded<'a, K, const S: usize> {
 
 // Tile coordinates index both the register arrays and the addresses: plain index loops.
 #[allow(clippy::needless_range_loop)]
-impl<K: PaddedInput<S>, const S: usize> Vectorised for FromPadded<'_, K, S> {
+impl<K: TileForms<S, M>, const S: usize, const M: usize> Vectorised for FromPadded<'_, K, S, M> {
     #[inline(always)]
     unsafe fn run<L: Lanes>(&self) {
         let mut pad = self.pad.borrow_mut();
@@ -304,7 +420,7 @@ pub(crate) struct Job<'a> {
     /// Per-example bias of an output transform: its values from channel 0, each lane's offset
     /// to its example's row, and whether it is per channel (else one 0 for all).
     pub bias: (*const f32, Vec<i32>, bool),
-    isa: Isa,
+    pub isa: Isa,
 }
 
 /// One zero, the bias of an output transform without one.
@@ -383,22 +499,6 @@ impl<'a> Job<'a> {
     /// Elements in one plane: `c` channels of the block's tiles.
     pub fn plane(&self) -> usize {
         self.c * self.ld
-    }
-
-    /// Runs transform `K`; true (for the callers' "done").
-    pub fn run<K: Transform>(&self) -> bool {
-        run_with(self.isa, &Bound::<K>(self, PhantomData));
-        true
-    }
-}
-
-/// A job bound to its transform.
-struct Bound<'j, 'a, K>(&'j Job<'a>, PhantomData<K>);
-
-impl<K: Transform> Vectorised for Bound<'_, '_, K> {
-    #[inline(always)]
-    unsafe fn run<L: Lanes>(&self) {
-        K::run::<L>(self.0)
     }
 }
 
@@ -549,15 +649,6 @@ impl<K: KernelForms<P>, const P: usize> Vectorised for PlanesToKernels<'_, K, P>
 /// Elements of a `[b, c, h, w]` tensor of the batch `tl` tiles.
 fn elems(tl: &Tiles, c: usize) -> usize {
     tl.total / tl.per * c * tl.h * tl.w
-}
-
-/// A transform written once for any vector width.
-pub(crate) trait Transform {
-    /// # Safety
-    /// Only called by [`Job::run`], on a CPU with `L`'s instruction set. The kernel must read
-    /// and write only inside the tensors `j` describes, and write each output pixel from one
-    /// tile.
-    unsafe fn run<L: Lanes>(j: &Job);
 }
 
 /// The check both variants' gathered transforms pass: bitwise the scalar results.

@@ -80,12 +80,13 @@ pub(crate) trait Variant {
 /// `impl Variant for $ty` from the invoking module's functions, which both variants name
 /// alike: `kernel_transform`, `kernel_grad_transform`, the scalar tile transforms
 /// `input_scalar`, `output_scalar`, `grad_output_scalar` (called through AVX2+FMA builds of
-/// themselves where the CPU has them) and the gathered ones ([`gathered`], with the transforms
-/// of its `vector` module), which run first and report whether they could (f32 on a CPU with
+/// themselves where the CPU has them) and the gathered ones ([`gathered`], with the variant's
+/// [`gathered::TileForms`]), which run first and report whether they could (f32 on a CPU with
 /// AVX2 or AVX-512).
 macro_rules! impl_variant {
     ($ty:ident { M: $m:expr, PLANES: $planes:expr, BLOCK_BYTES: $bytes:expr, MIN_BLOCK: $min:expr }) => {
         const S: usize = $m + 2;
+        const M: usize = $m;
         $crate::simd::avx2_variant!(fn input_transform_simd<T>(
             x: &[T],
             c: usize,
@@ -129,7 +130,7 @@ macro_rules! impl_variant {
                 v: &mut [T],
             ) {
                 let isa = $crate::winograd::lanes::Isa::detect();
-                if !$crate::winograd::gathered::input::<T, $ty, S>(isa, x, c, tl, blk, v) {
+                if !$crate::winograd::gathered::input::<T, $ty, S, M>(isa, x, c, tl, blk, v) {
                     input_transform_simd(x, c, tl, blk, v)
                 }
             }
@@ -143,7 +144,7 @@ macro_rules! impl_variant {
             ) {
                 let isa = $crate::winograd::lanes::Isa::detect();
                 use $crate::winograd::gathered::output;
-                if !output::<T, $ty, vector::Output>(isa, m, c, tl, blk, y, bias) {
+                if !output::<T, $ty, S, M>(isa, m, c, tl, blk, y, bias) {
                     output_transform_simd(m, c, tl, blk, y, bias)
                 }
             }
@@ -156,7 +157,7 @@ macro_rules! impl_variant {
             ) {
                 let isa = $crate::winograd::lanes::Isa::detect();
                 use $crate::winograd::gathered::grad_output;
-                if !grad_output::<T, $ty, vector::GradOutput>(isa, dy, c, tl, blk, dm) {
+                if !grad_output::<T, $ty, S, M>(isa, dy, c, tl, blk, dm) {
                     grad_output_transform_simd(dy, c, tl, blk, dm)
                 }
             }
