@@ -455,6 +455,11 @@ fn main() {
                     .and_then(|v| v.parse().ok())
                     .expect("--tile BYTES"),
             ),
+            "--wblock" => ddpm_ops::set_winograd_block_bytes(
+                it.next()
+                    .and_then(|v| v.parse().ok())
+                    .expect("--wblock BYTES"),
+            ),
             other => panic!("unknown argument {other}"),
         }
     }

@@ -25,9 +25,8 @@ const P: usize = 36;
 /// F(4x4, 3x3).
 pub(crate) struct F4;
 
-// 4 MiB blocks, larger than L2: the GEMMs pack their operands anyway, and fewer, longer GEMMs
-// measured ~10% faster over the U-Net's convolutions at 1 thread than 1 MiB blocks
-// (bench/RESULTS.md).
+// Blocks of up to 4 MiB, larger than L2, where 1 MiB would leave fewer than 128 tiles (many
+// channels): fewer, wider GEMMs (bench/RESULTS.md).
 impl_variant!(F4 {
     M: 4,
     PLANES: P,

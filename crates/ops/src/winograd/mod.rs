@@ -196,12 +196,17 @@ impl Tiles {
         (e, r / self.tw, r % self.tw)
     }
 
-    /// The blocks of `V`: about `V::BLOCK_BYTES` of transformed data for `channels` input +
-    /// output channels each, in a number of blocks that is a multiple of the thread count (when
-    /// there are more blocks than threads), so that no thread runs one block more than another.
+    /// The blocks of `V`: transformed data for `channels` input + output channels that fits
+    /// [`FIT_BYTES`] (the GEMMs then read `V` and write `M` in L2) unless that leaves fewer than
+    /// [`WIDE_BLOCK`] tiles, too narrow for the GEMMs' 32-column register blocks; then up to
+    /// `V::BLOCK_BYTES`. The number of blocks is a multiple of the thread count (when there are
+    /// more blocks than threads), so that no thread runs one block more than another.
     fn blocks<V: Variant, T>(&self, channels: usize) -> Vec<(usize, usize)> {
         let per_tile = V::PLANES * channels * std::mem::size_of::<T>();
-        let target = (crate::runtime::winograd_block_bytes(V::BLOCK_BYTES) / per_tile)
+        let bytes = |b: usize| crate::runtime::winograd_block_bytes(b) / per_tile;
+        let fit = bytes(FIT_BYTES.min(V::BLOCK_BYTES));
+        let target = bytes(V::BLOCK_BYTES)
+            .min(fit.max(WIDE_BLOCK))
             .clamp(V::MIN_BLOCK, 512)
             .min(self.total)
             .max(1);
@@ -230,6 +235,15 @@ impl Tiles {
         runs
     }
 }
+
+/// Transformed data per block that stays in a core's L2 (1-2 MiB on the CPUs measured).
+const FIT_BYTES: usize = 1 << 20;
+
+/// Tiles a block should have at least, if its data fits `V::BLOCK_BYTES`: the 28x28 map of
+/// 32 channels ran ~20% faster in 128-tile (1 MiB) blocks than in 455-tile (4 MiB) ones, while
+/// 256 channels at 8x8 ran 20-35% slower in 16-tile blocks than in 56-tile ones
+/// (bench/RESULTS.md, session 10).
+const WIDE_BLOCK: usize = 128;
 
 /// A raw output pointer shared by threads that write disjoint elements. Whoever creates one
 /// promises that it addresses a whole `[b, c, h, w]` output and that each pixel is written by
