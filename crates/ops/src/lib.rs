@@ -7,7 +7,7 @@
 //!
 //! - [`conv2d`]: 3x3 stride-1 "same" convolutions (nearly all of the U-Net's work) use Winograd
 //!   in all three directions: F(4x4, 3x3) (36 GEMMs over transformed tiles, 4x fewer
-//!   multiply-adds than direct convolution) on maps of 8+ pixels a side with 16+ channels,
+//!   multiply-adds than direct convolution) on maps of 8+ pixels a side with 16+ channels in or out,
 //!   F(2x2, 3x3) (16 GEMMs, 2.25x fewer) on the others. Other shapes (stride 2, 1x1) are one GEMM per
 //!   example and direction (`W . im2col(x)`, `col2im(W^T . dY)`, `dY . im2col(x)^T`). GEMMs use
 //!   the `gemm` crate candle itself uses; work is spread over threads, scratch reused per thread.

@@ -35,11 +35,13 @@ pub(crate) fn applies(g: &Geom) -> bool {
 }
 
 /// Whether a Winograd conv with `cout` outputs takes [`F4`]: F(4x4) not switched off, a feature
-/// map of at least 8 pixels a side (below that most of a 4x4 tile is padding) and 16+ channels
-/// in and out (with fewer, the 36 GEMMs are too thin to pay for the larger transforms: the
-/// U-Net's 3->64 and 64->3 convs were ~20% slower than with F(2x2), bench/RESULTS.md).
+/// map of at least 8 pixels a side (below that most of a 4x4 tile is padding) and 16+ channels in
+/// or out. With the gathered transforms the thin convs (the U-Net's first and last, 1 or 3
+/// channels on one side) are faster in F(4x4) too, its transformed data being 2.25x the image
+/// instead of 4x: 1->32 and 32->1 at 28x28 took 30-60% less time in each direction
+/// (bench/RESULTS.md, session 10). With the scalar transforms they had been ~20% slower.
 pub(crate) fn use_f4(g: &Geom, cout: usize) -> bool {
-    crate::runtime::winograd4_enabled() && g.h.min(g.w) >= 8 && g.cin.min(cout) >= 16
+    crate::runtime::winograd4_enabled() && g.h.min(g.w) >= 8 && g.cin.max(cout) >= 16
 }
 
 /// One Winograd variant: its tile size and its transforms.
