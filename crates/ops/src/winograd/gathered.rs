@@ -1,12 +1,16 @@
-//! What the variants' gathered (vector) transforms share: the block's tile grid as i32 lanes,
-//! and running a kernel generic over [`Lanes`] with the instruction set the CPU has.
+//! The Winograd transforms on vectors of tiles, for both variants: the input transform
+//! ([`input`]), the output-gradient transform ([`grad_output`]), the output transform
+//! ([`output`]), the kernel transforms ([`kernels_to_planes`], [`planes_to_kernels`]), each
+//! written once for any [`Lanes`] and run with the instruction set the CPU has ([`run_with`]).
 //!
 //! The scalar transforms copy every tile element into scratch planes one value at a time (36
 //! scattered stores per tile for F(4x4)); with tile rows 2-7 tiles long on the U-Net's small
-//! maps, vectorising along a tile row does not pay. The gathered kernels instead take `N`
-//! consecutive tiles of the block, wherever they lie (across rows and examples), fetch one
-//! tile element of all of them with one masked gather, transform in registers and store whole
-//! vectors into the planes: no scratch, no padded copy of the image.
+//! maps, vectorising along a tile row does not pay. These take `N` consecutive tiles of the
+//! block, wherever they lie (across rows and examples), fetch one tile element of all of them
+//! with one gather (from a zero-bordered copy of the channel for the input, [`Padded`]; with
+//! masks from the tensor itself for the output gradient), transform in registers with the
+//! variant's formulas ([`TileForms`]) and store whole vectors into the planes; the output is
+//! scattered with masks. Neighbouring pixels go in pairs where that is exact (64-bit elements).
 
 use std::cell::RefCell;
 use std::marker::PhantomData;

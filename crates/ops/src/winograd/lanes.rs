@@ -3,8 +3,8 @@
 //! scalars share, so that one formula serves the scalar loops and the vector kernels.
 //!
 //! The transforms read tiles that overlap and lie anywhere in the image; the vector kernels
-//! fetch one tile element of `N` tiles at once with a masked gather (lanes whose pixel is
-//! outside the image read nothing and give 0), instead of copying each tile into scratch planes
+//! fetch one tile element of `N` tiles at once with a gather (masked lanes, whose pixel is
+//! outside the image, read nothing and give 0), instead of copying each tile into scratch planes
 //! one scalar at a time. No fused multiply-add is used, so every result is bitwise the scalar
 //! loop's.
 
