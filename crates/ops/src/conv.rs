@@ -38,12 +38,7 @@ pub fn conv2d(
 ) -> Result<Tensor> {
     let (batch, cout, _) = geometry(x.dims(), weight.dims(), stride, padding)?;
     if let Some(b) = bias {
-        if b.dims() != [cout] && b.dims() != [batch, cout] {
-            bail!(
-                "conv2d: bias shape {:?}, expected [{cout}] or [{batch}, {cout}]",
-                b.dims()
-            );
-        }
+        check_bias(b, batch, cout)?;
     }
     let on_cpu = x.device().is_cpu() && weight.device().is_cpu();
     if on_cpu && fast_path_enabled() && crate::precision::is_half(x.dtype()) {
@@ -97,6 +92,17 @@ pub fn conv2d_grads(
         );
     }
     ConvOp { stride, padding }.backward(x, weight, grad, need, false)
+}
+
+/// A conv bias is `[cout]` or, per example, `[batch, cout]`.
+pub(crate) fn check_bias(bias: &Tensor, batch: usize, cout: usize) -> Result<()> {
+    if bias.dims() != [cout] && bias.dims() != [batch, cout] {
+        bail!(
+            "conv2d: bias shape {:?}, expected [{cout}] or [{batch}, {cout}]",
+            bias.dims()
+        );
+    }
+    Ok(())
 }
 
 /// Checks a convolution's shapes and returns `(batch, cout, geometry)`: `x` `[B, cin, H, W]`,

@@ -11,10 +11,11 @@
 //!   F(2x2, 3x3) (16 GEMMs, 2.25x fewer) on the others. Other shapes (stride 2, 1x1) are one GEMM per
 //!   example and direction (`W . im2col(x)`, `col2im(W^T . dY)`, `dY . im2col(x)^T`). GEMMs use
 //!   the `gemm` crate candle itself uses; work is spread over threads, scratch reused per thread.
-//! - [`conv2d_residual`]: `conv2d + residual` (a ResBlock's output conv and skip) in one op, so the
-//!   sum costs no serial pass and its backward one gradient accumulation instead of two.
 //! - [`group_norm`]: GroupNorm with an optional fused SiLU, statistics accumulated in f64, and a
 //!   two-pass backward; [`group_norm_masked`] also multiplies by a dropout mask in the same pass.
+//! - [`norm_conv2d`]: GroupNorm (+SiLU, dropout mask), a conv and a residual as one op (a
+//!   ResBlock's second half): the normalised activation costs no zero-filled gradient buffer and
+//!   add in candle's backward, the residual no serial pass.
 //! - [`softmax_last_dim`] / [`softmax_scaled`]: softmax over the last dimension with backward
 //!   (`candle_nn::ops::softmax_last_dim` has none).
 //! - [`cat_channels`]: the decoder's skip concatenation, copied on all threads.
@@ -43,11 +44,11 @@
 mod attention;
 mod cat;
 mod conv;
-mod conv_residual;
 mod elem;
 mod gemm;
 mod im2col;
 mod norm;
+mod norm_conv;
 mod precision;
 mod runtime;
 mod sgemm512;
@@ -59,8 +60,8 @@ mod winograd;
 pub use attention::attention;
 pub use cat::cat_channels;
 pub use conv::{conv2d, conv2d_grads};
-pub use conv_residual::conv2d_residual;
 pub use norm::{group_norm, group_norm_masked};
+pub use norm_conv::{norm_conv2d, ConvArgs, NormArgs};
 pub use runtime::{
     fast_path_enabled, gather_enabled, init_cpu, num_threads, set_fast_path, set_gather,
     set_num_threads, set_sgemm512, set_tile_bytes, set_winograd, set_winograd4,

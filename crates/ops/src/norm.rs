@@ -59,31 +59,7 @@ pub fn group_norm_masked(
     silu: bool,
     mask: Option<&Tensor>,
 ) -> Result<Tensor> {
-    let dims = x.dims();
-    if dims.len() < 2 {
-        bail!("group_norm: input must be [B, C, ...], got {dims:?}");
-    }
-    let c = dims[1];
-    if groups == 0 || !c.is_multiple_of(groups) {
-        bail!("group_norm: {c} channels do not split into {groups} groups");
-    }
-    let per_example = gamma.dims() == [dims[0], c];
-    if !(gamma.dims() == [c] || per_example) || beta.dims() != gamma.dims() {
-        bail!(
-            "group_norm: gamma {:?} / beta {:?} must both be [{c}] or [{}, {c}]",
-            gamma.dims(),
-            beta.dims(),
-            dims[0]
-        );
-    }
-    if let Some(m) = mask {
-        if m.dims() != dims {
-            bail!(
-                "group_norm: mask shape {:?} differs from input {dims:?}",
-                m.dims()
-            );
-        }
-    }
+    check_args(x, gamma, beta, groups, mask)?;
     if crate::precision::is_half(x.dtype()) {
         let f32 = |t: &Tensor| t.to_dtype(DType::F32);
         let m = mask.map(f32).transpose()?;
@@ -115,15 +91,46 @@ pub fn group_norm_masked(
             None => Ok(y),
         };
     }
-    let op = GroupNormOp {
-        groups,
-        eps,
-        silu,
-        mask: mask.map(|m| m.detach().contiguous()).transpose()?,
-        stats: OnceLock::new(),
-    };
+    let op = GroupNormOp::new(groups, eps, silu, mask)?;
     x.contiguous()?
         .apply_op3(&gamma.contiguous()?, &beta.contiguous()?, op)
+}
+
+/// The shape checks of [`group_norm_masked`]: `x [B, C, ...]` with `C` a multiple of `groups`,
+/// `gamma`, `beta` both `[C]` or both `[B, C]`, `mask` shaped as `x`.
+pub(crate) fn check_args(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    groups: usize,
+    mask: Option<&Tensor>,
+) -> Result<()> {
+    let dims = x.dims();
+    if dims.len() < 2 {
+        bail!("group_norm: input must be [B, C, ...], got {dims:?}");
+    }
+    let c = dims[1];
+    if groups == 0 || !c.is_multiple_of(groups) {
+        bail!("group_norm: {c} channels do not split into {groups} groups");
+    }
+    let per_example = gamma.dims() == [dims[0], c];
+    if !(gamma.dims() == [c] || per_example) || beta.dims() != gamma.dims() {
+        bail!(
+            "group_norm: gamma {:?} / beta {:?} must both be [{c}] or [{}, {c}]",
+            gamma.dims(),
+            beta.dims(),
+            dims[0]
+        );
+    }
+    if let Some(m) = mask {
+        if m.dims() != dims {
+            bail!(
+                "group_norm: mask shape {:?} differs from input {dims:?}",
+                m.dims()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// The same function from candle's differentiable ops (other devices and dtypes).
@@ -158,12 +165,12 @@ fn composite(
     }
 }
 
-struct GroupNormOp {
-    groups: usize,
-    eps: f64,
-    silu: bool,
+pub(crate) struct GroupNormOp {
+    pub(crate) groups: usize,
+    pub(crate) eps: f64,
+    pub(crate) silu: bool,
     /// Multiplies the output (and `dy` in the backward); contiguous, shaped as `x`.
-    mask: Option<Tensor>,
+    pub(crate) mask: Option<Tensor>,
     /// `(mean, rstd)` per (example, group), from the forward pass.
     stats: OnceLock<Vec<(f64, f64)>>,
 }
@@ -171,7 +178,7 @@ struct GroupNormOp {
 /// Sizes: examples, channels, channels per group, values per channel; whether gamma and beta
 /// are per example (`[B, C]`).
 #[derive(Clone, Copy)]
-struct Dims {
+pub(crate) struct Dims {
     b: usize,
     c: usize,
     cg: usize,
@@ -193,6 +200,23 @@ impl Dims {
 }
 
 impl GroupNormOp {
+    pub(crate) fn new(groups: usize, eps: f64, silu: bool, mask: Option<&Tensor>) -> Result<Self> {
+        Ok(Self {
+            groups,
+            eps,
+            silu,
+            mask: mask.map(|m| m.detach().contiguous()).transpose()?,
+            stats: OnceLock::new(),
+        })
+    }
+
+    /// The forward over contiguous values, keeping the statistics for the backward.
+    pub(crate) fn run<T: Elem>(&self, d: Dims, x: &[T], gamma: &[T], beta: &[T]) -> Result<Vec<T>> {
+        let (y, st) = self.with_mask::<T, _>(|m| Ok(forward::<T>(self, d, x, gamma, beta, m)))?;
+        let _ = self.stats.set(st);
+        Ok(y)
+    }
+
     /// Runs `f` on the mask's values (`None` without a mask).
     fn with_mask<T: Elem, R>(&self, f: impl FnOnce(Option<&[T]>) -> Result<R>) -> Result<R> {
         let Some(m) = &self.mask else { return f(None) };
@@ -203,7 +227,7 @@ impl GroupNormOp {
         f(Some(slice::<T>(s, l)?))
     }
 
-    fn dims(&self, shape: &Shape, gamma: &Shape) -> Dims {
+    pub(crate) fn dims(&self, shape: &Shape, gamma: &Shape) -> Dims {
         let d = shape.dims();
         Dims {
             b: d[0],
@@ -495,17 +519,7 @@ impl CustomOp3 for GroupNormOp {
         let d = self.dims(lx.shape(), lg.shape());
         macro_rules! run {
             ($t:ty) => {{
-                let (y, st) = self.with_mask::<$t, _>(|m| {
-                    Ok(forward::<$t>(
-                        self,
-                        d,
-                        slice(sx, lx)?,
-                        slice(sg, lg)?,
-                        slice(sb, lb)?,
-                        m,
-                    ))
-                })?;
-                let _ = self.stats.set(st);
+                let y = self.run::<$t>(d, slice(sx, lx)?, slice(sg, lg)?, slice(sb, lb)?)?;
                 <$t>::to_cpu_storage_owned(y)
             }};
         }

@@ -264,32 +264,98 @@ fn cat_channels_matches_candle() {
     assert!(ddpm_ops::cat_channels(a.as_tensor(), &bad).is_err());
 }
 
-#[test]
-fn conv_residual_matches_conv_plus_add() {
-    let x = Var::from_tensor(&randn(31, &[4, 32, 14, 14], DType::F32)).unwrap();
-    let w = Var::from_tensor(
-        &randn(32, &[64, 32, 3, 3], DType::F32)
-            .affine(0.1, 0.0)
-            .unwrap(),
-    )
-    .unwrap();
-    let bias = Var::from_tensor(&randn(33, &[64], DType::F32)).unwrap();
-    let r = Var::from_tensor(&randn(34, &[4, 64, 14, 14], DType::F32)).unwrap();
-    let (xt, wt, bt, rt) = (
-        x.as_tensor(),
-        w.as_tensor(),
-        bias.as_tensor(),
-        r.as_tensor(),
+/// `norm_conv2d` against `group_norm_masked`, `conv2d` and an add in sequence: the same kernels,
+/// so the output is bitwise equal; the gradients of every input agree. `per_example` switches
+/// the affine to `[B, C]`, the bias to `[B, cout]`, adds a dropout mask and drops the residual.
+fn norm_conv_vs_sequence(per_example: bool, seed: u64) {
+    let (b, cin, cout) = (4, 32, 16);
+    let var = |s: u64, dims: &[usize], scale: f64| {
+        Var::from_tensor(&randn(s, dims, DType::F32).affine(scale, 0.0).unwrap()).unwrap()
+    };
+    let affine: &[usize] = if per_example { &[b, cin] } else { &[cin] };
+    let bias: &[usize] = if per_example { &[b, cout] } else { &[cout] };
+    let x = var(seed, &[b, cin, 14, 14], 1.0);
+    let (gamma, beta) = (var(seed + 1, affine, 0.5), var(seed + 2, affine, 0.5));
+    let (w, bias) = (
+        var(seed + 3, &[cout, cin, 3, 3], 0.1),
+        var(seed + 4, bias, 1.0),
     );
-    let ours = ddpm_ops::conv2d_residual(xt, wt, bt, rt, 1, 1).unwrap();
-    let theirs = (ddpm_ops::conv2d(xt, wt, Some(bt), 1, 1).unwrap() + rt).unwrap();
-    // The same conv, then the same add: bitwise equal.
+    let r = var(seed + 5, &[b, cout, 14, 14], 1.0);
+    let keep = randn(seed + 6, &[b, cin, 14, 14], DType::F32)
+        .ge(0.0)
+        .unwrap();
+    let mask = keep.to_dtype(DType::F32).unwrap().affine(2.0, 0.0).unwrap();
+    let mask = per_example.then_some(&mask);
+    let residual = (!per_example).then(|| r.as_tensor());
+    let norm = ddpm_ops::NormArgs {
+        gamma: gamma.as_tensor(),
+        beta: beta.as_tensor(),
+        groups: 8,
+        eps: 1e-5,
+        silu: true,
+        mask,
+    };
+    let conv = ddpm_ops::ConvArgs {
+        weight: w.as_tensor(),
+        bias: bias.as_tensor(),
+        stride: 1,
+        padding: 1,
+    };
+    let ours = ddpm_ops::norm_conv2d(x.as_tensor(), norm, conv, residual).unwrap();
+    let (g, be) = (gamma.as_tensor(), beta.as_tensor());
+    let h = ddpm_ops::group_norm_masked(x.as_tensor(), g, be, 8, 1e-5, true, mask).unwrap();
+    let y = ddpm_ops::conv2d(&h, w.as_tensor(), Some(bias.as_tensor()), 1, 1).unwrap();
+    let theirs = match residual {
+        Some(r) => (y + r).unwrap(),
+        None => y,
+    };
     assert_eq!(rel_err(&ours, &theirs), 0.0);
-    let inputs = [("dx", xt), ("dw", wt), ("db", bt), ("dr", rt)];
-    assert_same_grads("conv2d_residual", ours, theirs, 35, &inputs);
-    let bad = randn(36, &[4, 64, 14, 13], DType::F32);
-    assert!(ddpm_ops::conv2d_residual(xt, wt, bt, &bad, 1, 1).is_err());
-    assert!(ddpm_ops::conv2d_residual(xt, wt, &bad, rt, 1, 1).is_err());
+    let mut inputs = vec![
+        ("dx", x.as_tensor()),
+        ("dgamma", g),
+        ("dbeta", be),
+        ("dw", w.as_tensor()),
+        ("dbias", bias.as_tensor()),
+    ];
+    inputs.extend(residual.map(|r| ("dr", r)));
+    assert_same_grads("norm_conv2d", ours, theirs, seed + 7, &inputs);
+}
+
+#[test]
+fn norm_conv_matches_norm_then_conv() {
+    norm_conv_vs_sequence(false, 31);
+    norm_conv_vs_sequence(true, 41);
+}
+
+#[test]
+fn norm_conv_rejects_mismatched_shapes() {
+    let x = randn(51, &[2, 8, 6, 6], DType::F32);
+    let (c8, c4) = (randn(52, &[8], DType::F32), randn(53, &[4], DType::F32));
+    let w = randn(54, &[4, 8, 3, 3], DType::F32);
+    let r = randn(55, &[2, 4, 6, 6], DType::F32);
+    let norm = |gamma| ddpm_ops::NormArgs {
+        gamma,
+        beta: gamma,
+        groups: 4,
+        eps: 1e-5,
+        silu: true,
+        mask: None,
+    };
+    let conv = |bias| ddpm_ops::ConvArgs {
+        weight: &w,
+        bias,
+        stride: 1,
+        padding: 1,
+    };
+    let run = |n, c, r: Option<&Tensor>| ddpm_ops::norm_conv2d(&x, n, c, r);
+    assert!(run(norm(&c8), conv(&c4), Some(&r)).is_ok());
+    let bad_r = randn(56, &[2, 4, 6, 5], DType::F32);
+    let e = run(norm(&c8), conv(&c4), Some(&bad_r)).unwrap_err();
+    assert!(e.to_string().contains("residual"), "{e}");
+    let e = run(norm(&c4), conv(&c4), None).unwrap_err();
+    assert!(e.to_string().contains("gamma"), "{e}");
+    let e = run(norm(&c8), conv(&c8), None).unwrap_err();
+    assert!(e.to_string().contains("bias"), "{e}");
 }
 
 #[test]

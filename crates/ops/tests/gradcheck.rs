@@ -187,26 +187,52 @@ fn cat_channels() {
 }
 
 #[test]
-fn conv_residual() {
+fn norm_conv() {
     ddpm_ops::set_num_threads(3);
-    // Winograd (3x3, both F(2x2) and F(4x4) sizes), strided and 1x1 convs, residual squared in
-    // as well so its gradient is not only the output's.
-    for (b, cin, cout, hw, k, s) in [
-        (3, 3, 4, (5, 6), 3, 1),
-        (2, 16, 16, (9, 8), 3, 1),
-        (3, 2, 3, (7, 5), 3, 2),
-        (2, 3, 2, (4, 3), 1, 1),
-    ] {
+    // Winograd (3x3, both F(2x2) and F(4x4) sizes), strided and 1x1 convs; per-channel and
+    // per-example affine and bias; with a mask and a residual (squared in as well, so its gradient
+    // is not only the output's).
+    let cases = [
+        (3, 4, 4, (5, 6), 3, 1, false),
+        (2, 16, 16, (9, 8), 3, 1, true),
+        (3, 4, 3, (7, 5), 3, 2, false),
+        (2, 4, 2, (4, 3), 1, 1, true),
+    ];
+    for (b, cin, cout, hw, k, s, per_example) in cases {
         let p = k / 2;
         let (ho, wo) = ((hw.0 + 2 * p - k) / s + 1, (hw.1 + 2 * p - k) / s + 1);
+        let affine: &[usize] = if per_example { &[b, cin] } else { &[cin] };
+        let bias: &[usize] = if per_example { &[b, cout] } else { &[cout] };
         let x = randn(21, &[b, cin, hw.0, hw.1], DType::F64);
-        let w = randn(22, &[cout, cin, k, k], DType::F64);
-        let bias = randn(23, &[cout], DType::F64);
-        let r = randn(24, &[b, cout, ho, wo], DType::F64);
-        let worst = gradcheck(&[x, w, bias, r], |t| {
-            ddpm_ops::conv2d_residual(&t[0], &t[1], &t[2], &t[3], s, p)? + t[3].sqr()?
+        let gamma = randn(22, affine, DType::F64);
+        let beta = randn(23, affine, DType::F64);
+        let w = randn(24, &[cout, cin, k, k], DType::F64);
+        let bias = randn(25, bias, DType::F64);
+        let r = randn(26, &[b, cout, ho, wo], DType::F64);
+        let mask = randn(27, &[b, cin, hw.0, hw.1], DType::F64)
+            .ge(0.0)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap();
+        let mask = per_example.then_some(mask);
+        let worst = gradcheck(&[x, gamma, beta, w, bias, r], |t| {
+            let norm = ddpm_ops::NormArgs {
+                gamma: &t[1],
+                beta: &t[2],
+                groups: 2,
+                eps: 1e-5,
+                silu: true,
+                mask: mask.as_ref(),
+            };
+            let conv = ddpm_ops::ConvArgs {
+                weight: &t[3],
+                bias: &t[4],
+                stride: s,
+                padding: p,
+            };
+            ddpm_ops::norm_conv2d(&t[0], norm, conv, Some(&t[5]))? + t[5].sqr()?
         });
-        println!("conv_residual b{b} {cin}->{cout} {hw:?} k{k} s{s}: worst rel err {worst:.2e}");
+        println!("norm_conv b{b} {cin}->{cout} {hw:?} k{k} s{s}: worst rel err {worst:.2e}");
     }
 }
 

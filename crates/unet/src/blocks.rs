@@ -146,7 +146,6 @@ impl ResBlock {
 
     /// `x [B, cin, H, W]`, `emb [B, emb_dim]` -> `[B, cout, H, W]`.
     pub fn forward(&self, x: &Tensor, emb: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
-        let pre = norm_silu(&self.in_norm, x)?;
         let (b, c) = (x.dim(0)?, self.out_channels);
         let e = self.emb_proj.forward(&emb.silu()?)?;
         let (_, _, hh, ww) = x.dims4()?;
@@ -157,26 +156,30 @@ impl ResBlock {
             x.dtype(),
             x.device(),
         )?;
+        let pre = norm_silu(&self.in_norm, x)?;
         let h = if self.scale_shift {
-            // silu(norm(h) * (1 + scale) + shift) * mask as one fused GroupNorm pass.
-            let h = self.in_conv.forward(&pre)?;
-            let scale = e.narrow(1, 0, c)?;
-            let shift = e.narrow(1, c, c)?;
-            self.out_norm
-                .forward_scale_shift_silu(&h, &scale, &shift, mask.as_ref())?
+            self.in_conv.forward(&pre)?
         } else {
-            // conv(pre) + bias + embedding, the embedding folded into a per-example conv bias
-            // so the sum costs no pass over the activations; dropout fused into GroupNorm+SiLU.
+            // The embedding folded into a per-example conv bias: no pass over the activations.
             let conv = &self.in_conv;
             let bias = e.broadcast_add(&conv.bias)?;
-            let h = ddpm_ops::conv2d(&pre, &conv.weight, Some(&bias), conv.stride, conv.padding)?;
-            self.out_norm.forward_silu_masked(&h, mask.as_ref())?
+            ddpm_ops::conv2d(&pre, &conv.weight, Some(&bias), conv.stride, conv.padding)?
         };
         let skip = match &self.skip {
             Some(conv) => conv.forward(x)?,
             None => x.clone(),
         };
-        Ok(self.out_conv.forward_residual(&h, &skip)?)
+        // The output half (GroupNorm, scale-shift, SiLU, dropout, conv, skip connection) is one
+        // op. (The input half stays two: fusing it measured slower in ddpm-train's batch-shard
+        // step, bench/RESULTS.md.)
+        let (mask, out) = (mask.as_ref(), self.out_conv.args());
+        Ok(if self.scale_shift {
+            let scale_shift = (&e.narrow(1, 0, c)?, &e.narrow(1, c, c)?);
+            self.out_norm
+                .scale_shift_silu_conv(&h, scale_shift, out, mask, Some(&skip))?
+        } else {
+            self.out_norm.silu_conv(&h, out, mask, Some(&skip))?
+        })
     }
 }
 

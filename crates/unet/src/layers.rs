@@ -56,16 +56,14 @@ impl Conv2d {
 }
 
 impl Conv2d {
-    /// `self.forward(x) + residual` in one op (a ResBlock's output conv and skip connection).
-    pub fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> candle_core::Result<Tensor> {
-        ddpm_ops::conv2d_residual(
-            x,
-            &self.weight,
-            &self.bias,
-            residual,
-            self.stride,
-            self.padding,
-        )
+    /// This conv as the second half of a fused [`GroupNorm::silu_conv`].
+    pub fn args(&self) -> ddpm_ops::ConvArgs<'_> {
+        ddpm_ops::ConvArgs {
+            weight: &self.weight,
+            bias: &self.bias,
+            stride: self.stride,
+            padding: self.padding,
+        }
     }
 }
 
@@ -154,37 +152,52 @@ impl GroupNorm {
         ddpm_ops::group_norm(x, &self.weight, &self.bias, self.groups, self.eps, true)
     }
 
-    /// `silu(self.forward(x)) * mask` (a dropout mask, or none) in one fused op.
-    pub fn forward_silu_masked(
+    /// `conv(silu(self.forward(x)) * mask) + residual` in one op (the normalised activation is
+    /// no node of the graph: no gradient buffer for it). `mask`: a dropout mask, or none.
+    pub fn silu_conv(
         &self,
         x: &Tensor,
+        conv: ddpm_ops::ConvArgs,
         mask: Option<&Tensor>,
+        residual: Option<&Tensor>,
     ) -> candle_core::Result<Tensor> {
-        ddpm_ops::group_norm_masked(
-            x,
-            &self.weight,
-            &self.bias,
-            self.groups,
-            self.eps,
-            true,
-            mask,
-        )
+        self.affine_silu_conv(x, (&self.weight, &self.bias), conv, mask, residual)
     }
 
-    /// `silu(self.forward(x) * (1 + scale) + shift) * mask` for per-example `scale`, `shift`
-    /// `[B, C]` (scale-shift conditioning), in one fused op: the same GroupNorm with the
+    /// [`Self::silu_conv`] with scale-shift conditioning: `silu(self.forward(x) * (1 + scale) +
+    /// shift)` for per-example `scale`, `shift` `[B, C]`, which is the same GroupNorm with the
     /// per-example affine `gamma (1 + scale)`, `beta (1 + scale) + shift`.
-    pub fn forward_scale_shift_silu(
+    pub fn scale_shift_silu_conv(
         &self,
         x: &Tensor,
-        scale: &Tensor,
-        shift: &Tensor,
+        (scale, shift): (&Tensor, &Tensor),
+        conv: ddpm_ops::ConvArgs,
         mask: Option<&Tensor>,
+        residual: Option<&Tensor>,
     ) -> candle_core::Result<Tensor> {
         let scale1 = (scale + 1.0)?;
         let gamma = scale1.broadcast_mul(&self.weight)?;
         let beta = (scale1.broadcast_mul(&self.bias)? + shift)?;
-        ddpm_ops::group_norm_masked(x, &gamma, &beta, self.groups, self.eps, true, mask)
+        self.affine_silu_conv(x, (&gamma, &beta), conv, mask, residual)
+    }
+
+    fn affine_silu_conv(
+        &self,
+        x: &Tensor,
+        (gamma, beta): (&Tensor, &Tensor),
+        conv: ddpm_ops::ConvArgs,
+        mask: Option<&Tensor>,
+        residual: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
+        let norm = ddpm_ops::NormArgs {
+            gamma,
+            beta,
+            groups: self.groups,
+            eps: self.eps,
+            silu: true,
+            mask,
+        };
+        ddpm_ops::norm_conv2d(x, norm, conv, residual)
     }
 }
 
