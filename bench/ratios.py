@@ -1,11 +1,18 @@
 #!/usr/bin/env python3
 """Ratios for bench/unet.sh: candle's and PyTorch's `RESULT <round> <model> <metric> <values..>`
 lines -> per-round figures, each side's median over the rounds, and their ratio (the best round of
-each side as a second column). With `train_shards` results (ddpm-train's default CPU step: the
-batch split over the threads, `train.thread_shards`) a line compares that with PyTorch's ordinary
-step. The last line is the ratio line of the quickstart model, or of the first model when
-quickstart was not run:
+each side as a second column).
 
+Candle's training step is timed three ways: `train`, one forward+backward over the whole batch
+with the threads inside each op (how PyTorch runs its step); `train_shards`, the batch split into
+one shard per thread, each shard's forward+backward on its own thread (`train.thread_shards`);
+`train_ddpm`, whichever of the two ddpm-train runs for this model and thread count
+(`ddpm_ops::thread_shards`: shards up to 20M parameters). Each is compared with PyTorch's step.
+The training step of the ratio line is `train_ddpm`, the step a user of ddpm-train gets; the line
+before it gives the one-pass figure. Both lines are of the quickstart model, or of the first model
+when quickstart was not run:
+
+    cpu ratio candle/pytorch, training step in one threaded pass: Z
     cpu ratio candle/pytorch: train-step X, forward Y
 """
 import statistics
@@ -40,22 +47,24 @@ def main():
             rounds = " / ".join(f"{a:.0f}:{b:.0f}" for a, b in zip(cv, tv))
             print(f"  {k:8s} candle {mc:9.1f} ms  pytorch {mt:9.1f} ms  ratio {mc / mt:.2f}"
                   f"  (best rounds {min(cv) / min(tv):.2f}; rounds candle:pytorch ms {rounds})")
-        if (m, "train_shards") in c:
-            # ddpm-train's default CPU step (train.thread_shards) against PyTorch's ordinary step.
-            cv, tv = c[(m, "train_shards")], t[(m, "train")]
+        for k, what in (("train_shards", "train, batch split over the threads"),
+                        ("train_ddpm", "train as ddpm-train runs it")):
+            if (m, k) not in c:
+                continue
+            cv, tv = c[(m, k)], t[(m, "train")]
             mc, mt = statistics.median(cv), statistics.median(tv)
-            med[(m, "train_shards")] = mc / mt
+            med[(m, k)] = mc / mt
             rounds = " / ".join(f"{a:.0f}:{b:.0f}" for a, b in zip(cv, tv))
-            print(f"  train, batch split over the threads as ddpm-train does: candle {mc:9.1f} ms"
-                  f"  pytorch {mt:9.1f} ms  ratio {mc / mt:.2f}  (rounds {rounds})")
+            print(f"  {what}: candle {mc:9.1f} ms  pytorch {mt:9.1f} ms  ratio {mc / mt:.2f}"
+                  f"  (rounds {rounds})")
     key = ("small", "conv_64_64_k3_s1_32")
     if key in c and key in t:
         print(f"  small conv 64->64 3x3 32x32 fwd, first round: {c[key][0]:.1f}/{t[key][0]:.1f} ms")
     m = "quickstart" if "quickstart" in models else models[0]
-    if (m, "train_shards") in med:
-        print(f"cpu ratio candle/pytorch, training step as ddpm-train runs it: {med[(m, 'train_shards')]:.2f}")
-    print(f"cpu ratio candle/pytorch: train-step {med[(m, 'train')]:.2f}, forward {med[(m, 'forward')]:.2f}")
-
+    if (m, "train_ddpm") not in med:
+        sys.exit(f"bench/unet.sh: error: {m}: no train_ddpm result (bench_unet too old?): no ratio")
+    print(f"cpu ratio candle/pytorch, training step in one threaded pass: {med[(m, 'train')]:.2f}")
+    print(f"cpu ratio candle/pytorch: train-step {med[(m, 'train_ddpm')]:.2f}, forward {med[(m, 'forward')]:.2f}")
 
 if __name__ == "__main__":
     main()

@@ -20,10 +20,12 @@
 # PyTorch's (the best round of each side is a second column). PyTorch is installed into bench/.venv
 # from PyPI when missing (`pip install torch numpy`; ~5 GB with its CUDA wheels). The binary is built
 # where cargo puts it (CARGO_TARGET_DIR and .cargo/config are honoured: the path is cargo's own
-# answer). With 2+ threads candle also times the step as ddpm-train runs it on the CPU (the batch split
-# into one shard per thread, train.thread_shards), reported against PyTorch's ordinary step as
-#   cpu ratio candle/pytorch, training step as ddpm-train runs it: Z
-# The last line is
+# answer). Candle's training step is timed as one threaded pass over the batch (as PyTorch runs
+# its step) and, with 2+ threads, as the batch split into one shard per thread
+# (`train.thread_shards`); the step as ddpm-train runs it is whichever of the two ddpm-train picks
+# for the model (`ddpm_ops::thread_shards`: shards up to 20M parameters), and is the train-step of
+# the ratio line, like bench/gpu.sh's train-step (ddpm-train's own step). The last two lines are
+#   cpu ratio candle/pytorch, training step in one threaded pass: Z
 #   cpu ratio candle/pytorch: train-step X, forward Y
 # for the quickstart model (the first model when quickstart is not in MODELS), or an error line.
 set -euo pipefail

@@ -65,8 +65,8 @@ pub use norm_conv::{norm_conv2d, ConvArgs, NormArgs};
 pub use runtime::{
     fast_path_enabled, gather_enabled, init_cpu, num_threads, set_fast_path, set_gather,
     set_num_threads, set_sgemm512, set_tile_bytes, set_winograd, set_winograd4,
-    set_winograd_block_bytes, sgemm512_enabled, tile_bytes, tune_malloc, winograd4_enabled,
-    winograd_enabled, DEFAULT_TILE_BYTES,
+    set_winograd_block_bytes, sgemm512_enabled, thread_shards, tile_bytes, tune_malloc,
+    winograd4_enabled, winograd_enabled, DEFAULT_TILE_BYTES, SHARD_MAX_PARAMS,
 };
 pub use softmax::{softmax_last_dim, softmax_scaled};
 pub use upsample::upsample_nearest2x;

@@ -209,6 +209,26 @@ fn join_pool(threads: usize) {
     }
 }
 
+/// Models above this many parameters train faster in one threaded pass than in batch shards:
+/// each shard repeats the per-parameter work (kernel transforms, weight-gradient reductions, the
+/// gradient sum). Measured at 2 threads (bench/RESULTS.md, session 9): shards -13% step time at
+/// 1.1M parameters, -6% at 9M, +15% at 35.7M.
+pub const SHARD_MAX_PARAMS: usize = 20_000_000;
+
+/// How a CPU training step of a model with `params` parameters and a micro-batch of `batch`
+/// runs on `threads` compute threads: split into that many equal batch shards, each on its own
+/// thread in a one-thread pool, their gradients summed (returns `threads`); or as one threaded
+/// pass (returns 0). Shards where they pay: 2+ threads, a batch that splits evenly, at most
+/// [`SHARD_MAX_PARAMS`] parameters. The one owner of this choice for `ddpm-train` and the
+/// benchmarks that time the step as it runs it.
+pub fn thread_shards(threads: usize, batch: usize, params: usize) -> usize {
+    if threads >= 2 && batch.is_multiple_of(threads) && params <= SHARD_MAX_PARAMS {
+        threads
+    } else {
+        0
+    }
+}
+
 /// Keeps freed memory in glibc's heap instead of returning it to the kernel, so the next tensor
 /// of the same size reuses warm pages instead of taking fresh page faults (every candle op
 /// allocates its output). Sets glibc's mmap threshold to its maximum, 32 MiB on 64-bit (every
@@ -231,5 +251,20 @@ pub fn tune_malloc() -> bool {
     #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
     {
         false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shards_only_where_they_pay() {
+        assert_eq!(thread_shards(2, 32, 1_142_337), 2);
+        assert_eq!(thread_shards(4, 32, 8_952_067), 4);
+        // the 35.7M U-Net trains faster in one pass
+        assert_eq!(thread_shards(2, 16, 35_746_307), 0);
+        assert_eq!(thread_shards(1, 32, 1_000), 0);
+        assert_eq!(thread_shards(3, 32, 1_000), 0);
     }
 }

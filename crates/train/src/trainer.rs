@@ -1257,25 +1257,18 @@ fn scale_grads(grads: Vec<Tensor>, parts: usize) -> Result<Vec<Tensor>> {
         .collect::<candle_core::Result<_>>()?)
 }
 
-/// Models above this many parameters train faster in one threaded pass than in shards: each
-/// shard repeats the per-parameter work (kernel transforms, weight-gradient reductions, the
-/// gradient sum). Measured at 2 threads (bench/RESULTS.md, session 9): shards -13% step time at
-/// 1.1M parameters, -6% at 9M, +15% at 35.7M.
-const SHARD_MAX_PARAMS: usize = 20_000_000;
-
-/// One single-thread rayon pool per batch shard (`train.thread_shards`), as many as
-/// [`shard_count`] says.
+/// One single-thread rayon pool per batch shard (`train.thread_shards`, on the CPU), as many
+/// as [`ddpm_ops::thread_shards`] says.
 fn shard_pools(
     cfg: &TrainConfig,
     device: &Device,
     params: usize,
 ) -> Result<Vec<rayon::ThreadPool>> {
-    let n = shard_count(
-        cfg.train.thread_shards && device.is_cpu(),
-        ddpm_ops::num_threads(),
-        cfg.data.batch,
-        params,
-    );
+    let n = if cfg.train.thread_shards && device.is_cpu() {
+        ddpm_ops::thread_shards(ddpm_ops::num_threads(), cfg.data.batch, params)
+    } else {
+        0
+    };
     (0..n)
         .map(|i| {
             rayon::ThreadPoolBuilder::new()
@@ -1285,18 +1278,6 @@ fn shard_pools(
                 .context("starting the batch shard threads")
         })
         .collect()
-}
-
-/// Shards per micro-batch: one per compute thread when sharding is `allowed` (on, on the CPU),
-/// there are 2+ threads, the micro-batch splits evenly and the model has at most
-/// [`SHARD_MAX_PARAMS`] parameters; else 0 (one threaded pass).
-fn shard_count(allowed: bool, threads: usize, batch: usize, params: usize) -> usize {
-    let split = allowed && threads >= 2 && batch.is_multiple_of(threads);
-    if split && params <= SHARD_MAX_PARAMS {
-        threads
-    } else {
-        0
-    }
 }
 
 fn micro_batch(batch: &Batch, start: usize, len: usize) -> Batch {
@@ -1313,21 +1294,5 @@ fn micro_batch(batch: &Batch, start: usize, len: usize) -> Batch {
         indices: batch.indices[start..start + len].to_vec(),
         epoch: batch.epoch,
         batch_index: batch.batch_index,
-    }
-}
-
-#[cfg(test)]
-mod shard_tests {
-    use super::*;
-
-    #[test]
-    fn shards_only_where_they_pay() {
-        assert_eq!(shard_count(true, 2, 32, 1_142_337), 2);
-        assert_eq!(shard_count(true, 4, 32, 8_952_067), 4);
-        // the 35.7M U-Net trains faster in one pass
-        assert_eq!(shard_count(true, 2, 16, 35_746_307), 0);
-        assert_eq!(shard_count(false, 2, 32, 1_000), 0);
-        assert_eq!(shard_count(true, 1, 32, 1_000), 0);
-        assert_eq!(shard_count(true, 3, 32, 1_000), 0);
     }
 }

@@ -179,11 +179,17 @@ fn bench_model(name: &str, batch: usize, reps: usize, dev: &Device, dtype: DType
     println!("{name}: forward+backward batch {batch}: {train:.1} ms");
     println!("RESULT {name} train {train:.3}");
     let threads = ddpm_ops::num_threads();
+    let mut as_ddpm_train = train;
     if dev.is_cpu() && threads >= 2 && batch.is_multiple_of(threads) {
         let sharded = train_shards(&model, &varmap, (&x, &t, &noise), labels.as_ref(), reps);
         println!("{name}: forward+backward as {threads} shards side by side: {sharded:.1} ms");
         println!("RESULT {name} train_shards {sharded:.3}");
+        if ddpm_ops::thread_shards(threads, batch, model.num_parameters()) > 0 {
+            as_ddpm_train = sharded;
+        }
     }
+    // The step as ddpm-train runs it on this device (`ddpm_ops::thread_shards` decides).
+    println!("RESULT {name} train_ddpm {as_ddpm_train:.3}");
     train
 }
 
