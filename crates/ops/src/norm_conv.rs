@@ -20,6 +20,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::op::BackpropOp;
 use candle_core::{
     bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor,
+    WithDType,
 };
 
 use rayon::prelude::*;
@@ -31,7 +32,6 @@ use crate::runtime::fast_path_enabled;
 
 /// Values per parallel task of the residual add.
 const ADD_CHUNK: usize = 1 << 14;
-use candle_core::WithDType;
 
 /// The GroupNorm (+ SiLU, + mask) half of [`norm_conv2d`], as [`crate::group_norm_masked`]
 /// takes it.
