@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job: set up a fresh machine, convert Fashion-MNIST, train configs/quickstart.toml and
-# write an EMA sample grid (one row per class) and a loss plot. About 10 minutes of training on
-# 2 CPU cores, plus the first release build (~10-25 minutes on 2 cores).
+# write an EMA sample grid (one row per class) and a loss plot. 2-12 minutes of training on 2 CPU
+# cores depending on the CPU (README), plus the first release build (~6 minutes on 2 cores).
 #
 #   scripts/quickstart.sh                 # everything
 #   QUICKSTART_OUT=runs/qs2 scripts/quickstart.sh --set optim.lr=1e-3   # extra args go to ddpm-train
@@ -27,9 +27,8 @@ fi
 
 ./target/release/ddpm-train inspect-model --config configs/quickstart.toml | grep "^parameters"
 
-# Threads: all cores by default. On a machine busy with other work, RAYON_NUM_THREADS=1 is faster:
-# candle 0.11's CPU thread pool pins its workers and spin-waits on them, which collapses when another
-# process holds a core (measured here under load: 1 thread ~35 images/s, 2 threads ~16 images/s).
+# Threads: all cores by default, also on a machine busy with other work (bench/contention.sh: beside
+# a CPU-bound process the default still trains faster than 1 thread).
 export RAYON_NUM_THREADS="${RAYON_NUM_THREADS:-$(nproc)}"
 echo "quickstart: RAYON_NUM_THREADS=$RAYON_NUM_THREADS"
 start=$(date +%s)
