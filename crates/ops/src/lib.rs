@@ -63,8 +63,8 @@ pub use conv::{conv2d, conv2d_grads};
 pub use norm::{group_norm, group_norm_masked};
 pub use norm_conv::{norm_conv2d, ConvArgs, NormArgs};
 pub use runtime::{
-    fast_path_enabled, gather_enabled, init_cpu, num_threads, set_fast_path, set_gather,
-    set_num_threads, set_sgemm512, set_tile_bytes, set_winograd, set_winograd4,
+    fast_path_enabled, gather_enabled, init_cpu, kernel_summary, num_threads, set_fast_path,
+    set_gather, set_num_threads, set_sgemm512, set_tile_bytes, set_winograd, set_winograd4,
     set_winograd_block_bytes, sgemm512_enabled, thread_shards, tile_bytes, tune_malloc,
     winograd4_enabled, winograd_enabled, DEFAULT_TILE_BYTES, SHARD_MAX_PARAMS,
 };

@@ -90,11 +90,44 @@ pub fn set_sgemm512(on: bool) {
 
 static GATHER: AtomicU8 = AtomicU8::new(UNSET);
 
-/// Whether the f32 Winograd tile transforms use the gathered vector kernels (AVX-512 or AVX2,
-/// default) rather than the scalar loops; both give bitwise the same results.
-/// `DDPM_OPS_GATHER=0` (read on first use) or [`set_gather`]`(false)` turns them off.
+/// Whether the f32 Winograd tile transforms use the gathered vector kernels (AVX-512 or AVX2)
+/// rather than the scalar loops; both give bitwise the same results. `DDPM_OPS_GATHER=1` / `=0`
+/// (read on first use) or [`set_gather`] decide; otherwise the faster of the two on this CPU,
+/// measured once at the first call (a few milliseconds; gathers are slow on some CPUs, see
+/// `winograd/calibrate.rs`).
 pub fn gather_enabled() -> bool {
-    switch(&GATHER, "DDPM_OPS_GATHER", "0")
+    match GATHER.load(Ordering::Relaxed) {
+        ON => true,
+        OFF => false,
+        _ => {
+            let on = match std::env::var("DDPM_OPS_GATHER").as_deref() {
+                Ok("0") => false,
+                Ok("1") => true,
+                _ => crate::winograd::gather_pays(),
+            };
+            set_switch(&GATHER, on);
+            on
+        }
+    }
+}
+
+/// The CPU kernels this process runs, in a few words (for logs and benchmark records). Runs the
+/// gather measurement of [`gather_enabled`] if nothing decided it yet.
+pub fn kernel_summary() -> String {
+    #[cfg(target_arch = "x86_64")]
+    let avx512 = std::arch::is_x86_feature_detected!("avx512f");
+    #[cfg(not(target_arch = "x86_64"))]
+    let avx512 = false;
+    let gemm = if avx512 && sgemm512_enabled() {
+        "AVX-512 kernel"
+    } else {
+        "gemm crate"
+    };
+    let transforms = match crate::winograd::cpu_isa() {
+        Some(isa) if gather_enabled() => format!("gathered ({isa:?})"),
+        _ => "scalar loops".to_string(),
+    };
+    format!("f32 conv GEMMs: {gemm}; Winograd tile transforms: {transforms}")
 }
 
 /// Overrides `DDPM_OPS_GATHER` for the rest of the process (benchmarks, tests).

@@ -300,6 +300,9 @@ impl<'a> TrainLoop<'a> {
         };
         let metrics = LoopMetrics::new(persist::adamw_params(cfg).lr_at(st.step));
         let shard_pools = shard_pools(cfg, &device, net.num_parameters())?;
+        if root && device.is_cpu() {
+            tracing::info!(kernels = ddpm_ops::kernel_summary(), "ddpm-ops");
+        }
         if root && !shard_pools.is_empty() {
             tracing::info!(
                 shards = shard_pools.len(),

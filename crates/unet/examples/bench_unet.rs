@@ -491,6 +491,9 @@ fn main() {
         crosscheck(p);
         return;
     }
+    if args.device.is_cpu() {
+        println!("ddpm-ops: {}", ddpm_ops::kernel_summary());
+    }
     println!(
         "candle CPU threads: {}, device {:?}, dtype {:?}",
         candle_core::utils::get_num_threads(),

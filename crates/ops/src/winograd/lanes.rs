@@ -81,14 +81,22 @@ pub(crate) enum Isa {
 }
 
 impl Isa {
-    /// AVX-512F (unless `DDPM_OPS_AVX512=0`), else AVX2+FMA, else none; `None` too when
-    /// `DDPM_OPS_GATHER=0` keeps the scalar transforms.
+    /// What the tile transforms run with: [`Isa::cpu`] when the gathered transforms are on
+    /// ([`crate::runtime::gather_enabled`]: measured faster on this CPU, or forced by
+    /// `DDPM_OPS_GATHER`), else `None` (the scalar loops).
     pub fn detect() -> Option<Isa> {
+        if crate::runtime::gather_enabled() {
+            Isa::cpu()
+        } else {
+            None
+        }
+    }
+
+    /// The CPU's vector instruction set for the gathered transforms: AVX-512F (unless
+    /// `DDPM_OPS_AVX512=0`), else AVX2+FMA, else none.
+    pub fn cpu() -> Option<Isa> {
         #[cfg(target_arch = "x86_64")]
         {
-            if !crate::runtime::gather_enabled() {
-                return None;
-            }
             if crate::runtime::sgemm512_enabled() && std::arch::is_x86_feature_detected!("avx512f")
             {
                 return Some(Isa::Avx512);

@@ -58,10 +58,19 @@ pub(crate) trait Variant {
     fn kernel_transform<T: Elem>(w: &[T], cout: usize, cin: usize) -> Vec<T>;
     /// `dg = G^T dU G` for `PLANES` planes `[cout, cin]`; returns `[cout, cin, 3, 3]`.
     fn kernel_grad_transform<T: Elem>(du: &[T], cout: usize, cin: usize) -> Vec<T>;
-    /// `V = B^T d B` of the block's tiles of `x` (`[b, c, h, w]`) into planes `[c, ld]`.
-    fn input_transform<T: Elem>(x: &[T], c: usize, tl: &Tiles, blk: (usize, usize), v: &mut [T]);
+    /// `V = B^T d B` of the block's tiles of `x` (`[b, c, h, w]`) into planes `[c, ld]`. Each
+    /// tile transform runs gathered with `isa` (f32 only), else as scalar loops: the same values.
+    fn input_transform<T: Elem>(
+        isa: Option<Isa>,
+        x: &[T],
+        c: usize,
+        tl: &Tiles,
+        blk: (usize, usize),
+        v: &mut [T],
+    );
     /// `y = A^T M A (+ bias)` of the block's tiles from planes `[c, ld]`, into `y`.
     fn output_transform<T: Elem>(
+        isa: Option<Isa>,
         m: &[T],
         c: usize,
         tl: &Tiles,
@@ -71,6 +80,7 @@ pub(crate) trait Variant {
     );
     /// `dM = A dY A^T` of the block's tiles of `dy` (`[b, c, h, w]`) into planes `[c, ld]`.
     fn grad_output_transform<T: Elem>(
+        isa: Option<Isa>,
         dy: &[T],
         c: usize,
         tl: &Tiles,
@@ -125,18 +135,19 @@ macro_rules! impl_variant {
                 kernel_grad_transform(du, cout, cin)
             }
             fn input_transform<T: Elem>(
+                isa: Option<$crate::winograd::lanes::Isa>,
                 x: &[T],
                 c: usize,
                 tl: &Tiles,
                 blk: (usize, usize),
                 v: &mut [T],
             ) {
-                let isa = $crate::winograd::lanes::Isa::detect();
                 if !$crate::winograd::gathered::input::<T, $ty, S, M>(isa, x, c, tl, blk, v) {
                     input_transform_simd(x, c, tl, blk, v)
                 }
             }
             fn output_transform<T: Elem>(
+                isa: Option<$crate::winograd::lanes::Isa>,
                 m: &[T],
                 c: usize,
                 tl: &Tiles,
@@ -144,20 +155,19 @@ macro_rules! impl_variant {
                 y: SharedOut<T>,
                 bias: Option<(&[T], usize)>,
             ) {
-                let isa = $crate::winograd::lanes::Isa::detect();
                 use $crate::winograd::gathered::output;
                 if !output::<T, $ty, S, M>(isa, m, c, tl, blk, y, bias) {
                     output_transform_simd(m, c, tl, blk, y, bias)
                 }
             }
             fn grad_output_transform<T: Elem>(
+                isa: Option<$crate::winograd::lanes::Isa>,
                 dy: &[T],
                 c: usize,
                 tl: &Tiles,
                 blk: (usize, usize),
                 dm: &mut [T],
             ) {
-                let isa = $crate::winograd::lanes::Isa::detect();
                 use $crate::winograd::gathered::grad_output;
                 if !grad_output::<T, $ty, S, M>(isa, dy, c, tl, blk, dm) {
                     grad_output_transform_simd(dy, c, tl, blk, dm)
@@ -397,6 +407,7 @@ fn conv_transformed<V: Variant, T: Elem>(
     let tl = Tiles::new(b, h, w, V::M);
     let blocks = tl.blocks::<V, T>(cin + cout);
     let mut out = Uninit::<T>::new(b * cout * h * w);
+    let isa = Isa::detect();
     // The whole output; blocks cover disjoint tiles, hence disjoint output pixels.
     let y = SharedOut(out.slots().as_mut_ptr() as *mut T);
     let gemm_threads = if blocks.len() >= num_threads() {
@@ -408,7 +419,7 @@ fn conv_transformed<V: Variant, T: Elem>(
         let ld = blk.1 - blk.0;
         T::with_scratch(p * (cin + cout) * ld, |buf| {
             let (v, m) = buf.split_at_mut(p * cin * ld);
-            V::input_transform(x, cin, &tl, blk, v);
+            V::input_transform(isa, x, cin, &tl, blk, v);
             plane_gemms(
                 p,
                 cout,
@@ -420,7 +431,7 @@ fn conv_transformed<V: Variant, T: Elem>(
                 |k| Mat::rows(&v[k * cin * ld..], ld),
                 gemm_threads,
             );
-            V::output_transform(m, cout, &tl, blk, y, bias);
+            V::output_transform(isa, m, cout, &tl, blk, y, bias);
         });
     };
     if gemm_threads == 1 {
@@ -485,14 +496,15 @@ pub(crate) fn weight_grad<V: Variant, T: Elem>(
     let chunks = num_threads().min(blocks.len()).max(1);
     let gemm_threads = if chunks > 1 { 1 } else { num_threads() };
     let bounds: Vec<usize> = (0..=chunks).map(|i| i * blocks.len() / chunks).collect();
+    let isa = Isa::detect();
     let run_chunk = |i: usize| -> Vec<T> {
         let mut du = vec![T::ZERO; p * cout * cin];
         for &blk in &blocks[bounds[i]..bounds[i + 1]] {
             let ld = blk.1 - blk.0;
             T::with_scratch(p * (cin + cout) * ld, |buf| {
                 let (v, dm) = buf.split_at_mut(p * cin * ld);
-                V::input_transform(x, cin, &tl, blk, v);
-                V::grad_output_transform(dy, cout, &tl, blk, dm);
+                V::input_transform(isa, x, cin, &tl, blk, v);
+                V::grad_output_transform(isa, dy, cout, &tl, blk, dm);
                 plane_gemms(
                     p,
                     cout,
@@ -527,10 +539,18 @@ pub(crate) fn weight_grad<V: Variant, T: Elem>(
     V::kernel_grad_transform(&du, cout, cin)
 }
 
+mod calibrate;
 mod f2;
 mod f4;
 mod gathered;
 mod lanes;
+
+pub(crate) use calibrate::gather_pays;
+
+/// The vector instruction set the gathered transforms would use on this CPU.
+pub(crate) fn cpu_isa() -> Option<Isa> {
+    Isa::cpu()
+}
 
 #[cfg(test)]
 mod tests {
