@@ -20,7 +20,7 @@ use crate::conv::slice;
 use crate::elem::{lanes_max, lanes_sum, lanes_sum2, Elem, Uninit};
 use crate::gemm::{gemm, Mat};
 use crate::runtime::{fast_path_enabled, num_threads};
-use crate::simd::avx2_variant;
+use crate::simd::simd_variant;
 
 /// `v softmax(scale * q^T k)^T` per item: `q, k, v` are `[n, d, t]` (n = batch x heads,
 /// channel-major as improved-diffusion lays them out); returns `[n, d, t]`. Differentiable in
@@ -93,8 +93,8 @@ fn softmax_grad_rows<T: Elem>(dp: &mut [T], p: &[T], t: usize, scale: T) {
     }
 }
 
-avx2_variant!(fn softmax_rows_simd<T>(s: &mut [T], t: usize, scale: T) -> () = softmax_rows);
-avx2_variant!(fn softmax_grad_rows_simd<T>(dp: &mut [T], p: &[T], t: usize, scale: T) -> () = softmax_grad_rows);
+simd_variant!(fn softmax_rows_simd<T>(s: &mut [T], t: usize, scale: T) -> () = softmax_rows);
+simd_variant!(fn softmax_grad_rows_simd<T>(dp: &mut [T], p: &[T], t: usize, scale: T) -> () = softmax_grad_rows);
 
 /// Items run on different threads (single-threaded GEMMs) when there are enough of them.
 fn gemm_threads(n: usize) -> usize {

@@ -5,7 +5,7 @@
 //! NCHW order with no transpose, and each column row is a handful of contiguous copies.
 
 use crate::elem::Elem;
-use crate::simd::avx2_variant;
+use crate::simd::simd_variant;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Geom {
@@ -63,8 +63,8 @@ pub(crate) fn im2col<T: Elem>(g: &Geom, x: &[T], p0: usize, p1: usize, col: &mut
     im2col_simd(g, x, p0, p1, col)
 }
 
-avx2_variant!(fn im2col_simd<T>(g: &Geom, x: &[T], p0: usize, p1: usize, col: &mut [T]) -> () = im2col_impl);
-avx2_variant!(fn col2im_simd<T>(g: &Geom, col: &[T], p0: usize, p1: usize, dx: &mut [T]) -> () = col2im_impl);
+simd_variant!(fn im2col_simd<T>(g: &Geom, x: &[T], p0: usize, p1: usize, col: &mut [T]) -> () = im2col_impl);
+simd_variant!(fn col2im_simd<T>(g: &Geom, col: &[T], p0: usize, p1: usize, dx: &mut [T]) -> () = col2im_impl);
 
 #[inline(always)]
 fn im2col_impl<T: Elem>(g: &Geom, x: &[T], p0: usize, p1: usize, col: &mut [T]) {

@@ -37,7 +37,9 @@
 //! Results are bitwise reproducible for a given thread count and CPU kind: on CPUs with AVX-512F
 //! the f32 convolutions' forward-shaped GEMMs run this crate's AVX-512 kernel (`sgemm512.rs`;
 //! `DDPM_OPS_AVX512=0` keeps the `gemm` crate's), which sums in a different order than the AVX2
-//! kernel, so the last bits differ between the two kinds of CPU. Weight and bias gradients are sums
+//! kernel, so the last bits differ between the two kinds of CPU (the elementwise kernels' AVX-512
+//! and AVX2 builds agree bitwise; so do the gathered and scalar Winograd transforms, whichever
+//! the per-process measurement picks). Weight and bias gradients are sums
 //! over the batch that are split into one fixed, contiguous chunk per thread and then added in
 //! chunk order, so a different thread count can change them in the last bits.
 

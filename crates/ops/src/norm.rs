@@ -31,7 +31,7 @@ use rayon::prelude::*;
 use crate::conv::slice;
 use crate::elem::{lanes_sum, lanes_sum2, Elem, Uninit};
 use crate::runtime::fast_path_enabled;
-use crate::simd::avx2_variant;
+use crate::simd::simd_variant;
 
 /// GroupNorm over `x [B, C, ...]` with per-channel affine `gamma`, `beta` (`[C]`, or `[B, C]`
 /// for a different affine per example), `groups` groups and variance epsilon `eps` (PyTorch's
@@ -291,7 +291,7 @@ fn forward<T: Elem>(
     (unsafe { y.assume_init() }, stats)
 }
 
-avx2_variant!(fn forward_group_simd<T>(
+simd_variant!(fn forward_group_simd<T>(
     op: &GroupNormOp,
     d: Dims,
     i: usize,
@@ -302,7 +302,7 @@ avx2_variant!(fn forward_group_simd<T>(
     mg: Option<&[T]>,
 ) -> (f64, f64) = forward_group);
 
-avx2_variant!(fn backward_group_simd<T>(
+simd_variant!(fn backward_group_simd<T>(
     op: &GroupNormOp,
     d: Dims,
     i: usize,

@@ -9,7 +9,7 @@ use rayon::prelude::*;
 use crate::conv::slice;
 use crate::elem::{lanes_max, lanes_sum, lanes_sum2, Elem};
 use crate::runtime::fast_path_enabled;
-use crate::simd::avx2_variant;
+use crate::simd::simd_variant;
 
 /// Softmax over the last dimension, differentiable (candle 0.11's `softmax_last_dim` has no
 /// backward; its composite `softmax` is several passes each way). Other devices and dtypes use
@@ -68,8 +68,8 @@ fn backward<T: Elem>(y: &[T], dy: &[T], d: usize, scale: T) -> Vec<T> {
     dx
 }
 
-avx2_variant!(fn forward_row_simd<T>(yr: &mut [T], xr: &[T], scale: T) -> () = forward_row);
-avx2_variant!(fn backward_row_simd<T>(o: &mut [T], yr: &[T], gr: &[T], scale: T) -> () = backward_row);
+simd_variant!(fn forward_row_simd<T>(yr: &mut [T], xr: &[T], scale: T) -> () = forward_row);
+simd_variant!(fn backward_row_simd<T>(o: &mut [T], yr: &[T], gr: &[T], scale: T) -> () = backward_row);
 
 #[inline(always)]
 fn forward_row<T: Elem>(yr: &mut [T], xr: &[T], scale: T) {

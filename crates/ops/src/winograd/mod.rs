@@ -99,14 +99,14 @@ macro_rules! impl_variant {
     ($ty:ident { M: $m:expr, PLANES: $planes:expr, BLOCK_BYTES: $bytes:expr, MIN_BLOCK: $min:expr }) => {
         const S: usize = $m + 2;
         const M: usize = $m;
-        $crate::simd::avx2_variant!(fn input_transform_simd<T>(
+        $crate::simd::simd_variant!(fn input_transform_simd<T>(
             x: &[T],
             c: usize,
             tl: &Tiles,
             t: (usize, usize),
             v: &mut [T],
         ) -> () = input_scalar);
-        $crate::simd::avx2_variant!(fn output_transform_simd<T>(
+        $crate::simd::simd_variant!(fn output_transform_simd<T>(
             m: &[T],
             c: usize,
             tl: &Tiles,
@@ -114,7 +114,7 @@ macro_rules! impl_variant {
             y: SharedOut<T>,
             bias: Option<(&[T], usize)>,
         ) -> () = output_scalar);
-        $crate::simd::avx2_variant!(fn grad_output_transform_simd<T>(
+        $crate::simd::simd_variant!(fn grad_output_transform_simd<T>(
             dy: &[T],
             c: usize,
             tl: &Tiles,
