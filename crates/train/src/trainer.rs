@@ -299,16 +299,7 @@ impl<'a> TrainLoop<'a> {
             step_losses: Vec::new(),
         };
         let metrics = LoopMetrics::new(persist::adamw_params(cfg).lr_at(st.step));
-        let shard_pools = shard_pools(cfg, &device, net.num_parameters())?;
-        if root && device.is_cpu() {
-            tracing::info!(kernels = ddpm_ops::kernel_summary(), "ddpm-ops");
-        }
-        if root && !shard_pools.is_empty() {
-            tracing::info!(
-                shards = shard_pools.len(),
-                "train.thread_shards: each micro-batch split over the compute threads"
-            );
-        }
+        let shard_pools = shard_pools(cfg, &device, net.num_parameters(), root)?;
         Ok(Self {
             cfg,
             comm,
@@ -1261,17 +1252,27 @@ fn scale_grads(grads: Vec<Tensor>, parts: usize) -> Result<Vec<Tensor>> {
 }
 
 /// One single-thread rayon pool per batch shard (`train.thread_shards`, on the CPU), as many
-/// as [`ddpm_ops::thread_shards`] says.
+/// as [`ddpm_ops::thread_shards`] says; `log`: say which CPU kernels and shards run.
 fn shard_pools(
     cfg: &TrainConfig,
     device: &Device,
     params: usize,
+    log: bool,
 ) -> Result<Vec<rayon::ThreadPool>> {
     let n = if cfg.train.thread_shards && device.is_cpu() {
         ddpm_ops::thread_shards(ddpm_ops::num_threads(), cfg.data.batch, params)
     } else {
         0
     };
+    if log && device.is_cpu() {
+        tracing::info!(kernels = ddpm_ops::kernel_summary(), "ddpm-ops");
+    }
+    if log && n > 0 {
+        tracing::info!(
+            shards = n,
+            "train.thread_shards: each micro-batch split over the compute threads"
+        );
+    }
     (0..n)
         .map(|i| {
             rayon::ThreadPoolBuilder::new()
